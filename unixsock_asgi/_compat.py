@@ -1,0 +1,47 @@
+"""Small shims so that the library runs on Python 3.10 as well as 3.11+."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from types import TracebackType
+from typing import Any
+
+__all__ = ["timeout"]
+
+
+class _Timeout:
+    """``asyncio.timeout`` for Python 3.10: cancel the current task at a deadline."""
+
+    def __init__(self, delay: float | None) -> None:
+        self._delay = delay
+        self._handle: asyncio.TimerHandle | None = None
+        self._expired = False
+
+    async def __aenter__(self) -> _Timeout:
+        if self._delay is not None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._handle = asyncio.get_running_loop().call_later(self._delay, self._expire, task)
+        return self
+
+    def _expire(self, task: asyncio.Task[Any]) -> None:
+        self._expired = True
+        task.cancel()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        if self._expired and exc_type is asyncio.CancelledError:
+            raise TimeoutError from exc
+
+
+if sys.version_info >= (3, 11):
+    timeout = asyncio.timeout
+else:  # pragma: no cover - exercised on 3.10 only
+    timeout = _Timeout

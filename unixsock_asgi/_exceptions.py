@@ -1,0 +1,61 @@
+"""Exceptions: one class per failure; catch :class:`UnixSockError` for all of them.
+
+::
+
+    UnixSockError
+    ├── TransportError
+    │   ├── ConnectError        cannot reach the socket
+    │   ├── TimeoutException    no reply within the timeout
+    │   └── ProtocolError       the peer broke the wire protocol
+    ├── CommandFailed           the server answered "failure" (raise_for_status)
+    └── BindError               a server cannot take its socket path
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._protocol import Response
+
+__all__ = [
+    "BindError",
+    "CommandFailed",
+    "ConnectError",
+    "ProtocolError",
+    "TimeoutException",
+    "TransportError",
+    "UnixSockError",
+]
+
+
+class UnixSockError(Exception):
+    """Base class of every error this library raises."""
+
+
+class TransportError(UnixSockError):
+    """Talking to the socket failed; the command may or may not have run."""
+
+
+class ConnectError(TransportError):
+    """The socket could not be reached: missing, refused, or permission denied."""
+
+
+class TimeoutException(TransportError):
+    """The peer did not answer within the configured timeout."""
+
+
+class ProtocolError(TransportError):
+    """The peer sent something that is not the unixsock wire protocol."""
+
+
+class CommandFailed(UnixSockError):
+    """The server answered with status "failure" (raised by ``raise_for_status``)."""
+
+    def __init__(self, message: str, *, response: Response) -> None:
+        super().__init__(message)
+        self.response = response
+
+
+class BindError(UnixSockError):
+    """A server could not bind its socket path (in use, not a socket, too long)."""

@@ -1,0 +1,443 @@
+"""The wire protocol, sans-I/O: bytes in, requests out; responses in, bytes out.
+
+Two framings share one socket and are chosen per connection by its first byte:
+
+* **frame mode** (byte-compatible with the Go library ``unixsock``): a 4-byte
+  big-endian length ``N``, one ``:`` byte, then ``N`` bytes of UTF-8 JSON.
+  Lengths are capped at 16 MiB, so a frame always begins with ``0x00``.
+* **line mode** (for ``socat``/``nc -U``): any other first byte. Each line is a
+  JSON request object or ``cmd key=value ...``; each reply is one JSON line.
+
+Nothing here touches a socket, a clock or a thread, so that the parser can be
+unit-tested and fuzzed on its own (as h11 does for HTTP/1.1).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+__all__ = [
+    "HARD_MAX_MESSAGE_SIZE",
+    "STATUS_FAIL",
+    "STATUS_OK",
+    "Close",
+    "ConnectionProtocol",
+    "Mode",
+    "ProtocolViolation",
+    "Request",
+    "Response",
+    "decode_response",
+    "encode_frame",
+    "encode_request",
+    "parse_line",
+    "read_frame_header",
+]
+
+STATUS_OK = "success"
+"""Status of a command that succeeded (the Go library's ``STATUS_OK``)."""
+STATUS_FAIL = "failure"
+"""Status of a command that failed (the Go library's ``STATUS_FAIL``)."""
+
+HARD_MAX_MESSAGE_SIZE = 16 << 20
+"""No frame may be larger than this, whatever a server or client allows."""
+
+_HEADER = struct.Struct(">I")
+_HEADER_SIZE = _HEADER.size + 1  # length + b":"
+
+Mode = Literal["frame", "line"]
+
+_QUIT_WORDS = frozenset({"quit", "exit"})
+
+
+@dataclass
+class Response:
+    """The outcome of one command: a status word, an error message and a payload."""
+
+    status: str = STATUS_OK
+    error: str = ""
+    payload: Any = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the command succeeded."""
+        return self.status == STATUS_OK
+
+    @classmethod
+    def success(cls, payload: Any = None) -> Response:
+        """A successful response carrying ``payload``."""
+        return cls(STATUS_OK, "", payload)
+
+    @classmethod
+    def failure(cls, error: str, payload: Any = None) -> Response:
+        """A failed response with a message saying what went wrong."""
+        return cls(STATUS_FAIL, error, payload)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The response as the JSON object that goes on the wire."""
+        return {"status": self.status, "error": self.error, "payload": self.payload}
+
+    def raise_for_status(self) -> Response:
+        """Raise :class:`~unixsock_asgi.CommandFailed` unless the command succeeded."""
+        if not self.ok:
+            from ._exceptions import CommandFailed
+
+            raise CommandFailed(self.error or "command failed", response=self)
+        return self
+
+
+@dataclass
+class Request:
+    """One command as it arrived: name, arguments and delivery flags."""
+
+    cmd: str
+    args: dict[str, Any] = field(default_factory=dict)
+    respond: bool = True
+    close: bool = True
+    id: Any = None
+    # Go clients always send a ``response`` field; their Response.Payload is a
+    # Go string, so payloads sent back to them must be JSON text, not objects.
+    go_client: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The request as the JSON object that goes on the wire.
+
+        ``respond`` and ``close`` are always present: a Go server reads an
+        absent boolean as ``false``.
+        """
+        obj: dict[str, Any] = {
+            "cmd": self.cmd,
+            "args": self.args,
+            "respond": self.respond,
+            "close": self.close,
+        }
+        if self.id is not None:
+            obj["id"] = self.id
+        return obj
+
+
+@dataclass
+class ProtocolViolation:
+    """Input that is not a valid request.
+
+    ``fatal`` means the byte stream can no longer be trusted (a bad header, an
+    oversized length, EOF inside a frame): reply once, then close.
+    """
+
+    error: str
+    fatal: bool = False
+    id: Any = None
+
+
+@dataclass
+class Close:
+    """The peer asked to end the conversation (``quit``) or sent EOF cleanly."""
+
+
+Event = Union[Request, ProtocolViolation, Close]
+
+
+def encode_frame(obj: Any) -> bytes:
+    """Serialise ``obj`` as one frame: length, ``:``, compact UTF-8 JSON."""
+    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(body) > HARD_MAX_MESSAGE_SIZE:
+        raise ValueError(f"message of {len(body)} bytes exceeds {HARD_MAX_MESSAGE_SIZE}")
+    return _HEADER.pack(len(body)) + b":" + body
+
+
+def encode_request(request: Request) -> bytes:
+    """A request as one frame."""
+    return encode_frame(request.to_dict())
+
+
+def read_frame_header(header: bytes, max_message_size: int) -> int:
+    """Validate a 5-byte frame header and return the body length.
+
+    Raises ``ValueError`` with a readable message when the header is invalid
+    or announces more than ``max_message_size`` bytes.
+    """
+    if len(header) != _HEADER_SIZE:
+        raise ValueError(f"frame header must be {_HEADER_SIZE} bytes, got {len(header)}")
+    (length,) = _HEADER.unpack_from(header)
+    if header[4:5] != b":":
+        raise ValueError(f"malformed frame: expected ':' after the length, got {header[4:5]!r}")
+    if length > max_message_size:
+        raise ValueError(f"message of {length} bytes exceeds the limit of {max_message_size} bytes")
+    return int(length)
+
+
+def decode_response(body: bytes | str) -> tuple[Response, Any]:
+    """Decode a reply body into a :class:`Response` and the echoed ``id``.
+
+    Accepts this project's frame replies (``{"cmd", "response": {...}}``), the
+    Go server's (the whole request with ``response`` filled in) and line-mode
+    replies (the response object itself). Raises ``ValueError`` on anything else.
+    """
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"reply is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"reply must be a JSON object, got {type(obj).__name__}")
+    inner = obj.get("response", obj)
+    if not isinstance(inner, dict) or "status" not in inner:
+        raise ValueError("reply has no response object with a 'status'")
+    status = inner.get("status")
+    error = inner.get("error") or ""
+    if not isinstance(status, str):
+        raise ValueError("reply status must be a string")
+    return Response(status, str(error), inner.get("payload")), obj.get("id")
+
+
+def _request_from_obj(obj: Any) -> Request | ProtocolViolation:
+    if not isinstance(obj, dict):
+        return ProtocolViolation(f"request must be a JSON object, got {_json_type(obj)}")
+    req_id = obj.get("id")
+    cmd = obj.get("cmd")
+    if cmd is None:
+        return ProtocolViolation("request has no 'cmd'", id=req_id)
+    if not isinstance(cmd, str):
+        return ProtocolViolation(f"'cmd' must be a string, got {_json_type(cmd)}", id=req_id)
+    if not cmd:
+        return ProtocolViolation("'cmd' must not be empty", id=req_id)
+    args = obj.get("args")
+    if args is None:
+        args = {}
+    elif not isinstance(args, dict):
+        return ProtocolViolation(f"'args' must be a JSON object, got {_json_type(args)}", id=req_id)
+    respond = obj.get("respond", True)
+    close = obj.get("close", True)
+    if not isinstance(respond, bool):
+        return ProtocolViolation(f"'respond' must be true or false, got {_json_type(respond)}", id=req_id)
+    if not isinstance(close, bool):
+        return ProtocolViolation(f"'close' must be true or false, got {_json_type(close)}", id=req_id)
+    return Request(cmd, args, respond, close, req_id, go_client="response" in obj)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_line(line: str) -> Request | ProtocolViolation | Close:
+    """Parse one line-mode line (without its newline).
+
+    A line starting with ``{`` is a JSON request object. Otherwise it is
+    ``cmd key=value ...`` where a value is a JSON literal if it parses as one
+    and a plain string otherwise. In line mode ``respond`` and ``close``
+    default to true and false: the connection stays open until ``quit``.
+    """
+    text = line.strip()
+    if text.startswith("{"):
+        try:
+            obj = json.loads(text)
+        except ValueError as exc:
+            return ProtocolViolation(f"invalid JSON: {exc}")
+        if isinstance(obj, dict):
+            obj.setdefault("close", False)
+        return _request_from_obj(obj)
+    words = _split_words(text)
+    if isinstance(words, ProtocolViolation):
+        return words
+    cmd, *pairs = words
+    if cmd.lower() in _QUIT_WORDS and not pairs:
+        return Close()
+    args: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            return ProtocolViolation(f"argument {pair!r} is not key=value")
+        args[key] = _parse_value(value)
+    return Request(cmd, args, respond=True, close=False)
+
+
+def _split_words(text: str) -> list[str] | ProtocolViolation:
+    """Split on whitespace, keeping quoted strings and JSON brackets whole."""
+    words: list[str] = []
+    current: list[str] = []
+    depth = 0
+    quote = False
+    escaped = False
+    for ch in text:
+        if quote:
+            current.append(ch)
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                quote = False
+            continue
+        if ch == '"':
+            quote = True
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+        elif ch.isspace() and depth == 0:
+            if current:
+                words.append("".join(current))
+                current = []
+            continue
+        current.append(ch)
+    if quote:
+        return ProtocolViolation("unterminated string")
+    if current:
+        words.append("".join(current))
+    if not words:
+        return ProtocolViolation("empty command")
+    return words
+
+
+class ConnectionProtocol:
+    """The server side of one connection, without I/O.
+
+    Feed received bytes to :meth:`receive_data` (``b""`` for EOF) and act on
+    the events it returns; turn a response into bytes with :meth:`encode_reply`.
+    """
+
+    __slots__ = ("_buffer", "_closed", "_expect", "max_message_size", "mode")
+
+    def __init__(self, max_message_size: int = 1 << 20) -> None:
+        self.max_message_size = min(max_message_size, HARD_MAX_MESSAGE_SIZE)
+        self.mode: Mode | None = None
+        self._buffer = bytearray()
+        self._expect = -1  # frame body length once a header was read
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        """True once a fatal violation, ``quit`` or EOF ended the stream."""
+        return self._closed
+
+    @property
+    def has_partial(self) -> bool:
+        """True while part of a message has arrived and the rest is awaited."""
+        return bool(self._buffer) or self._expect >= 0
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Consume bytes from the peer; ``b""`` means the peer sent EOF."""
+        if self._closed:
+            return []
+        if self.mode is None:
+            if not data:
+                self._closed = True
+                return [Close()]
+            self.mode = "frame" if data[0] == 0 else "line"
+        if self.mode == "frame":
+            return self._receive_frames(data)
+        return self._receive_lines(data)
+
+    def _fatal(self, error: str) -> list[Event]:
+        self._closed = True
+        self._buffer.clear()
+        return [ProtocolViolation(error, fatal=True)]
+
+    def _receive_frames(self, data: bytes) -> list[Event]:
+        buf = self._buffer
+        if not data:
+            if buf or self._expect >= 0:
+                have = len(buf)
+                if self._expect >= 0:
+                    return self._fatal(
+                        f"connection closed mid-frame: got {have} of {self._expect} bytes"
+                    )
+                return self._fatal(f"connection closed mid-header: got {have} of {_HEADER_SIZE} bytes")
+            self._closed = True
+            return [Close()]
+        buf += data
+        events: list[Event] = []
+        while True:
+            if self._expect < 0:
+                if len(buf) < _HEADER_SIZE:
+                    break
+                try:
+                    self._expect = read_frame_header(bytes(buf[:_HEADER_SIZE]), self.max_message_size)
+                except ValueError as exc:
+                    return [*events, *self._fatal(str(exc))]
+                del buf[:_HEADER_SIZE]
+            if len(buf) < self._expect:
+                break
+            body = bytes(buf[: self._expect])
+            del buf[: self._expect]
+            self._expect = -1
+            try:
+                obj = json.loads(body)
+            except (ValueError, UnicodeDecodeError) as exc:
+                events.append(ProtocolViolation(f"invalid JSON: {exc}"))
+                continue
+            events.append(_request_from_obj(obj))
+        return events
+
+    def _receive_lines(self, data: bytes) -> list[Event]:
+        buf = self._buffer
+        events: list[Event] = []
+        if data:
+            buf += data
+        elif buf:
+            buf += b"\n"  # EOF ends the last, unterminated line
+        while True:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                break
+            raw = bytes(buf[:nl])
+            del buf[: nl + 1]
+            if len(raw) > self.max_message_size:
+                return [*events, *self._fatal(self._too_long(len(raw)))]
+            try:
+                line = raw.decode()
+            except UnicodeDecodeError as exc:
+                events.append(ProtocolViolation(f"line is not valid UTF-8: {exc}"))
+                continue
+            if not line.strip():
+                continue
+            event = parse_line(line)
+            events.append(event)
+            if isinstance(event, Close):
+                self._closed = True
+                return events
+        if len(buf) > self.max_message_size:
+            return [*events, *self._fatal(self._too_long(len(buf)))]
+        if not data:
+            self._closed = True
+            events.append(Close())
+        return events
+
+    def _too_long(self, size: int) -> str:
+        return f"line of {size}+ bytes exceeds the limit of {self.max_message_size} bytes"
+
+    def encode_reply(self, request: Request | ProtocolViolation | None, response: Response) -> bytes:
+        """Bytes that answer ``request`` with ``response`` in this connection's mode."""
+        req_id = request.id if request is not None else None
+        payload = response.payload
+        if isinstance(request, Request) and request.go_client and not isinstance(payload, str):
+            payload = "" if payload is None else json.dumps(payload, separators=(",", ":"))
+        resp = {"status": response.status, "error": response.error, "payload": payload}
+        if self.mode == "line":
+            if req_id is not None:
+                resp["id"] = req_id
+            line = json.dumps(resp, separators=(",", ":"), ensure_ascii=False, default=str)
+            return line.encode() + b"\n"
+        obj: dict[str, Any] = {"cmd": request.cmd if isinstance(request, Request) else "", "response": resp}
+        if req_id is not None:
+            obj["id"] = req_id
+        body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+        return _HEADER.pack(len(body)) + b":" + body

@@ -1,0 +1,182 @@
+"""Socket files: safe binding, liveness probes and peer credentials (Linux SO_PEERCRED)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import struct
+import tempfile
+from dataclasses import dataclass
+
+from ._exceptions import BindError
+
+__all__ = ["BoundSocket", "PeerCredentials", "bind_unix_socket", "peer_credentials", "probe"]
+
+_UCRED = struct.Struct("3i")
+_SUN_PATH_MAX = 107  # 108 bytes including the terminating NUL
+
+
+@dataclass(frozen=True)
+class PeerCredentials:
+    """Who is on the other end of a UNIX socket, as the kernel reports it."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: socket.socket) -> PeerCredentials:
+    """Read SO_PEERCRED from a connected UNIX socket."""
+    so_peercred = getattr(socket, "SO_PEERCRED", 17)
+    raw = sock.getsockopt(socket.SOL_SOCKET, so_peercred, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return PeerCredentials(pid, uid, gid)
+
+
+def probe(path: str, timeout: float = 1.0) -> PeerCredentials | None:
+    """Connect to ``path`` and return the listener's credentials, or None if nothing answers.
+
+    Only a refused connection (``ECONNREFUSED``) or a vanished file counts as
+    "nothing answers"; a full backlog still means a live server.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+        return peer_credentials(sock)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return None
+    except (BlockingIOError, TimeoutError):
+        return PeerCredentials(0, -1, -1)  # alive, but its backlog is full
+    finally:
+        sock.close()
+
+
+@dataclass(frozen=True)
+class BoundSocket:
+    """A listening socket and the identity of the file it is bound to."""
+
+    sock: socket.socket
+    path: str
+    dev: int
+    ino: int
+
+    def still_ours(self) -> bool:
+        """True while ``path`` is still the socket file this server bound."""
+        try:
+            st = os.lstat(self.path)
+        except OSError:
+            return False
+        return stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == (self.dev, self.ino)
+
+    def unlink_if_ours(self) -> bool:
+        """Remove the socket file if it is still ours; never touch anything else."""
+        if self.still_ours():
+            try:
+                os.unlink(self.path)
+                return True
+            except FileNotFoundError:
+                pass
+        return False
+
+
+def _ensure_parent(parent: str) -> None:
+    if os.path.isdir(parent):
+        return
+    try:
+        os.makedirs(parent, mode=0o700)
+    except FileExistsError:
+        if not os.path.isdir(parent):
+            raise BindError(f"cannot create socket directory {parent!r}: a file is in the way") from None
+        return
+    except OSError as exc:
+        raise BindError(f"cannot create socket directory {parent!r}: {exc.strerror}") from None
+    os.chmod(parent, 0o700)  # makedirs' mode is filtered by the umask
+
+
+def bind_unix_socket(path: str, *, mode: int = 0o600, backlog: int = 128) -> BoundSocket:
+    """Bind and listen on ``path`` without ever exposing a socket wider than ``mode``.
+
+    The socket is bound inside a fresh 0700 directory beside ``path``, given
+    ``mode`` there, and only then linked into place, so no other user can
+    connect during a chmod-after-bind window. An existing regular file (or
+    anything but a socket) at ``path`` is never removed; a socket that a live
+    server answers on is refused with that server's pid; a stale socket that
+    nothing answers is replaced.
+    """
+    path = os.path.abspath(path)
+    if len(os.fsencode(path)) > _SUN_PATH_MAX:
+        raise BindError(f"socket path {path!r} is longer than the {_SUN_PATH_MAX} bytes UNIX sockets allow")
+    parent = os.path.dirname(path)
+    _ensure_parent(parent)
+    stale = _check_existing(path)
+    try:
+        tmpdir = tempfile.mkdtemp(prefix=".", dir=parent)
+    except OSError as exc:
+        raise BindError(f"cannot bind {path!r}: {exc.strerror} in {parent!r}") from None
+    tmp_path = os.path.join(tmpdir, "s")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.bind(tmp_path)
+        except OSError as exc:
+            if len(os.fsencode(tmp_path)) > _SUN_PATH_MAX:
+                raise BindError(
+                    f"socket path {path!r} is too long to bind safely; use a shorter path"
+                ) from None
+            raise BindError(f"cannot bind {path!r}: {exc.strerror}") from None
+        os.chmod(tmp_path, mode)
+        sock.listen(backlog)
+        try:
+            if stale:
+                # Replace the stale socket atomically; it was checked to be a socket.
+                os.rename(tmp_path, path)
+            else:
+                # link() fails if anything appeared at ``path`` meanwhile.
+                os.link(tmp_path, path)
+                os.unlink(tmp_path)
+        except FileExistsError:
+            raise BindError(f"cannot bind {path!r}: something was created there while binding") from None
+        except OSError as exc:
+            raise BindError(f"cannot bind {path!r}: {exc.strerror}") from None
+        st = os.lstat(path)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        try:
+            os.unlink(tmp_path)
+        except OSError:
+            pass
+        try:
+            os.rmdir(tmpdir)
+        except OSError:
+            pass
+    sock.setblocking(False)
+    return BoundSocket(sock, path, st.st_dev, st.st_ino)
+
+
+def _check_existing(path: str) -> bool:
+    """Return True for a stale socket to replace, False for a free path; raise otherwise."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise BindError(f"cannot inspect {path!r}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise BindError(f"{path!r} exists and is not a socket; refusing to replace it")
+    try:
+        creds = probe(path)
+    except PermissionError:
+        raise BindError(f"{path!r} is a socket this user may not connect to; refusing to replace it") from None
+    except OSError as exc:
+        if exc.errno == errno.EACCES:
+            raise BindError(f"{path!r}: permission denied") from None
+        raise
+    if creds is not None:
+        who = f"pid {creds.pid}" if creds.pid > 0 else "an unknown pid"
+        raise BindError(f"a live server ({who}) already answers on {path!r}")
+    return True
