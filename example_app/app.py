@@ -1,0 +1,166 @@
+"""The example app: JSON routes, runtime settings and two custom control commands.
+
+Every worker binds ``$EXAMPLE_APP_SOCKET_DIR/example_app-<pid>.sock``.
+Try, while it runs::
+
+    unixsock-asgi send "$DIR" stats
+    unixsock-asgi send "$DIR" set name=greeting value="good morning"
+    unixsock-asgi send "$DIR" restock item_id=2 quantity=5
+    unixsock-asgi send "$DIR" set_log_level level=DEBUG logger=example_app ttl=600
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from unixsock_asgi import CommandContext, Commands, ControlSocketMiddleware, Setting, Settings
+
+from . import SOCKET_NAME, default_socket_dir
+
+__all__ = ["app", "commands", "settings"]
+
+log = logging.getLogger("example_app")
+
+settings = Settings(
+    Setting("greeting", str, "hello", "What GET / answers with"),
+    Setting("slow_delay_s", float, 0.2, "How long GET /slow takes", minimum=0, maximum=30),
+    Setting("discount_percent", int, 0, "Discount applied to every price", minimum=0, maximum=90),
+    Setting("show_stock", bool, True, "Whether item responses include the stock count"),
+)
+
+commands = Commands()
+
+_CATALOG = {
+    1: {"id": 1, "name": "teapot", "price": 25.0, "stock": 3},
+    2: {"id": 2, "name": "kettle", "price": 40.0, "stock": 0},
+    3: {"id": 3, "name": "mug", "price": 8.5, "stock": 12},
+}
+
+
+@commands.command
+async def restock(ctx: CommandContext, item_id: int, quantity: int) -> dict[str, Any]:
+    """Add ``quantity`` units of an item to the live catalog (runs on the app's loop)."""
+    if quantity <= 0:
+        raise ValueError(f"quantity must be positive, got {quantity}")
+    catalog: dict[int, dict[str, Any]] = ctx.state["catalog"]
+    if item_id not in catalog:
+        raise KeyError(f"no item {item_id}; items: {sorted(catalog)}")
+    catalog[item_id]["stock"] += quantity
+    ctx.app_state.render_cache.pop(item_id, None)
+    return {"item_id": item_id, "stock": catalog[item_id]["stock"]}
+
+
+@commands.command
+def flush_cache(ctx: CommandContext) -> dict[str, int]:
+    """Drop every cached item rendering, so the next requests render afresh."""
+    cache: dict[int, Any] = ctx.app_state.render_cache
+    dropped = len(cache)
+    cache.clear()
+    return {"dropped": dropped}
+
+
+def _price(item: dict[str, Any]) -> float:
+    return round(item["price"] * (100 - settings["discount_percent"]) / 100, 2)
+
+
+async def index(request: Request) -> JSONResponse:
+    return JSONResponse({"message": settings["greeting"], "pid": os.getpid()})
+
+
+async def list_items(request: Request) -> JSONResponse:
+    catalog = request.state.catalog
+    return JSONResponse({"items": [{"id": i["id"], "name": i["name"], "price": _price(i)} for i in catalog.values()]})
+
+
+async def get_item(request: Request) -> JSONResponse:
+    item_id: int = request.path_params["item_id"]
+    item = request.state.catalog.get(item_id)
+    if item is None:
+        return JSONResponse({"error": f"no item {item_id}"}, status_code=404)
+    cache: dict[int, dict[str, Any]] = request.app.state.render_cache
+    body = cache.get(item_id)
+    if body is None:
+        body = {"id": item_id, "name": item["name"], "price": _price(item)}
+        if settings["show_stock"]:
+            body["stock"] = item["stock"]
+        cache[item_id] = body
+    log.debug("served item %d to %s", item_id, request.client.host if request.client else "?")
+    return JSONResponse(body)
+
+
+async def health(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+async def slow(request: Request) -> JSONResponse:
+    delay = settings["slow_delay_s"]
+    await asyncio.sleep(delay)
+    return JSONResponse({"slept_s": delay})
+
+
+async def block(request: Request) -> JSONResponse:
+    """Blocks the event loop on purpose (at most 10 s): what ``stacks`` is for."""
+    seconds = min(float(request.query_params.get("seconds", "1")), 10.0)
+    time.sleep(seconds)
+    return JSONResponse({"blocked_s": seconds})
+
+
+async def fail(request: Request) -> JSONResponse:
+    raise RuntimeError("this route fails on purpose")
+
+
+@asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+    app.state.render_cache = {}
+    log.info("example app starting (pid %d)", os.getpid())
+    yield {"catalog": {k: dict(v) for k, v in _CATALOG.items()}}
+    log.info("example app stopping (pid %d)", os.getpid())
+
+
+def _configure_logging() -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     [%(process)d] %(name)s: %(message)s"))
+    for name in ("example_app", "unixsock_asgi"):
+        lg = logging.getLogger(name)
+        if not lg.handlers:
+            lg.addHandler(handler)
+            lg.setLevel(logging.INFO)
+            lg.propagate = False
+
+
+_configure_logging()
+
+app = Starlette(
+    routes=[
+        Route("/", index),
+        Route("/items", list_items),
+        Route("/items/{item_id:int}", get_item),
+        Route("/health", health),
+        Route("/slow", slow),
+        Route("/block", block),
+        Route("/fail", fail),
+    ],
+    lifespan=lifespan,
+    middleware=[
+        Middleware(
+            ControlSocketMiddleware,
+            socket_dir=os.environ.get("EXAMPLE_APP_SOCKET_DIR") or default_socket_dir(),
+            name=SOCKET_NAME,
+            commands=commands,
+            settings=settings,
+            health_path="/health",
+        )
+    ],
+)

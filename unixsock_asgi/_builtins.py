@@ -1,0 +1,344 @@
+"""Built-in commands, grouped by concern. All are diagnostics: they run on the
+control thread, touch only thread-safe state, and answer while the app loop is blocked."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import platform
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+from ._commands import Commands
+from ._control import CommandContext
+from ._protocol import Response
+
+__all__ = ["builtin_commands"]
+
+builtin_commands = Commands()
+command = builtin_commands.command
+
+_STACK_LIMIT = 40
+
+
+# -- introspection ------------------------------------------------------------
+
+
+@command(readonly=True, diagnostic=True)
+def ping() -> str:
+    """Answer "pong": the worker and its control thread are alive."""
+    return "pong"
+
+
+@command(name="help", readonly=True, diagnostic=True)
+def help_(ctx: CommandContext, command: str = "") -> dict[str, Any]:
+    """List every command with its arguments and help text (or just ``command``)."""
+    commands = [c.to_help() for c in ctx.control.commands if not command or c.name == command]
+    if command and not commands:
+        raise KeyError(f"unknown command {command!r}")
+    return {"commands": commands}
+
+
+def _version(module: str) -> str | None:
+    mod = sys.modules.get(module)
+    version = getattr(mod, "__version__", None)
+    if version is None and mod is not None:
+        try:
+            from importlib.metadata import version as dist_version
+
+            return dist_version(module)
+        except Exception:
+            return None
+    return str(version) if version is not None else None
+
+
+@command(readonly=True, diagnostic=True)
+def info(ctx: CommandContext) -> dict[str, Any]:
+    """Pid, uptime, host, and versions of Python, the ASGI server and the framework."""
+    from . import __version__
+
+    if "gunicorn" in sys.modules:
+        server = f"gunicorn {_version('gunicorn')} + uvicorn {_version('uvicorn')}"
+    elif "uvicorn" in sys.modules:
+        server = f"uvicorn {_version('uvicorn')}"
+    elif "hypercorn" in sys.modules:
+        server = f"hypercorn {_version('hypercorn')}"
+    else:
+        server = None
+    framework = None
+    for name in ("fastapi", "starlette"):
+        if name in sys.modules:
+            framework = f"{name} {_version(name)}"
+            break
+    control = ctx.control
+    return {
+        "pid": os.getpid(),
+        "ppid": os.getppid(),
+        "host": socket.gethostname(),
+        "uptime_s": time.time() - control.started_at,
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "server": server,
+        "framework": framework,
+        "unixsock_asgi": __version__,
+        "socket": control.socket_path,
+        "socket_dir": control.socket_dir,
+    }
+
+
+# -- statistics ---------------------------------------------------------------
+
+
+@command(readonly=True, diagnostic=True)
+def stats(ctx: CommandContext, routes: bool = True) -> dict[str, Any]:
+    """Request counts by route, status and method; latency histograms; process figures."""
+    return ctx.stats.snapshot(routes=routes)
+
+
+@command(diagnostic=True)
+def stats_reset(ctx: CommandContext) -> dict[str, Any]:
+    """Zero the request counters and histograms (in-flight gauges stay)."""
+    before = ctx.stats.snapshot(routes=False)["requests_total"]
+    ctx.stats.reset()
+    return {"reset": True, "requests_before": before}
+
+
+# -- logging ------------------------------------------------------------------
+
+
+def _logger(name: str) -> logging.Logger:
+    return logging.getLogger(name) if name and name != "root" else logging.getLogger()
+
+
+def _level_number(level: str | int) -> int:
+    if isinstance(level, int):
+        if level < 0:
+            raise ValueError(f"log level must be >= 0, got {level}")
+        return level
+    value = logging.getLevelName(level.upper())
+    if not isinstance(value, int):
+        known = ", ".join(logging.getLevelName(n) for n in (10, 20, 30, 40, 50))
+        raise ValueError(f"unknown log level {level!r}; use one of {known} or a number")
+    return value
+
+
+def _describe_logger(lg: logging.Logger) -> dict[str, Any]:
+    return {
+        "logger": lg.name,
+        "level": logging.getLevelName(lg.level),
+        "effective": logging.getLevelName(lg.getEffectiveLevel()),
+    }
+
+
+@command(readonly=True, diagnostic=True)
+def loggers() -> dict[str, Any]:
+    """Every logger the process knows, with its own and its effective level."""
+    names = sorted(n for n, lg in list(logging.root.manager.loggerDict.items()) if isinstance(lg, logging.Logger))
+    out = {"root": _describe_logger(logging.getLogger())}
+    for name in names:
+        out[name] = _describe_logger(logging.getLogger(name))
+    return {"loggers": out}
+
+
+@command(readonly=True, diagnostic=True)
+def get_log_level(logger: str = "") -> dict[str, Any]:
+    """The level of ``logger`` (the root logger by default)."""
+    return _describe_logger(_logger(logger))
+
+
+@command(diagnostic=True)
+def set_log_level(ctx: CommandContext, level: str | int, logger: str = "", ttl: float | None = None) -> Any:
+    """Set ``logger``'s level (root by default; uvicorn's loggers too). With ``ttl``
+    seconds, the level before the change comes back afterwards."""
+    try:
+        number = _level_number(level)
+    except ValueError as exc:
+        return Response.failure(str(exc))
+    if ttl is not None and ttl <= 0:
+        return Response.failure(f"ttl must be a positive number of seconds, got {ttl:g}")
+    lg = _logger(logger)
+    key = lg.name
+    restores = ctx.control.log_restores
+    old = lg.level
+    pending = restores.pop(key, None)
+    original = old
+    if pending is not None:
+        pending[0].cancel()
+        original = pending[1]  # a ttl'd change over a ttl'd change reverts to the first level
+    lg.setLevel(number)
+    result = {
+        "logger": key,
+        "old": logging.getLevelName(old),
+        "new": logging.getLevelName(number),
+        "ttl": ttl,
+        "reverts_to": None,
+    }
+    if ttl is not None:
+        loop = asyncio.get_running_loop()
+
+        def restore() -> None:
+            restores.pop(key, None)
+            lg.setLevel(original)
+            logging.getLogger("unixsock_asgi").info(
+                "log level of %s reverted to %s after %gs", key, logging.getLevelName(original), ttl
+            )
+
+        restores[key] = (loop.call_later(ttl, restore), original)
+        result["reverts_to"] = logging.getLevelName(original)
+    return result
+
+
+# -- runtime settings ---------------------------------------------------------
+
+
+@command(name="settings", readonly=True, diagnostic=True)
+def settings_(ctx: CommandContext) -> dict[str, Any]:
+    """Every runtime setting with its value, default, type and help text."""
+    return {"settings": ctx.settings.describe()}
+
+
+@command(name="get", readonly=True, diagnostic=True)
+def get_(ctx: CommandContext, name: str) -> Any:
+    """The current value of setting ``name``."""
+    try:
+        return {"name": name, "value": ctx.settings.get(name)}
+    except KeyError as exc:
+        return Response.failure(str(exc.args[0]))
+
+
+@command(name="set", diagnostic=True)
+def set_(ctx: CommandContext, name: str, value: Any) -> Any:
+    """Validate and apply a new value for setting ``name``; returns old and new."""
+    try:
+        old, new = ctx.settings.set(name, value)
+    except KeyError as exc:
+        return Response.failure(str(exc.args[0]))
+    except (TypeError, ValueError) as exc:
+        return Response.failure(f"setting {name!r}: {exc}")
+    ctx.logger.info("setting %s changed from %r to %r", name, old, new)
+    return {"name": name, "old": old, "new": new}
+
+
+# -- health, maintenance, drain -------------------------------------------------
+
+
+def _health(ctx: CommandContext) -> dict[str, Any]:
+    control = ctx.control
+    return {
+        "health_failing": control.health_failing,
+        "health_path": control.health_path,
+        "maintenance": control.maintenance,
+        "retry_after": control.retry_after,
+        "in_flight": control.stats.in_flight,
+    }
+
+
+@command(readonly=True, diagnostic=True)
+def health(ctx: CommandContext) -> dict[str, Any]:
+    """Whether the health path fails, maintenance is on, and what is in flight."""
+    return _health(ctx)
+
+
+@command(diagnostic=True)
+def health_fail(ctx: CommandContext) -> dict[str, Any]:
+    """Make the health path answer 503 so a load balancer drains this worker."""
+    ctx.control.set_health(failing=True)
+    return _health(ctx)
+
+
+@command(diagnostic=True)
+def health_ok(ctx: CommandContext) -> dict[str, Any]:
+    """Let the health path answer normally again."""
+    ctx.control.set_health(failing=False)
+    return _health(ctx)
+
+
+@command(diagnostic=True)
+def maintenance_on(ctx: CommandContext, retry_after: int | None = None) -> dict[str, Any]:
+    """Answer 503 with Retry-After on every path but the exempt ones."""
+    ctx.control.set_maintenance(True, retry_after)
+    return _health(ctx)
+
+
+@command(diagnostic=True)
+def maintenance_off(ctx: CommandContext) -> dict[str, Any]:
+    """Serve every path normally again."""
+    ctx.control.set_maintenance(False)
+    return _health(ctx)
+
+
+@command(diagnostic=True)
+async def drain(ctx: CommandContext, timeout: float = 30.0) -> Any:
+    """Wait until no request is in flight (at most ``timeout`` seconds, max 300).
+    Run ``health_fail`` first so that no new requests arrive."""
+    if not 0 <= timeout <= 300:
+        return Response.failure(f"timeout must be between 0 and 300 seconds, got {timeout:g}")
+    stats = ctx.stats
+    start = time.monotonic()
+    deadline = start + timeout
+    while stats.in_flight > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    waited = time.monotonic() - start
+    if stats.in_flight > 0:
+        return Response.failure(
+            f"still {stats.in_flight} request(s) in flight after {waited:.1f}s",
+            payload={"drained": False, "in_flight": stats.in_flight, "waited_s": waited},
+        )
+    return {"drained": True, "in_flight": 0, "waited_s": waited}
+
+
+# -- where is it stuck? ---------------------------------------------------------
+
+
+def _frames(frames: list[traceback.FrameSummary]) -> list[str]:
+    return [f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}" for f in frames]
+
+
+@command(readonly=True, diagnostic=True)
+def stacks(ctx: CommandContext) -> dict[str, Any]:
+    """Every thread's current stack, innermost frame last; the app loop's thread is marked."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    loop_thread = getattr(ctx.control, "app_thread_id", None)
+    threads = []
+    for ident, frame in sys._current_frames().items():
+        threads.append(
+            {
+                "thread_id": ident,
+                "name": names.get(ident, "?"),
+                "app_loop": ident == loop_thread,
+                "stack": _frames(traceback.extract_stack(frame, limit=_STACK_LIMIT)),
+            }
+        )
+    threads.sort(key=lambda t: (not t["app_loop"], t["name"]))
+    return {"threads": threads}
+
+
+@command(readonly=True, diagnostic=True)
+def tasks(ctx: CommandContext) -> dict[str, Any]:
+    """The app loop's asyncio tasks with the frames they are suspended in."""
+    loop = ctx.loop
+    if loop is None:
+        return {"tasks": []}
+    out = []
+    for task in list(asyncio.all_tasks(loop)):
+        try:
+            frames = task.get_stack(limit=_STACK_LIMIT)
+        except RuntimeError:  # the task changed under us; skip its frames
+            frames = []
+        coro = task.get_coro()
+        out.append(
+            {
+                "name": task.get_name(),
+                "coro": getattr(coro, "__qualname__", repr(coro)),
+                "done": task.done(),
+                "stack": [
+                    f"{f.f_code.co_filename}:{f.f_lineno} in {f.f_code.co_name}" for f in frames
+                ],
+            }
+        )
+    out.sort(key=lambda t: t["name"])
+    return {"tasks": out, "count": len(out)}

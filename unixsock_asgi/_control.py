@@ -1,0 +1,278 @@
+"""The control plane of one worker: its server, its live state, and command dispatch.
+
+Where commands run:
+
+* ``diagnostic`` commands (every built-in but ``drain``'s waiting is also
+  done there) run on the control server's own thread and loop, so they answer
+  while the app's loop is blocked; they only touch thread-safe state.
+* Every other command, and the monolithic fallback handler, runs on the app's
+  event loop (so it may touch app objects and await the app's resources),
+  bounded by ``app_timeout``. When the app loop does not even pick the call
+  up in time, the reply says the loop appears blocked and for how long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import _compat
+from ._commands import ArgumentError, Commands
+from ._protocol import Response
+from ._server import RequestContext, ServerConfig, UnixSockServer, _describe, _takes_context
+from ._settings import Settings
+from ._sockets import PeerCredentials
+from ._stats import Stats
+
+__all__ = ["CommandContext", "ControlPlane"]
+
+logger = logging.getLogger("unixsock_asgi")
+
+
+@dataclass
+class CommandContext:
+    """What a command handler gets as ``ctx``: live access to the running app."""
+
+    control: ControlPlane
+    peer: PeerCredentials
+    logger: logging.Logger
+    request_id: Any = None
+
+    @property
+    def app(self) -> Any:
+        """The ASGI app the middleware wraps."""
+        return self.control.app
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """The lifespan state dict (what the app's lifespan yielded), live."""
+        return self.control.lifespan_state
+
+    @property
+    def app_state(self) -> Any:
+        """Starlette's ``app.state``, where the app has one, else None."""
+        return self.control.app_state
+
+    @property
+    def stats(self) -> Stats:
+        """This worker's request statistics."""
+        return self.control.stats
+
+    @property
+    def settings(self) -> Settings:
+        """The app's runtime settings."""
+        return self.control.settings
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The app's event loop."""
+        return self.control.app_loop
+
+
+@dataclass
+class _LoopMonitor:
+    """Measures the app loop's lag with a periodic task; the control thread reads it."""
+
+    interval: float = 0.5
+    last_tick: float = field(default_factory=time.monotonic)
+    task: asyncio.Task[None] | None = None
+
+    async def run(self, stats: Stats) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            expected = loop.time() + self.interval
+            self.last_tick = time.monotonic()
+            await asyncio.sleep(self.interval)
+            lag = max(0.0, loop.time() - expected)
+            stats.loop_lag_s = lag
+            if lag > stats.loop_lag_max_s:
+                stats.loop_lag_max_s = lag
+
+    def blocked_for(self) -> float:
+        """Seconds since the loop last ran the monitor, beyond the expected interval."""
+        return max(0.0, time.monotonic() - self.last_tick - self.interval)
+
+
+class ControlPlane:
+    """One worker's control plane. Created by the middleware; started in its lifespan."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        commands: Commands,
+        settings: Settings,
+        stats: Stats,
+        handler: Callable[..., Any] | None,
+        server_options: dict[str, Any],
+        app_timeout: float,
+        health_path: str,
+        maintenance_exempt: tuple[str, ...],
+        retry_after: int,
+    ) -> None:
+        self.app = app
+        self.commands = commands
+        self.settings = settings
+        self.stats = stats
+        self.handler = handler
+        self._handler_ctx = handler is not None and _takes_context(handler)
+        self.server_options = server_options
+        self.app_timeout = app_timeout
+        self.health_path = health_path
+        self.maintenance_exempt = frozenset(maintenance_exempt)
+        self.retry_after = retry_after
+        self.health_failing = False
+        self.maintenance = False
+        self.gate = False  # health_failing or maintenance: one check on the hot path
+        self.lifespan_state: dict[str, Any] = {}
+        self.app_state: Any = None
+        self.app_loop: asyncio.AbstractEventLoop | None = None
+        self.app_thread_id: int | None = None
+        self.server: UnixSockServer | None = None
+        self.socket_path: str | None = None
+        self.socket_dir: str | None = None
+        self.started_at = time.time()
+        self.monitor = _LoopMonitor()
+        self.log_restores: dict[str, tuple[asyncio.TimerHandle, int]] = {}
+
+    # -- health and maintenance -------------------------------------------
+
+    def set_health(self, failing: bool) -> None:
+        self.health_failing = failing
+        self.gate = self.health_failing or self.maintenance
+
+    def set_maintenance(self, on: bool, retry_after: int | None = None) -> None:
+        if retry_after is not None:
+            self.retry_after = retry_after
+        self.maintenance = on
+        self.gate = self.health_failing or self.maintenance
+
+    # -- lifecycle --------------------------------------------------------
+
+    async def start(self, path: str, socket_dir: str | None, scope: dict[str, Any]) -> None:
+        """Bind the control socket and begin serving; runs on the app loop at startup."""
+        self.app_loop = asyncio.get_running_loop()
+        state = scope.get("state")
+        if isinstance(state, dict):
+            self.lifespan_state = state
+        self.app_state = getattr(scope.get("app"), "state", None) or getattr(self.app, "state", None)
+        self.socket_dir = socket_dir
+        if socket_dir is not None:
+            from ._fleet import remove_stale_sockets
+
+            await self.app_loop.run_in_executor(None, remove_stale_sockets, socket_dir)
+        options = dict(self.server_options)
+        options.setdefault("handler_timeout", max(330.0, self.app_timeout * 2))
+        config = ServerConfig(path=path, **options)
+        server = UnixSockServer(handler=self.dispatch, config=config)
+        await self.app_loop.run_in_executor(None, server.start)
+        self.server = server
+        self.socket_path = server.path
+        self.monitor.task = self.app_loop.create_task(self.monitor.run(self.stats))
+        if socket_dir is not None:
+            await self._apply_overrides(socket_dir)
+
+    async def _apply_overrides(self, socket_dir: str) -> None:
+        from ._fleet import load_overrides
+
+        for override in load_overrides(socket_dir):
+            cmd, args = override.get("cmd"), override.get("args") or {}
+            if not isinstance(cmd, str):
+                continue
+            response = await self.invoke(cmd, args, PeerCredentials(os.getpid(), os.getuid(), os.getgid()))
+            if response.ok:
+                logger.info("applied persisted override %s %s", cmd, args)
+            else:
+                logger.warning("persisted override %s %s failed: %s", cmd, args, response.error)
+
+    def stop(self) -> None:
+        """Stop the server and the loop monitor; safe to call more than once."""
+        if self.monitor.task is not None:
+            self.monitor.task.cancel()
+            self.monitor.task = None
+        for handle, _ in self.log_restores.values():
+            handle.cancel()
+        self.log_restores.clear()
+        server, self.server = self.server, None
+        if server is not None:
+            server.stop()
+
+    # -- dispatch ---------------------------------------------------------
+
+    async def dispatch(self, cmd: str, args: dict[str, Any], rctx: RequestContext) -> Response:
+        """The control server's handler: runs on the control thread's loop."""
+        return await self.invoke(cmd, args, rctx.peer, rctx.request_id)
+
+    async def invoke(
+        self, cmd: str, args: dict[str, Any], peer: PeerCredentials, request_id: Any = None
+    ) -> Response:
+        """Run one command by name, on whichever loop it belongs."""
+        ctx = CommandContext(self, peer, logging.getLogger(f"unixsock_asgi.commands.{cmd}"), request_id)
+        command = self.commands.get(cmd)
+        if command is None:
+            if self.handler is None:
+                return Response.failure(f"unknown command {cmd!r}; 'help' lists the commands")
+            call_args = (cmd, args, ctx) if self._handler_ctx else (cmd, args)
+            return _as_response(await self._run_on_app_loop(cmd, self.handler, call_args, {}))
+        try:
+            kwargs = command.bind(args)
+        except ArgumentError as exc:
+            return Response.failure(str(exc))
+        if command.wants_ctx:
+            kwargs["ctx"] = ctx
+        if command.diagnostic or self.app_loop is None or _on_loop(self.app_loop):
+            result = command.func(**kwargs)
+            if inspect.isawaitable(result):
+                result = await result
+            return _as_response(result)
+        return _as_response(await self._run_on_app_loop(cmd, command.func, (), kwargs))
+
+    async def _run_on_app_loop(
+        self, cmd: str, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        loop = self.app_loop
+        assert loop is not None
+        started: list[float] = []
+
+        async def run() -> Any:
+            started.append(time.monotonic())
+            result = func(*args, **kwargs)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+
+        future = asyncio.run_coroutine_threadsafe(run(), loop)
+        try:
+            async with _compat.timeout(self.app_timeout):
+                return await asyncio.wrap_future(future)
+        except TimeoutError:
+            future.cancel()
+            if not started:
+                blocked = self.monitor.blocked_for()
+                return Response.failure(
+                    f"the app's event loop appears blocked (no progress for {blocked:.1f}s):"
+                    f" {cmd!r} did not start within {self.app_timeout:g}s;"
+                    " 'stacks' and 'tasks' still answer and show where it is stuck"
+                )
+            return Response.failure(f"{cmd!r} timed out after {self.app_timeout:g}s on the app's loop")
+        except KeyError as exc:  # str(KeyError) quotes its message
+            return Response.failure(str(exc.args[0]) if exc.args else "KeyError")
+        except Exception as exc:
+            return Response.failure(_describe(exc))
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+def _as_response(result: Any) -> Response:
+    return result if isinstance(result, Response) else Response.success(result)

@@ -1,0 +1,292 @@
+"""``ControlSocketMiddleware``: a control socket and request statistics for any ASGI app.
+
+Pure ASGI (no ``BaseHTTPMiddleware``). Nothing starts at import or at
+construction, because gunicorn ``--preload`` forks after both: the control
+server starts when the app's ``lifespan.startup.complete`` goes out and stops
+at shutdown, in a ``try/finally`` so that it never outlives the app.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
+
+from ._builtins import builtin_commands
+from ._commands import Commands
+from ._control import ControlPlane
+from ._settings import Settings
+from ._stats import UNMATCHED, Stats
+
+__all__ = ["ControlSocketMiddleware"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+logger = logging.getLogger("unixsock_asgi")
+
+_MAINTENANCE = "<maintenance>"
+
+
+class ControlSocketMiddleware:
+    """Give an ASGI app a UNIX-socket control plane and per-route statistics.
+
+    ::
+
+        app = Starlette(routes=..., middleware=[
+            Middleware(ControlSocketMiddleware, socket_dir="/run/myapp", name="myapp"),
+        ])
+
+    Wrap the top-level app: the middleware needs the lifespan events, and
+    ``--lifespan off`` means no control socket.
+
+    ``path`` is the socket file (``{pid}`` is replaced by the worker's pid);
+    ``socket_dir`` instead binds ``<socket_dir>/<name>-<pid>.sock``, removes
+    stale sockets there and applies persisted overrides at startup. A socket
+    that cannot be started logs a warning and the app serves on, unless
+    ``strict=True``, which fails startup with a clear message.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        path: str | None = None,
+        *,
+        socket_dir: str | None = None,
+        name: str = "app",
+        handler: Callable[..., Any] | None = None,
+        commands: Commands | None = None,
+        settings: Settings | None = None,
+        stats: Stats | None = None,
+        strict: bool = False,
+        health_path: str = "/health",
+        maintenance_exempt: Iterable[str] = ("/health",),
+        retry_after: int = 30,
+        app_timeout: float = 5.0,
+        **server_options: Any,
+    ) -> None:
+        if path is None and socket_dir is None:
+            raise TypeError("ControlSocketMiddleware needs path= or socket_dir=")
+        if path is not None and socket_dir is not None:
+            raise TypeError("pass path= or socket_dir=, not both")
+        self.app = app
+        self.path = path
+        self.socket_dir = socket_dir
+        self.name = name
+        self.strict = strict
+        registry = Commands()
+        registry.include(builtin_commands)
+        if commands is not None:
+            registry.include(commands)
+        self.stats = stats if stats is not None else Stats()
+        self.control = ControlPlane(
+            app,
+            commands=registry,
+            settings=settings if settings is not None else Settings(),
+            stats=self.stats,
+            handler=handler,
+            server_options=server_options,
+            app_timeout=app_timeout,
+            health_path=health_path,
+            maintenance_exempt=tuple(maintenance_exempt),
+            retry_after=retry_after,
+        )
+
+    def socket_path(self) -> str:
+        """The socket path this process binds (depends on the pid)."""
+        pid = str(os.getpid())
+        if self.socket_dir is not None:
+            return os.path.join(self.socket_dir, f"{self.name}-{pid}.sock")
+        assert self.path is not None
+        return self.path.replace("{pid}", pid)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "websocket":
+            await self._websocket(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    # -- requests: the hot path ---------------------------------------------
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        control = self.control
+        if control.gate and await self._gated(scope, send):
+            return
+        stats = self.stats
+        root_path = scope.get("root_path", "")
+        recorder = _StatusRecorder(send)
+        stats.in_flight += 1
+        start = time.perf_counter()
+        failed = False
+        try:
+            await self.app(scope, receive, recorder)
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            duration = time.perf_counter() - start
+            stats.in_flight -= 1
+            stats.record(_route_template(scope, root_path), scope["method"], recorder.status, duration, failed)
+
+    async def _gated(self, scope: Scope, send: Send) -> bool:
+        """Answer 503 when maintenance is on or the health check is made to fail."""
+        control = self.control
+        path = scope["path"]
+        root_path = scope.get("root_path", "")
+        if root_path and path.startswith(root_path):
+            path = path[len(root_path) :] or "/"
+        if control.maintenance and path not in control.maintenance_exempt:
+            body = b'{"error":"maintenance","detail":"this server is in maintenance; retry later"}'
+            headers = [(b"retry-after", str(control.retry_after).encode())]
+            route = _MAINTENANCE
+        elif control.health_failing and path == control.health_path:
+            body = b'{"status":"failing","detail":"health check failed by an operator"}'
+            headers = []
+            route = control.health_path
+        else:
+            return False
+        start = time.perf_counter()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 503,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    *headers,
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+        self.stats.record(route, scope["method"], 503, time.perf_counter() - start, False)
+        return True
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        stats = self.stats
+        stats.websockets_active += 1
+        stats.websockets_total += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            stats.websockets_active -= 1
+
+    # -- lifespan ------------------------------------------------------------
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        app_received_startup = False
+        startup_sent = False
+
+        async def receive_wrapper() -> Message:
+            nonlocal app_received_startup
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                app_received_startup = True
+            return message
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal startup_sent
+            if message["type"] == "lifespan.startup.complete":
+                startup_sent = True
+                error = await self._start_control(scope)
+                if error is not None and self.strict:
+                    message = {"type": "lifespan.startup.failed", "message": error}
+            elif message["type"] == "lifespan.startup.failed":
+                startup_sent = True
+            elif message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                self.control.stop()
+            await send(message)
+
+        try:
+            await self.app(scope, receive_wrapper, send_wrapper)
+        except BaseException:
+            if app_received_startup or startup_sent:
+                raise
+            # The app does not speak the lifespan protocol: speak it on its behalf.
+            await self._own_lifespan(scope, receive, send)
+        finally:
+            self.control.stop()
+
+    async def _own_lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = await receive()
+        if message["type"] != "lifespan.startup":  # pragma: no cover - protocol order
+            return
+        error = await self._start_control(scope)
+        if error is not None and self.strict:
+            await send({"type": "lifespan.startup.failed", "message": error})
+            return
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        self.control.stop()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def _start_control(self, scope: Scope) -> str | None:
+        """Start the control server; return an error message instead of raising."""
+        if self.control.server is not None:
+            return None
+        path = self.socket_path()
+        try:
+            self.control.app_thread_id = threading.get_ident()
+            await self.control.start(path, self.socket_dir, dict(scope) | {"state": scope.get("state")})
+        except Exception as exc:
+            self.control.stop()
+            error = f"control socket {path} could not start: {exc}"
+            if self.strict:
+                logger.error("%s", error)
+            else:
+                logger.warning("%s; the app serves on without it", error)
+            return error
+        logger.info("control socket listening on %s", self.control.socket_path)
+        return None
+
+
+class _StatusRecorder:
+    """Per-request helper: passes messages on and remembers the response status."""
+
+    __slots__ = ("send", "status")
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.status = 500  # if the app fails before starting a response
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        await self.send(message)
+
+
+def _route_template(scope: Scope, root_path: str) -> str:
+    """The route template that served ``scope``: O(1), never the raw path.
+
+    FastAPI (>= 0.120) leaves the include-prefixed template in its effective
+    route context; Starlette leaves the matched route in ``scope["route"]``;
+    mounts extend ``root_path``, and that extension is the mount prefix.
+    """
+    template = None
+    fastapi_scope = scope.get("fastapi")
+    if fastapi_scope:
+        context = fastapi_scope.get("effective_route_context")
+        template = getattr(context, "path_format", None)
+    route = scope.get("route")
+    if not template and route is not None:
+        template = getattr(route, "path_format", None)
+    prefix = scope.get("root_path", "")
+    if prefix is root_path:  # the common case: no mount on the way
+        prefix = ""
+    elif prefix.startswith(root_path):
+        prefix = prefix[len(root_path) :]
+    if template and not (template.endswith("/{path}") and prefix.endswith(getattr(route, "path", "\0"))):
+        return prefix + template if prefix else template
+    if prefix:  # a mounted app without routes of its own (static files, a raw ASGI app)
+        return prefix + "/{path}"
+    return UNMATCHED

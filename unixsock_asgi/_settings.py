@@ -1,0 +1,124 @@
+"""Runtime settings: typed values an app declares and operators change live.
+
+App code reads ``settings["name"]`` (or ``settings.name``) on every request;
+``set`` validates a new value first and then swaps it in with one dict store,
+so a reader sees the old value or the new one, never a half-applied change.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ._commands import _type_name, coerce
+
+__all__ = ["Setting", "Settings"]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """The declaration of one runtime setting."""
+
+    name: str
+    type: Any
+    default: Any
+    doc: str = ""
+    minimum: float | None = None
+    maximum: float | None = None
+    validate: Callable[[Any], None] | None = None
+    """Extra check: raise ValueError with a message to refuse a value."""
+
+    def check(self, value: Any) -> Any:
+        """Return ``value`` converted to the setting's type, or raise ValueError."""
+        value = coerce(value, self.type)
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(f"{self.name} must be at least {self.minimum}, got {value!r}")
+        if self.maximum is not None and value > self.maximum:
+            raise ValueError(f"{self.name} must be at most {self.maximum}, got {value!r}")
+        if self.validate is not None:
+            self.validate(value)
+        return value
+
+
+class Settings:
+    """A set of declared runtime settings and their current values.
+
+    ::
+
+        settings = Settings(
+            Setting("greeting", str, "hello", "What GET / answers with"),
+            Setting("slow_delay_s", float, 0.5, "Delay of GET /slow", minimum=0),
+        )
+        settings["greeting"]            # on every request
+        settings.set("greeting", "hi")  # from the control socket: ("hello", "hi")
+    """
+
+    def __init__(self, *settings: Setting) -> None:
+        self._declared: dict[str, Setting] = {}
+        self._values: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        for setting in settings:
+            self.declare(setting)
+
+    def declare(self, setting: Setting) -> None:
+        """Add a setting; its default is checked like any other value."""
+        if setting.name in self._declared:
+            raise ValueError(f"setting {setting.name!r} is declared twice")
+        default = setting.check(setting.default)
+        self._declared[setting.name] = setting
+        self._values[setting.name] = default
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
+
+    def __getattr__(self, name: str) -> Any:
+        values = self.__dict__.get("_values")
+        if values is not None and name in values:
+            return values[name]
+        raise AttributeError(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._declared
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._declared)
+
+    def get(self, name: str) -> Any:
+        """The current value of ``name`` (KeyError if it is not declared)."""
+        self._require(name)
+        return self._values[name]
+
+    def set(self, name: str, value: Any) -> tuple[Any, Any]:
+        """Validate and apply a new value; return ``(old, new)``."""
+        setting = self._require(name)
+        new = setting.check(value)
+        with self._lock:
+            old = self._values[name]
+            self._values[name] = new
+        return old, new
+
+    def reset(self, name: str) -> tuple[Any, Any]:
+        """Put ``name`` back to its declared default; return ``(old, new)``."""
+        return self.set(name, self._require(name).default)
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        """Every setting with its value, default, type and help text."""
+        values = dict(self._values)
+        return {
+            name: {
+                "value": values[name],
+                "default": s.default,
+                "type": _type_name(s.type),
+                "doc": s.doc,
+            }
+            for name, s in self._declared.items()
+        }
+
+    def _require(self, name: str) -> Setting:
+        try:
+            return self._declared[name]
+        except KeyError:
+            known = ", ".join(self._declared) or "none are declared"
+            raise KeyError(f"unknown setting {name!r}; settings: {known}") from None
