@@ -9,18 +9,51 @@ and keeps the overrides file that later workers apply during startup.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import datetime
+import fcntl
 import json
 import logging
+import math
 import os
+import re
 import stat
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+from . import _compat
+from ._client import AsyncClient
+from ._exceptions import ConnectError, TimeoutException, TransportError
+from ._protocol import STATUS_OK
 from ._sockets import probe
+from ._stats import merge_histograms
 
 __all__ = [
     "OVERRIDES_FILENAME",
+    "PERSISTABLE_COMMANDS",
+    "FanOutResult",
+    "OverrideError",
+    "OverridesFileError",
+    "Target",
+    "TargetError",
+    "WorkerResult",
+    "aggregate",
+    "aggregate_stats",
+    "clear_overrides",
+    "fan_out",
     "load_overrides",
+    "override_key",
+    "overrides_path",
+    "persist_override",
+    "read_overrides_document",
     "remove_stale_sockets",
+    "render_prometheus",
+    "resolve_target",
+    "write_overrides",
 ]
 
 logger = logging.getLogger("unixsock_asgi.fleet")
@@ -113,3 +146,599 @@ def load_overrides(directory: str) -> list[dict[str, Any]]:
         else:
             logger.warning("ignoring malformed entry in overrides file %s: %r", path, entry)
     return result
+
+
+# --------------------------------------------------------------------------- targets
+
+
+class TargetError(Exception):
+    """A target that names nothing to talk to (missing path, no sockets, not a socket)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the operator pointed at: one socket file, or a directory of worker sockets."""
+
+    path: str
+    is_directory: bool
+
+    def sockets(self) -> list[str]:
+        """The socket files to talk to now (a directory is listed afresh on every call)."""
+        if self.is_directory:
+            return _socket_files(self.path)
+        return [self.path]
+
+
+def resolve_target(path: str) -> Target:
+    """Check that ``path`` is a socket file or a directory; raise :class:`TargetError` if not."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise TargetError(f"{path}: no such socket or directory") from None
+    except OSError as exc:
+        raise TargetError(f"{path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        return Target(path, True)
+    if stat.S_ISSOCK(st.st_mode):
+        return Target(path, False)
+    raise TargetError(f"{path}: neither a socket nor a directory")
+
+
+def pid_from_socket_name(path: str) -> int | None:
+    """The pid in a ``<name>-<pid>.sock`` file name, or None."""
+    match = _SOCKET_NAME.search(os.path.basename(path))
+    return int(match.group(1)) if match else None
+
+
+_SOCKET_NAME = re.compile(r"-(\d+)\.sock$")
+
+
+# --------------------------------------------------------------------------- fan-out
+
+STATUS_TIMEOUT = "timeout"
+"""The worker did not answer within the timeout."""
+STATUS_ERROR = "error"
+"""Talking to the worker failed (permission denied, protocol error, connection reset)."""
+STATUS_STALE = "stale"
+"""Nothing listens on the socket any more: its process is gone."""
+
+MAX_CONCURRENT_WORKERS = 256
+"""Workers asked at once; keeps file descriptors bounded on very large hosts."""
+
+
+@dataclass
+class WorkerResult:
+    """One worker's answer to a fanned-out command (or why there is none)."""
+
+    socket: str
+    pid: int | None
+    status: str
+    error: str = ""
+    payload: Any = None
+    elapsed_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when the worker answered success."""
+        return self.status == STATUS_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form used by ``send --json``."""
+        return {
+            "socket": self.socket,
+            "pid": self.pid,
+            "status": self.status,
+            "error": self.error,
+            "payload": self.payload,
+        }
+
+
+@dataclass
+class FanOutResult:
+    """Answers of every live worker, and the stale sockets that were skipped."""
+
+    results: list[WorkerResult] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+
+    @property
+    def all_ok(self) -> bool:
+        """True when there was at least one worker and every one answered success."""
+        return bool(self.results) and all(r.ok for r in self.results)
+
+    @property
+    def successes(self) -> list[WorkerResult]:
+        """The results of the workers that answered success."""
+        return [r for r in self.results if r.ok]
+
+
+async def ask_worker(path: str, cmd: str, args: Mapping[str, Any], timeout: float) -> WorkerResult:
+    """Send one command to one socket; never raises, never takes much longer than ``timeout``."""
+    started = time.monotonic()
+    client = AsyncClient(path, timeout=timeout)
+    result = WorkerResult(path, pid_from_socket_name(path), STATUS_ERROR)
+    try:
+        # One deadline for connect + write + read: the client bounds each step on its own.
+        async with _compat.timeout(timeout):
+            response = await client.send(cmd, dict(args))
+    except (TimeoutError, TimeoutException):
+        result.status = STATUS_TIMEOUT
+        result.error = f"no reply within {timeout:g}s"
+    except ConnectError as exc:
+        if _nothing_listens(path):
+            result.status = STATUS_STALE
+            result.error = "nothing listens on this socket (its process is gone)"
+        else:
+            result.error = str(exc)
+    except TransportError as exc:
+        result.error = str(exc)
+    else:
+        assert response is not None  # respond=True
+        result.status = response.status
+        result.error = response.error
+        result.payload = response.payload
+        if isinstance(response.payload, dict) and isinstance(response.payload.get("pid"), int):
+            result.pid = response.payload["pid"]
+    finally:
+        await client.aclose()
+        result.elapsed_s = time.monotonic() - started
+    return result
+
+
+def _nothing_listens(path: str) -> bool:
+    try:
+        return probe(path, timeout=0.2) is None
+    except OSError:
+        return False  # permission denied and the like: something is there
+
+
+async def fan_out(
+    sockets: Iterable[str], cmd: str, args: Mapping[str, Any] | None = None, *, timeout: float = 5.0
+) -> FanOutResult:
+    """Send ``cmd`` to every socket concurrently and collect every answer.
+
+    Each worker gets its own ``timeout``; one that does not answer costs at
+    most that and never holds back the others. Sockets that nothing listens on
+    any more are reported in ``stale`` rather than as failures.
+    """
+    limit = asyncio.Semaphore(MAX_CONCURRENT_WORKERS)
+
+    async def bounded(path: str) -> WorkerResult:
+        async with limit:
+            return await ask_worker(path, cmd, args or {}, timeout)
+
+    answers = await asyncio.gather(*(bounded(p) for p in sockets))
+    outcome = FanOutResult()
+    for answer in answers:
+        if answer.status == STATUS_STALE:
+            outcome.stale.append(answer.socket)
+        else:
+            outcome.results.append(answer)
+    return outcome
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def _add_counts(into: dict[str, int], counts: Any) -> None:
+    if isinstance(counts, Mapping):
+        for key, n in counts.items():
+            if isinstance(n, (int, float)):
+                into[key] = into.get(key, 0) + int(n)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _sum_or_none(values: Iterable[Any]) -> float | None:
+    numbers = [n for n in map(_number, values) if n is not None]
+    return sum(numbers) if numbers else None
+
+
+def _max_or_none(values: Iterable[Any]) -> float | None:
+    numbers = [n for n in map(_number, values) if n is not None]
+    return max(numbers) if numbers else None
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _histograms(payloads: Iterable[Any]) -> list[Mapping[str, Any]]:
+    return [p for p in payloads if isinstance(p, Mapping) and "buckets" in p]
+
+
+def aggregate_stats(snapshots: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Combine several workers' ``stats`` payloads into one fleet-wide payload.
+
+    Counters are summed; latency histograms (overall and per route) are merged
+    bucket by bucket and their percentiles computed from the merge (averaging
+    percentiles would be wrong); gauges that add up across processes
+    (in-flight requests, RSS, file descriptors, threads, CPU time, active
+    websockets) are summed; event-loop lag is the worst worker's.
+    """
+    snapshots = [s for s in snapshots if isinstance(s, Mapping)]
+    by_status: dict[str, int] = {}
+    by_method: dict[str, int] = {}
+    routes: dict[str, dict[str, Any]] = {}
+    route_latencies: dict[str, list[Mapping[str, Any]]] = {}
+    for snap in snapshots:
+        _add_counts(by_status, snap.get("by_status"))
+        _add_counts(by_method, snap.get("by_method"))
+        snap_routes = snap.get("routes")
+        if not isinstance(snap_routes, Mapping):
+            continue
+        for template, route in snap_routes.items():
+            if not isinstance(route, Mapping):
+                continue
+            merged = routes.setdefault(
+                template, {"requests": 0, "exceptions": 0, "by_status": {}, "by_method": {}}
+            )
+            merged["requests"] += int(route.get("requests", 0))
+            merged["exceptions"] += int(route.get("exceptions", 0))
+            _add_counts(merged["by_status"], route.get("by_status"))
+            _add_counts(merged["by_method"], route.get("by_method"))
+            route_latencies.setdefault(template, []).extend(_histograms([route.get("latency")]))
+    for template, merged in routes.items():
+        merged["latency"] = merge_histograms(route_latencies.get(template, []))
+
+    processes = [_mapping(s.get("process")) for s in snapshots]
+    websockets = [_mapping(s.get("websockets")) for s in snapshots]
+    return {
+        "workers": len(snapshots),
+        "pids": [s.get("pid") for s in snapshots],
+        "uptime_s": _max_or_none(s.get("uptime_s") for s in snapshots),
+        "requests_total": int(_sum_or_none(s.get("requests_total") for s in snapshots) or 0),
+        "in_flight": int(_sum_or_none(s.get("in_flight") for s in snapshots) or 0),
+        "exceptions_total": int(_sum_or_none(s.get("exceptions_total") for s in snapshots) or 0),
+        "by_status": by_status,
+        "by_method": by_method,
+        "latency": merge_histograms(_histograms(s.get("latency") for s in snapshots)),
+        "routes": dict(sorted(routes.items())),
+        "websockets": {
+            "active": int(_sum_or_none(w.get("active") for w in websockets) or 0),
+            "total": int(_sum_or_none(w.get("total") for w in websockets) or 0),
+        },
+        "process": {
+            "rss_bytes": _sum_or_none(p.get("rss_bytes") for p in processes),
+            "open_fds": _sum_or_none(p.get("open_fds") for p in processes),
+            "threads": _sum_or_none(p.get("threads") for p in processes),
+            "cpu_s": _sum_or_none(p.get("cpu_s") for p in processes),
+            "loop_lag_s": _max_or_none(p.get("loop_lag_s") for p in processes),
+            "loop_lag_max_s": _max_or_none(p.get("loop_lag_max_s") for p in processes),
+        },
+    }
+
+
+def group_identical(results: Iterable[WorkerResult]) -> list[dict[str, Any]]:
+    """Group workers that gave the same answer: ``[{"status","error","payload","pids"}]``.
+
+    Shows at a glance whether every worker agrees (one group) or which differ.
+    """
+    groups: dict[str, dict[str, Any]] = {}
+    for r in results:
+        key = json.dumps([r.status, r.error, r.payload], sort_keys=True, default=str)
+        group = groups.setdefault(
+            key, {"status": r.status, "error": r.error, "payload": r.payload, "pids": []}
+        )
+        group["pids"].append(r.pid)
+    return list(groups.values())
+
+
+def aggregate(cmd: str, outcome: FanOutResult) -> Any:
+    """The fleet-wide ``total`` of a command's answers, or None when it has none.
+
+    ``stats`` is summed and merged (see :func:`aggregate_stats`); commands that
+    read a value (``get``, ``get_log_level``, ``settings``) report the distinct
+    answers with the pids that gave each, so that drift between workers shows.
+    """
+    if cmd == "stats":
+        return aggregate_stats([r.payload for r in outcome.successes])
+    if cmd in _AGREEMENT_COMMANDS:
+        return {"distinct": group_identical(outcome.successes)}
+    return None
+
+
+_AGREEMENT_COMMANDS = frozenset({"get", "get_log_level", "settings"})
+
+
+# --------------------------------------------------------------------------- durable overrides
+
+OVERRIDES_FORMAT_VERSION = 1
+
+
+class OverrideError(ValueError):
+    """A command that cannot be persisted (not persistable, or with a non-durable argument)."""
+
+
+class OverridesFileError(Exception):
+    """The overrides file exists but cannot be read or parsed, so it is not rewritten."""
+
+
+def _log_level_key(args: Mapping[str, Any]) -> tuple[str, ...]:
+    if "level" not in args:
+        raise OverrideError("set_log_level needs level=... to be persisted")
+    if args.get("ttl") is not None:
+        raise OverrideError(
+            "a set_log_level with ttl= is temporary by design and cannot be persisted; drop ttl or --persist"
+        )
+    logger_name = args.get("logger") or ""
+    return ("log_level", "" if logger_name == "root" else str(logger_name))
+
+
+def _setting_key(args: Mapping[str, Any]) -> tuple[str, ...]:
+    if "name" not in args or "value" not in args:
+        raise OverrideError("set needs name=... and value=... to be persisted")
+    return ("setting", str(args["name"]))
+
+
+PERSISTABLE_COMMANDS: dict[str, Callable[[Mapping[str, Any]], tuple[str, ...]]] = {
+    "set_log_level": _log_level_key,
+    "set": _setting_key,
+    "health_fail": lambda args: ("health",),
+    "health_ok": lambda args: ("health",),
+    "maintenance_on": lambda args: ("maintenance",),
+    "maintenance_off": lambda args: ("maintenance",),
+}
+"""Commands that ``--persist`` accepts, each with the key of the state it sets.
+
+A new override replaces the persisted one with the same key: a log level per
+logger (root is ``""``), a setting per name, one health state
+(``health_fail``/``health_ok``) and one maintenance state
+(``maintenance_on``/``maintenance_off``).
+"""
+
+
+def override_key(cmd: str, args: Mapping[str, Any]) -> tuple[str, ...]:
+    """The state that ``cmd args`` sets; raise :class:`OverrideError` if it cannot be persisted."""
+    key_of = PERSISTABLE_COMMANDS.get(cmd)
+    if key_of is None:
+        allowed = ", ".join(sorted(PERSISTABLE_COMMANDS))
+        raise OverrideError(f"{cmd!r} cannot be persisted; persistable commands: {allowed}")
+    return key_of(args)
+
+
+def _entry_key(entry: Mapping[str, Any]) -> tuple[str, ...]:
+    try:
+        return override_key(entry["cmd"], entry["args"])
+    except (OverrideError, KeyError):
+        return ("entry", json.dumps(entry, sort_keys=True, default=str))  # hand-edited: keep it
+
+
+def read_overrides_document(directory: str) -> dict[str, Any]:
+    """The whole overrides document; an empty one when there is no file.
+
+    Unlike :func:`load_overrides` this raises :class:`OverridesFileError` on a
+    corrupt file, so that a rewrite never silently drops what was in it.
+    """
+    path = overrides_path(directory)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            document = json.load(fh)
+    except FileNotFoundError:
+        return {"version": OVERRIDES_FORMAT_VERSION, "overrides": []}
+    except (OSError, ValueError) as exc:
+        raise OverridesFileError(f"{path}: cannot read overrides ({exc}); fix or clear it") from None
+    if not isinstance(document, dict) or not isinstance(document.get("overrides"), list):
+        raise OverridesFileError(f"{path}: not an overrides file (no 'overrides' list); fix or clear it")
+    return document
+
+
+def write_overrides(directory: str, entries: Sequence[Mapping[str, Any]]) -> None:
+    """Replace the overrides file atomically: a 0600 temp file in the same directory, then rename.
+
+    A worker starting meanwhile reads either the old file or the new one,
+    never a partial one; the rename is fsynced so it survives a power cut.
+    """
+    document = {
+        "version": OVERRIDES_FORMAT_VERSION,
+        "updated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "overrides": [{"cmd": e["cmd"], "args": dict(e["args"])} for e in entries],
+    }
+    fd, tmp_path = tempfile.mkstemp(prefix=".overrides.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            os.fchmod(fh.fileno(), 0o600)
+            json.dump(document, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, overrides_path(directory))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_path)
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: str) -> None:
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: str) -> Iterator[None]:
+    """Serialise read-modify-write of the overrides file between concurrent operators."""
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(dir_fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(dir_fd)  # releases the lock
+
+
+def persist_override(directory: str, cmd: str, args: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Record ``cmd args`` in the directory's overrides file; return the new list.
+
+    An earlier override of the same state is dropped and the new one goes
+    last, so the file lists overrides in the order to apply them.
+    """
+    key = override_key(cmd, args)
+    with _directory_lock(directory):
+        document = read_overrides_document(directory)
+        entries = [e for e in document["overrides"] if not (isinstance(e, dict) and _entry_key(e) == key)]
+        entries.append({"cmd": cmd, "args": dict(args)})
+        write_overrides(directory, entries)
+    return entries
+
+
+def clear_overrides(directory: str) -> int:
+    """Delete the overrides file; return how many overrides it held (0 when there was none).
+
+    Running workers keep their current state; only workers started later are affected.
+    """
+    with _directory_lock(directory):
+        try:
+            count = len(read_overrides_document(directory)["overrides"])
+        except OverridesFileError:
+            count = 0  # clearing is the way out of a corrupt file
+        try:
+            os.unlink(overrides_path(directory))
+        except FileNotFoundError:
+            return 0
+    _fsync_directory(directory)
+    return count
+
+
+# --------------------------------------------------------------------------- Prometheus
+
+
+def _escape_label(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return "NaN"
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    number = float(value)
+    if math.isnan(number):
+        return "NaN"
+    if math.isinf(number):
+        return "+Inf" if number > 0 else "-Inf"
+    return repr(number)
+
+
+class _Exposition:
+    """Prometheus text format 0.0.4: each family once, its HELP and TYPE, then its samples."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str) -> str:
+        full = f"{self.prefix}_{name}"
+        self.lines.append(f"# HELP {full} {help_text}")
+        self.lines.append(f"# TYPE {full} {kind}")
+        return full
+
+    def sample(self, name: str, value: Any, labels: Mapping[str, Any] | None = None) -> None:
+        if labels:
+            text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels.items())
+            self.lines.append(f"{name}{{{text}}} {_format_value(value)}")
+        else:
+            self.lines.append(f"{name} {_format_value(value)}")
+
+    def summary(self, name: str, histogram: Mapping[str, Any], labels: Mapping[str, Any]) -> None:
+        for quantile, key in (("0.5", "p50_s"), ("0.9", "p90_s"), ("0.99", "p99_s")):
+            self.sample(name, histogram.get(key), {**labels, "quantile": quantile})
+        self.sample(f"{name}_sum", histogram.get("sum_s", 0.0), labels)
+        self.sample(f"{name}_count", histogram.get("count", 0), labels)
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def render_prometheus(outcome: FanOutResult, *, prefix: str = "asgi") -> str:
+    """The fleet's ``stats`` in the Prometheus text exposition format.
+
+    Totals are the sums over the workers alive now: when a worker is replaced
+    its counts leave the sums, which Prometheus reads as a counter reset.
+    Latency is a summary whose quantiles are computed from merged buckets.
+    """
+    snapshots = [r for r in outcome.successes if isinstance(r.payload, Mapping)]
+    total = aggregate_stats([r.payload for r in snapshots])
+    out = _Exposition(prefix)
+
+    name = out.family("workers", "gauge", "Workers that answered the stats command.")
+    out.sample(name, len(snapshots))
+    name = out.family("workers_unreachable", "gauge", "Workers that did not answer (timeout or error).")
+    out.sample(name, len(outcome.results) - len(outcome.successes))
+    name = out.family("stale_sockets", "gauge", "Socket files that nothing listens on any more.")
+    out.sample(name, len(outcome.stale))
+
+    name = out.family("requests_total", "counter", "Finished HTTP requests by route and status class.")
+    for route, figures in total["routes"].items():
+        for status_class, n in sorted(figures["by_status"].items()):
+            out.sample(name, n, {"route": route, "status": status_class})
+    name = out.family("requests_by_method_total", "counter", "Finished HTTP requests by route and method.")
+    for route, figures in total["routes"].items():
+        for method, n in sorted(figures["by_method"].items()):
+            out.sample(name, n, {"route": route, "method": method})
+    name = out.family("exceptions_total", "counter", "Requests that raised an exception, by route template.")
+    for route, figures in total["routes"].items():
+        out.sample(name, figures["exceptions"], {"route": route})
+    name = out.family(
+        "request_duration_seconds", "summary", "Request latency by route; quantiles from merged buckets."
+    )
+    for route, figures in total["routes"].items():
+        out.summary(name, figures["latency"], {"route": route})
+    name = out.family(
+        "fleet_request_duration_seconds", "summary", "Latency of all requests; quantiles from merged buckets."
+    )
+    out.summary(name, total["latency"], {})
+    name = out.family("in_flight_requests", "gauge", "HTTP requests being served now, all workers.")
+    out.sample(name, total["in_flight"])
+    name = out.family("websockets_active", "gauge", "Open websocket connections, all workers.")
+    out.sample(name, total["websockets"]["active"])
+    name = out.family("websockets_total", "counter", "Websocket connections accepted, all workers.")
+    out.sample(name, total["websockets"]["total"])
+
+    per_worker: list[tuple[str, str, str, Callable[[Mapping[str, Any]], Any]]] = [
+        ("worker_requests_total", "counter", "Finished HTTP requests of one worker.", _get("requests_total")),
+        (
+            "worker_in_flight_requests",
+            "gauge",
+            "HTTP requests one worker is serving.",
+            _get("in_flight"),
+        ),
+        ("worker_uptime_seconds", "gauge", "Seconds since the worker started.", _get("uptime_s")),
+        ("worker_rss_bytes", "gauge", "Resident memory of one worker.", _get("process", "rss_bytes")),
+        ("worker_open_fds", "gauge", "Open file descriptors of one worker.", _get("process", "open_fds")),
+        ("worker_threads", "gauge", "Threads of one worker.", _get("process", "threads")),
+        ("worker_cpu_seconds_total", "counter", "CPU time of one worker.", _get("process", "cpu_s")),
+        (
+            "worker_event_loop_lag_seconds",
+            "gauge",
+            "Latest event-loop lag of one worker.",
+            _get("process", "loop_lag_s"),
+        ),
+    ]
+    for family_name, kind, help_text, read in per_worker:
+        name = out.family(family_name, kind, help_text)
+        for r in snapshots:
+            value = read(r.payload)
+            if _number(value) is not None:
+                out.sample(name, value, {"pid": r.pid})
+    return out.text()
+
+
+def _get(*keys: str) -> Callable[[Mapping[str, Any]], Any]:
+    def read(payload: Mapping[str, Any]) -> Any:
+        value: Any = payload
+        for key in keys:
+            value = value.get(key) if isinstance(value, Mapping) else None
+        return value
+
+    return read
