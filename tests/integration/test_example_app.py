@@ -1,0 +1,194 @@
+"""The example app under a real uvicorn process, driven over HTTP and its control socket."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from unixsock_asgi import Client
+
+from .harness import ServerProcess, StartServer, wait_for
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def _example(start_server: StartServer, socket_dir: Path) -> tuple[ServerProcess, Client]:
+    server = start_server("-m", "example_app", "--port", "{port}", "--socket-dir", str(socket_dir))
+    sockets = list(socket_dir.glob("example_app-*.sock"))
+    assert len(sockets) == 1, sockets
+    assert sockets[0].name == f"example_app-{server.proc.pid}.sock"
+    control = Client(sockets[0], timeout=5.0)
+    _payload(control, "stats_reset")  # forget the harness's readiness probes
+    return server, control
+
+
+def _payload(client: Client, cmd: str, **args: Any) -> Any:
+    response = client.send(cmd, args)
+    assert response is not None
+    assert response.ok, response.error
+    return response.payload
+
+
+def test_stats_count_exactly_what_was_sent_per_route_template(start_server: StartServer, short_dir: Path) -> None:
+    server, control = _example(start_server, short_dir / "s")
+    paths = ["/items/1"] * 7 + ["/items/2"] * 3 + ["/items/99"] * 2 + ["/"] * 5 + ["/fail"] * 2
+    paths += [f"/no/such/page/{i}" for i in range(4)]
+
+    def get(path: str) -> int:
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            return http.get(path).status_code
+
+    with ThreadPoolExecutor(8) as pool:  # concurrent requests must all be counted
+        statuses = list(pool.map(get, paths))
+    assert statuses.count(200) == 15 and statuses.count(404) == 6 and statuses.count(500) == 2
+
+    stats = _payload(control, "stats")
+    routes = stats["routes"]
+    assert set(routes) == {"/items/{item_id}", "/", "/fail", "<unmatched>"}  # never raw paths
+    assert routes["/items/{item_id}"]["requests"] == 12
+    assert routes["/items/{item_id}"]["by_status"] == {"2xx": 10, "4xx": 2}
+    assert routes["/items/{item_id}"]["by_method"] == {"GET": 12}
+    assert routes["/"]["requests"] == 5
+    assert routes["/fail"]["requests"] == 2 and routes["/fail"]["exceptions"] == 2
+    assert routes["/fail"]["by_status"] == {"5xx": 2}
+    assert routes["<unmatched>"]["requests"] == 4
+    assert stats["requests_total"] == len(paths)
+    assert stats["latency"]["count"] == len(paths)
+    assert stats["by_status"] == {"2xx": 15, "4xx": 6, "5xx": 2}
+    assert stats["in_flight"] == 0 and stats["exceptions_total"] == 2
+    assert stats["pid"] == server.proc.pid
+    assert 0 < stats["latency"]["p50_s"] <= stats["latency"]["p99_s"] <= stats["latency"]["max_s"] * 1.05
+    assert stats["process"]["rss_bytes"] > 0 and stats["process"]["open_fds"] > 0
+
+    assert _payload(control, "stats_reset")["requests_before"] == len(paths)
+    assert _payload(control, "stats")["requests_total"] == 0
+
+
+def test_set_log_level_changes_what_the_server_logs_and_ttl_reverts(
+    start_server: StartServer, short_dir: Path
+) -> None:
+    server, control = _example(start_server, short_dir / "s")
+    httpx.get(server.url + "/items/1")
+    assert "served item 1" not in server.log()  # example_app logs at INFO by default
+
+    reply = _payload(control, "set_log_level", level="DEBUG", logger="example_app", ttl=1.5)
+    assert reply["old"] == "INFO" and reply["new"] == "DEBUG" and reply["reverts_to"] == "INFO"
+    httpx.get(server.url + "/items/3")
+    wait_for(lambda: "served item 3" in server.log(), 5, "the debug line")
+
+    wait_for(lambda: _payload(control, "get_log_level", logger="example_app")["level"] == "INFO", 10, "ttl revert")
+    httpx.get(server.url + "/items/2")
+    httpx.get(server.url + "/")  # a request after it, to be sure logs were flushed
+    assert "served item 2" not in server.log()
+
+    # uvicorn's own loggers too: silence the access log, then bring it back.
+    _payload(control, "set_log_level", level="WARNING", logger="uvicorn.access")
+    httpx.get(server.url + "/items?quiet=1")
+    _payload(control, "set_log_level", level="INFO", logger="uvicorn.access")
+    httpx.get(server.url + "/items?loud=1")
+    wait_for(lambda: "/items?loud=1" in server.log(), 5, "the access log line")
+    assert "/items?quiet=1" not in server.log()
+
+    failure = control.send("set_log_level", {"level": "LOUD"})
+    assert failure is not None and not failure.ok and "unknown log level 'LOUD'" in failure.error
+
+
+def test_set_changes_the_apps_behaviour_on_the_next_request(start_server: StartServer, short_dir: Path) -> None:
+    server, control = _example(start_server, short_dir / "s")
+    assert httpx.get(server.url + "/").json()["message"] == "hello"
+    assert _payload(control, "set", name="greeting", value="good morning") == {
+        "name": "greeting",
+        "old": "hello",
+        "new": "good morning",
+    }
+    assert httpx.get(server.url + "/").json()["message"] == "good morning"
+
+    assert httpx.get(server.url + "/items/1").json()["price"] == 25.0  # now cached
+    _payload(control, "set", name="discount_percent", value=50)
+    assert httpx.get(server.url + "/items/3").json()["price"] == 4.25  # rendered afresh
+    assert httpx.get(server.url + "/items/1").json()["price"] == 25.0  # still the cached rendering
+    assert _payload(control, "flush_cache")["dropped"] == 2
+    assert httpx.get(server.url + "/items/1").json()["price"] == 12.5
+
+    assert httpx.get(server.url + "/items/2").json()["stock"] == 0
+    assert _payload(control, "restock", item_id=2, quantity=4) == {"item_id": 2, "stock": 4}
+    assert httpx.get(server.url + "/items/2").json()["stock"] == 4
+
+    bad = control.send("set", {"name": "discount_percent", "value": 200})
+    assert bad is not None and not bad.ok and "at most 90" in bad.error
+    bad = control.send("restock", {"item_id": "two", "quantity": 1})
+    assert bad is not None and "argument 'item_id'" in bad.error and "expected an integer" in bad.error
+    assert _payload(control, "get", name="discount_percent")["value"] == 50
+
+
+def test_health_fail_and_maintenance_change_responses(start_server: StartServer, short_dir: Path) -> None:
+    server, control = _example(start_server, short_dir / "s")
+    with httpx.Client(base_url=server.url) as http:
+        assert http.get("/health").status_code == 200
+        _payload(control, "health_fail")
+        assert http.get("/health").status_code == 503
+        assert http.get("/items/1").status_code == 200  # other requests still succeed
+        _payload(control, "health_ok")
+        assert http.get("/health").status_code == 200
+
+        _payload(control, "maintenance_on", retry_after=7)
+        response = http.get("/items/1")
+        assert response.status_code == 503 and response.headers["retry-after"] == "7"
+        assert http.get("/health").status_code == 200  # exempt
+        _payload(control, "maintenance_off")
+        assert http.get("/items/1").status_code == 200
+    drained = _payload(control, "drain", timeout=2)
+    assert drained["drained"] is True and drained["in_flight"] == 0
+
+
+def test_ping_and_stacks_answer_while_a_route_blocks_the_loop(start_server: StartServer, short_dir: Path) -> None:
+    server, control = _example(start_server, short_dir / "s")
+    blocker = threading.Thread(target=lambda: httpx.get(server.url + "/block?seconds=4", timeout=20))
+    blocker.start()
+    try:
+
+        def loop_is_in_block() -> bool:
+            threads = _payload(control, "stacks")["threads"]
+            app_loop = [t for t in threads if t["app_loop"]]
+            return bool(app_loop) and any(" in block: " in line for line in app_loop[0]["stack"])
+
+        wait_for(loop_is_in_block, 5, "the app loop to be inside block()")
+        start = time.perf_counter()
+        assert _payload(control, "ping") == "pong"
+        ping_s = time.perf_counter() - start
+        start = time.perf_counter()
+        threads = _payload(control, "stacks")["threads"]
+        stacks_s = time.perf_counter() - start
+        assert ping_s < 0.1, ping_s
+        assert stacks_s < 0.1, stacks_s
+        loop_stack = next(t for t in threads if t["app_loop"])["stack"]
+        assert any("example_app/app.py" in line and "time.sleep(seconds)" in line for line in loop_stack)
+        assert _payload(control, "stats", routes=False)["in_flight"] == 1
+    finally:
+        blocker.join(20)
+
+
+def test_socket_is_removed_after_shutdown(start_server: StartServer, short_dir: Path) -> None:
+    server, control = _example(start_server, short_dir / "s")
+    sock = Path(control.path)
+    assert sock.stat().st_mode & 0o777 == 0o600
+    # uvicorn shuts down gracefully, then re-raises SIGTERM: exit code 0 or -15.
+    assert server.stop() in (0, -15)
+    assert "Application shutdown complete" in server.log()
+    assert not sock.exists()
+    assert "example app stopping" in server.log()  # the app's own lifespan shutdown ran
+
+
+def test_unusable_socket_dir_leaves_the_app_serving(start_server: StartServer, short_dir: Path) -> None:
+    blocker = short_dir / "a-file"
+    blocker.write_text("not a directory")
+    server = start_server("-m", "example_app", "--port", "{port}", "--socket-dir", str(blocker / "sub"))
+    assert httpx.get(server.url + "/items/1").json()["name"] == "teapot"
+    assert "could not start" in server.log() and "serves on without it" in server.log()
+    assert blocker.read_text() == "not a directory"

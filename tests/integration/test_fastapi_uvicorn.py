@@ -1,0 +1,98 @@
+"""A FastAPI app (include_router prefixes, mounts, lifespan state) under real uvicorn."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from unixsock_asgi import Client
+
+from .harness import StartServer, wait_for
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def _uvicorn(*extra: str) -> tuple[str, ...]:
+    return ("-m", "uvicorn", "--app-dir", "tests/integration", "fastapi_app:app", "--port", "{port}", *extra)
+
+
+def _payload(client: Client, cmd: str, **args: Any) -> Any:
+    response = client.send(cmd, args)
+    assert response is not None and response.ok, response
+    return response.payload
+
+
+@pytest.mark.parametrize("lifespan", ["auto", "on"])
+def test_route_templates_and_lifespan_state(start_server: StartServer, short_dir: Path, lifespan: str) -> None:
+    sock = short_dir / "c-{pid}.sock"
+    server = start_server(*_uvicorn("--lifespan", lifespan), env={"UNIXSOCK_TEST_SOCKET": str(sock)})
+    control = Client(str(sock).replace("{pid}", str(server.proc.pid)))
+    _payload(control, "stats_reset")  # forget the harness's readiness probes
+    with httpx.Client(base_url=server.url) as http:
+        assert http.get("/api/v1/users/7").json() == {"id": 7, "db_users": 2}  # request.state from lifespan
+        assert http.get("/api/v1/users/8").status_code == 200
+        assert http.get("/api/v1/inner/things/x").status_code == 200
+        assert http.get("/legacy/pages/about").status_code == 200
+        assert http.get("/static/css/site.css").status_code == 200
+        assert http.get("/api/v1/users/not-a-number").status_code == 422
+        assert http.get("/missing").status_code == 404
+    routes = _payload(control, "stats")["routes"]
+    assert {name: r["requests"] for name, r in routes.items()} == {
+        "/api/v1/users/{user_id}": 3,
+        "/api/v1/inner/things/{name}": 1,
+        "/legacy/pages/{slug}": 1,
+        "/static/{path}": 1,
+        "<unmatched>": 1,
+    }
+    state = _payload(control, "lifespan_state")
+    assert state == {"keys": ["db"], "db": {"users": 2}, "app_state_ready": True}
+    info = _payload(control, "info")
+    assert info["framework"].startswith("fastapi ") and info["server"].startswith("uvicorn ")
+
+
+def test_app_loop_commands_report_a_blocked_loop_while_diagnostics_answer(
+    start_server: StartServer, short_dir: Path
+) -> None:
+    sock = short_dir / "c.sock"
+    server = start_server(*_uvicorn(), env={"UNIXSOCK_TEST_SOCKET": str(sock)})
+    control = Client(sock)
+    blocker = threading.Thread(target=lambda: httpx.get(server.url + "/block-loop?seconds=3", timeout=20))
+    blocker.start()
+    try:
+        wait_for(lambda: _payload(control, "stats", routes=False)["in_flight"] == 1, 5, "the blocking request")
+        reply = control.send("lifespan_state")  # runs on the app loop: app_timeout is 0.5 s here
+        assert reply is not None and not reply.ok
+        assert "event loop appears blocked" in reply.error and "'stacks'" in reply.error
+        assert _payload(control, "ping") == "pong"
+    finally:
+        blocker.join(20)
+    assert _payload(control, "lifespan_state")["keys"] == ["db"]  # and it recovers
+
+
+def test_strict_refuses_to_start_when_the_socket_cannot_be_bound(start_server: StartServer, short_dir: Path) -> None:
+    blocker = short_dir / "file"
+    blocker.write_text("x")
+    env = {"UNIXSOCK_TEST_SOCKET": str(blocker / "c.sock"), "UNIXSOCK_TEST_STRICT": "1"}
+    server = start_server(*_uvicorn("--lifespan", "on"), env=env, wait=False)
+    assert server.proc.wait(30) != 0
+    assert "control socket" in server.log() and "could not start" in server.log()
+
+
+def test_a_live_socket_is_never_stolen(start_server: StartServer, short_dir: Path) -> None:
+    sock = short_dir / "shared.sock"
+    first = start_server(*_uvicorn(), env={"UNIXSOCK_TEST_SOCKET": str(sock)})
+    second = start_server(*_uvicorn(), env={"UNIXSOCK_TEST_SOCKET": str(sock)})
+    assert f"live server (pid {first.proc.pid})" in second.log()
+    assert httpx.get(second.url + "/api/v1/users/1").status_code == 200  # serves on without a socket
+    assert _payload(Client(sock), "info")["pid"] == first.proc.pid
+
+
+def test_lifespan_off_means_no_control_socket(start_server: StartServer, short_dir: Path) -> None:
+    sock = short_dir / "c.sock"
+    server = start_server(*_uvicorn("--lifespan", "off"), env={"UNIXSOCK_TEST_SOCKET": str(sock)})
+    assert httpx.get(server.url + "/block").status_code == 200
+    assert not sock.exists()
