@@ -1,0 +1,164 @@
+"""``unixsock-asgi shell``: an interactive prompt for one worker or a whole directory.
+
+Lines are ``cmd key=value ...`` (values are JSON literals when they parse,
+quoted strings and JSON objects may contain spaces) and run on every live
+worker at once. Tab completes command names and ``argname=`` from the
+workers' ``help``; history is kept with readline. ``quit``, ``exit`` or EOF
+(Ctrl-D) leave. With stdin not a terminal, lines are read without a prompt
+and the exit status says whether every command succeeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ._fleet import Target, fan_out
+from ._protocol import Close, ProtocolViolation, parse_line
+from .cli import EXIT_FAILED, EXIT_OK, UsageError, failure_summary, render_answers
+
+__all__ = ["CommandCatalog", "completions", "run_shell"]
+
+_LOCAL_WORDS = ("quit", "exit")
+
+
+class CommandCatalog:
+    """Command names and their argument names, from the workers' ``help`` payloads."""
+
+    def __init__(self, commands: Mapping[str, Sequence[str]] | None = None) -> None:
+        self.commands: dict[str, list[str]] = {name: list(args) for name, args in (commands or {}).items()}
+
+    @classmethod
+    def from_help(cls, payloads: Sequence[Any]) -> CommandCatalog:
+        """The union of several workers' ``help`` answers."""
+        catalog = cls()
+        for payload in payloads:
+            commands = payload.get("commands") if isinstance(payload, Mapping) else None
+            for command in commands if isinstance(commands, list) else []:
+                if not isinstance(command, Mapping) or not isinstance(command.get("name"), str):
+                    continue
+                known = catalog.commands.setdefault(command["name"], [])
+                for arg in command.get("args") or []:
+                    name = arg.get("name") if isinstance(arg, Mapping) else None
+                    if isinstance(name, str) and name not in known:
+                        known.append(name)
+        return catalog
+
+
+def completions(catalog: CommandCatalog, before: str, text: str) -> list[str]:
+    """Candidates for the word ``text`` when the line up to it is ``before``.
+
+    The first word completes to a command name followed by a space; later
+    words complete to ``argname=`` for arguments of that command not given yet.
+    """
+    words = before.split()
+    if not words:
+        names = sorted([*catalog.commands, *_LOCAL_WORDS])
+        return [f"{name} " for name in names if name.startswith(text)]
+    used = {w.partition("=")[0] for w in words[1:] if "=" in w}
+    return [f"{a}=" for a in catalog.commands.get(words[0], []) if a.startswith(text) and a not in used]
+
+
+class _Completer:
+    """readline's completer protocol: called with state 0, 1, ... until it returns None."""
+
+    def __init__(self, catalog: CommandCatalog, readline: Any) -> None:
+        self.catalog = catalog
+        self.readline = readline
+        self._matches: list[str] = []
+
+    def __call__(self, text: str, state: int) -> str | None:
+        if state == 0:
+            line = self.readline.get_line_buffer()
+            before = line[: self.readline.get_begidx()]
+            self._matches = completions(self.catalog, before, text)
+        return self._matches[state] if state < len(self._matches) else None
+
+
+def _setup_readline(catalog: CommandCatalog, history_file: str) -> Any:
+    try:
+        import readline
+    except ImportError:  # pragma: no cover - Python built without readline
+        return None
+    readline.set_completer(_Completer(catalog, readline))
+    readline.set_completer_delims(" \t\n")
+    if "libedit" in (readline.__doc__ or ""):
+        readline.parse_and_bind("bind ^I rl_complete")  # macOS's readline
+    else:
+        readline.parse_and_bind("tab: complete")
+    if history_file:
+        try:
+            readline.read_history_file(history_file)
+        except OSError:
+            pass  # first run, or unreadable: start with no history
+        readline.set_history_length(1000)
+    return readline
+
+
+def _save_history(readline: Any, history_file: str) -> None:
+    if readline is None or not history_file:
+        return
+    try:
+        readline.write_history_file(history_file)
+        os.chmod(history_file, 0o600)  # commands may carry settings values
+    except OSError:
+        pass
+
+
+def run_shell(target: Target, *, timeout: float, history_file: str) -> int:
+    """Read commands until ``quit``/EOF and run each on every live worker of ``target``."""
+    sockets = target.sockets()
+    if not sockets:
+        raise UsageError(f"nothing to talk to: no worker sockets (*.sock) in {target.path}")
+    answers = asyncio.run(fan_out(sockets, "help", {}, timeout=timeout))
+    if not answers.results:
+        raise UsageError(f"nothing to talk to: no live worker at {target.path}")
+    catalog = CommandCatalog.from_help([r.payload for r in answers.successes])
+    interactive = sys.stdin.isatty()
+    readline = _setup_readline(catalog, history_file) if interactive else None
+    prompt = f"{os.path.basename(target.path.rstrip('/')) or target.path}> " if interactive else ""
+    if interactive:
+        live = len(answers.results)
+        print(f"{live} worker(s) at {target.path}. Tab completes; 'help' lists commands; 'quit' leaves.")
+    any_failed = False
+    try:
+        while True:
+            try:
+                line = input(prompt)
+            except EOFError:
+                if interactive:
+                    print()
+                break
+            except KeyboardInterrupt:
+                print("^C")
+                continue
+            if not line.strip():
+                continue
+            event = parse_line(line)
+            if isinstance(event, Close):
+                break
+            if isinstance(event, ProtocolViolation):
+                print(f"error: {event.error}", file=sys.stderr)
+                any_failed = True
+                continue
+            outcome = asyncio.run(fan_out(target.sockets(), event.cmd, event.args, timeout=timeout))
+            if not outcome.results:
+                print(f"error: no live worker at {target.path}", file=sys.stderr)
+                any_failed = True
+                continue
+            for text in render_answers(event.cmd, outcome, single_target=not target.is_directory):
+                print(text)
+            if not outcome.all_ok:
+                print(f"error: {failure_summary(outcome)}", file=sys.stderr)
+                any_failed = True
+            if event.cmd == "help" and outcome.successes:
+                catalog.commands.update(
+                    CommandCatalog.from_help([r.payload for r in outcome.successes]).commands
+                )
+    finally:
+        if interactive:
+            _save_history(readline, history_file)
+    return EXIT_FAILED if any_failed and not interactive else EXIT_OK

@@ -1,0 +1,314 @@
+"""``unixsock-asgi top``: a live, refreshing view of every worker (uwsgitop for ASGI).
+
+Rates and latency percentiles are computed between two refreshes: requests/s
+from the difference of each worker's request counter, p50/p99 from the
+difference of its latency bucket counts (so they describe the last interval,
+and the total row merges the workers' buckets before taking percentiles).
+
+Plain ANSI, no curses: the screen is redrawn in place on a terminal, frames
+are printed one after another without escape codes when ``TERM=dumb``, and
+colour is left out under ``NO_COLOR``. ``q`` quits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import select
+import shutil
+import sys
+import termios
+import time
+import tty
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from ._fleet import FanOutResult, Target, fan_out
+from ._stats import LatencyHistogram
+from .cli import (
+    EXIT_FAILED,
+    EXIT_OK,
+    UsageError,
+    failure_summary,
+    format_bytes,
+    format_count,
+    format_duration,
+    format_uptime,
+)
+
+__all__ = ["TopView", "run_top"]
+
+_QUIT_KEYS = frozenset("qQ")
+
+
+@dataclass
+class _Sample:
+    """What one worker reported at one refresh."""
+
+    at: float
+    requests: int
+    buckets: dict[int, int]
+
+
+@dataclass
+class WorkerRow:
+    """One line of the view: a worker's figures, with rates over the last interval."""
+
+    pid: int | None
+    socket: str
+    status: str
+    requests_per_s: float | None = None
+    requests: Any = None
+    in_flight: Any = None
+    errors_5xx: Any = None
+    exceptions: Any = None
+    p50_s: float | None = None
+    p99_s: float | None = None
+    loop_lag_s: Any = None
+    rss_bytes: Any = None
+    uptime_s: Any = None
+    interval_buckets: dict[int, int] | None = None
+
+
+def _buckets(snapshot: Mapping[str, Any]) -> dict[int, int]:
+    latency = snapshot.get("latency")
+    if not isinstance(latency, Mapping):
+        return {}
+    return {int(i): int(c) for i, c in latency.get("buckets", [])}
+
+
+def _quantile(buckets: Mapping[int, int], q: float) -> float | None:
+    hist = LatencyHistogram()
+    hist.buckets = dict(buckets)
+    hist.count = sum(buckets.values())
+    return hist.quantile(q)
+
+
+class TopView:
+    """Turns successive ``stats`` fan-outs into frames of text."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self._previous: dict[tuple[str, int | None], _Sample] = {}
+
+    def update(self, outcome: FanOutResult, now: float | None = None) -> list[WorkerRow]:
+        """Fold in a new fan-out; return one row per worker, with deltas since the last one."""
+        now = time.monotonic() if now is None else now
+        rows = []
+        seen: dict[tuple[str, int | None], _Sample] = {}
+        for r in sorted(outcome.results, key=lambda r: (r.pid or 0, r.socket)):
+            row = WorkerRow(r.pid, r.socket, r.status)
+            rows.append(row)
+            if not (r.ok and isinstance(r.payload, Mapping)):
+                continue
+            snap = r.payload
+            process = snap.get("process") if isinstance(snap.get("process"), Mapping) else {}
+            assert isinstance(process, Mapping)
+            by_status = snap.get("by_status") if isinstance(snap.get("by_status"), Mapping) else {}
+            assert isinstance(by_status, Mapping)
+            row.requests = snap.get("requests_total")
+            row.in_flight = snap.get("in_flight")
+            row.errors_5xx = by_status.get("5xx", 0)
+            row.exceptions = snap.get("exceptions_total")
+            row.loop_lag_s = process.get("loop_lag_s")
+            row.rss_bytes = process.get("rss_bytes")
+            row.uptime_s = snap.get("uptime_s")
+            requests = int(row.requests or 0)
+            sample = _Sample(now, requests, _buckets(snap))
+            key = (r.socket, r.pid)
+            seen[key] = sample
+            before = self._previous.get(key)
+            if before is None or requests < before.requests or now <= before.at:
+                continue  # first sight, or counters were reset: no interval figures yet
+            row.requests_per_s = (requests - before.requests) / (now - before.at)
+            delta = {
+                i: c - before.buckets.get(i, 0)
+                for i, c in sample.buckets.items()
+                if c > before.buckets.get(i, 0)
+            }
+            row.interval_buckets = delta
+            row.p50_s = _quantile(delta, 0.5)
+            row.p99_s = _quantile(delta, 0.99)
+        self._previous = seen
+        return rows
+
+    def frame(
+        self, outcome: FanOutResult, rows: list[WorkerRow], *, width: int, height: int, interval: float
+    ) -> list[str]:
+        """The lines of one screen, each at most ``width - 1`` columns, at most ``height`` lines."""
+        live = [r for r in rows if r.status == "success"]
+        total_rate = sum(r.requests_per_s for r in live if r.requests_per_s is not None)
+        have_rates = any(r.requests_per_s is not None for r in live)
+        merged: dict[int, int] = {}
+        for r in live:
+            for i, c in (r.interval_buckets or {}).items():
+                merged[i] = merged.get(i, 0) + c
+        clock = time.strftime("%H:%M:%S")
+        header = [
+            f"unixsock-asgi top  {self.label}  {clock}  every {interval:g}s  (q quits)",
+            f"workers {len(live)} live"
+            + (f", {len(rows) - len(live)} not answering" if len(rows) > len(live) else "")
+            + (f", {len(outcome.stale)} stale socket(s)" if outcome.stale else ""),
+            "",
+        ]
+        columns = f"{'PID':>7} {'REQ/S':>8} {'REQS':>9} {'INFL':>5} {'5XX':>6} {'EXC':>5}"
+        columns += f" {'P50':>7} {'P99':>7} {'LAG':>7} {'RSS':>7} {'UPTIME':>7}"
+        body = [columns]
+        room = max(1, height - len(header) - 3)  # column line, total line, overflow line
+        shown = rows if len(rows) <= room else rows[: room - 1]
+        for r in shown:
+            body.append(self._row_text(r))
+        if len(shown) < len(rows):
+            body.append(f"{'':>7} ... {len(rows) - len(shown)} more worker(s) not shown")
+
+        def _sum(attr: str) -> Any:
+            values = [getattr(r, attr) for r in live if isinstance(getattr(r, attr), (int, float))]
+            return sum(values) if values else None
+
+        lags = [r.loop_lag_s for r in live if isinstance(r.loop_lag_s, (int, float))]
+        total = WorkerRow(None, "", "success")
+        total.requests_per_s = total_rate if have_rates else None
+        total.requests = _sum("requests")
+        total.in_flight = _sum("in_flight")
+        total.errors_5xx = _sum("errors_5xx")
+        total.exceptions = _sum("exceptions")
+        total.p50_s = _quantile(merged, 0.5)
+        total.p99_s = _quantile(merged, 0.99)
+        total.loop_lag_s = max(lags) if lags else None
+        total.rss_bytes = _sum("rss_bytes")
+        body.append(self._row_text(total, label="TOTAL"))
+        limit = max(20, width - 1)
+        return [line[:limit] for line in header + body][: max(height, 1)]
+
+    @staticmethod
+    def _row_text(r: WorkerRow, label: str | None = None) -> str:
+        name = label or (str(r.pid) if r.pid is not None else os.path.basename(r.socket)[:7])
+        if r.status != "success":
+            return f"{name:>7} {r.status.upper():>8}"
+        rate = "-" if r.requests_per_s is None else f"{r.requests_per_s:.1f}"
+        return (
+            f"{name:>7} {rate:>8} {format_count(r.requests):>9} {format_count(r.in_flight):>5}"
+            f" {format_count(r.errors_5xx):>6} {format_count(r.exceptions):>5}"
+            f" {format_duration(r.p50_s):>7} {format_duration(r.p99_s):>7}"
+            f" {format_duration(r.loop_lag_s):>7} {format_bytes(r.rss_bytes):>7}"
+            f" {format_uptime(r.uptime_s):>7}"
+        )
+
+
+def _colour_allowed(stream: TextIO) -> bool:
+    return "NO_COLOR" not in os.environ and os.environ.get("TERM", "") != "dumb" and stream.isatty()
+
+
+def _decorate(lines: list[str], colour: bool) -> list[str]:
+    if not colour or not lines:
+        return lines
+    # Reverse video for the title and bold for the column names; nothing depends on colour.
+    out = list(lines)
+    out[0] = f"\x1b[7m{out[0]}\x1b[0m"
+    if len(out) > 3:
+        out[3] = f"\x1b[1m{out[3]}\x1b[0m"
+    return out
+
+
+async def _sample(target: Target, timeout: float) -> FanOutResult:
+    return await fan_out(target.sockets(), "stats", {}, timeout=timeout)
+
+
+def _label(target: Target) -> str:
+    return target.path if len(target.path) <= 40 else "..." + target.path[-37:]
+
+
+def run_top(target: Target, *, interval: float, once: bool, timeout: float) -> int:
+    """Run the live view until ``q`` (or print one frame with ``once`` or when not on a terminal)."""
+    out = sys.stdout
+    if once or not out.isatty():
+        return asyncio.run(_print_once(target, interval, timeout, out))
+    try:
+        asyncio.run(_live(target, interval, timeout, out))
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+async def _print_once(target: Target, interval: float, timeout: float, out: TextIO) -> int:
+    """Two samples ``interval`` apart (for rates), then one frame without escape codes."""
+    view = TopView(_label(target))
+    first = await _sample(target, timeout)
+    if not first.results:
+        raise UsageError(f"nothing to talk to: no live worker in {target.path}")
+    view.update(first)
+    await asyncio.sleep(interval)
+    outcome = await _sample(target, timeout)
+    rows = view.update(outcome)
+    size = shutil.get_terminal_size((80, 24))
+    for line in view.frame(outcome, rows, width=size.columns, height=max(size.lines, 24), interval=interval):
+        out.write(line + "\n")
+    out.flush()
+    if not outcome.results:
+        raise UsageError(f"nothing to talk to: no live worker in {target.path}")
+    if not outcome.all_ok:
+        print(f"unixsock-asgi: {failure_summary(outcome)}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+@contextlib.contextmanager
+def _keyboard(fd: int | None) -> Iterator[None]:
+    """Single keypresses without echo (cbreak), restored however the view ends."""
+    if fd is None:
+        yield
+        return
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setcbreak(fd)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+async def _live(target: Target, interval: float, timeout: float, out: TextIO) -> None:
+    fancy = os.environ.get("TERM", "") != "dumb"
+    colour = _colour_allowed(out)
+    stdin_fd: int | None = sys.stdin.fileno() if sys.stdin.isatty() else None
+    loop = asyncio.get_running_loop()
+    quit_requested = asyncio.Event()
+
+    def on_key() -> None:
+        assert stdin_fd is not None
+        ready, _, _ = select.select([stdin_fd], [], [], 0)
+        if not ready:
+            return
+        data = os.read(stdin_fd, 64)
+        if not data or any(chr(b) in _QUIT_KEYS for b in data):
+            quit_requested.set()
+
+    view = TopView(_label(target))
+    with _keyboard(stdin_fd):
+        if stdin_fd is not None:
+            loop.add_reader(stdin_fd, on_key)
+        if fancy:
+            out.write("\x1b[?1049h\x1b[?25l")  # alternate screen, hide the cursor
+        try:
+            while not quit_requested.is_set():
+                started = loop.time()
+                outcome = await _sample(target, timeout)
+                rows = view.update(outcome)
+                size = shutil.get_terminal_size((80, 24))
+                lines = view.frame(outcome, rows, width=size.columns, height=size.lines, interval=interval)
+                if fancy:
+                    out.write("\x1b[H" + "".join(f"{line}\x1b[K\r\n" for line in _decorate(lines, colour)))
+                    out.write("\x1b[J")
+                else:
+                    out.write("\n".join(lines) + "\n\n")
+                out.flush()
+                remaining = interval - (loop.time() - started)
+                with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                    await asyncio.wait_for(quit_requested.wait(), max(remaining, 0.05))
+        finally:
+            if stdin_fd is not None:
+                loop.remove_reader(stdin_fd)
+            if fancy:
+                out.write("\x1b[?25h\x1b[?1049l")  # show the cursor, leave the alternate screen
+                out.flush()

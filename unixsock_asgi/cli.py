@@ -1,0 +1,614 @@
+"""``unixsock-asgi``: talk to one worker's control socket, or to every worker in a directory.
+
+::
+
+    unixsock-asgi send TARGET CMD [key=value ...] [--json] [--timeout S] [--persist]
+    unixsock-asgi ls DIR [--json] [--remove-stale]
+    unixsock-asgi shell TARGET
+    unixsock-asgi top TARGET [--interval S] [--once]
+    unixsock-asgi metrics TARGET [--prefix P] [--output FILE]
+    unixsock-asgi overrides show DIR [--json]
+    unixsock-asgi overrides clear DIR
+
+TARGET is a socket file or a socket directory (every live worker in it).
+
+Exit status: 0 when every worker answered success; 1 when any answered
+failure, timed out or could not be reached; 2 for a usage error or when there
+is nothing to talk to (no such path, no live worker). Whenever the status is
+not 0, one line on stderr says what went wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NoReturn, TextIO
+
+from . import __version__
+from ._fleet import (
+    STATUS_ERROR,
+    FanOutResult,
+    OverrideError,
+    OverridesFileError,
+    Target,
+    TargetError,
+    WorkerResult,
+    aggregate,
+    clear_overrides,
+    fan_out,
+    override_key,
+    overrides_path,
+    persist_override,
+    read_overrides_document,
+    remove_stale_sockets,
+    render_prometheus,
+    resolve_target,
+)
+from ._protocol import _parse_value
+
+__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "UsageError", "main"]
+
+EXIT_OK = 0
+"""Every worker answered success."""
+EXIT_FAILED = 1
+"""A worker answered failure, timed out or could not be reached."""
+EXIT_USAGE = 2
+"""Bad command line, or nothing to talk to."""
+
+PROG = "unixsock-asgi"
+DEFAULT_TIMEOUT = 5.0
+
+
+class UsageError(Exception):
+    """A command line that cannot be run, or a target with nothing to talk to (exit status 2)."""
+
+
+class _Failed(Exception):
+    """Something went wrong after the command was sent (exit status 1)."""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def format_duration(seconds: Any) -> str:
+    """Latency for humans: ``850us``, ``12.3ms``, ``1.25s``; ``-`` when unknown."""
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        return "-"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f}us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.3g}ms"
+    return f"{seconds:.3g}s"
+
+
+def format_uptime(seconds: Any) -> str:
+    """Uptime for humans: ``42s``, ``7m03s``, ``2h05m``, ``3d04h``."""
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def format_bytes(n: Any) -> str:
+    """Sizes for humans, binary units: ``512K``, ``48.2M``, ``1.5G``."""
+    if not isinstance(n, (int, float)) or isinstance(n, bool):
+        return "-"
+    value = float(n)
+    for unit in ("B", "K", "M", "G"):
+        if value < 1024 or unit == "G":
+            return f"{value:.0f}{unit}" if unit in ("B", "K") else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value:.1f}T"  # pragma: no cover - the loop returns at G
+
+
+def format_count(n: Any) -> str:
+    """An integer, or ``-`` when unknown."""
+    if isinstance(n, bool) or not isinstance(n, (int, float)):
+        return "-"
+    return str(int(n))
+
+
+def format_args(args: Mapping[str, Any]) -> str:
+    """``key=value ...`` as it would be typed: plain words bare, anything else as JSON."""
+    parts = []
+    for key, value in args.items():
+        text = value if isinstance(value, str) and _parse_value(value) == value and " " not in value else None
+        parts.append(f"{key}={text if text is not None else json.dumps(value)}")
+    return " ".join(parts)
+
+
+def table(rows: Sequence[Sequence[str]], right_align_from: int = 1) -> list[str]:
+    """Rows of cells as aligned text; columns from ``right_align_from`` on are right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [
+            cell.rjust(widths[i]) if i >= right_align_from else cell.ljust(widths[i])
+            for i, cell in enumerate(row)
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def _status_count(snapshot: Mapping[str, Any], status_class: str) -> Any:
+    by_status = snapshot.get("by_status")
+    return by_status.get(status_class, 0) if isinstance(by_status, Mapping) else None
+
+
+def _worker_label(result: WorkerResult) -> str:
+    return str(result.pid) if result.pid is not None else os.path.basename(result.socket)
+
+
+def _stats_row(label: str, snap: Mapping[str, Any]) -> list[str]:
+    latency = snap.get("latency") if isinstance(snap.get("latency"), Mapping) else {}
+    process = snap.get("process") if isinstance(snap.get("process"), Mapping) else {}
+    assert isinstance(latency, Mapping) and isinstance(process, Mapping)
+    return [
+        label,
+        format_uptime(snap.get("uptime_s")),
+        format_count(snap.get("requests_total")),
+        format_count(snap.get("in_flight")),
+        format_count(_status_count(snap, "5xx")),
+        format_count(snap.get("exceptions_total")),
+        format_duration(latency.get("p50_s")),
+        format_duration(latency.get("p99_s")),
+        format_duration(process.get("loop_lag_s")),
+        format_bytes(process.get("rss_bytes")),
+    ]
+
+
+_STATS_HEADER = ["WORKER", "UPTIME", "REQUESTS", "IN-FLT", "5XX", "EXC", "P50", "P99", "LOOP-LAG", "RSS"]
+
+
+def render_stats(outcome: FanOutResult, total: Mapping[str, Any]) -> list[str]:
+    """The ``stats`` answers as a table: a row per worker, then the fleet total, then routes."""
+    rows = [_STATS_HEADER]
+    for r in sorted(outcome.results, key=lambda r: (r.pid or 0, r.socket)):
+        if r.ok and isinstance(r.payload, Mapping):
+            rows.append(_stats_row(_worker_label(r), r.payload))
+        else:
+            rows.append([_worker_label(r), r.status.upper(), *[""] * (len(_STATS_HEADER) - 2)])
+    rows.append(_stats_row(f"TOTAL({total.get('workers', 0)})", total))
+    lines = table(rows)
+    routes = total.get("routes")
+    if isinstance(routes, Mapping) and routes:
+        route_rows = [["ROUTE", "REQUESTS", "5XX", "EXC", "P50", "P99"]]
+        for template, figures in routes.items():
+            latency = figures.get("latency", {})
+            route_rows.append(
+                [
+                    str(template),
+                    format_count(figures.get("requests")),
+                    format_count(_status_count(figures, "5xx")),
+                    format_count(figures.get("exceptions")),
+                    format_duration(latency.get("p50_s")),
+                    format_duration(latency.get("p99_s")),
+                ]
+            )
+        lines += ["", *table(route_rows)]
+    return lines
+
+
+def render_help(payload: Any) -> list[str]:
+    """A worker's ``help`` payload as a command list with argument signatures."""
+    commands = payload.get("commands") if isinstance(payload, Mapping) else None
+    if not isinstance(commands, list):
+        return [json.dumps(payload, indent=2)]
+    rows = []
+    for command in commands:
+        if not isinstance(command, Mapping):
+            continue
+        params = []
+        for arg in command.get("args") or []:
+            text = f"{arg.get('name')}=<{arg.get('type', 'any')}>"
+            params.append(text if arg.get("required") else f"[{text}]")
+        flags = [f for f in ("readonly", "diagnostic") if command.get(f)]
+        doc = str(command.get("doc") or "").strip().splitlines()
+        rows.append(
+            (
+                f"{command.get('name')} {' '.join(params)}".rstrip(),
+                (doc[0] if doc else "") + (f" [{', '.join(flags)}]" if flags else ""),
+            )
+        )
+    width = max((len(sig) for sig, _ in rows), default=0)
+    return [f"{sig.ljust(width)}  {doc}".rstrip() for sig, doc in rows]
+
+
+def _payload_lines(payload: Any) -> list[str]:
+    if payload is None:
+        return []
+    if isinstance(payload, str):
+        return payload.splitlines() or [""]
+    return json.dumps(payload, indent=2, sort_keys=True, default=str).splitlines()
+
+
+def render_answers(cmd: str, outcome: FanOutResult, *, single_target: bool) -> list[str]:
+    """Human output of any command: identical answers are grouped, each group shown once."""
+    if cmd == "stats" and outcome.successes:
+        total = aggregate(cmd, outcome)
+        return render_stats(outcome, total)
+    groups: dict[str, list[WorkerResult]] = {}
+    for r in sorted(outcome.results, key=lambda r: (r.pid or 0, r.socket)):
+        key = json.dumps([r.status, r.error, r.payload], sort_keys=True, default=str)
+        groups.setdefault(key, []).append(r)
+    lines: list[str] = []
+    for members in groups.values():
+        first = members[0]
+        body = render_help(first.payload) if cmd == "help" and first.ok else _payload_lines(first.payload)
+        if not (single_target and len(outcome.results) == 1):
+            who = "worker" if len(members) == 1 else f"{len(members)} workers"
+            pids = " ".join(_worker_label(m) for m in members)
+            head = f"[{who} {pids}] {first.status}"
+            lines.append(f"{head}: {first.error}" if first.error else head)
+        elif first.error:
+            lines.append(f"{first.status}: {first.error}")
+        lines += body
+    return lines
+
+
+def failure_summary(outcome: FanOutResult) -> str:
+    """One line naming the workers that did not answer success, and why."""
+    bad = [r for r in outcome.results if not r.ok]
+    details = "; ".join(f"{os.path.basename(r.socket)}: {r.status}: {r.error or 'no message'}" for r in bad)
+    return f"{len(bad)} of {len(outcome.results)} workers did not succeed: {details}"
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def parse_command_args(pairs: Iterable[str]) -> dict[str, Any]:
+    """``key=value`` words as a dict; a value is a JSON literal if it parses, else a string."""
+    args: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"argument {pair!r} is not key=value")
+        args[key] = _parse_value(value)
+    return args
+
+
+def _resolve(path: str, *, directory_only: bool = False) -> Target:
+    try:
+        target = resolve_target(path)
+    except TargetError as exc:
+        raise UsageError(f"nothing to talk to: {exc}") from None
+    if directory_only and not target.is_directory:
+        raise UsageError(f"{path}: not a directory (this command works on a socket directory)")
+    return target
+
+
+def _run_fan_out(target: Target, cmd: str, args: Mapping[str, Any], timeout: float) -> FanOutResult:
+    sockets = target.sockets()
+    if not sockets:
+        raise UsageError(f"nothing to talk to: no worker sockets (*.sock) in {target.path}")
+    outcome = asyncio.run(fan_out(sockets, cmd, args, timeout=timeout))
+    if not outcome.results:
+        if target.is_directory:
+            raise UsageError(
+                f"nothing to talk to: {len(outcome.stale)} socket(s) in {target.path}, no live worker"
+            )
+        raise UsageError(f"nothing to talk to: nothing listens on {target.path} (its process is gone)")
+    return outcome
+
+
+def _write(lines: Iterable[str], out: TextIO) -> None:
+    for line in lines:
+        out.write(line + "\n")
+
+
+def _stale_note(outcome: FanOutResult) -> None:
+    if outcome.stale:
+        names = ", ".join(os.path.basename(p) for p in outcome.stale)
+        print(
+            f"note: skipped {len(outcome.stale)} stale socket(s) nothing listens on: {names}", file=sys.stderr
+        )
+
+
+def cmd_send(ns: argparse.Namespace) -> int:
+    """``send TARGET CMD [key=value ...]``: run one command on every worker at once."""
+    args = parse_command_args(ns.args)
+    target = _resolve(ns.target)
+    if ns.persist:
+        if not target.is_directory:
+            raise UsageError("--persist needs a socket directory target (the overrides file lives there)")
+        try:
+            override_key(ns.cmd, args)
+        except OverrideError as exc:
+            raise UsageError(f"--persist: {exc}") from None
+    outcome = _run_fan_out(target, ns.cmd, args, ns.timeout)
+    persisted = ""
+    if ns.persist:
+        persisted = _persist(target.path, ns.cmd, args, outcome)
+    if ns.json:
+        document: dict[str, Any] = {"results": [r.to_dict() for r in outcome.results]}
+        total = aggregate(ns.cmd, outcome)
+        if total is not None:
+            document["total"] = total
+        if outcome.stale:
+            document["stale"] = outcome.stale
+        if ns.persist:
+            document["persisted"] = persisted
+        print(json.dumps(document, indent=2, sort_keys=True, default=str))
+    else:
+        _write(render_answers(ns.cmd, outcome, single_target=not target.is_directory), sys.stdout)
+    _stale_note(outcome)
+    if persisted:
+        print(f"persisted to {persisted}: workers started later apply it", file=sys.stderr)
+    if not outcome.all_ok:
+        raise _Failed(failure_summary(outcome))
+    return EXIT_OK
+
+
+def _persist(directory: str, cmd: str, args: Mapping[str, Any], outcome: FanOutResult) -> str:
+    rejected = [r for r in outcome.results if r.status not in ("success", "timeout", STATUS_ERROR)]
+    if rejected:
+        # A worker that refuses the command means bad arguments: do not make them durable.
+        return ""
+    if not outcome.successes:
+        return ""
+    try:
+        persist_override(directory, cmd, args)
+    except (OverridesFileError, OSError) as exc:
+        raise _Failed(f"applied, but not persisted: {exc}") from None
+    return overrides_path(directory)
+
+
+def cmd_ls(ns: argparse.Namespace) -> int:
+    """``ls DIR``: every worker socket with pid, uptime, requests and in-flight; stale ones flagged."""
+    target = _resolve(ns.target)
+    sockets = target.sockets()
+    if not sockets:
+        raise UsageError(f"nothing to talk to: no worker sockets (*.sock) in {target.path}")
+    outcome = asyncio.run(fan_out(sockets, "stats", {}, timeout=ns.timeout))
+    removed = remove_stale_sockets(target.path) if ns.remove_stale and target.is_directory else []
+    if ns.json:
+        workers = []
+        for r in outcome.results:
+            snap = r.payload if r.ok and isinstance(r.payload, Mapping) else {}
+            workers.append(
+                {
+                    "socket": r.socket,
+                    "pid": r.pid,
+                    "state": "live" if r.ok else r.status,
+                    "error": r.error,
+                    "uptime_s": snap.get("uptime_s"),
+                    "requests_total": snap.get("requests_total"),
+                    "in_flight": snap.get("in_flight"),
+                }
+            )
+        document = {"workers": workers, "stale": outcome.stale, "removed": removed}
+        print(json.dumps(document, indent=2, sort_keys=True))
+    else:
+        rows = [["SOCKET", "PID", "UPTIME", "REQUESTS", "IN-FLT", "STATE"]]
+        for r in sorted(outcome.results, key=lambda r: os.path.basename(r.socket)):
+            snap = r.payload if r.ok and isinstance(r.payload, Mapping) else {}
+            state = "live" if r.ok else f"{r.status.upper()}: {r.error}"
+            rows.append(
+                [
+                    os.path.basename(r.socket),
+                    format_count(r.pid),
+                    format_uptime(snap.get("uptime_s")),
+                    format_count(snap.get("requests_total")),
+                    format_count(snap.get("in_flight")),
+                    state,
+                ]
+            )
+        for path in outcome.stale:
+            state = "STALE: removed" if path in removed else "STALE: nothing listens (process gone)"
+            rows.append([os.path.basename(path), "-", "-", "-", "-", state])
+        lines = table(rows)
+        # STATE is free text: left-align it after the numeric columns.
+        _write(lines, sys.stdout)
+    if not outcome.results:
+        raise UsageError(f"nothing to talk to: no live worker in {target.path}")
+    if not outcome.all_ok:
+        raise _Failed(failure_summary(outcome))
+    return EXIT_OK
+
+
+def cmd_metrics(ns: argparse.Namespace) -> int:
+    """``metrics TARGET``: the fleet's stats in the Prometheus text format, on stdout or to a file."""
+    target = _resolve(ns.target)
+    outcome = _run_fan_out(target, "stats", {}, ns.timeout)
+    text = render_prometheus(outcome, prefix=ns.prefix)
+    if ns.output:
+        _write_atomically(ns.output, text)
+    else:
+        sys.stdout.write(text)
+    if not outcome.all_ok:
+        raise _Failed(failure_summary(outcome))
+    return EXIT_OK
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Write a file the way node_exporter's textfile collector needs: never half-written."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp_path = tempfile.mkstemp(prefix=".metrics.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            os.fchmod(fh.fileno(), 0o644)
+            fh.write(text)
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_path)
+        raise
+
+
+def cmd_overrides(ns: argparse.Namespace) -> int:
+    """``overrides show DIR`` / ``overrides clear DIR``."""
+    target = _resolve(ns.directory, directory_only=True)
+    if ns.action == "clear":
+        count = clear_overrides(target.path)
+        print(f"cleared {count} override(s) in {target.path}; running workers keep their current state")
+        return EXIT_OK
+    try:
+        document = read_overrides_document(target.path)
+    except OverridesFileError as exc:
+        raise _Failed(str(exc)) from None
+    if ns.json:
+        print(json.dumps(document, indent=2, sort_keys=True))
+        return EXIT_OK
+    entries = document["overrides"]
+    if not entries:
+        print(f"no overrides in {target.path}: workers start with their configured defaults")
+        return EXIT_OK
+    print(f"{len(entries)} override(s) in {overrides_path(target.path)}, applied in this order at startup:")
+    for i, entry in enumerate(entries, 1):
+        args = entry.get("args") if isinstance(entry, Mapping) else None
+        cmd = entry.get("cmd") if isinstance(entry, Mapping) else entry
+        print(f"{i:3d}. {cmd} {format_args(args) if isinstance(args, Mapping) else ''}".rstrip())
+    return EXIT_OK
+
+
+def cmd_shell(ns: argparse.Namespace) -> int:
+    """``shell TARGET``: an interactive prompt with history and completion."""
+    from ._shell import run_shell
+
+    return run_shell(_resolve(ns.target), timeout=ns.timeout, history_file=ns.history_file)
+
+
+def cmd_top(ns: argparse.Namespace) -> int:
+    """``top TARGET``: a live view of every worker."""
+    from ._top import run_top
+
+    if ns.interval <= 0:
+        raise UsageError("--interval must be positive")
+    return run_top(_resolve(ns.target), interval=ns.interval, once=ns.once, timeout=ns.timeout)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``unixsock-asgi``."""
+    parser = _ArgumentParser(
+        prog=PROG,
+        description="Talk to the control sockets of running ASGI workers: one socket or a directory of them.",
+        epilog="Exit status: 0 all workers succeeded, 1 a worker failed or did not answer, "
+        "2 usage error or nothing to talk to.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+    sub.required = True
+
+    def with_timeout(p: argparse.ArgumentParser, default: float = DEFAULT_TIMEOUT) -> None:
+        p.add_argument(
+            "--timeout",
+            type=float,
+            default=default,
+            metavar="S",
+            help=f"seconds to wait for each worker (default {default:g})",
+        )
+
+    p = sub.add_parser("send", help="run a command on one worker or on every worker in a directory")
+    p.add_argument("target", metavar="TARGET", help="socket file or socket directory")
+    p.add_argument("cmd", metavar="CMD", help="command name (try 'help')")
+    p.add_argument("args", nargs="*", metavar="key=value", help="arguments; values are JSON if they parse")
+    p.add_argument("--json", action="store_true", help="print one JSON object with every result")
+    p.add_argument(
+        "--persist",
+        action="store_true",
+        help="also record the change in DIR/overrides.json so that workers started later apply it",
+    )
+    with_timeout(p)
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("ls", help="list the workers of a socket directory")
+    p.add_argument("target", metavar="DIR", help="socket directory (or one socket file)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--remove-stale", action="store_true", help="remove the stale sockets listed")
+    with_timeout(p)
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("shell", help="interactive prompt with history and completion")
+    p.add_argument("target", metavar="TARGET", help="socket file or socket directory")
+    p.add_argument(
+        "--history-file",
+        default=os.path.join(os.path.expanduser("~"), ".unixsock_asgi_history"),
+        metavar="FILE",
+        help="readline history file (default ~/.unixsock_asgi_history; '' for none)",
+    )
+    with_timeout(p)
+    p.set_defaults(func=cmd_shell)
+
+    p = sub.add_parser("top", help="live view of every worker (q quits)")
+    p.add_argument("target", metavar="TARGET", help="socket file or socket directory")
+    p.add_argument("--interval", type=float, default=2.0, metavar="S", help="seconds between refreshes")
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help="print one frame and exit (implied when stdout is not a terminal)",
+    )
+    with_timeout(p, 2.0)
+    p.set_defaults(func=cmd_top)
+
+    p = sub.add_parser("metrics", help="fleet stats in the Prometheus text format")
+    p.add_argument("target", metavar="TARGET", help="socket file or socket directory")
+    p.add_argument("--prefix", default="asgi", help="metric name prefix (default asgi)")
+    p.add_argument(
+        "--output", metavar="FILE", help="write atomically to FILE (for node_exporter's textfile collector)"
+    )
+    with_timeout(p)
+    p.set_defaults(func=cmd_metrics)
+
+    p = sub.add_parser("overrides", help="show or clear the durable overrides of a socket directory")
+    p.add_argument("action", choices=["show", "clear"])
+    p.add_argument("directory", metavar="DIR")
+    p.add_argument("--json", action="store_true", help="print the overrides file as JSON (show)")
+    p.set_defaults(func=cmd_overrides)
+    return parser
+
+
+def _split_send_options(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    # ``send DIR set x=1 --json y=2``: argparse stops filling ``args`` at the
+    # first option, so key=value words after an option come back as extras.
+    ns, extras = parser.parse_known_args(argv)
+    if extras:
+        if getattr(ns, "command", None) == "send" and all("=" in w and not w.startswith("-") for w in extras):
+            ns.args = [*ns.args, *extras]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return ns
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (0, 1 or 2)."""
+    parser = build_parser()
+    try:
+        ns = _split_send_options(parser, list(sys.argv[1:] if argv is None else argv))
+        status: int = ns.func(ns)
+        return status
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except _Failed as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # ``unixsock-asgi ... | head``: the reader left; that is not an error of ours.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
