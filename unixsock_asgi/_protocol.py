@@ -4,9 +4,13 @@ Two framings share one socket and are chosen per connection by its first byte:
 
 * **frame mode** (byte-compatible with the Go library ``unixsock``): a 4-byte
   big-endian length ``N``, one ``:`` byte, then ``N`` bytes of UTF-8 JSON.
-  Lengths are capped at 16 MiB, so a frame always begins with ``0x00``.
-* **line mode** (for ``socat``/``nc -U``): any other first byte. Each line is a
-  JSON request object or ``cmd key=value ...``; each reply is one JSON line.
+  Lengths are capped at 16 MiB, so a valid frame always begins with ``0x00``.
+* **line mode** (for ``socat``/``nc -U``): a first byte that can begin a line
+  of text (printable ASCII, whitespace, a UTF-8 lead byte). Each line is a JSON
+  request object or ``cmd key=value ...``; each reply is one JSON line.
+
+Any other first byte is taken as a frame header, so that an oversized length
+(``0xFFFFFF00``, say) is refused at once rather than read as a line.
 
 Nothing here touches a socket, a clock or a thread, so that the parser can be
 unit-tested and fuzzed on its own (as h11 does for HTTP/1.1).
@@ -17,7 +21,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 __all__ = [
     "HARD_MAX_MESSAGE_SIZE",
@@ -50,6 +54,10 @@ _HEADER_SIZE = _HEADER.size + 1  # length + b":"
 Mode = Literal["frame", "line"]
 
 _QUIT_WORDS = frozenset({"quit", "exit"})
+
+# First bytes that can begin a line of text: printable ASCII, whitespace and
+# the bytes that lead a multi-byte UTF-8 character.
+_LINE_START = frozenset([0x09, 0x0A, 0x0D, *range(0x20, 0x7F), *range(0xC2, 0xF5)])
 
 
 @dataclass
@@ -136,7 +144,15 @@ class Close:
     """The peer asked to end the conversation (``quit``) or sent EOF cleanly."""
 
 
-Event = Union[Request, ProtocolViolation, Close]
+Event = Request | ProtocolViolation | Close
+
+
+def _loads(text: bytes | str) -> Any:
+    """``json.loads`` that reports nesting too deep to parse as a ValueError, not RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def encode_frame(obj: Any) -> bytes:
@@ -176,8 +192,8 @@ def decode_response(body: bytes | str) -> tuple[Response, Any]:
     replies (the response object itself). Raises ``ValueError`` on anything else.
     """
     try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        obj = _loads(body)
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError
         raise ValueError(f"reply is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise ValueError(f"reply must be a JSON object, got {type(obj).__name__}")
@@ -232,7 +248,7 @@ def _json_type(value: Any) -> str:
 
 def _parse_value(text: str) -> Any:
     try:
-        return json.loads(text)
+        return _loads(text)
     except ValueError:
         return text
 
@@ -248,7 +264,7 @@ def parse_line(line: str) -> Request | ProtocolViolation | Close:
     text = line.strip()
     if text.startswith("{"):
         try:
-            obj = json.loads(text)
+            obj = _loads(text)
         except ValueError as exc:
             return ProtocolViolation(f"invalid JSON: {exc}")
         if isinstance(obj, dict):
@@ -341,7 +357,7 @@ class ConnectionProtocol:
             if not data:
                 self._closed = True
                 return [Close()]
-            self.mode = "frame" if data[0] == 0 else "line"
+            self.mode = "line" if data[0] in _LINE_START else "frame"
         if self.mode == "frame":
             return self._receive_frames(data)
         return self._receive_lines(data)
@@ -357,9 +373,7 @@ class ConnectionProtocol:
             if buf or self._expect >= 0:
                 have = len(buf)
                 if self._expect >= 0:
-                    return self._fatal(
-                        f"connection closed mid-frame: got {have} of {self._expect} bytes"
-                    )
+                    return self._fatal(f"connection closed mid-frame: got {have} of {self._expect} bytes")
                 return self._fatal(f"connection closed mid-header: got {have} of {_HEADER_SIZE} bytes")
             self._closed = True
             return [Close()]
@@ -380,8 +394,8 @@ class ConnectionProtocol:
             del buf[: self._expect]
             self._expect = -1
             try:
-                obj = json.loads(body)
-            except (ValueError, UnicodeDecodeError) as exc:
+                obj = _loads(body)
+            except ValueError as exc:  # UnicodeDecodeError is a ValueError
                 events.append(ProtocolViolation(f"invalid JSON: {exc}"))
                 continue
             events.append(_request_from_obj(obj))

@@ -1,0 +1,113 @@
+"""Fixtures for the core tests: real servers on real UNIX sockets in temporary directories.
+
+Every server or socket a test opens through these fixtures is closed in a
+``finally`` when the test ends, whether it passed or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from unixsock_asgi import RequestContext, Response, UnixSockServer
+
+ServerFactory = Callable[..., UnixSockServer]
+RawConnector = Callable[..., socket.socket]
+
+_serials = itertools.count(1)
+_connection_serials: weakref.WeakKeyDictionary[asyncio.Task[Any], int] = weakref.WeakKeyDictionary()
+
+
+def connection_serial() -> int:
+    """A number unique to the connection whose task is running (async handlers only).
+
+    Async handlers run inside the connection's own task on the server loop, so
+    the task identifies the connection; the weak map forgets closed ones.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    serial = _connection_serials.get(task)
+    if serial is None:
+        serial = _connection_serials[task] = next(_serials)
+    return serial
+
+
+async def default_handler(cmd: str, args: dict[str, Any], ctx: RequestContext) -> Any:
+    """The handler most tests use: a handful of commands that exercise the server."""
+    if cmd == "echo":
+        return args
+    if cmd == "ping":
+        return "pong"
+    if cmd == "sleep":
+        await asyncio.sleep(float(args["seconds"]))
+        return "slept"
+    if cmd == "conn":
+        return connection_serial()
+    if cmd == "peer":
+        return {"pid": ctx.peer.pid, "uid": ctx.peer.uid, "gid": ctx.peer.gid, "mode": ctx.mode}
+    if cmd == "fail":
+        return Response.failure(str(args.get("message", "asked to fail")))
+    if cmd == "raise":
+        raise RuntimeError(str(args.get("message", "boom")))
+    return Response.failure(f"unknown command {cmd!r}")
+
+
+@pytest.fixture
+def sock_path(tmp_path: Path) -> str:
+    """A free socket path inside this test's temporary directory."""
+    return str(tmp_path / "ctl.sock")
+
+
+@pytest.fixture
+def start_server(sock_path: str) -> Iterator[ServerFactory]:
+    """Start servers (``start_server(handler, path=..., **options)``); all are stopped afterwards."""
+    servers: list[UnixSockServer] = []
+
+    def start(handler: Any = default_handler, *, path: str | None = None, **options: Any) -> UnixSockServer:
+        server = UnixSockServer(path or sock_path, handler, **options)
+        servers.append(server)
+        return server.start()
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()
+        for server in servers:
+            assert not server.running, "a server thread outlived stop()"
+
+
+@pytest.fixture
+def connect_raw() -> Iterator[RawConnector]:
+    """Open raw AF_UNIX stream sockets (``connect_raw(path, timeout=5.0)``); all are closed afterwards."""
+    opened: list[socket.socket] = []
+
+    def connect(path: str, timeout: float = 5.0) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        opened.append(sock)
+        sock.settimeout(timeout)
+        sock.connect(path)
+        return sock
+
+    try:
+        yield connect
+    finally:
+        for sock in opened:
+            sock.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_server_threads() -> Iterator[None]:
+    """Fail a test that leaves a server loop thread of its own running."""
+    before = set(threading.enumerate())
+    yield
+    leaked = [t for t in threading.enumerate() if t not in before and t.name == "unixsock-server"]
+    assert not leaked, f"server threads still running: {leaked}"
