@@ -33,7 +33,7 @@ def _connect_error(path: str, exc: OSError) -> ConnectError:
         hint = "nothing is listening (a stale socket left by a process that is gone?)"
     elif isinstance(exc, PermissionError):
         hint = "permission denied; check the socket's owner, group and mode"
-    elif exc.errno == errno.ENOTSOCK or exc.errno == errno.ECONNREFUSED:
+    elif exc.errno in (errno.ENOTSOCK, errno.ECONNREFUSED):
         hint = "that path is not a listening socket"
     else:
         hint = exc.strerror or str(exc)
@@ -139,14 +139,17 @@ class Client(_BaseClient):
         sock = self._sock
         if sock is None:
             return None
+        # Reuse a kept connection only if nothing waits on it: EOF means the
+        # server closed it (its idle timeout, say); stray bytes mean it is out
+        # of step. The peek must not block, and a socket with a timeout polls
+        # before every recv (MSG_DONTWAIT or not), so make it non-blocking.
+        sock.settimeout(0)
         try:
-            peeked = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            sock.recv(1, socket.MSG_PEEK)
         except BlockingIOError:
-            return sock  # open, and nothing unexpected waiting
+            return sock
         except OSError:
-            peeked = b""
-        # EOF (the server closed it) or stray bytes: start afresh.
-        del peeked
+            pass
         self.close()
         return None
 
@@ -175,12 +178,7 @@ class Client(_BaseClient):
                 sock.sendall(frame)
             if not respond:
                 return None
-            deadline = time.monotonic() + self.timeout
-            length = self._header_length(self._recv_exact(sock, _HEADER_SIZE, deadline))
-            body = self._recv_exact(sock, length, deadline)
-            if len(body) < length:
-                raise ProtocolError(f"{self.path}: connection closed mid-reply ({len(body)} of {length} bytes)")
-            return self._decode(body)
+            return self._read_reply(sock)
         except TimeoutError:
             self.close()
             raise self._timeout_error() from None
@@ -194,19 +192,38 @@ class Client(_BaseClient):
             if close:
                 self.close()
 
+    def _read_reply(self, sock: socket.socket) -> Response:
+        # Usually the whole reply arrives in the first recv; read it in one go
+        # rather than header then body, and reset the timeout only when waiting again.
+        deadline = time.monotonic() + self.timeout
+        buf = bytearray()
+        self._recv_until(sock, buf, _HEADER_SIZE, 1 << 16, deadline)
+        length = self._header_length(bytes(buf[:_HEADER_SIZE]))
+        end = _HEADER_SIZE + length
+        self._recv_until(sock, buf, end, 0, deadline)
+        if len(buf) < end:
+            raise ProtocolError(
+                f"{self.path}: connection closed mid-reply ({len(buf) - _HEADER_SIZE} of {length} bytes)"
+            )
+        if len(buf) > end:
+            self.close()  # bytes beyond the reply: the connection is out of step
+        return self._decode(bytes(buf[_HEADER_SIZE:end]))
+
     @staticmethod
-    def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
-        chunks = bytearray()
-        while len(chunks) < n:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError
-            sock.settimeout(remaining)
-            chunk = sock.recv(min(n - len(chunks), 1 << 20))
+    def _recv_until(sock: socket.socket, buf: bytearray, n: int, read_ahead: int, deadline: float) -> None:
+        """Receive into ``buf`` until it holds ``n`` bytes or EOF; raise TimeoutError at the deadline."""
+        first = True
+        while len(buf) < n:
+            if not first:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                sock.settimeout(remaining)
+            first = False
+            chunk = sock.recv(max(n - len(buf), read_ahead))
             if not chunk:
-                break
-            chunks += chunk
-        return bytes(chunks)
+                return
+            buf += chunk
 
     def close(self) -> None:
         """Close the connection, if one is open."""
