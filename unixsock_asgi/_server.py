@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Union
+from typing import Any
 
 from . import _compat
 from ._protocol import (
@@ -40,10 +40,7 @@ __all__ = ["Handler", "RequestContext", "ServerConfig", "UnixSockServer"]
 logger = logging.getLogger("unixsock_asgi.server")
 audit_logger = logging.getLogger("unixsock_asgi.audit")
 
-Handler = Union[
-    Callable[[str, dict[str, Any]], Any],
-    Callable[[str, dict[str, Any], "RequestContext"], Any],
-]
+Handler = Callable[[str, dict[str, Any]], Any] | Callable[[str, dict[str, Any], "RequestContext"], Any]
 """``handler(cmd, args)`` or ``handler(cmd, args, ctx)``, sync or async."""
 
 
@@ -271,12 +268,7 @@ class UnixSockServer:
 
     def _allowed(self, peer: PeerCredentials) -> bool:
         cfg = self.config
-        return (
-            peer.uid == self._uid
-            or peer.uid == 0
-            or peer.uid in cfg.allowed_uids
-            or peer.gid in cfg.allowed_gids
-        )
+        return peer.uid in (self._uid, 0) or peer.uid in cfg.allowed_uids or peer.gid in cfg.allowed_gids
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -374,7 +366,7 @@ class UnixSockServer:
     def _encode(self, proto: ConnectionProtocol, request: Request, response: Response) -> bytes:
         try:
             return proto.encode_reply(request, response)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             return proto.encode_reply(request, Response.failure(f"reply could not be encoded: {exc}"))
 
     async def dispatch(self, request: Request, ctx: RequestContext) -> Response:
@@ -387,10 +379,9 @@ class UnixSockServer:
             response = Response.failure(
                 f"handler for {request.cmd!r} timed out after {self.config.handler_timeout:g}s"
             )
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # SystemExit in a handler must not end the server
-            logger.debug("handler for %r raised", request.cmd, exc_info=True)
+        except _HandlerRaised as raised:
+            exc = raised.exc
+            logger.debug("handler for %r raised", request.cmd, exc_info=exc)
             response = Response.failure(_describe(exc))
         if audit_logger.isEnabledFor(logging.INFO):
             audit_logger.info(
@@ -409,17 +400,33 @@ class UnixSockServer:
             (request.cmd, request.args, ctx) if self._handler_ctx else (request.cmd, request.args)
         )
         async with _compat.timeout(self.config.handler_timeout):
-            if self._handler_async:
-                return await handler(*args)
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    self.config.handler_threads, thread_name_prefix="unixsock-handler"
-                )
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self._pool, lambda: handler(*args))
-            if inspect.isawaitable(result):
-                return await _await(result)
-            return result
+            # Inside the timeout, whatever the handler raises (a TimeoutError of
+            # its own included) is wrapped, so that a bare TimeoutError leaving
+            # this block always means the handler timeout expired.
+            try:
+                if self._handler_async:
+                    return await handler(*args)
+                if self._pool is None:
+                    self._pool = concurrent.futures.ThreadPoolExecutor(
+                        self.config.handler_threads, thread_name_prefix="unixsock-handler"
+                    )
+                loop = asyncio.get_running_loop()
+                result = await loop.run_in_executor(self._pool, lambda: handler(*args))
+                if inspect.isawaitable(result):
+                    return await _await(result)
+                return result
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # SystemExit in a handler must not end the server
+                raise _HandlerRaised(exc) from None
+
+
+class _HandlerRaised(Exception):
+    """Carries an exception raised by a handler out of the handler timeout block."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(exc)
+        self.exc = exc
 
 
 async def _await(awaitable: Awaitable[Any]) -> Any:

@@ -1,0 +1,916 @@
+"""UnixSockServer over real UNIX sockets: concurrency, framing, bad input, limits, binding, handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import stat
+import struct
+import tempfile
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from unixsock_asgi import (
+    BindError,
+    Client,
+    RequestContext,
+    ServerConfig,
+    UnixSockServer,
+)
+from unixsock_asgi._protocol import encode_frame
+
+pytestmark = pytest.mark.timeout(30)
+
+# The shapes of the conftest fixtures ``start_server`` and ``connect_raw``.
+ServerFactory = Callable[..., UnixSockServer]
+RawConnector = Callable[..., socket.socket]
+
+NOBODY = 65534
+
+
+# -- raw wire helpers ------------------------------------------------------
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise AssertionError(f"EOF after {len(data)} of {n} bytes")
+        data += chunk
+    return bytes(data)
+
+
+def recv_frame(sock: socket.socket) -> dict[str, Any]:
+    header = recv_exact(sock, 5)
+    assert header[4:5] == b":", header
+    (length,) = struct.unpack(">I", header[:4])
+    obj = json.loads(recv_exact(sock, length))
+    assert isinstance(obj, dict)
+    return obj
+
+
+def recv_response(sock: socket.socket) -> dict[str, Any]:
+    """The ``response`` object of the next frame reply."""
+    response = recv_frame(sock)["response"]
+    assert isinstance(response, dict)
+    return response
+
+
+def recv_line(sock: socket.socket) -> dict[str, Any]:
+    data = bytearray()
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            raise AssertionError(f"EOF inside a line: {bytes(data)!r}")
+        data += chunk
+    obj = json.loads(data)
+    assert isinstance(obj, dict)
+    return obj
+
+
+def assert_eof(sock: socket.socket) -> None:
+    """The server closed the connection without sending anything more (times out otherwise)."""
+    assert sock.recv(1) == b""
+
+
+def send_frame(sock: socket.socket, obj: Any) -> None:
+    sock.sendall(encode_frame(obj))
+
+
+def header(length: int) -> bytes:
+    return struct.pack(">I", length) + b":"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
+
+
+def ping_ok(path: str) -> bool:
+    response = Client(path, timeout=5).send("ping")
+    return response is not None and response.ok and response.payload == "pong"
+
+
+@pytest.fixture
+def server_errors(caplog: pytest.LogCaptureFixture) -> Iterator[list[logging.LogRecord]]:
+    """Records at ERROR or above from the server logger (there should be none)."""
+    caplog.set_level(logging.DEBUG, logger="unixsock_asgi.server")
+    records: list[logging.LogRecord] = []
+    yield records
+    records.extend(
+        r for r in caplog.records if r.name == "unixsock_asgi.server" and r.levelno >= logging.ERROR
+    )
+    assert not records, [r.getMessage() for r in records]
+
+
+# -- concurrency and persistent connections --------------------------------
+
+
+def test_hundred_concurrent_clients_each_get_their_own_answer(start_server: ServerFactory) -> None:
+    n = 100
+    arrived = 0
+    gate: asyncio.Event | None = None
+
+    async def handler(cmd: str, args: dict[str, Any]) -> Any:
+        # Hold every reply until all 100 requests are in, so they truly overlap.
+        nonlocal arrived, gate
+        if gate is None:
+            gate = asyncio.Event()
+        arrived += 1
+        if arrived == n:
+            gate.set()
+        await asyncio.wait_for(gate.wait(), 20)
+        return {"value": args["value"], "cmd": cmd}
+
+    server = start_server(handler, max_connections=n)
+    results: dict[int, Any] = {}
+    errors: list[BaseException] = []
+
+    def call(i: int) -> None:
+        try:
+            response = Client(server.path, timeout=25).send("echo", {"value": f"v{i}"})
+            assert response is not None
+            results[i] = response.payload
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(28)
+    assert not errors, errors[:3]
+    assert results == {i: {"value": f"v{i}", "cmd": "echo"} for i in range(n)}
+
+
+def test_hundred_concurrent_async_clients(start_server: ServerFactory) -> None:
+    from unixsock_asgi import AsyncClient
+
+    server = start_server(max_connections=128)
+
+    async def one(i: int) -> list[Any]:
+        async with AsyncClient(server.path, close=False) as client:
+            out = []
+            for j in range(3):
+                response = await client.send("echo", {"i": i, "j": j})
+                assert response is not None
+                out.append(response.payload)
+            return out
+
+    async def main() -> list[list[Any]]:
+        return await asyncio.gather(*(one(i) for i in range(100)))
+
+    results = asyncio.run(main())
+    assert results == [[{"i": i, "j": j} for j in range(3)] for i in range(100)]
+
+
+def test_many_requests_on_one_persistent_connection(start_server: ServerFactory) -> None:
+    server = start_server()
+    with Client(server.path, close=False) as client:
+        serials = set()
+        for i in range(200):
+            response = client.send("echo", {"i": i})
+            assert response is not None
+            assert response.payload == {"i": i}
+            conn = client.send("conn")
+            assert conn is not None
+            serials.add(conn.payload)
+    assert len(serials) == 1
+
+
+def test_pipelined_requests_are_answered_in_order(
+    start_server: ServerFactory, connect_raw: RawConnector
+) -> None:
+    server = start_server()
+    sock = connect_raw(server.path)
+    sock.sendall(b"".join(encode_frame({"cmd": "echo", "args": {"i": i}, "close": False}) for i in range(20)))
+    assert [recv_response(sock)["payload"] for _ in range(20)] == [{"i": i} for i in range(20)]
+    send_frame(sock, {"cmd": "ping"})
+    assert recv_response(sock)["payload"] == "pong"
+    assert_eof(sock)
+
+
+# -- respond / close -------------------------------------------------------
+
+
+@pytest.mark.parametrize("respond", [True, False])
+@pytest.mark.parametrize("close", [True, False])
+def test_respond_and_close_flags(
+    start_server: ServerFactory, connect_raw: RawConnector, respond: bool, close: bool
+) -> None:
+    server = start_server()
+    sock = connect_raw(server.path)
+    send_frame(sock, {"cmd": "echo", "args": {"first": 1}, "respond": respond, "close": close})
+    if respond:
+        reply = recv_frame(sock)
+        assert reply["cmd"] == "echo"
+        assert reply["response"] == {"status": "success", "error": "", "payload": {"first": 1}}
+    if close:
+        assert_eof(sock)
+        return
+    # Still open: the next reply is the second request's, so the first sent nothing more.
+    send_frame(sock, {"cmd": "echo", "args": {"second": 2}, "respond": True, "close": True})
+    assert recv_response(sock)["payload"] == {"second": 2}
+    assert_eof(sock)
+
+
+# -- line mode -------------------------------------------------------------
+
+
+def test_line_mode_through_a_raw_socket(start_server: ServerFactory, connect_raw: RawConnector) -> None:
+    server = start_server()
+    sock = connect_raw(server.path)
+    sock.sendall(b"ping\n")
+    assert recv_line(sock) == {"status": "success", "error": "", "payload": "pong"}
+    sock.sendall(b'echo n=5 flag=true name="two words" xs=[1, 2] level=debug\n')
+    assert recv_line(sock)["payload"] == {
+        "n": 5,
+        "flag": True,
+        "name": "two words",
+        "xs": [1, 2],
+        "level": "debug",
+    }
+    sock.sendall(b'{"cmd": "echo", "args": {"a": 1}, "id": "req-1"}\n')
+    assert recv_line(sock) == {"status": "success", "error": "", "payload": {"a": 1}, "id": "req-1"}
+    sock.sendall(b"peer\n")
+    peer = recv_line(sock)["payload"]
+    assert (peer["pid"], peer["uid"], peer["mode"]) == (os.getpid(), os.getuid(), "line")
+    sock.sendall(b"echo oops\n")
+    bad = recv_line(sock)
+    assert bad["status"] == "failure"
+    assert bad["error"] == "argument 'oops' is not key=value"
+    sock.sendall(b"fail message=nope\n")
+    assert recv_line(sock) == {"status": "failure", "error": "nope", "payload": None}
+    sock.sendall(b"quit\n")
+    assert_eof(sock)
+
+
+def test_line_mode_json_line_with_close_true(start_server: ServerFactory, connect_raw: RawConnector) -> None:
+    server = start_server()
+    sock = connect_raw(server.path)
+    sock.sendall(b'{"cmd": "ping", "close": true}\n')
+    assert recv_line(sock)["payload"] == "pong"
+    assert_eof(sock)
+
+
+# -- bad input -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{not json", "invalid JSON"),
+        (b'{"cmd": "\xff"}', "invalid JSON"),
+        (b'{"args": {}}', "request has no 'cmd'"),
+        (b'{"cmd": 12}', "'cmd' must be a string, got number"),
+        (b'{"cmd": "echo", "args": [1, 2]}', "'args' must be a JSON object, got array"),
+        (b'{"cmd": "echo", "close": "no"}', "'close' must be true or false, got string"),
+        (b"[" * 50_000, "nested too deeply"),
+    ],
+)
+def test_bad_frames_get_a_failure_and_the_server_keeps_serving(
+    start_server: ServerFactory,
+    connect_raw: RawConnector,
+    server_errors: list[logging.LogRecord],
+    body: bytes,
+    message: str,
+) -> None:
+    server = start_server()
+    sock = connect_raw(server.path)
+    sock.sendall(header(len(body)) + body)
+    response = recv_response(sock)
+    assert response["status"] == "failure"
+    assert message in response["error"]
+    # Not fatal: the same connection still works, and so does a fresh client.
+    send_frame(sock, {"cmd": "ping"})
+    assert recv_response(sock)["payload"] == "pong"
+    assert ping_ok(server.path)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (b'{"cmd": \n', "invalid JSON"),
+        (b'{"cmd": 12}\n', "'cmd' must be a string, got number"),
+        (b'{"cmd": "echo", "args": "x"}\n', "'args' must be a JSON object, got string"),
+        (b"echo a=\xff\n", "not valid UTF-8"),
+        (b'echo a="open\n', "unterminated string"),
+    ],
+)
+def test_bad_lines_get_a_failure_and_the_server_keeps_serving(
+    start_server: ServerFactory, connect_raw: RawConnector, line: bytes, message: str
+) -> None:
+    server = start_server()
+    sock = connect_raw(server.path)
+    sock.sendall(line)
+    reply = recv_line(sock)
+    assert reply["status"] == "failure"
+    assert message in reply["error"]
+    sock.sendall(b"ping\n")
+    assert recv_line(sock)["payload"] == "pong"
+    assert ping_ok(server.path)
+
+
+@pytest.mark.parametrize("announced", [0xFFFFFF00, 0x00FFFFFF, 1025])
+def test_oversized_length_is_refused_at_once_without_allocating(
+    start_server: ServerFactory, connect_raw: RawConnector, announced: int
+) -> None:
+    server = start_server(max_message_size=1024, timeout=10)
+    sock = connect_raw(server.path, timeout=3)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        sock.sendall(header(announced))  # the header alone, no body follows
+        response = recv_response(sock)  # long before the 10 s message timeout
+        assert_eof(sock)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert response["status"] == "failure"
+    assert f"message of {announced} bytes exceeds the limit of 1024 bytes" in response["error"]
+    assert peak < 1 << 20, f"{peak} bytes allocated while refusing"
+    assert ping_ok(server.path)
+
+
+def test_bad_colon_byte_gets_a_failure_then_close(
+    start_server: ServerFactory, connect_raw: RawConnector
+) -> None:
+    server = start_server()
+    sock = connect_raw(server.path)
+    sock.sendall(b"\x00\x00\x00\x02;{}")
+    assert "expected ':'" in recv_response(sock)["error"]
+    assert_eof(sock)
+
+
+def test_half_frame_then_eof(start_server: ServerFactory, connect_raw: RawConnector) -> None:
+    server = start_server()
+    sock = connect_raw(server.path)
+    data = encode_frame({"cmd": "ping"})
+    sock.sendall(data[:9])
+    sock.shutdown(socket.SHUT_WR)
+    response = recv_response(sock)
+    assert response["status"] == "failure"
+    assert response["error"] == f"connection closed mid-frame: got 4 of {len(data) - 5} bytes"
+    assert_eof(sock)
+    assert ping_ok(server.path)
+
+
+def test_silent_client_is_closed_after_the_idle_timeout(
+    start_server: ServerFactory, connect_raw: RawConnector
+) -> None:
+    server = start_server(idle_timeout=0.3)
+    sock = connect_raw(server.path)
+    start = time.monotonic()
+    assert_eof(sock)
+    assert time.monotonic() - start >= 0.25
+
+
+def test_idle_timeout_applies_between_requests(
+    start_server: ServerFactory, connect_raw: RawConnector
+) -> None:
+    server = start_server(idle_timeout=0.3)
+    sock = connect_raw(server.path)
+    send_frame(sock, {"cmd": "ping", "close": False})
+    assert recv_response(sock)["payload"] == "pong"
+    assert_eof(sock)
+
+
+def test_stalled_half_frame_gets_the_timeout_failure(
+    start_server: ServerFactory, connect_raw: RawConnector
+) -> None:
+    server = start_server(timeout=0.3, idle_timeout=30)
+    sock = connect_raw(server.path)
+    sock.sendall(encode_frame({"cmd": "ping"})[:8])
+    response = recv_response(sock)
+    assert response["status"] == "failure"
+    assert response["error"] == "timed out after 0.3s waiting for the rest of the message"
+    assert_eof(sock)
+
+
+def test_stalled_half_line_gets_the_timeout_failure(
+    start_server: ServerFactory, connect_raw: RawConnector
+) -> None:
+    server = start_server(timeout=0.3, idle_timeout=30)
+    sock = connect_raw(server.path)
+    sock.sendall(b"echo a=1")
+    reply = recv_line(sock)
+    assert reply["status"] == "failure"
+    assert "timed out" in reply["error"]
+    assert_eof(sock)
+
+
+def test_client_gone_before_the_reply_does_not_hurt_the_server(
+    start_server: ServerFactory, connect_raw: RawConnector, server_errors: list[logging.LogRecord]
+) -> None:
+    server = start_server()
+    for _ in range(5):
+        sock = connect_raw(server.path)
+        send_frame(sock, {"cmd": "sleep", "args": {"seconds": 0.05}})
+        sock.close()
+    assert ping_ok(server.path)
+
+
+# -- connection limit ------------------------------------------------------
+
+
+def test_excess_connections_are_told_busy_and_closed(
+    start_server: ServerFactory, connect_raw: RawConnector
+) -> None:
+    server = start_server(max_connections=2)
+    first, second = Client(server.path, close=False), Client(server.path, close=False)
+    try:
+        for client in (first, second):
+            response = client.send("ping")  # the connection is now counted as active
+            assert response is not None
+            assert response.ok
+        sock = connect_raw(server.path)
+        send_frame(sock, {"cmd": "ping"})
+        busy = recv_response(sock)
+        assert busy["status"] == "failure"
+        assert "busy" in busy["error"]
+        assert_eof(sock)
+        line_sock = connect_raw(server.path)
+        line_sock.sendall(b"ping\n")
+        assert "busy" in recv_line(line_sock)["error"]
+        assert_eof(line_sock)
+        # The kept connections still work.
+        again = first.send("ping")
+        assert again is not None
+        assert again.ok
+    finally:
+        first.close()
+        second.close()
+    # Once they are closed a new client gets in (the server notices the closes asynchronously).
+    wait_until(lambda: ping_ok(server.path))
+
+
+# -- binding ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("listening_closed", [True, False])
+def test_stale_socket_is_replaced(
+    start_server: ServerFactory, sock_path: str, listening_closed: bool
+) -> None:
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        stale.bind(sock_path)  # bound but never listening: connect() is refused
+        if listening_closed:
+            stale.close()
+        assert stat.S_ISSOCK(os.lstat(sock_path).st_mode)
+        server = start_server()
+        assert ping_ok(server.path)
+    finally:
+        stale.close()
+
+
+def test_live_server_on_the_path_is_refused(start_server: ServerFactory, sock_path: str) -> None:
+    start_server()
+    inode = os.lstat(sock_path).st_ino
+    with pytest.raises(BindError) as info:
+        start_server()
+    message = str(info.value)
+    assert sock_path in message
+    assert f"pid {os.getpid()}" in message
+    assert os.lstat(sock_path).st_ino == inode
+    assert ping_ok(sock_path)
+
+
+@pytest.mark.parametrize("kind", ["file", "directory", "symlink"])
+def test_something_else_at_the_path_is_never_clobbered(
+    start_server: ServerFactory, tmp_path: Path, sock_path: str, kind: str
+) -> None:
+    target = tmp_path / "precious.txt"
+    target.write_text("do not delete")
+    if kind == "file":
+        Path(sock_path).write_text("precious")
+    elif kind == "directory":
+        os.mkdir(sock_path)
+    else:
+        os.symlink(target, sock_path)
+    with pytest.raises(BindError, match="not a socket") as info:
+        start_server()
+    assert sock_path in str(info.value)
+    if kind == "file":
+        assert Path(sock_path).read_text() == "precious"
+    elif kind == "directory":
+        assert os.path.isdir(sock_path)
+    else:
+        assert os.readlink(sock_path) == str(target)
+    assert target.read_text() == "do not delete"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
+
+
+def test_too_long_path_is_refused(start_server: ServerFactory, tmp_path: Path) -> None:
+    with pytest.raises(BindError, match="longer than"):
+        start_server(path=str(tmp_path / ("x" * 120)))
+
+
+def test_socket_mode_is_0600_and_created_parents_0700(start_server: ServerFactory, tmp_path: Path) -> None:
+    path = tmp_path / "run" / "ctl" / "app.sock"
+    server = start_server(path=str(path))
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+    assert server.path == str(path)
+    assert ping_ok(server.path)
+
+
+def test_socket_mode_option(start_server: ServerFactory, sock_path: str) -> None:
+    start_server(socket_mode=0o660)
+    assert stat.S_IMODE(os.lstat(sock_path).st_mode) == 0o660
+
+
+def test_stop_removes_the_socket_and_is_idempotent(start_server: ServerFactory, sock_path: str) -> None:
+    server = start_server()
+    assert server.running
+    server.stop()
+    assert not server.running
+    assert not os.path.exists(sock_path)
+    server.stop()
+
+
+def test_stop_leaves_a_socket_that_replaced_ours_alone(start_server: ServerFactory, sock_path: str) -> None:
+    first = start_server()
+    os.unlink(sock_path)  # someone removed ours and ...
+    second = start_server()  # ... another server bound the path
+    first.stop()
+    assert stat.S_ISSOCK(os.lstat(sock_path).st_mode)
+    assert ping_ok(sock_path)
+    second.stop()
+    assert not os.path.exists(sock_path)
+
+
+def test_stop_closes_open_connections_and_busy_handlers(
+    start_server: ServerFactory, connect_raw: RawConnector, sock_path: str
+) -> None:
+    server = start_server()
+    sock = connect_raw(sock_path)
+    send_frame(sock, {"cmd": "sleep", "args": {"seconds": 60}})
+    idle = connect_raw(sock_path)
+    send_frame(idle, {"cmd": "ping", "close": False})
+    assert recv_response(idle)["payload"] == "pong"
+    start = time.monotonic()
+    server.stop()
+    assert time.monotonic() - start < 4
+    assert_eof(sock)
+    assert_eof(idle)
+    assert not os.path.exists(sock_path)
+
+
+def test_context_manager_and_config_object(sock_path: str) -> None:
+    async def handler(cmd: str, args: dict[str, Any]) -> str:
+        return cmd
+
+    config = ServerConfig(path=sock_path, idle_timeout=5)
+    with UnixSockServer(handler=handler, config=config) as server:
+        assert server.running
+        assert server.config is config
+        response = Client(sock_path).send("hello")
+        assert response is not None
+        assert response.payload == "hello"
+        with pytest.raises(RuntimeError, match="already started"):
+            server.start()
+    assert not server.running
+    assert not os.path.exists(sock_path)
+
+
+def test_constructor_errors(sock_path: str) -> None:
+    with pytest.raises(TypeError, match="needs a handler"):
+        UnixSockServer(sock_path)
+    with pytest.raises(TypeError, match="needs a path"):
+        UnixSockServer(handler=lambda c, a: None)
+    with pytest.raises(TypeError, match="not both"):
+        UnixSockServer(sock_path, lambda c, a: None, config=ServerConfig(path=sock_path))
+
+
+def test_server_can_be_started_again_after_stop(start_server: ServerFactory, sock_path: str) -> None:
+    server = start_server()
+    server.stop()
+    server.start()
+    assert ping_ok(sock_path)
+
+
+# -- handlers --------------------------------------------------------------
+
+
+def sync_two(cmd: str, args: dict[str, Any]) -> Any:
+    return {"cmd": cmd, "args": args, "thread": threading.current_thread().name}
+
+
+def sync_three(cmd: str, args: dict[str, Any], ctx: RequestContext) -> Any:
+    return {"cmd": cmd, "args": args, "pid": ctx.peer.pid, "uid": ctx.peer.uid, "mode": ctx.mode}
+
+
+async def async_two(cmd: str, args: dict[str, Any]) -> Any:
+    return {"cmd": cmd, "args": args, "thread": threading.current_thread().name}
+
+
+async def async_three(cmd: str, args: dict[str, Any], ctx: RequestContext) -> Any:
+    return {"cmd": cmd, "args": args, "pid": ctx.peer.pid, "uid": ctx.peer.uid, "mode": ctx.mode}
+
+
+class AsyncCallable:
+    async def __call__(self, cmd: str, args: dict[str, Any], ctx: RequestContext) -> Any:
+        return {"cmd": cmd, "args": args, "pid": ctx.peer.pid, "uid": ctx.peer.uid, "mode": ctx.mode}
+
+
+@pytest.mark.parametrize(
+    ("handler", "with_ctx", "thread_prefix"),
+    [
+        (sync_two, False, "unixsock-handler"),
+        (sync_three, True, None),
+        (async_two, False, "unixsock-server"),
+        (async_three, True, None),
+        (AsyncCallable(), True, None),
+    ],
+)
+def test_handler_forms(
+    start_server: ServerFactory, handler: Any, with_ctx: bool, thread_prefix: str | None
+) -> None:
+    server = start_server(handler)
+    response = Client(server.path).send("show", {"x": [1]})
+    assert response is not None
+    payload = response.payload
+    assert (payload["cmd"], payload["args"]) == ("show", {"x": [1]})
+    if with_ctx:
+        assert payload["pid"] == os.getpid()
+        assert payload["uid"] == os.getuid()
+        assert payload["mode"] == "frame"
+    else:
+        assert payload["thread"].startswith(thread_prefix)
+
+
+def test_handler_may_return_a_response(start_server: ServerFactory) -> None:
+    server = start_server()
+    response = Client(server.path).send("fail", {"message": "no such thing"})
+    assert response is not None
+    assert (response.status, response.error) == ("failure", "no such thing")
+
+
+@pytest.mark.parametrize("is_async", [True, False])
+@pytest.mark.parametrize(
+    ("exc", "message"),
+    [
+        (RuntimeError("boom"), "RuntimeError: boom"),
+        (KeyError("missing"), "KeyError: 'missing'"),
+        (SystemExit(3), "SystemExit: 3"),
+        (KeyboardInterrupt(), "KeyboardInterrupt"),
+        (TimeoutError("upstream slow"), "TimeoutError: upstream slow"),
+    ],
+)
+def test_handler_exceptions_become_failure_replies(
+    start_server: ServerFactory,
+    server_errors: list[logging.LogRecord],
+    is_async: bool,
+    exc: BaseException,
+    message: str,
+) -> None:
+    def raise_sync(cmd: str, args: dict[str, Any]) -> Any:
+        if cmd == "ping":
+            return "pong"
+        raise exc
+
+    async def raise_async(cmd: str, args: dict[str, Any]) -> Any:
+        return raise_sync(cmd, args)
+
+    server = start_server(raise_async if is_async else raise_sync)
+    response = Client(server.path).send("explode")
+    assert response is not None
+    assert response.status == "failure"
+    assert response.error == message
+    assert server.running
+    assert ping_ok(server.path)
+
+
+def test_async_handler_timeout(start_server: ServerFactory) -> None:
+    server = start_server(handler_timeout=0.2)
+    response = Client(server.path).send("sleep", {"seconds": 30})
+    assert response is not None
+    assert response.status == "failure"
+    assert response.error == "handler for 'sleep' timed out after 0.2s"
+    assert ping_ok(server.path)
+
+
+def test_sync_handler_timeout(start_server: ServerFactory) -> None:
+    release = threading.Event()
+
+    def handler(cmd: str, args: dict[str, Any]) -> Any:
+        if cmd == "block":
+            release.wait(30)
+        return "pong"
+
+    server = start_server(handler, handler_timeout=0.2)
+    try:
+        response = Client(server.path).send("block")
+        assert response is not None
+        assert response.error == "handler for 'block' timed out after 0.2s"
+        assert ping_ok(server.path)
+    finally:
+        release.set()
+
+
+def test_unserialisable_replies_become_failures(
+    start_server: ServerFactory, server_errors: list[logging.LogRecord]
+) -> None:
+    async def handler(cmd: str, args: dict[str, Any]) -> Any:
+        if cmd == "tuple-keys":
+            return {(1, 2): "x"}
+        if cmd == "deep":
+            deep: list[Any] = []
+            for _ in range(100_000):
+                deep = [deep]
+            return deep
+        if cmd == "object":
+            return {"when": Path("/x")}
+        return "pong"
+
+    server = start_server(handler)
+    client = Client(server.path)
+    for cmd in ("tuple-keys", "deep"):
+        response = client.send(cmd)
+        assert response is not None
+        assert response.status == "failure"
+        assert response.error.startswith("reply could not be encoded")
+    response = client.send("object")
+    assert response is not None
+    assert response.payload == {"when": "/x"}  # anything else is sent as its str()
+    assert ping_ok(server.path)
+
+
+def test_audit_log_records_peer_and_outcome(
+    start_server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="unixsock_asgi.audit")
+    server = start_server()
+    Client(server.path).send("ping")
+    Client(server.path).send("fail")
+    messages = [r.getMessage() for r in caplog.records if r.name == "unixsock_asgi.audit"]
+    ping = [m for m in messages if "cmd=ping" in m]
+    fail = [m for m in messages if "cmd=fail" in m]
+    assert len(ping) == 1
+    assert len(fail) == 1
+    assert f"pid={os.getpid()} uid={os.getuid()} cmd=ping status=success" in ping[0]
+    assert "cmd=fail status=failure" in fail[0]
+
+
+# -- peers of another uid --------------------------------------------------
+
+
+def _traversable_tmp_root() -> str:
+    """A temporary directory root that any user can traverse (tmp_path's parents may be 0700)."""
+    for candidate in (tempfile.gettempdir(), "/tmp", "/dev/shm"):
+        real = os.path.realpath(candidate)
+        parts = [real, *(str(p) for p in Path(real).parents)]
+        if os.path.isdir(real) and all(os.stat(p).st_mode & stat.S_IXOTH for p in parts):
+            return real
+    pytest.fail("no world-traversable temporary directory to put the socket in")
+
+
+def exchange_as(uid: int, gid: int, path: str, data: bytes, timeout: float = 10.0) -> bytes:
+    """Fork a child that drops to ``uid``/``gid``, sends ``data`` to ``path`` and returns all it reads."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        status = 2
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(path)
+            sock.sendall(data)
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+            os.write(write_end, received)
+            status = 0
+        except BaseException as exc:
+            os.write(write_end, f"child failed: {exc!r}".encode())
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    output = b""
+    try:
+        deadline = time.monotonic() + timeout + 5
+        while chunk := _read_before(read_end, deadline):
+            output += chunk
+    except BaseException:
+        os.kill(child, signal.SIGKILL)
+        raise
+    finally:
+        os.close(read_end)
+        os.waitpid(child, 0)  # it exits right after closing its end of the pipe
+    assert not output.startswith(b"child failed"), output.decode(errors="replace")
+    return output
+
+
+def _read_before(fd: int, deadline: float) -> bytes:
+    remaining = deadline - time.monotonic()
+    ready, _, _ = select.select([fd], [], [], max(remaining, 0))
+    if not ready:
+        raise AssertionError("the child did not finish in time")
+    return os.read(fd, 65536)
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[str]:
+    """A fresh 0755 directory that another uid can reach, removed afterwards."""
+    path = tempfile.mkdtemp(prefix="usa-", dir=_traversable_tmp_root())
+    try:
+        os.chmod(path, 0o755)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
+def test_peer_with_another_uid_is_refused_unless_allowed(
+    start_server: ServerFactory, shared_dir: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="unixsock_asgi.audit")
+    path = os.path.join(shared_dir, "ctl.sock")
+    request = encode_frame({"cmd": "peer"})
+
+    server = start_server(path=path, socket_mode=0o666)
+    refused = exchange_as(NOBODY, NOBODY, path, request)
+    reply = json.loads(refused[5:])
+    assert reply["response"]["status"] == "failure"
+    assert "permission denied" in reply["response"]["error"]
+    assert any("refused peer" in r.getMessage() and f"uid={NOBODY}" in r.getMessage() for r in caplog.records)
+    server.stop()
+
+    start_server(path=path, socket_mode=0o666, allowed_uids={NOBODY})
+    allowed = json.loads(exchange_as(NOBODY, NOBODY, path, request)[5:])
+    assert allowed["response"]["status"] == "success"
+    assert allowed["response"]["payload"]["uid"] == NOBODY
+    assert allowed["response"]["payload"]["pid"] != os.getpid()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
+def test_peer_allowed_by_gid(start_server: ServerFactory, shared_dir: str) -> None:
+    path = os.path.join(shared_dir, "ctl.sock")
+    start_server(path=path, socket_mode=0o666, allowed_gids={NOBODY})
+    allowed = exchange_as(NOBODY, NOBODY, path, b"peer\nquit\n")
+    assert json.loads(allowed)["payload"]["gid"] == NOBODY
+
+
+# -- a Go client on the wire -----------------------------------------------
+
+
+def go_client_frame(cmd: str, args: dict[str, Any], respond: bool, close: bool) -> bytes:
+    """Exactly what the Go client's Send writes: json.Marshal of its Request struct, framed."""
+    body = json.dumps(
+        {
+            "cmd": cmd,
+            "args": args,
+            "response": {"status": "", "error": "", "payload": ""},
+            "respond": respond,
+            "close": close,
+        },
+        separators=(",", ":"),
+    ).encode()
+    return struct.pack(">I", len(body)) + b":" + body
+
+
+def go_unmarshal_reply(sock: socket.socket) -> dict[str, Any]:
+    """Read one reply and check each field has the Go type the Go client decodes it into."""
+    reply = recv_frame(sock)
+    assert isinstance(reply["cmd"], str)
+    response = reply["response"]
+    assert isinstance(response["status"], str)
+    assert isinstance(response["error"], str)
+    assert isinstance(response["payload"], str), "a Go client's Payload is a string"
+    return reply
+
+
+def test_go_client_over_the_wire(start_server: ServerFactory, connect_raw: RawConnector) -> None:
+    server = start_server()
+    sock = connect_raw(server.path)
+    sock.sendall(go_client_frame("echo", {"verbose": True, "n": 3}, respond=True, close=False))
+    reply = go_unmarshal_reply(sock)
+    assert reply["cmd"] == "echo"
+    assert reply["response"]["status"] == "success"
+    assert json.loads(reply["response"]["payload"]) == {"verbose": True, "n": 3}
+    sock.sendall(go_client_frame("ping", {}, respond=True, close=False))
+    assert go_unmarshal_reply(sock)["response"]["payload"] == "pong"
+    sock.sendall(go_client_frame("fail", {"message": "nope"}, respond=True, close=True))
+    failed = go_unmarshal_reply(sock)
+    assert failed["response"] == {"status": "failure", "error": "nope", "payload": ""}
+    assert_eof(sock)
