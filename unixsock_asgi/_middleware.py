@@ -186,29 +186,41 @@ class ControlSocketMiddleware:
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         app_received_startup = False
         startup_sent = False
+        refused: str | None = None  # strict mode turned startup.complete into startup.failed
 
         async def receive_wrapper() -> Message:
             nonlocal app_received_startup
+            if refused is not None:
+                # The server was told startup failed and will send nothing more;
+                # let the app's lifespan run its shutdown so it releases its resources.
+                return {"type": "lifespan.shutdown"}
             message = await receive()
             if message["type"] == "lifespan.startup":
                 app_received_startup = True
             return message
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal startup_sent
-            if message["type"] == "lifespan.startup.complete":
+            nonlocal startup_sent, refused
+            kind = message["type"]
+            if kind == "lifespan.startup.complete":
                 startup_sent = True
                 error = await self._start_control(scope)
                 if error is not None and self.strict:
+                    refused = error
                     message = {"type": "lifespan.startup.failed", "message": error}
-            elif message["type"] == "lifespan.startup.failed":
+            elif kind == "lifespan.startup.failed":
                 startup_sent = True
-            elif message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+            elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 self.control.stop()
+                if refused is not None:
+                    return  # the server is no longer listening for lifespan messages
             await send(message)
 
         try:
             await self.app(scope, receive_wrapper, send_wrapper)
+            if refused is not None:
+                # Like Starlette's router after startup.failed: servers expect the app to raise.
+                raise RuntimeError(refused)
         except BaseException:
             if app_received_startup or startup_sent:
                 raise

@@ -1,0 +1,115 @@
+"""The command registry: typed argument binding and help."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Literal
+
+import pytest
+
+from unixsock_asgi import ArgumentError, CommandContext, Commands
+
+
+class Color(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+commands = Commands()
+
+
+@commands.command(readonly=True)
+def typed(
+    name: str,
+    count: int,
+    ratio: float = 1.0,
+    flag: bool = False,
+    color: Color = Color.RED,
+    limit: int | None = None,
+    mode: Literal["fast", "slow"] = "fast",
+    tags: list[Any] | None = None,
+    anything: Any = None,
+) -> dict[str, Any]:
+    """Exercise every supported type."""
+    return {"name": name, "count": count}
+
+
+@commands.command(name="with-ctx", diagnostic=True)
+async def with_ctx(ctx: CommandContext, level: str | int = "INFO") -> Any:
+    """Takes the context, which is not an argument."""
+    return level
+
+
+def bind(cmd: str, **args: Any) -> dict[str, Any]:
+    command = commands.get(cmd)
+    assert command is not None
+    return command.bind(args)
+
+
+def test_binding_accepts_well_typed_arguments_and_applies_defaults() -> None:
+    assert bind("typed", name="a", count=2) == {"name": "a", "count": 2}
+    kwargs = bind("typed", name="a", count=2, ratio=3, flag="on", color="BLUE", limit=None, mode="slow", tags=[1])
+    assert kwargs["ratio"] == 3.0 and isinstance(kwargs["ratio"], float)
+    assert kwargs["flag"] is True
+    assert kwargs["color"] is Color.BLUE
+    assert kwargs["limit"] is None
+    assert kwargs["mode"] == "slow"
+    assert bind("typed", name="a", count=1, color="red")["color"] is Color.RED
+    assert bind("with-ctx", level=10) == {"level": 10}
+    assert bind("with-ctx", level="DEBUG") == {"level": "DEBUG"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"count": 1}, "missing required argument 'name' (string) for 'typed'"),
+        ({"name": "a", "count": 1, "colour": "red"}, "unknown argument 'colour' for 'typed'; it takes: name, count"),
+        ({"name": "a", "count": "1"}, "argument 'count' of 'typed': expected an integer, got string '1'"),
+        ({"name": "a", "count": True}, "expected an integer, got boolean true"),
+        ({"name": 5, "count": 1}, "argument 'name' of 'typed': expected a string, got number 5"),
+        ({"name": "a", "count": 1, "ratio": "x"}, "expected a number, got string 'x'"),
+        ({"name": "a", "count": 1, "flag": "maybe"}, "expected true or false, got string 'maybe'"),
+        ({"name": "a", "count": 1, "color": "green"}, "expected one of red, blue, got string 'green'"),
+        ({"name": "a", "count": 1, "limit": "x"}, "expected integer | null, got string 'x'"),
+        ({"name": "a", "count": 1, "mode": "warp"}, "expected one of 'fast', 'slow', got 'warp'"),
+        ({"name": "a", "count": 1, "tags": {}}, "expected array | null, got an object"),
+    ],
+)
+def test_ill_typed_arguments_name_the_argument_and_say_why(args: dict[str, Any], message: str) -> None:
+    command = commands.get("typed")
+    assert command is not None
+    with pytest.raises(ArgumentError) as info:
+        command.bind(args)
+    assert message in str(info.value)
+
+
+def test_help_lists_arguments_with_types_defaults_and_flags() -> None:
+    command = commands.get("typed")
+    assert command is not None
+    described = command.to_help()
+    assert described["doc"] == "Exercise every supported type."
+    assert described["readonly"] is True and described["diagnostic"] is False
+    args = {a["name"]: a for a in described["args"]}
+    assert args["name"] == {"name": "name", "type": "string", "required": True}
+    assert args["color"] == {"name": "color", "type": "red | blue", "required": False, "default": "red"}
+    assert args["limit"]["type"] == "integer | null"
+    ctx_command = commands.get("with-ctx")
+    assert ctx_command is not None and ctx_command.wants_ctx and ctx_command.is_async
+    assert [a["name"] for a in ctx_command.to_help()["args"]] == ["level"]
+
+
+def test_registry_names_include_and_rejects_var_args() -> None:
+    other = Commands()
+
+    @other.command
+    def extra() -> str:
+        """Extra."""
+        return "x"
+
+    merged = Commands()
+    merged.include(commands)
+    merged.include(other)
+    assert [c.name for c in merged] == ["extra", "typed", "with-ctx"]
+    assert "extra" in merged and len(merged) == 3
+    with pytest.raises(TypeError, match=r"\*args/\*\*kwargs"):
+        merged.add(lambda *a: None, name="bad")

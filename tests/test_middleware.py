@@ -1,0 +1,236 @@
+"""ControlSocketMiddleware in-process: lifespan, recording, gates, handlers. Real control sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.testclient import TestClient
+from starlette.websockets import WebSocket
+
+from unixsock_asgi import Client, ControlSocketMiddleware, Response
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="usa-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _payload(client: Client, cmd: str, **args: Any) -> Any:
+    response = client.send(cmd, args)
+    assert response is not None and response.ok, response
+    return response.payload
+
+
+async def _hello(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("hi")
+
+
+async def _boom(request: Request) -> PlainTextResponse:
+    raise RuntimeError("boom")
+
+
+async def _ws(websocket: WebSocket) -> None:
+    await websocket.accept()
+    await websocket.send_text("hello")
+    await websocket.close()
+
+
+def _starlette(sock: Path, **options: Any) -> Starlette:
+    inner = Starlette(routes=[Route("/page/{slug}", _hello)])
+    return Starlette(
+        routes=[
+            Route("/hello/{name}", _hello),
+            Route("/boom", _boom),
+            WebSocketRoute("/ws", _ws),
+            Mount("/sub", app=inner),
+        ],
+        middleware=[Middleware(ControlSocketMiddleware, path=str(sock), **options)],
+    )
+
+
+def test_nothing_starts_before_lifespan_and_everything_stops_after(sock_dir: Path) -> None:
+    sock = sock_dir / "c-{pid}.sock"
+    app = _starlette(sock)
+    real = Path(str(sock).replace("{pid}", str(os.getpid())))
+    assert not real.exists()  # construction binds nothing (gunicorn --preload forks after it)
+    with TestClient(app) as http:
+        assert real.exists() and real.stat().st_mode & 0o777 == 0o600
+        assert http.get("/hello/x").text == "hi"
+        assert _payload(Client(real), "ping") == "pong"
+    assert not real.exists()
+
+
+def test_recording_templates_statuses_exceptions_and_websockets(sock_dir: Path) -> None:
+    sock = sock_dir / "c.sock"
+    with TestClient(_starlette(sock), raise_server_exceptions=False) as http:
+        control = Client(sock)
+        for name in ("a", "b", "c"):
+            assert http.get(f"/hello/{name}").status_code == 200
+        assert http.post("/hello/a").status_code == 405  # partial match: still the template
+        assert http.get("/boom").status_code == 500
+        assert http.get("/sub/page/intro").status_code == 200
+        assert http.get("/nowhere").status_code == 404
+        with http.websocket_connect("/ws") as ws:
+            assert ws.receive_text() == "hello"
+        stats = _payload(control, "stats")
+    routes = stats["routes"]
+    assert routes["/hello/{name}"]["requests"] == 4
+    assert routes["/hello/{name}"]["by_status"] == {"2xx": 3, "4xx": 1}
+    assert routes["/hello/{name}"]["by_method"] == {"GET": 3, "POST": 1}
+    assert routes["/boom"]["exceptions"] == 1 and routes["/boom"]["by_status"] == {"5xx": 1}
+    assert routes["/sub/page/{slug}"]["requests"] == 1
+    assert routes["<unmatched>"]["requests"] == 1
+    assert stats["websockets"] == {"active": 0, "total": 1}
+    assert stats["in_flight"] == 0
+
+
+def test_concurrent_requests_are_counted_exactly_and_in_flight_is_live(sock_dir: Path) -> None:
+    release = asyncio.Event()
+    entered = 0
+
+    async def wait(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal entered
+        if scope["type"] != "http":
+            return
+        entered += 1
+        await release.wait()
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    middleware = ControlSocketMiddleware(wait, path=str(sock_dir / "c.sock"))
+
+    async def one(i: int) -> None:
+        scope = {"type": "http", "method": "GET", "path": f"/r/{i}", "root_path": "", "headers": []}
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Any) -> None:
+            pass
+
+        await middleware(scope, receive, send)
+
+    async def main() -> None:
+        tasks = [asyncio.create_task(one(i)) for i in range(250)]
+        while entered < 250:
+            await asyncio.sleep(0.001)
+        assert middleware.stats.in_flight == 250
+        release.set()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+    snap = middleware.stats.snapshot()
+    assert snap["requests_total"] == 250 and snap["in_flight"] == 0
+    assert snap["routes"] == {"<unmatched>": snap["routes"]["<unmatched>"]}  # raw paths never become keys
+    assert snap["by_status"] == {"2xx": 250}
+
+
+def test_an_app_without_lifespan_support_still_gets_a_control_socket(sock_dir: Path) -> None:
+    async def bare(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            raise RuntimeError("no lifespan here")
+        await PlainTextResponse("bare")(scope, receive, send)
+
+    sock = sock_dir / "c.sock"
+    with TestClient(ControlSocketMiddleware(bare, path=str(sock))) as http:
+        assert http.get("/").text == "bare"
+        assert _payload(Client(sock), "ping") == "pong"
+    assert not sock.exists()
+
+
+def test_an_app_whose_startup_fails_still_fails_and_leaves_no_socket(sock_dir: Path) -> None:
+    @asynccontextmanager
+    async def broken_lifespan(app: Starlette) -> AsyncIterator[None]:
+        raise RuntimeError("database unreachable")
+        yield  # pragma: no cover
+
+    sock = sock_dir / "c.sock"
+    app = Starlette(lifespan=broken_lifespan, middleware=[Middleware(ControlSocketMiddleware, path=str(sock))])
+    with pytest.raises(RuntimeError, match="database unreachable"), TestClient(app):
+        pass
+    assert not sock.exists()
+
+
+def test_socket_trouble_never_breaks_the_app_unless_strict(sock_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    blocker = sock_dir / "file"
+    blocker.write_text("keep me")
+    with caplog.at_level(logging.WARNING, "unixsock_asgi"), TestClient(_starlette(blocker / "c.sock")) as http:
+        assert http.get("/hello/x").text == "hi"
+    assert "could not start" in caplog.text and "serves on without it" in caplog.text
+    assert blocker.read_text() == "keep me"
+
+    strict = _starlette(blocker / "c.sock", strict=True)
+    with pytest.raises(RuntimeError, match=r"control socket .* could not start"), TestClient(strict):
+        pass
+
+
+def test_go_style_handler_gets_what_no_command_claims_on_the_app_loop(sock_dir: Path) -> None:
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    async def handler(cmd: str, args: dict[str, Any], ctx: Any) -> Response:
+        loops.append(asyncio.get_running_loop())
+        if cmd == "echo":
+            return Response.success({"echo": args, "peer_pid": ctx.peer.pid})
+        return Response.failure(f"handler: unknown command {cmd!r}")
+
+    app_loop: list[asyncio.AbstractEventLoop] = []
+
+    async def capture(request: Request) -> PlainTextResponse:
+        app_loop.append(asyncio.get_running_loop())
+        return PlainTextResponse("ok")
+
+    sock = sock_dir / "c.sock"
+    app = Starlette(
+        routes=[Route("/", capture)],
+        middleware=[Middleware(ControlSocketMiddleware, path=str(sock), handler=handler)],
+    )
+    with TestClient(app) as http:
+        http.get("/")
+        control = Client(sock)
+        assert _payload(control, "echo", a=1) == {"echo": {"a": 1}, "peer_pid": os.getpid()}
+        reply = control.send("other")
+        assert reply is not None and reply.error == "handler: unknown command 'other'"
+        assert _payload(control, "ping") == "pong"  # built-ins still win over the handler
+    assert loops and all(loop is app_loop[0] for loop in loops)
+
+
+def test_set_log_level_ttl_over_ttl_reverts_to_the_first_level(sock_dir: Path) -> None:
+    sock = sock_dir / "c.sock"
+    logger = logging.getLogger("usa.test.ttl")
+    logger.setLevel(logging.WARNING)
+    with TestClient(_starlette(sock)):
+        control = Client(sock)
+        _payload(control, "set_log_level", level="INFO", logger="usa.test.ttl", ttl=0.3)
+        reply = _payload(control, "set_log_level", level="DEBUG", logger="usa.test.ttl", ttl=0.3)
+        assert reply["old"] == "INFO" and reply["reverts_to"] == "WARNING"
+        deadline = time.monotonic() + 5
+        while logger.level != logging.WARNING and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert logger.level == logging.WARNING
+        _payload(control, "set_log_level", level=15, logger="usa.test.ttl")
+        assert logger.level == 15
+        bad = control.send("set_log_level", {"level": "INFO", "ttl": -1})
+        assert bad is not None and "ttl must be a positive number" in bad.error
+        loggers = _payload(control, "loggers")["loggers"]
+        assert loggers["usa.test.ttl"]["level"] == "Level 15" and "root" in loggers

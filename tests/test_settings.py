@@ -1,0 +1,68 @@
+"""Runtime settings: declared types, validation, atomic set."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from unixsock_asgi import Setting, Settings
+
+
+def make() -> Settings:
+    return Settings(
+        Setting("greeting", str, "hello", "Greeting"),
+        Setting("delay_s", float, 0.5, minimum=0, maximum=10),
+        Setting("enabled", bool, True),
+    )
+
+
+def test_values_read_by_item_attribute_and_get() -> None:
+    settings = make()
+    assert settings["greeting"] == "hello" and settings.greeting == "hello" and settings.get("greeting") == "hello"
+    assert list(settings) == ["greeting", "delay_s", "enabled"] and "enabled" in settings
+    with pytest.raises(AttributeError):
+        _ = settings.nope
+
+
+def test_set_validates_then_applies_and_returns_old_and_new() -> None:
+    settings = make()
+    assert settings.set("delay_s", 2) == (0.5, 2.0)
+    assert settings["delay_s"] == 2.0
+    with pytest.raises(ValueError, match="at most 10"):
+        settings.set("delay_s", 11)
+    with pytest.raises(ValueError, match="expected true or false"):
+        settings.set("enabled", "perhaps")
+    with pytest.raises(KeyError, match="unknown setting 'colour'; settings: greeting, delay_s, enabled"):
+        settings.set("colour", "red")
+    assert settings["delay_s"] == 2.0 and settings["enabled"] is True  # failed sets changed nothing
+    assert settings.reset("delay_s") == (2.0, 0.5)
+    described = settings.describe()["delay_s"]
+    assert described == {"value": 0.5, "default": 0.5, "type": "number", "doc": ""}
+
+
+def test_declaration_errors() -> None:
+    with pytest.raises(ValueError, match="declared twice"):
+        Settings(Setting("a", int, 1), Setting("a", int, 2))
+    with pytest.raises(ValueError, match="expected an integer"):
+        Settings(Setting("a", int, "one"))
+
+
+def test_concurrent_sets_never_expose_a_value_that_was_not_set() -> None:
+    settings = Settings(Setting("n", int, 0))
+    seen: set[int] = set()
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            seen.add(settings["n"])
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i in range(1, 2001):
+            settings.set("n", i)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert seen <= set(range(2001)) and settings["n"] == 2000
