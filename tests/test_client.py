@@ -1,0 +1,492 @@
+"""Client and AsyncClient against real servers, broken peers and a Go-shaped server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from unixsock_asgi import (
+    AsyncClient,
+    Client,
+    CommandFailed,
+    ConnectError,
+    ProtocolError,
+    RequestContext,
+    Response,
+    TimeoutException,
+    TransportError,
+    UnixSockError,
+    UnixSockServer,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+# The shape of the conftest fixture ``start_server``.
+ServerFactory = Callable[..., UnixSockServer]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
+
+
+class ConnectionTracker:
+    """A handler that numbers connections and can tell when the server has closed one.
+
+    Async handlers run in the connection's own task, so that task stands for
+    the connection; it is done once the server has closed the connection.
+    """
+
+    def __init__(self) -> None:
+        self.tasks: dict[int, asyncio.Task[Any]] = {}
+        self.received: list[tuple[str, dict[str, Any]]] = []
+
+    def serial(self) -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        for serial, known in self.tasks.items():
+            if known is task:
+                return serial
+        serial = len(self.tasks) + 1
+        self.tasks[serial] = task
+        return serial
+
+    def closed(self, serial: int) -> bool:
+        return self.tasks[serial].done()
+
+    async def __call__(self, cmd: str, args: dict[str, Any], ctx: RequestContext) -> Any:
+        self.received.append((cmd, args))
+        if cmd == "conn":
+            return self.serial()
+        if cmd == "sleep":
+            await asyncio.sleep(float(args["seconds"]))
+            return "slept"
+        if cmd == "big":
+            return "x" * int(args["size"])
+        if cmd == "fail":
+            return Response.failure("it failed", payload={"code": 7})
+        return {"cmd": cmd, "args": args, "pid": ctx.peer.pid}
+
+
+@pytest.fixture
+def tracker() -> ConnectionTracker:
+    return ConnectionTracker()
+
+
+# -- Client ----------------------------------------------------------------
+
+
+def test_send_returns_the_response(start_server: ServerFactory, tracker: ConnectionTracker) -> None:
+    server = start_server(tracker)
+    response = Client(server.path).send("show", {"a": [1, 2], "b": None})
+    assert response is not None
+    assert response.ok
+    assert response.payload == {"cmd": "show", "args": {"a": [1, 2], "b": None}, "pid": os.getpid()}
+    assert response.raise_for_status() is response
+
+
+def test_failure_and_raise_for_status(start_server: ServerFactory, tracker: ConnectionTracker) -> None:
+    server = start_server(tracker)
+    response = Client(server.path).send("fail")
+    assert response is not None
+    assert not response.ok
+    assert (response.status, response.error, response.payload) == ("failure", "it failed", {"code": 7})
+    with pytest.raises(CommandFailed, match="it failed") as info:
+        response.raise_for_status()
+    assert info.value.response is response
+    assert isinstance(info.value, UnixSockError)
+
+
+def test_respond_false_returns_none_and_still_delivers(
+    start_server: ServerFactory, tracker: ConnectionTracker
+) -> None:
+    server = start_server(tracker)
+    assert Client(server.path).send("note", {"n": 1}, respond=False) is None
+    wait_until(lambda: ("note", {"n": 1}) in tracker.received)
+
+
+def test_options_set_size_timeout_and_default_flags(
+    start_server: ServerFactory, tracker: ConnectionTracker
+) -> None:
+    server = start_server(tracker)
+    client = Client(server.path)
+    client.options(4 << 20, 2.5, False, True)
+    assert (client.max_message_size, client.timeout, client.respond, client.close_after) == (
+        4 << 20,
+        2.5,
+        False,
+        True,
+    )
+    assert client.send("note") is None
+    wait_until(lambda: any(cmd == "note" for cmd, _ in tracker.received))
+    client.options(1 << 30, 5.0, True, True)
+    assert client.max_message_size == 16 << 20  # capped at the hard limit
+    response = client.send("conn")
+    assert response is not None
+    assert response.ok
+
+
+def test_reply_above_the_clients_limit_is_a_protocol_error(
+    start_server: ServerFactory, tracker: ConnectionTracker
+) -> None:
+    server = start_server(tracker)
+    client = Client(server.path, max_message_size=1000)
+    with pytest.raises(ProtocolError, match="exceeds the limit of 1000 bytes"):
+        client.send("big", {"size": 5000})
+    response = client.send("big", {"size": 500})
+    assert response is not None
+    assert response.payload == "x" * 500
+
+
+def test_large_reply_arrives_whole(start_server: ServerFactory, tracker: ConnectionTracker) -> None:
+    server = start_server(tracker)
+    response = Client(server.path, max_message_size=4 << 20).send("big", {"size": 3 << 20})
+    assert response is not None
+    assert response.payload == "x" * (3 << 20)
+
+
+def test_empty_command_is_refused_before_sending(sock_path: str) -> None:
+    with pytest.raises(ValueError, match="non-empty string"):
+        Client(sock_path).send("")
+
+
+def test_close_false_keeps_the_connection_and_close_ends_it(
+    start_server: ServerFactory, tracker: ConnectionTracker
+) -> None:
+    server = start_server(tracker)
+    with Client(server.path, close=False) as client:
+        serials = {_payload(client.send("conn")) for _ in range(5)}
+        assert len(serials) == 1
+        (first,) = serials
+        client.close()
+        wait_until(lambda: tracker.closed(first))
+        second = _payload(client.send("conn"))
+        assert second != first
+        # A per-call close=True ends the kept connection after its reply.
+        assert _payload(client.send("conn", close=True)) == second
+        wait_until(lambda: tracker.closed(second))
+    assert _payload(Client(server.path).send("conn")) not in (first, second)
+
+
+def test_context_manager_closes_the_kept_connection(
+    start_server: ServerFactory, tracker: ConnectionTracker
+) -> None:
+    server = start_server(tracker)
+    with Client(server.path, close=False) as client:
+        serial = _payload(client.send("conn"))
+    wait_until(lambda: tracker.closed(serial))
+
+
+def test_kept_connection_reopens_after_the_server_closed_it(
+    start_server: ServerFactory, tracker: ConnectionTracker
+) -> None:
+    server = start_server(tracker, idle_timeout=0.3)
+    with Client(server.path, close=False) as client:
+        first = _payload(client.send("conn"))
+        wait_until(lambda: tracker.closed(first))  # the idle timeout elapsed
+        second = _payload(client.send("conn"))
+        assert second != first
+        assert _payload(client.send("conn")) == second
+
+
+def test_kept_connection_reopens_after_a_server_restart(
+    start_server: ServerFactory, tracker: ConnectionTracker
+) -> None:
+    server = start_server(tracker)
+    with Client(server.path, close=False) as client:
+        first = _payload(client.send("conn"))
+        server.stop()
+        server.start()
+        assert _payload(client.send("conn")) != first
+
+
+def _payload(response: Response | None) -> Any:
+    assert response is not None
+    assert response.ok, response.error
+    return response.payload
+
+
+# -- AsyncClient -----------------------------------------------------------
+
+
+def test_async_client(start_server: ServerFactory, tracker: ConnectionTracker) -> None:
+    server = start_server(tracker, idle_timeout=0.3)
+
+    async def main() -> None:
+        response = await AsyncClient(server.path).send("show", {"x": 1})
+        assert response is not None
+        assert response.payload["args"] == {"x": 1}
+
+        failed = await AsyncClient(server.path).send("fail")
+        assert failed is not None
+        with pytest.raises(CommandFailed):
+            failed.raise_for_status()
+
+        assert await AsyncClient(server.path).send("note", respond=False) is None
+
+        async with AsyncClient(server.path, close=False) as client:
+            first = _payload(await client.send("conn"))
+            assert _payload(await client.send("conn")) == first
+            await client.close()
+            second = _payload(await client.send("conn"))
+            assert second != first
+            await wait_until_async(lambda: tracker.closed(second))  # idle timeout
+            third = _payload(await client.send("conn"))
+            assert third not in (first, second)
+        await wait_until_async(lambda: tracker.closed(third))
+
+        client = AsyncClient(server.path)
+        client.options(1 << 20, 3.0, True, False)
+        kept = _payload(await client.send("conn"))
+        assert _payload(await client.send("conn")) == kept
+        await client.aclose()
+
+    asyncio.run(main())
+    assert ("note", {}) in tracker.received
+
+
+async def wait_until_async(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+# -- transport errors ------------------------------------------------------
+
+
+def test_missing_path_is_a_connect_error(sock_path: str) -> None:
+    with pytest.raises(ConnectError, match="no socket file there; is the server running") as info:
+        Client(sock_path).send("ping")
+    assert sock_path in str(info.value)
+    with pytest.raises(ConnectError, match="no socket file there"):
+        asyncio.run(AsyncClient(sock_path).send("ping"))
+
+
+def test_stale_socket_is_a_connect_error(sock_path: str) -> None:
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        stale.bind(sock_path)
+        stale.close()
+        with pytest.raises(ConnectError, match="nothing is listening") as info:
+            Client(sock_path).send("ping")
+        assert "stale socket" in str(info.value)
+        assert isinstance(info.value, TransportError)
+        with pytest.raises(ConnectError, match="nothing is listening"):
+            asyncio.run(AsyncClient(sock_path).send("ping"))
+    finally:
+        stale.close()
+
+
+def test_slow_handler_is_a_timeout(start_server: ServerFactory, tracker: ConnectionTracker) -> None:
+    server = start_server(tracker)
+    client = Client(server.path, timeout=0.3, close=False)
+    with pytest.raises(TimeoutException, match=r"no reply within 0\.3s"):
+        client.send("sleep", {"seconds": 10})
+    client.options(1 << 20, 5.0, True, True)
+    assert _payload(client.send("show"))["cmd"] == "show"  # a fresh connection after the timeout
+
+    async def main() -> None:
+        with pytest.raises(TimeoutException, match=r"no reply within 0\.3s"):
+            await AsyncClient(server.path, timeout=0.3).send("sleep", {"seconds": 10})
+
+    asyncio.run(main())
+
+
+class JunkServer:
+    """A tiny raw socket server that answers every connection with fixed bytes, then closes."""
+
+    def __init__(self, path: str, reply: bytes) -> None:
+        self.path = path
+        self.reply = reply
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen()
+        self.listener.settimeout(0.1)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="junk-server")
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                conn.recv(65536)
+                conn.sendall(self.reply)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+        self.listener.close()
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def junk_server(sock_path: str) -> Iterator[Callable[[bytes], JunkServer]]:
+    servers: list[JunkServer] = []
+
+    def start(reply: bytes) -> JunkServer:
+        server = JunkServer(sock_path, reply)
+        servers.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        (b"HTTP/1.1 400 Bad Request\r\n\r\n", "malformed frame"),
+        (b"\x7f\xff\xff\xff:", "exceeds the limit"),
+        (b"\x00\x00\x00\x02;{}", "expected ':'"),
+        (b"\x00\x00\x00\x05:hello", "not valid JSON"),
+        (b"\x00\x00\x00\x02:[]", "must be a JSON object"),
+        (b'\x00\x00\x00\x0d:{"cmd":"x"}  ', "no response object"),
+        (b"\x00\x00\x00\x10:{}", "closed mid-reply"),
+        (b"\x00\x00", "closed before a reply arrived"),
+        (b"", "closed before a reply arrived"),
+    ],
+)
+def test_garbage_from_the_peer_is_a_protocol_error(
+    junk_server: Callable[[bytes], JunkServer], sock_path: str, reply: bytes, message: str
+) -> None:
+    junk_server(reply)
+    with pytest.raises(ProtocolError, match=message):
+        Client(sock_path).send("ping")
+
+    async def main() -> None:
+        with pytest.raises(ProtocolError, match=message):
+            await AsyncClient(sock_path).send("ping")
+
+    asyncio.run(main())
+
+
+# -- a Go server on the wire -----------------------------------------------
+
+
+class GoShapedServer:
+    """Serves like the Go library's server: read a frame, echo the whole request with response filled.
+
+    The Go server decodes into its Request struct, so an absent ``respond`` or
+    ``close`` reads as false; it keeps the connection while ``close`` is false.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen()
+        self.listener.settimeout(0.1)
+        self.requests: list[tuple[int, dict[str, Any]]] = []
+        self.connections = 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="go-shaped-server")
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            with conn:
+                conn.settimeout(5)
+                self.converse(conn, self.connections)
+
+    def converse(self, conn: socket.socket, number: int) -> None:
+        while True:
+            header = _recv_exact(conn, 5)
+            if len(header) < 5:
+                return
+            (length,) = struct.unpack(">I", header[:4])
+            request = json.loads(_recv_exact(conn, length))
+            self.requests.append((number, request))
+            if request["cmd"] == "fail":
+                request["response"] = {"status": "failure", "error": "go says no", "payload": ""}
+            else:
+                payload = json.dumps({"cmd": request["cmd"], "args": request["args"]})
+                request["response"] = {"status": "success", "error": "", "payload": payload}
+            if request.get("respond", False):
+                body = json.dumps(request).encode()
+                conn.sendall(struct.pack(">I", len(body)) + b":" + body)
+            if request.get("close", False):
+                return
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+        self.listener.close()
+        assert not self.thread.is_alive()
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest.fixture
+def go_server(sock_path: str) -> Iterator[GoShapedServer]:
+    server = GoShapedServer(sock_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_client_talks_to_a_go_server(go_server: GoShapedServer, sock_path: str) -> None:
+    response = Client(sock_path).send("stats", {"verbose": True})
+    assert response is not None
+    assert response.ok
+    assert isinstance(response.payload, str)
+    assert json.loads(response.payload) == {"cmd": "stats", "args": {"verbose": True}}
+    failed = Client(sock_path).send("fail")
+    assert failed is not None
+    assert (failed.status, failed.error) == ("failure", "go says no")
+    # Both flags are always sent explicitly: a Go server reads an absent one as false.
+    for _, request in go_server.requests:
+        assert request["respond"] is True
+        assert request["close"] is True
+
+
+def test_kept_connection_to_a_go_server(go_server: GoShapedServer, sock_path: str) -> None:
+    with Client(sock_path, close=False) as client:
+        for i in range(3):
+            assert json.loads(_payload(client.send("echo", {"i": i})))["args"] == {"i": i}
+        assert _payload(client.send("last", close=True))
+    assert [number for number, _ in go_server.requests] == [1, 1, 1, 1]
+    assert [request["close"] for _, request in go_server.requests] == [False, False, False, True]
+
+
+def test_async_client_talks_to_a_go_server(go_server: GoShapedServer, sock_path: str) -> None:
+    async def main() -> Response | None:
+        return await AsyncClient(sock_path).send("stats", {"a": 1})
+
+    response = asyncio.run(main())
+    assert response is not None
+    assert json.loads(_payload(response)) == {"cmd": "stats", "args": {"a": 1}}
