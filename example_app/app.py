@@ -72,7 +72,8 @@ def flush_cache(ctx: CommandContext) -> dict[str, int]:
 
 
 def _price(item: dict[str, Any]) -> float:
-    return round(item["price"] * (100 - settings["discount_percent"]) / 100, 2)
+    discount: int = settings["discount_percent"]
+    return round(float(item["price"]) * (100 - discount) / 100, 2)
 
 
 async def index(request: Request) -> JSONResponse:
@@ -81,7 +82,9 @@ async def index(request: Request) -> JSONResponse:
 
 async def list_items(request: Request) -> JSONResponse:
     catalog = request.state.catalog
-    return JSONResponse({"items": [{"id": i["id"], "name": i["name"], "price": _price(i)} for i in catalog.values()]})
+    return JSONResponse(
+        {"items": [{"id": i["id"], "name": i["name"], "price": _price(i)} for i in catalog.values()]}
+    )
 
 
 async def get_item(request: Request) -> JSONResponse:

@@ -48,7 +48,9 @@ def bind(cmd: str, **args: Any) -> dict[str, Any]:
 
 def test_binding_accepts_well_typed_arguments_and_applies_defaults() -> None:
     assert bind("typed", name="a", count=2) == {"name": "a", "count": 2}
-    kwargs = bind("typed", name="a", count=2, ratio=3, flag="on", color="BLUE", limit=None, mode="slow", tags=[1])
+    kwargs = bind(
+        "typed", name="a", count=2, ratio=3, flag="on", color="BLUE", limit=None, mode="slow", tags=[1]
+    )
     assert kwargs["ratio"] == 3.0 and isinstance(kwargs["ratio"], float)
     assert kwargs["flag"] is True
     assert kwargs["color"] is Color.BLUE
@@ -63,7 +65,10 @@ def test_binding_accepts_well_typed_arguments_and_applies_defaults() -> None:
     ("args", "message"),
     [
         ({"count": 1}, "missing required argument 'name' (string) for 'typed'"),
-        ({"name": "a", "count": 1, "colour": "red"}, "unknown argument 'colour' for 'typed'; it takes: name, count"),
+        (
+            {"name": "a", "count": 1, "colour": "red"},
+            "unknown argument 'colour' for 'typed'; it takes: name, count",
+        ),
         ({"name": "a", "count": "1"}, "argument 'count' of 'typed': expected an integer, got string '1'"),
         ({"name": "a", "count": True}, "expected an integer, got boolean true"),
         ({"name": 5, "count": 1}, "argument 'name' of 'typed': expected a string, got number 5"),

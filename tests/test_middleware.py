@@ -17,7 +17,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
@@ -166,16 +166,23 @@ def test_an_app_whose_startup_fails_still_fails_and_leaves_no_socket(sock_dir: P
         yield  # pragma: no cover
 
     sock = sock_dir / "c.sock"
-    app = Starlette(lifespan=broken_lifespan, middleware=[Middleware(ControlSocketMiddleware, path=str(sock))])
+    app = Starlette(
+        lifespan=broken_lifespan, middleware=[Middleware(ControlSocketMiddleware, path=str(sock))]
+    )
     with pytest.raises(RuntimeError, match="database unreachable"), TestClient(app):
         pass
     assert not sock.exists()
 
 
-def test_socket_trouble_never_breaks_the_app_unless_strict(sock_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_socket_trouble_never_breaks_the_app_unless_strict(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     blocker = sock_dir / "file"
     blocker.write_text("keep me")
-    with caplog.at_level(logging.WARNING, "unixsock_asgi"), TestClient(_starlette(blocker / "c.sock")) as http:
+    with (
+        caplog.at_level(logging.WARNING, "unixsock_asgi"),
+        TestClient(_starlette(blocker / "c.sock")) as http,
+    ):
         assert http.get("/hello/x").text == "hi"
     assert "could not start" in caplog.text and "serves on without it" in caplog.text
     assert blocker.read_text() == "keep me"

@@ -19,7 +19,11 @@ def make() -> Settings:
 
 def test_values_read_by_item_attribute_and_get() -> None:
     settings = make()
-    assert settings["greeting"] == "hello" and settings.greeting == "hello" and settings.get("greeting") == "hello"
+    assert (
+        settings["greeting"] == "hello"
+        and settings.greeting == "hello"
+        and settings.get("greeting") == "hello"
+    )
     assert list(settings) == ["greeting", "delay_s", "enabled"] and "enabled" in settings
     with pytest.raises(AttributeError):
         _ = settings.nope

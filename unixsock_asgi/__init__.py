@@ -12,8 +12,8 @@ from ._exceptions import (
     TransportError,
     UnixSockError,
 )
-from ._protocol import STATUS_FAIL, STATUS_OK, Request, Response
 from ._middleware import ControlSocketMiddleware
+from ._protocol import STATUS_FAIL, STATUS_OK, Request, Response
 from ._server import RequestContext, ServerConfig, UnixSockServer
 from ._settings import Setting, Settings
 from ._sockets import PeerCredentials

@@ -137,7 +137,9 @@ def _describe_logger(lg: logging.Logger) -> dict[str, Any]:
 @command(readonly=True, diagnostic=True)
 def loggers() -> dict[str, Any]:
     """Every logger the process knows, with its own and its effective level."""
-    names = sorted(n for n, lg in list(logging.root.manager.loggerDict.items()) if isinstance(lg, logging.Logger))
+    names = sorted(
+        n for n, lg in list(logging.root.manager.loggerDict.items()) if isinstance(lg, logging.Logger)
+    )
     out = {"root": _describe_logger(logging.getLogger())}
     for name in names:
         out[name] = _describe_logger(logging.getLogger(name))
@@ -335,9 +337,7 @@ def tasks(ctx: CommandContext) -> dict[str, Any]:
                 "name": task.get_name(),
                 "coro": getattr(coro, "__qualname__", repr(coro)),
                 "done": task.done(),
-                "stack": [
-                    f"{f.f_code.co_filename}:{f.f_lineno} in {f.f_code.co_name}" for f in frames
-                ],
+                "stack": [f"{f.f_code.co_filename}:{f.f_lineno} in {f.f_code.co_name}" for f in frames],
             }
         )
     out.sort(key=lambda t: t["name"])

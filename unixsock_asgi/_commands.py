@@ -70,9 +70,7 @@ class Command:
         unknown = sorted(set(args) - set(known))
         if unknown:
             expected = ", ".join(known) or "no arguments"
-            raise ArgumentError(
-                f"unknown argument {unknown[0]!r} for {self.name!r}; it takes: {expected}"
-            )
+            raise ArgumentError(f"unknown argument {unknown[0]!r} for {self.name!r}; it takes: {expected}")
         kwargs: dict[str, Any] = {}
         for p in self.params:
             if p.name not in args:
@@ -119,6 +117,8 @@ class Commands:
     @overload
     def command(
         self,
+        func: None = None,
+        /,
         *,
         name: str | None = None,
         readonly: bool = False,
@@ -259,7 +259,9 @@ def coerce(value: Any, annotation: Any) -> Any:
     if annotation in (list, dict):
         if isinstance(value, annotation):
             return value
-        raise ValueError(f"expected {'an array' if annotation is list else 'an object'}, got {_describe(value)}")
+        raise ValueError(
+            f"expected {'an array' if annotation is list else 'an object'}, got {_describe(value)}"
+        )
     if isinstance(annotation, type):
         if isinstance(value, annotation):
             return value

@@ -51,6 +51,10 @@ class ControlSocketMiddleware:
     stale sockets there and applies persisted overrides at startup. A socket
     that cannot be started logs a warning and the app serves on, unless
     ``strict=True``, which fails startup with a clear message.
+
+    ``app_timeout`` bounds commands that run on the app's loop; ``socket_mode``,
+    ``allowed_uids``/``allowed_gids``, ``max_connections``, ``idle_timeout``
+    and ``max_message_size`` are passed to the control server.
     """
 
     def __init__(
@@ -69,7 +73,12 @@ class ControlSocketMiddleware:
         maintenance_exempt: Iterable[str] = ("/health",),
         retry_after: int = 30,
         app_timeout: float = 5.0,
-        **server_options: Any,
+        socket_mode: int = 0o600,
+        allowed_uids: Iterable[int] = (),
+        allowed_gids: Iterable[int] = (),
+        max_connections: int = 64,
+        idle_timeout: float = 60.0,
+        max_message_size: int = 1 << 20,
     ) -> None:
         if path is None and socket_dir is None:
             raise TypeError("ControlSocketMiddleware needs path= or socket_dir=")
@@ -91,7 +100,14 @@ class ControlSocketMiddleware:
             settings=settings if settings is not None else Settings(),
             stats=self.stats,
             handler=handler,
-            server_options=server_options,
+            server_options={
+                "socket_mode": socket_mode,
+                "allowed_uids": frozenset(allowed_uids),
+                "allowed_gids": frozenset(allowed_gids),
+                "max_connections": max_connections,
+                "idle_timeout": idle_timeout,
+                "max_message_size": max_message_size,
+            },
             app_timeout=app_timeout,
             health_path=health_path,
             maintenance_exempt=tuple(maintenance_exempt),
@@ -137,7 +153,9 @@ class ControlSocketMiddleware:
         finally:
             duration = time.perf_counter() - start
             stats.in_flight -= 1
-            stats.record(_route_template(scope, root_path), scope["method"], recorder.status, duration, failed)
+            stats.record(
+                _route_template(scope, root_path), scope["method"], recorder.status, duration, failed
+            )
 
     async def _gated(self, scope: Scope, send: Send) -> bool:
         """Answer 503 when maintenance is on or the health check is made to fail."""
@@ -284,7 +302,7 @@ def _route_template(scope: Scope, root_path: str) -> str:
     route context; Starlette leaves the matched route in ``scope["route"]``;
     mounts extend ``root_path``, and that extension is the mount prefix.
     """
-    template = None
+    template: str | None = None
     fastapi_scope = scope.get("fastapi")
     if fastapi_scope:
         context = fastapi_scope.get("effective_route_context")
@@ -292,7 +310,7 @@ def _route_template(scope: Scope, root_path: str) -> str:
     route = scope.get("route")
     if not template and route is not None:
         template = getattr(route, "path_format", None)
-    prefix = scope.get("root_path", "")
+    prefix: str = scope.get("root_path", "")
     if prefix is root_path:  # the common case: no mount on the way
         prefix = ""
     elif prefix.startswith(root_path):

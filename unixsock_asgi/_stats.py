@@ -265,6 +265,6 @@ def process_figures() -> dict[str, Any]:
         figures["threads"] = len(os.listdir("/proc/self/task"))
     except OSError:
         pass
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    figures["cpu_s"] = usage.ru_utime + usage.ru_stime
+    rusage = resource.getrusage(resource.RUSAGE_SELF)
+    figures["cpu_s"] = rusage.ru_utime + rusage.ru_stime
     return figures

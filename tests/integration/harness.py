@@ -83,7 +83,9 @@ def start_server(tmp_path: Path) -> Iterator[StartServer]:
     """Start ``python -m ARGS...`` with env overrides; every process is stopped afterwards."""
     started: list[ServerProcess] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, wait: bool = True, port: int | None = None) -> ServerProcess:
+    def start(
+        *args: str, env: dict[str, str] | None = None, wait: bool = True, port: int | None = None
+    ) -> ServerProcess:
         port = port or free_port()
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         log_path = tmp_path / f"server-{len(started)}.log"

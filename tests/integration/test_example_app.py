@@ -35,7 +35,9 @@ def _payload(client: Client, cmd: str, **args: Any) -> Any:
     return response.payload
 
 
-def test_stats_count_exactly_what_was_sent_per_route_template(start_server: StartServer, short_dir: Path) -> None:
+def test_stats_count_exactly_what_was_sent_per_route_template(
+    start_server: StartServer, short_dir: Path
+) -> None:
     server, control = _example(start_server, short_dir / "s")
     paths = ["/items/1"] * 7 + ["/items/2"] * 3 + ["/items/99"] * 2 + ["/"] * 5 + ["/fail"] * 2
     paths += [f"/no/such/page/{i}" for i in range(4)]
@@ -82,7 +84,9 @@ def test_set_log_level_changes_what_the_server_logs_and_ttl_reverts(
     httpx.get(server.url + "/items/3")
     wait_for(lambda: "served item 3" in server.log(), 5, "the debug line")
 
-    wait_for(lambda: _payload(control, "get_log_level", logger="example_app")["level"] == "INFO", 10, "ttl revert")
+    wait_for(
+        lambda: _payload(control, "get_log_level", logger="example_app")["level"] == "INFO", 10, "ttl revert"
+    )
     httpx.get(server.url + "/items/2")
     httpx.get(server.url + "/")  # a request after it, to be sure logs were flushed
     assert "served item 2" not in server.log()
@@ -99,7 +103,9 @@ def test_set_log_level_changes_what_the_server_logs_and_ttl_reverts(
     assert failure is not None and not failure.ok and "unknown log level 'LOUD'" in failure.error
 
 
-def test_set_changes_the_apps_behaviour_on_the_next_request(start_server: StartServer, short_dir: Path) -> None:
+def test_set_changes_the_apps_behaviour_on_the_next_request(
+    start_server: StartServer, short_dir: Path
+) -> None:
     server, control = _example(start_server, short_dir / "s")
     assert httpx.get(server.url + "/").json()["message"] == "hello"
     assert _payload(control, "set", name="greeting", value="good morning") == {
@@ -147,7 +153,9 @@ def test_health_fail_and_maintenance_change_responses(start_server: StartServer,
     assert drained["drained"] is True and drained["in_flight"] == 0
 
 
-def test_ping_and_stacks_answer_while_a_route_blocks_the_loop(start_server: StartServer, short_dir: Path) -> None:
+def test_ping_and_stacks_answer_while_a_route_blocks_the_loop(
+    start_server: StartServer, short_dir: Path
+) -> None:
     server, control = _example(start_server, short_dir / "s")
     blocker = threading.Thread(target=lambda: httpx.get(server.url + "/block?seconds=4", timeout=20))
     blocker.start()

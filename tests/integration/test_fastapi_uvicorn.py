@@ -27,7 +27,9 @@ def _payload(client: Client, cmd: str, **args: Any) -> Any:
 
 
 @pytest.mark.parametrize("lifespan", ["auto", "on"])
-def test_route_templates_and_lifespan_state(start_server: StartServer, short_dir: Path, lifespan: str) -> None:
+def test_route_templates_and_lifespan_state(
+    start_server: StartServer, short_dir: Path, lifespan: str
+) -> None:
     sock = short_dir / "c-{pid}.sock"
     server = start_server(*_uvicorn("--lifespan", lifespan), env={"UNIXSOCK_TEST_SOCKET": str(sock)})
     control = Client(str(sock).replace("{pid}", str(server.proc.pid)))
@@ -63,7 +65,9 @@ def test_app_loop_commands_report_a_blocked_loop_while_diagnostics_answer(
     blocker = threading.Thread(target=lambda: httpx.get(server.url + "/block-loop?seconds=3", timeout=20))
     blocker.start()
     try:
-        wait_for(lambda: _payload(control, "stats", routes=False)["in_flight"] == 1, 5, "the blocking request")
+        wait_for(
+            lambda: _payload(control, "stats", routes=False)["in_flight"] == 1, 5, "the blocking request"
+        )
         reply = control.send("lifespan_state")  # runs on the app loop: app_timeout is 0.5 s here
         assert reply is not None and not reply.ok
         assert "event loop appears blocked" in reply.error and "'stacks'" in reply.error
@@ -73,7 +77,9 @@ def test_app_loop_commands_report_a_blocked_loop_while_diagnostics_answer(
     assert _payload(control, "lifespan_state")["keys"] == ["db"]  # and it recovers
 
 
-def test_strict_refuses_to_start_when_the_socket_cannot_be_bound(start_server: StartServer, short_dir: Path) -> None:
+def test_strict_refuses_to_start_when_the_socket_cannot_be_bound(
+    start_server: StartServer, short_dir: Path
+) -> None:
     blocker = short_dir / "file"
     blocker.write_text("x")
     env = {"UNIXSOCK_TEST_SOCKET": str(blocker / "c.sock"), "UNIXSOCK_TEST_STRICT": "1"}
