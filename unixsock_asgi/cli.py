@@ -136,15 +136,18 @@ def format_args(args: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
-def table(rows: Sequence[Sequence[str]], right_align_from: int = 1) -> list[str]:
-    """Rows of cells as aligned text; columns from ``right_align_from`` on are right-aligned."""
+def table(rows: Sequence[Sequence[str]], align: str = "") -> list[str]:
+    """Rows of cells as aligned text; ``align`` has an ``l`` or ``r`` per column.
+
+    Columns without a letter are right-aligned, except the first (a name).
+    """
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for row in rows:
-        cells = [
-            cell.rjust(widths[i]) if i >= right_align_from else cell.ljust(widths[i])
-            for i, cell in enumerate(row)
-        ]
+        cells = []
+        for i, cell in enumerate(row):
+            how = align[i] if i < len(align) else ("l" if i == 0 else "r")
+            cells.append(cell.ljust(widths[i]) if how == "l" else cell.rjust(widths[i]))
         lines.append("  ".join(cells).rstrip())
     return lines
 
@@ -209,10 +212,10 @@ def render_stats(outcome: FanOutResult, total: Mapping[str, Any]) -> list[str]:
 
 
 def render_help(payload: Any) -> list[str]:
-    """A worker's ``help`` payload as a command list with argument signatures."""
+    """A worker's ``help`` payload as a command list: signature, then the first line of its doc."""
     commands = payload.get("commands") if isinstance(payload, Mapping) else None
     if not isinstance(commands, list):
-        return [json.dumps(payload, indent=2)]
+        return _payload_lines(payload)
     rows = []
     for command in commands:
         if not isinstance(command, Mapping):
@@ -221,16 +224,20 @@ def render_help(payload: Any) -> list[str]:
         for arg in command.get("args") or []:
             text = f"{arg.get('name')}=<{arg.get('type', 'any')}>"
             params.append(text if arg.get("required") else f"[{text}]")
-        flags = [f for f in ("readonly", "diagnostic") if command.get(f)]
-        doc = str(command.get("doc") or "").strip().splitlines()
-        rows.append(
-            (
-                f"{command.get('name')} {' '.join(params)}".rstrip(),
-                (doc[0] if doc else "") + (f" [{', '.join(flags)}]" if flags else ""),
-            )
-        )
-    width = max((len(sig) for sig, _ in rows), default=0)
-    return [f"{sig.ljust(width)}  {doc}".rstrip() for sig, doc in rows]
+        doc_lines = str(command.get("doc") or "").strip().splitlines()
+        first = (doc_lines[0] if doc_lines else "") + (" (read-only)" if command.get("readonly") else "")
+        rows.append((f"{command.get('name')} {' '.join(params)}".rstrip(), first))
+    width = min(max((len(sig) for sig, _ in rows), default=0), _HELP_SIGNATURE_WIDTH)
+    lines: list[str] = []
+    for sig, doc in rows:
+        if len(sig) > width:
+            lines += [sig, f"{'':{width}}  {doc}".rstrip()]  # long signature: doc on its own line
+        else:
+            lines.append(f"{sig.ljust(width)}  {doc}".rstrip())
+    return lines
+
+
+_HELP_SIGNATURE_WIDTH = 36
 
 
 def _payload_lines(payload: Any) -> list[str]:
@@ -319,7 +326,8 @@ def _stale_note(outcome: FanOutResult) -> None:
     if outcome.stale:
         names = ", ".join(os.path.basename(p) for p in outcome.stale)
         print(
-            f"note: skipped {len(outcome.stale)} stale socket(s) nothing listens on: {names}", file=sys.stderr
+            f"note: skipped {len(outcome.stale)} stale socket(s) (nothing listens there): {names}",
+            file=sys.stderr,
         )
 
 
@@ -415,9 +423,7 @@ def cmd_ls(ns: argparse.Namespace) -> int:
         for path in outcome.stale:
             state = "STALE: removed" if path in removed else "STALE: nothing listens (process gone)"
             rows.append([os.path.basename(path), "-", "-", "-", "-", state])
-        lines = table(rows)
-        # STATE is free text: left-align it after the numeric columns.
-        _write(lines, sys.stdout)
+        _write(table(rows, align="lrrrrl"), sys.stdout)
     if not outcome.results:
         raise UsageError(f"nothing to talk to: no live worker in {target.path}")
     if not outcome.all_ok:

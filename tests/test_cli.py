@@ -1,0 +1,474 @@
+"""The ``unixsock-asgi`` command line against real sockets: output, exit codes, overrides."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from unixsock_asgi._fleet import load_overrides, overrides_path, persist_override
+from unixsock_asgi._shell import CommandCatalog, completions
+from unixsock_asgi.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, format_args, main, parse_command_args
+
+from .fleet_workers import HELP, Fleet, ScriptedWorker, fleet, make_stale_socket, socket_dir
+
+__all__ = ["fleet", "socket_dir"]  # fixtures
+
+pytestmark = pytest.mark.timeout(30)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Run the CLI in-process; return (exit status, stdout, stderr)."""
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected a one-line message on stderr, got {lines}"
+    return lines[0]
+
+
+def three_busy_workers(fleet: Fleet) -> list[ScriptedWorker]:
+    workers = fleet.start(3)
+    for n, w in enumerate(workers, 1):
+        w.record(*[("/items/{item_id}", 200, 0.002 * n)] * (10 * n))
+        w.record(("/", 500, 0.05), exception=True)
+    return workers
+
+
+# --------------------------------------------------------------------------- send
+
+
+def test_send_stats_json_has_every_worker_and_a_total_that_adds_up(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    workers = three_busy_workers(fleet)
+    status, out, err = run(capsys, "send", str(socket_dir), "stats", "--json")
+    assert status == EXIT_OK, err
+    document = json.loads(out)
+    results = document["results"]
+    assert sorted(r["pid"] for r in results) == sorted(w.pid for w in workers)
+    assert all(r["status"] == "success" and r["error"] == "" for r in results)
+    assert all(set(r) == {"socket", "pid", "status", "error", "payload"} for r in results)
+    assert sum(r["payload"]["requests_total"] for r in results) == 10 + 20 + 30 + 3
+    total = document["total"]
+    assert total["requests_total"] == 63 and total["workers"] == 3
+    assert total["routes"]["/items/{item_id}"]["requests"] == 60
+    assert total["routes"]["/"]["exceptions"] == 3
+    assert total["by_status"] == {"2xx": 60, "5xx": 3}
+
+
+def test_send_stats_prints_a_row_per_worker_and_a_total_row(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    workers = three_busy_workers(fleet)
+    status, out, _ = run(capsys, "send", str(socket_dir), "stats")
+    assert status == EXIT_OK
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["WORKER", "UPTIME", "REQUESTS"]
+    rows = {line.split()[0]: line.split() for line in lines[1:5]}
+    assert {str(w.pid) for w in workers} | {"TOTAL(3)"} == set(rows)
+    assert rows["TOTAL(3)"][2] == "63"
+    assert rows["TOTAL(3)"][4] == "3"  # 5xx
+    assert any(line.startswith("/items/{item_id}") and " 60 " in line for line in lines)
+
+
+def test_send_to_one_socket_prints_the_bare_payload(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    (worker,) = fleet.start(1)
+    status, out, err = run(capsys, "send", str(worker.path), "ping")
+    assert (status, out, err) == (EXIT_OK, "pong\n", "")
+
+
+def test_send_groups_identical_answers(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    workers = fleet.start(3)
+    status, out, _ = run(capsys, "send", str(socket_dir), "ping")
+    assert status == EXIT_OK
+    pids = " ".join(str(w.pid) for w in workers)
+    assert out == f"[3 workers {pids}] success\npong\n"
+
+
+def test_send_help_lists_commands_with_their_arguments(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet.start(2)
+    status, out, _ = run(capsys, "send", str(socket_dir), "help")
+    assert status == EXIT_OK
+    assert any(line.startswith("set_log_level level=<string> [logger=<string>]") for line in out.splitlines())
+
+
+def test_arguments_reach_every_worker_typed_and_options_may_follow_them(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    workers = fleet.start(2)
+    status, out, err = run(
+        capsys, "send", str(socket_dir), "set", "name=limits", "--json", "value=[1, 2]", "--timeout", "2"
+    )
+    assert status == EXIT_OK, err
+    assert all(w.commands_seen[-1] == ("set", {"name": "limits", "value": [1, 2]}) for w in workers)
+    assert [r["payload"]["new"] for r in json.loads(out)["results"]] == [[1, 2], [1, 2]]
+
+
+def test_parse_command_args_uses_json_literals_else_strings() -> None:
+    parsed = parse_command_args(["a=1", "b=true", "c=hello", "d=", 'e={"k": null}', "f=1.5", "g=a=b"])
+    assert parsed == {"a": 1, "b": True, "c": "hello", "d": "", "e": {"k": None}, "f": 1.5, "g": "a=b"}
+    assert format_args(parsed) == 'a=1 b=true c=hello d= e={"k": null} f=1.5 g=a=b'
+
+
+def test_get_reports_whether_workers_agree(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, _, c = fleet.start(3)
+    c.levels["app"] = "DEBUG"
+    status, out, _ = run(capsys, "send", str(socket_dir), "get_log_level", "logger=app", "--json")
+    assert status == EXIT_OK
+    distinct = json.loads(out)["total"]["distinct"]
+    assert sorted(len(group["pids"]) for group in distinct) == [1, 2]
+    assert {"pids": [c.pid], "payload": {"logger": "app", "level": "DEBUG"}}.items() <= next(
+        g for g in distinct if g["pids"] == [c.pid]
+    ).items()
+
+
+# --------------------------------------------------------------------------- exit codes
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["send"],
+        ["send", "{dir}"],
+        ["frobnicate", "{dir}"],
+        ["send", "{dir}", "ping", "notkeyvalue"],
+        ["send", "{dir}", "ping", "--bogus"],
+        ["top", "{dir}", "--interval", "0"],
+        ["overrides", "list", "{dir}"],
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(
+    argv: list[str], socket_dir: Path, fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet.start(1)
+    status, out, err = run(capsys, *[a.replace("{dir}", str(socket_dir)) for a in argv])
+    assert status == EXIT_USAGE
+    assert one_line(err).startswith("unixsock-asgi: error:")
+    assert out == ""
+
+
+def test_a_missing_target_exits_2_saying_so(socket_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status, _, err = run(capsys, "send", str(socket_dir / "nope"), "ping")
+    assert status == EXIT_USAGE
+    assert "nothing to talk to" in one_line(err) and "no such socket or directory" in err
+
+
+def test_an_empty_directory_exits_2(socket_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status, _, err = run(capsys, "send", str(socket_dir), "ping")
+    assert status == EXIT_USAGE
+    assert "no worker sockets" in one_line(err)
+
+
+def test_a_directory_of_stale_sockets_exits_2(socket_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_stale_socket(socket_dir / "app-1.sock")
+    make_stale_socket(socket_dir / "app-2.sock")
+    status, _, err = run(capsys, "send", str(socket_dir), "ping")
+    assert status == EXIT_USAGE
+    assert "2 socket(s)" in one_line(err) and "no live worker" in err
+
+
+def test_a_stale_socket_target_exits_2(socket_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    stale = make_stale_socket(socket_dir / "app-1.sock")
+    status, _, err = run(capsys, "send", str(stale), "ping")
+    assert status == EXIT_USAGE
+    assert "nothing listens" in one_line(err)
+
+
+def test_a_regular_file_target_exits_2(socket_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (socket_dir / "notes.txt").write_text("hi")
+    status, _, err = run(capsys, "send", str(socket_dir / "notes.txt"), "ping")
+    assert status == EXIT_USAGE
+    assert "neither a socket nor a directory" in one_line(err)
+
+
+def test_stale_sockets_are_skipped_with_a_note(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet.start(2)
+    make_stale_socket(socket_dir / "app-3.sock")
+    status, out, err = run(capsys, "send", str(socket_dir), "ping", "--json")
+    assert status == EXIT_OK
+    document = json.loads(out)
+    assert len(document["results"]) == 2
+    assert document["stale"] == [str(socket_dir / "app-3.sock")]
+    assert "skipped 1 stale socket(s) (nothing listens there): app-3.sock" in one_line(err)
+
+
+def test_a_failure_answer_exits_1_naming_the_workers(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet.start(2)
+    status, out, err = run(capsys, "send", str(socket_dir), "set_log_level", "level=LOUD")
+    assert status == EXIT_FAILED
+    assert "unknown level" in out
+    line = one_line(err)
+    assert line.startswith("unixsock-asgi: 2 of 2 workers did not succeed:") and "failure" in line
+
+
+def test_a_hung_worker_exits_1_within_the_timeout_and_others_are_printed(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    quick = fleet.start(2)
+    (hung,) = fleet.start(1, reply_delay_s=10.0)
+    started = time.monotonic()
+    status, out, err = run(capsys, "send", str(socket_dir), "ping", "--timeout", "0.5", "--json")
+    assert time.monotonic() - started < 2.0
+    assert status == EXIT_FAILED
+    results = {r["pid"]: r for r in json.loads(out)["results"]}
+    assert all(results[w.pid]["payload"] == "pong" for w in quick)
+    assert results[hung.pid]["status"] == "timeout"
+    assert f"app-{hung.pid}.sock: timeout" in one_line(err)
+
+
+# --------------------------------------------------------------------------- --persist and overrides
+
+
+def test_persist_writes_the_overrides_file_after_every_worker_accepted(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet.start(2)
+    status, _, err = run(
+        capsys, "send", str(socket_dir), "set_log_level", "level=DEBUG", "logger=app", "--persist"
+    )
+    assert status == EXIT_OK
+    assert "persisted to" in one_line(err)
+    assert load_overrides(str(socket_dir)) == [
+        {"cmd": "set_log_level", "args": {"level": "DEBUG", "logger": "app"}}
+    ]
+    assert stat.S_IMODE(os.stat(overrides_path(str(socket_dir))).st_mode) == 0o600
+
+    status, out, _ = run(capsys, "overrides", "show", str(socket_dir))
+    assert status == EXIT_OK
+    assert "1. set_log_level level=DEBUG logger=app" in out
+    status, out, _ = run(capsys, "overrides", "show", str(socket_dir), "--json")
+    assert json.loads(out)["overrides"] == [
+        {"cmd": "set_log_level", "args": {"level": "DEBUG", "logger": "app"}}
+    ]
+
+    status, out, _ = run(capsys, "overrides", "clear", str(socket_dir))
+    assert status == EXIT_OK and "cleared 1 override(s)" in out
+    status, out, _ = run(capsys, "overrides", "show", str(socket_dir))
+    assert status == EXIT_OK and out.startswith("no overrides in")
+
+
+def test_persist_is_not_the_default(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet.start(1)
+    assert run(capsys, "send", str(socket_dir), "health_fail")[0] == EXIT_OK
+    assert not Path(overrides_path(str(socket_dir))).exists()
+
+
+def test_a_rejected_command_is_not_persisted(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet.start(2)
+    status, _, _ = run(capsys, "send", str(socket_dir), "set_log_level", "level=LOUD", "--persist")
+    assert status == EXIT_FAILED
+    assert not Path(overrides_path(str(socket_dir))).exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["set_log_level", "level=DEBUG", "ttl=60"], "ttl"),
+        (["stats_reset"], "cannot be persisted"),
+    ],
+)
+def test_persist_refuses_what_cannot_be_durable_before_sending_anything(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    (worker,) = fleet.start(1)
+    status, _, err = run(capsys, "send", str(socket_dir), *extra, "--persist")
+    assert status == EXIT_USAGE
+    assert message in one_line(err)
+    assert worker.commands_seen == []
+    assert not Path(overrides_path(str(socket_dir))).exists()
+
+
+def test_persist_needs_a_directory_target(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    (worker,) = fleet.start(1)
+    status, _, err = run(capsys, "send", str(worker.path), "health_fail", "--persist")
+    assert status == EXIT_USAGE
+    assert "socket directory" in one_line(err)
+    assert worker.commands_seen == []
+
+
+def test_overrides_show_of_a_corrupt_file_exits_1(
+    socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    Path(overrides_path(str(socket_dir))).write_text("{oops")
+    status, _, err = run(capsys, "overrides", "show", str(socket_dir))
+    assert status == EXIT_FAILED
+    assert "fix or clear it" in one_line(err)
+
+
+def test_overrides_needs_a_directory(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    (worker,) = fleet.start(1)
+    status, _, err = run(capsys, "overrides", "show", str(worker.path))
+    assert status == EXIT_USAGE
+    assert "not a directory" in one_line(err)
+
+
+# --------------------------------------------------------------------------- ls
+
+
+def test_ls_lists_live_workers_and_flags_stale_sockets(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    workers = three_busy_workers(fleet)
+    stale = make_stale_socket(socket_dir / "app-5.sock")
+    status, out, _ = run(capsys, "ls", str(socket_dir))
+    assert status == EXIT_OK
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    for n, w in enumerate(workers, 1):
+        assert rows[w.path.name].split()[1:6] == [str(w.pid), "0s", str(10 * n + 1), "0", "live"]
+    assert "STALE" in rows["app-5.sock"]
+
+    status, out, _ = run(capsys, "ls", str(socket_dir), "--json", "--remove-stale")
+    assert status == EXIT_OK
+    document = json.loads(out)
+    assert document["stale"] == document["removed"] == [str(stale)]
+    assert {w["pid"] for w in document["workers"]} == {w.pid for w in workers}
+    assert not stale.exists()
+
+
+def test_ls_of_only_stale_sockets_exits_2_after_listing_them(
+    socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_stale_socket(socket_dir / "app-8.sock")
+    status, out, err = run(capsys, "ls", str(socket_dir))
+    assert status == EXIT_USAGE
+    assert "app-8.sock" in out and "STALE" in out
+    assert "no live worker" in one_line(err)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_metrics_prints_prometheus_text_and_can_write_a_file_atomically(
+    fleet: Fleet, socket_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    three_busy_workers(fleet)
+    status, out, _ = run(capsys, "metrics", str(socket_dir), "--prefix", "shop")
+    assert status == EXIT_OK
+    families = {f.name: f for f in text_string_to_metric_families(out)}
+    requests = {tuple(sorted(s.labels.items())): s.value for s in families["shop_requests"].samples}
+    assert requests[(("route", "/items/{item_id}"), ("status", "2xx"))] == 60
+
+    target = tmp_path / "app.prom"
+    status, out, _ = run(capsys, "metrics", str(socket_dir), "--output", str(target))
+    assert status == EXIT_OK and out == ""
+    assert "asgi_workers 3" in target.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".metrics")) == []
+
+
+# --------------------------------------------------------------------------- top --once
+
+
+def test_top_once_prints_one_frame_with_rates(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    workers = fleet.start(2, requests_per_stats_call=5)
+    status, out, _ = run(capsys, "top", str(socket_dir), "--once", "--interval", "0.2")
+    assert status == EXIT_OK
+    lines = out.splitlines()
+    assert "\x1b" not in out
+    assert lines[0].startswith("unixsock-asgi top")
+    assert all(len(line) < 80 for line in lines) and len(lines) <= 24
+    rows = {line.split()[0]: line.split() for line in lines if line.strip()[:1].isdigit() or "TOTAL" in line}
+    assert set(rows) == {str(w.pid) for w in workers} | {"TOTAL"}
+    assert float(rows["TOTAL"][1]) > 0  # requests/s from the two samples
+    assert rows["TOTAL"][2] == "20"  # 2 workers x 2 samples x 5 requests
+
+
+# --------------------------------------------------------------------------- shell, not on a tty
+
+
+def test_shell_completion_candidates() -> None:
+    catalog = CommandCatalog.from_help([HELP])
+    assert completions(catalog, "", "pi") == ["ping "]
+    assert completions(catalog, "", "") == [f"{c} " for c in sorted([*catalog.commands, "quit", "exit"])]
+    assert completions(catalog, "set_log_level ", "le") == ["level="]
+    assert completions(catalog, "set_log_level level=DEBUG ", "") == ["logger=", "ttl="]
+    assert completions(catalog, "nosuch ", "") == []
+
+
+def _cli(*argv: str, stdin: str = "", timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "unixsock_asgi", *argv],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        check=False,
+    )
+
+
+def test_shell_reads_commands_from_a_pipe(fleet: Fleet, socket_dir: Path) -> None:
+    workers = fleet.start(2)
+    result = _cli("shell", str(socket_dir), stdin='ping\nset name=motd value="hello world"\n\nquit\nping\n')
+    assert result.returncode == EXIT_OK, result.stderr
+    assert result.stdout.count("pong") == 1  # nothing after quit
+    assert all(w.settings["motd"] == "hello world" for w in workers)
+
+
+def test_shell_from_a_pipe_exits_1_when_a_command_failed(fleet: Fleet, socket_dir: Path) -> None:
+    fleet.start(1)
+    result = _cli("shell", str(socket_dir), stdin="set_log_level level=LOUD\nping\n")
+    assert result.returncode == EXIT_FAILED
+    assert "pong" in result.stdout and "unknown level" in result.stdout
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def test_python_dash_m_and_the_console_script_agree(fleet: Fleet, socket_dir: Path) -> None:
+    fleet.start(1)
+    via_module = _cli("send", str(socket_dir), "ping", "--json")
+    script = Path(sys.executable).with_name("unixsock-asgi")
+    via_script = subprocess.run(
+        [str(script), "send", str(socket_dir), "ping", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert via_module.returncode == via_script.returncode == EXIT_OK
+    payloads: list[Any] = [json.loads(r.stdout)["results"][0]["payload"] for r in (via_module, via_script)]
+    assert payloads == ["pong", "pong"]
+
+
+def test_unreachable_target_from_the_real_command_exits_nonzero_with_a_message(tmp_path: Path) -> None:
+    result = _cli("send", str(tmp_path / "app.sock"), "stats")
+    assert result.returncode == EXIT_USAGE
+    assert result.stdout == ""
+    assert one_line(result.stderr).startswith("unixsock-asgi: error: nothing to talk to")
+
+
+def test_persisted_overrides_survive_a_show_of_the_file_written_by_another_tool(socket_dir: Path) -> None:
+    persist_override(str(socket_dir), "maintenance_on", {"retry_after": 30})
+    result = _cli("overrides", "show", str(socket_dir))
+    assert result.returncode == EXIT_OK
+    assert "1. maintenance_on retry_after=30" in result.stdout

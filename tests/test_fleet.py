@@ -1,0 +1,409 @@
+"""_fleet: stale sockets, fan-out, aggregation, durable overrides and the Prometheus text."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import stat
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+
+from unixsock_asgi._fleet import (
+    OverrideError,
+    OverridesFileError,
+    aggregate_stats,
+    clear_overrides,
+    fan_out,
+    load_overrides,
+    override_key,
+    overrides_path,
+    persist_override,
+    read_overrides_document,
+    remove_stale_sockets,
+    render_prometheus,
+)
+from unixsock_asgi._stats import Stats
+
+from .fleet_workers import Fleet, fleet, make_stale_socket, socket_dir
+
+__all__ = ["fleet", "socket_dir"]  # fixtures
+
+pytestmark = pytest.mark.timeout(30)
+
+
+# --------------------------------------------------------------------------- stale sockets
+
+
+def test_remove_stale_sockets_removes_only_dead_sockets(fleet: Fleet, socket_dir: Path) -> None:
+    (live,) = fleet.start(1)
+    stale = make_stale_socket(socket_dir / "app-1.sock")
+    regular = socket_dir / "app-2.sock"
+    regular.write_text("not a socket")
+    other_stale = make_stale_socket(socket_dir / "not-a-worker.socket")  # not *.sock: not ours
+
+    removed = remove_stale_sockets(str(socket_dir))
+
+    assert removed == [str(stale)]
+    assert not stale.exists()
+    assert live.path.exists() and regular.read_text() == "not a socket" and other_stale.exists()
+    assert remove_stale_sockets(str(socket_dir)) == []
+    assert remove_stale_sockets(str(socket_dir / "missing")) == []
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def test_load_overrides_is_empty_without_a_file(socket_dir: Path) -> None:
+    assert load_overrides(str(socket_dir)) == []
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["{not json", "[1, 2]", '{"overrides": "nope"}', "", "\xff\xfe"],
+    ids=["syntax", "list", "no-list", "empty", "binary"],
+)
+def test_load_overrides_warns_and_returns_nothing_for_a_corrupt_file(
+    socket_dir: Path, content: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    Path(overrides_path(str(socket_dir))).write_text(content, encoding="latin-1")
+    with caplog.at_level(logging.WARNING, logger="unixsock_asgi.fleet"):
+        assert load_overrides(str(socket_dir)) == []
+    assert "ignoring overrides file" in caplog.text
+
+
+def test_load_overrides_skips_malformed_entries(socket_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    document = {
+        "version": 1,
+        "overrides": [
+            {"cmd": "set", "args": {"name": "greeting", "value": "hi"}},
+            {"cmd": 3},
+            {"cmd": "health_fail"},
+            "junk",
+        ],
+    }
+    Path(overrides_path(str(socket_dir))).write_text(json.dumps(document))
+    with caplog.at_level(logging.WARNING, logger="unixsock_asgi.fleet"):
+        loaded = load_overrides(str(socket_dir))
+    assert loaded == [
+        {"cmd": "set", "args": {"name": "greeting", "value": "hi"}},
+        {"cmd": "health_fail", "args": {}},
+    ]
+    assert caplog.text.count("malformed entry") == 2
+
+
+def test_persist_replaces_the_override_of_the_same_state_and_keeps_order(socket_dir: Path) -> None:
+    d = str(socket_dir)
+    persist_override(d, "set_log_level", {"level": "DEBUG"})
+    persist_override(d, "set", {"name": "greeting", "value": "hi"})
+    persist_override(d, "set_log_level", {"level": "INFO", "logger": "app"})
+    persist_override(d, "health_fail", {})
+    persist_override(d, "maintenance_on", {"retry_after": 30})
+    # Replacements: root logger (named "root" or ""), the health state, the setting.
+    persist_override(d, "set_log_level", {"level": "ERROR", "logger": "root"})
+    persist_override(d, "health_ok", {})
+    persist_override(d, "set", {"name": "greeting", "value": "bye"})
+
+    assert load_overrides(d) == [
+        {"cmd": "set_log_level", "args": {"level": "INFO", "logger": "app"}},
+        {"cmd": "maintenance_on", "args": {"retry_after": 30}},
+        {"cmd": "set_log_level", "args": {"level": "ERROR", "logger": "root"}},
+        {"cmd": "health_ok", "args": {}},
+        {"cmd": "set", "args": {"name": "greeting", "value": "bye"}},
+    ]
+    persist_override(d, "maintenance_off", {})
+    assert [e["cmd"] for e in load_overrides(d)][-1] == "maintenance_off"
+    assert "maintenance_on" not in [e["cmd"] for e in load_overrides(d)]
+
+
+def test_persisted_file_is_private_and_no_temporary_file_is_left(socket_dir: Path) -> None:
+    persist_override(str(socket_dir), "set", {"name": "greeting", "value": "hi"})
+    path = Path(overrides_path(str(socket_dir)))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in socket_dir.iterdir()) == ["overrides.json"]
+    assert read_overrides_document(str(socket_dir))["version"] == 1
+
+
+def test_persist_replaces_the_file_atomically_so_readers_never_see_a_partial_one(socket_dir: Path) -> None:
+    d = str(socket_dir)
+    path = Path(overrides_path(d))
+    persist_override(d, "set", {"name": "payload", "value": "x" * 200_000})
+    old_file = path.open()  # an atomic replace leaves this one whole and untouched
+    stop = threading.Event()
+    reads: list[int] = []
+    torn: list[str] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            text = path.read_text()
+            try:
+                json.loads(text)
+            except ValueError:
+                torn.append(text[:80])
+            reads.append(len(text))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i in range(30):
+            persist_override(d, "set", {"name": "payload", "value": str(i) * 200_000})
+    finally:
+        stop.set()
+        thread.join(10)
+    with old_file:
+        assert json.loads(old_file.read())["overrides"][0]["args"]["value"] == "x" * 200_000
+    assert torn == []
+    assert len(reads) > 0
+
+
+def test_a_failed_write_leaves_the_previous_file_and_no_debris(socket_dir: Path) -> None:
+    d = str(socket_dir)
+    persist_override(d, "set", {"name": "greeting", "value": "hi"})
+    before = Path(overrides_path(d)).read_text()
+    with pytest.raises(TypeError):
+        persist_override(d, "set", {"name": "greeting", "value": object()})  # not JSON
+    assert Path(overrides_path(d)).read_text() == before
+    assert sorted(p.name for p in socket_dir.iterdir()) == ["overrides.json"]
+
+
+def test_concurrent_persists_lose_no_update(socket_dir: Path) -> None:
+    d = str(socket_dir)
+    threads = [
+        threading.Thread(target=persist_override, args=(d, "set", {"name": f"s{i}", "value": i}))
+        for i in range(12)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(e["args"]["name"] for e in load_overrides(d)) == sorted(f"s{i}" for i in range(12))
+
+
+@pytest.mark.parametrize(
+    ("cmd", "args", "message"),
+    [
+        ("set_log_level", {"level": "DEBUG", "ttl": 60}, "ttl"),
+        ("set_log_level", {"logger": "app"}, "level="),
+        ("set", {"name": "greeting"}, "value="),
+        ("stats_reset", {}, "cannot be persisted"),
+        ("drain", {"timeout": 5}, "cannot be persisted"),
+    ],
+)
+def test_override_key_refuses_what_cannot_be_persisted(cmd: str, args: dict[str, Any], message: str) -> None:
+    with pytest.raises(OverrideError, match=message):
+        override_key(cmd, args)
+
+
+def test_a_ttl_of_null_is_not_a_ttl() -> None:
+    assert override_key("set_log_level", {"level": "DEBUG", "ttl": None}) == ("log_level", "")
+
+
+def test_persist_never_overwrites_a_corrupt_file_but_clear_removes_it(socket_dir: Path) -> None:
+    d = str(socket_dir)
+    Path(overrides_path(d)).write_text("{corrupt")
+    with pytest.raises(OverridesFileError, match="fix or clear it"):
+        persist_override(d, "health_fail", {})
+    assert Path(overrides_path(d)).read_text() == "{corrupt"
+    assert clear_overrides(d) == 0
+    assert not Path(overrides_path(d)).exists()
+
+
+def test_clear_reports_how_many_overrides_it_dropped(socket_dir: Path) -> None:
+    d = str(socket_dir)
+    assert clear_overrides(d) == 0
+    persist_override(d, "health_fail", {})
+    persist_override(d, "set", {"name": "a", "value": 1})
+    assert clear_overrides(d) == 2
+    assert load_overrides(d) == []
+
+
+# --------------------------------------------------------------------------- aggregation
+
+_ROUTES = ["/", "/items/{item_id}", "/slow"]
+_STATUSES = [200, 201, 304, 404, 500, 503]
+_METHODS = ["GET", "POST"]
+
+_request = st.tuples(
+    st.sampled_from(_ROUTES),
+    st.sampled_from(_METHODS),
+    st.sampled_from(_STATUSES),
+    st.floats(min_value=1e-6, max_value=30.0, allow_nan=False),
+    st.booleans(),
+)
+
+
+def _record(stats: Stats, requests: list[tuple[str, str, int, float, bool]]) -> None:
+    for route, method, status, seconds, exception in requests:
+        stats.record(route, method, status, seconds, exception)
+
+
+def _latency_without_sum(histogram: dict[str, Any]) -> dict[str, Any]:
+    # Float sums depend on addition order; everything else must be identical.
+    return {k: v for k, v in histogram.items() if k != "sum_s"}
+
+
+@settings(max_examples=60, deadline=None)
+@given(workers=st.lists(st.lists(_request, max_size=40), min_size=1, max_size=5))
+def test_merging_workers_equals_counting_the_union_of_their_requests(
+    workers: list[list[tuple[str, str, int, float, bool]]],
+) -> None:
+    snapshots = []
+    union = Stats()
+    for requests in workers:
+        stats = Stats()
+        _record(stats, requests)
+        _record(union, requests)
+        snapshots.append(stats.snapshot())
+    expected = union.snapshot()
+
+    total = aggregate_stats(snapshots)
+
+    assert total["workers"] == len(workers)
+    assert total["requests_total"] == expected["requests_total"] == sum(len(w) for w in workers)
+    assert total["exceptions_total"] == expected["exceptions_total"]
+    assert total["by_status"] == expected["by_status"]
+    assert total["by_method"] == expected["by_method"]
+    assert _latency_without_sum(total["latency"]) == _latency_without_sum(expected["latency"])
+    assert total["latency"]["sum_s"] == pytest.approx(expected["latency"]["sum_s"])
+    assert set(total["routes"]) == set(expected["routes"])
+    for route, figures in expected["routes"].items():
+        merged = total["routes"][route]
+        assert merged["requests"] == figures["requests"]
+        assert merged["exceptions"] == figures["exceptions"]
+        assert merged["by_status"] == figures["by_status"]
+        assert merged["by_method"] == figures["by_method"]
+        assert _latency_without_sum(merged["latency"]) == _latency_without_sum(figures["latency"])
+
+
+def test_percentiles_come_from_merged_buckets_not_from_averaging() -> None:
+    fast, slow = Stats(), Stats()
+    for _ in range(99):
+        fast.record("/", "GET", 200, 0.001, False)
+    slow.record("/", "GET", 200, 2.0, False)
+    total = aggregate_stats([fast.snapshot(), slow.snapshot()])
+    # One slow request in a hundred: the fleet's p50 stays fast. Averaging the
+    # workers' p50s would claim about one second.
+    assert total["latency"]["p50_s"] == pytest.approx(0.001, rel=0.05)
+    assert total["latency"]["count"] == 100
+    assert total["latency"]["max_s"] == 2.0
+
+
+def test_gauges_are_summed_where_they_add_up_and_lag_is_the_worst() -> None:
+    a, b = Stats(), Stats()
+    a.in_flight, b.in_flight = 2, 3
+    a.loop_lag_s, b.loop_lag_s = 0.001, 0.25
+    a.websockets_active, b.websockets_active = 1, 4
+    sa, sb = a.snapshot(), b.snapshot()
+    sa["process"]["rss_bytes"], sb["process"]["rss_bytes"] = 100, 250
+    total = aggregate_stats([sa, sb])
+    assert total["in_flight"] == 5
+    assert total["process"]["rss_bytes"] == 350
+    assert total["process"]["loop_lag_s"] == 0.25
+    assert total["websockets"]["active"] == 5
+
+
+def test_aggregate_tolerates_payloads_without_optional_parts() -> None:
+    total = aggregate_stats([{"pid": 1, "requests_total": 3}, {"pid": 2}])
+    assert total["requests_total"] == 3
+    assert total["latency"]["count"] == 0
+    assert total["process"]["rss_bytes"] is None
+
+
+# --------------------------------------------------------------------------- fan-out
+
+
+def test_a_hung_worker_costs_at_most_the_timeout_and_others_still_answer(fleet: Fleet) -> None:
+    quick = fleet.start(3)
+    (hung,) = fleet.start(1, reply_delay_s=10.0)
+    sockets = [str(w.path) for w in [*quick, hung]]
+
+    started = time.monotonic()
+    outcome = asyncio.run(fan_out(sockets, "ping", timeout=0.5))
+    elapsed = time.monotonic() - started
+
+    assert elapsed < 2.0
+    by_pid = {r.pid: r for r in outcome.results}
+    assert by_pid[hung.pid].status == "timeout"
+    assert "0.5s" in by_pid[hung.pid].error
+    assert all(by_pid[w.pid].payload == "pong" and by_pid[w.pid].elapsed_s < 0.5 for w in quick)
+    assert not outcome.all_ok
+
+
+def test_fan_out_reports_stale_sockets_apart_from_results(fleet: Fleet, socket_dir: Path) -> None:
+    (live,) = fleet.start(1)
+    stale = make_stale_socket(socket_dir / "app-7.sock")
+    outcome = asyncio.run(fan_out([str(live.path), str(stale)], "ping", timeout=1.0))
+    assert [r.pid for r in outcome.results] == [live.pid]
+    assert outcome.stale == [str(stale)]
+    assert outcome.all_ok
+
+
+def test_fan_out_runs_concurrently(fleet: Fleet) -> None:
+    workers = fleet.start(6, reply_delay_s=0.3)
+    started = time.monotonic()
+    outcome = asyncio.run(fan_out([str(w.path) for w in workers], "ping", timeout=5.0))
+    assert outcome.all_ok and len(outcome.results) == 6
+    assert time.monotonic() - started < 1.2  # one after another would take 1.8 s
+
+
+def test_failure_answers_keep_their_message(fleet: Fleet) -> None:
+    workers = fleet.start(2)
+    outcome = asyncio.run(fan_out([str(w.path) for w in workers], "set_log_level", {"level": "LOUD"}))
+    assert [r.status for r in outcome.results] == ["failure", "failure"]
+    assert all("unknown level" in r.error for r in outcome.results)
+
+
+# --------------------------------------------------------------------------- Prometheus
+
+
+def test_prometheus_text_parses_and_matches_the_merged_figures(fleet: Fleet) -> None:
+    workers = fleet.start(3)
+    rng = random.Random(4)
+    for w in workers:
+        w.record(*[("/items/{item_id}", 200, rng.uniform(0.001, 0.1)) for _ in range(50)])
+        w.record(('/we"ird\\route', 500, 0.5), exception=True)
+    outcome = asyncio.run(fan_out([str(w.path) for w in workers], "stats"))
+    total = aggregate_stats([r.payload for r in outcome.results])
+
+    text = render_prometheus(outcome)
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples
+    }
+    assert samples[("asgi_workers", ())] == 3
+    assert samples[("asgi_requests_total", (("route", "/items/{item_id}"), ("status", "2xx")))] == 150
+    assert samples[("asgi_requests_total", (("route", '/we"ird\\route'), ("status", "5xx")))] == 3
+    assert samples[("asgi_exceptions_total", (("route", '/we"ird\\route'),))] == 3
+    quantile = ("asgi_request_duration_seconds", (("quantile", "0.99"), ("route", "/items/{item_id}")))
+    assert samples[quantile] == total["routes"]["/items/{item_id}"]["latency"]["p99_s"]
+    assert samples[("asgi_fleet_request_duration_seconds_count", ())] == 153
+    assert families["asgi_request_duration_seconds"].type == "summary"
+    per_worker = {labels: v for (name, labels), v in samples.items() if name == "asgi_worker_requests_total"}
+    assert per_worker == {(("pid", str(w.pid)),): 51 for w in workers}
+    for line in text.splitlines():
+        assert not line.startswith("#") or line.split()[1] in ("HELP", "TYPE")
+    assert len([ln for ln in text.splitlines() if ln.startswith("# TYPE asgi_requests_total ")]) == 1
+
+
+def test_prometheus_text_of_an_empty_fleet_still_parses(socket_dir: Path) -> None:
+    stale = make_stale_socket(socket_dir / "app-9.sock")
+    outcome = asyncio.run(fan_out([str(stale)], "stats"))
+    families = {f.name: f for f in text_string_to_metric_families(render_prometheus(outcome))}
+    assert families["asgi_stale_sockets"].samples[0].value == 1
+    assert families["asgi_workers"].samples[0].value == 0
+
+
+def test_overrides_directory_stays_clean(socket_dir: Path) -> None:
+    persist_override(str(socket_dir), "health_fail", {})
+    clear_overrides(str(socket_dir))
+    assert os.listdir(socket_dir) == []
