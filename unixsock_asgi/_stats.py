@@ -45,6 +45,9 @@ UNMATCHED = "<unmatched>"
 """Route key of requests that matched no route: raw paths are never keys."""
 
 _STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+# Methods are client-controlled: anything else is counted as OTHER, so that a
+# client cannot grow the counters without bound.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
 _QUANTILES = (("p50_s", 0.5), ("p90_s", 0.9), ("p99_s", 0.99))
 
 
@@ -200,6 +203,8 @@ class Stats:
         rs.requests += 1
         cls = status // 100
         rs.by_status[cls if 0 < cls < 6 else 5] += 1
+        if method not in _METHODS:
+            method = "OTHER"
         by_method = rs.by_method
         by_method[method] = by_method.get(method, 0) + 1
         if exception:
