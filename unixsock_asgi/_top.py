@@ -213,7 +213,7 @@ def _decorate(lines: list[str], colour: bool) -> list[str]:
 
 
 async def _sample(target: Target, timeout: float) -> FanOutResult:
-    return await fan_out(target.sockets(), "stats", {}, timeout=timeout)
+    return await fan_out(target.sockets(), "stats", {"routes": False}, timeout=timeout)
 
 
 def _label(target: Target) -> str:
@@ -298,8 +298,9 @@ async def _live(target: Target, interval: float, timeout: float, out: TextIO) ->
                 size = shutil.get_terminal_size((80, 24))
                 lines = view.frame(outcome, rows, width=size.columns, height=size.lines, interval=interval)
                 if fancy:
-                    out.write("\x1b[H" + "".join(f"{line}\x1b[K\r\n" for line in _decorate(lines, colour)))
-                    out.write("\x1b[J")
+                    # No newline after the last line: on a full screen it would scroll.
+                    body = "\x1b[K\n".join(_decorate(lines, colour))
+                    out.write(f"\x1b[H{body}\x1b[K\x1b[J")
                 else:
                     out.write("\n".join(lines) + "\n\n")
                 out.flush()

@@ -63,6 +63,7 @@ EXIT_USAGE = 2
 
 PROG = "unixsock-asgi"
 DEFAULT_TIMEOUT = 5.0
+_WITHOUT_ROUTES = {"routes": False}  # ls and top need no per-route figures
 
 
 class UsageError(Exception):
@@ -386,7 +387,7 @@ def cmd_ls(ns: argparse.Namespace) -> int:
     sockets = target.sockets()
     if not sockets:
         raise UsageError(f"nothing to talk to: no worker sockets (*.sock) in {target.path}")
-    outcome = asyncio.run(fan_out(sockets, "stats", {}, timeout=ns.timeout))
+    outcome = asyncio.run(fan_out(sockets, "stats", _WITHOUT_ROUTES, timeout=ns.timeout))
     removed = remove_stale_sockets(target.path) if ns.remove_stale and target.is_directory else []
     if ns.json:
         workers = []

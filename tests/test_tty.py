@@ -1,0 +1,151 @@
+"""``top`` and ``shell`` in a real pseudo-terminal (pexpect): they draw, refresh, complete and quit."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from .fleet_workers import Fleet, fleet, socket_dir
+
+__all__ = ["fleet", "socket_dir"]  # fixtures
+
+pytestmark = pytest.mark.timeout(40)
+
+REPO = Path(__file__).resolve().parent.parent
+# The TOTAL row of a top frame: label, requests/s, requests.
+_TOTAL_ROW = re.compile(rb"TOTAL +(\S+) +(\d+)")
+_ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
+
+Spawn = Callable[..., pexpect.spawn]
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Spawn]:
+    """Start ``python -m unixsock_asgi ...`` in an 80x24 pty; it is closed (killed if need be) afterwards."""
+    children: list[pexpect.spawn] = []
+
+    def start(*argv: str, term: str = "xterm", no_color: bool = False) -> pexpect.spawn:
+        env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+        env.update(TERM=term, HOME=str(tmp_path), PYTHONUNBUFFERED="1")
+        if no_color:
+            env["NO_COLOR"] = "1"
+        child = pexpect.spawn(
+            sys.executable,
+            ["-m", "unixsock_asgi", *argv],
+            cwd=str(REPO),
+            env=env,
+            dimensions=(24, 80),
+            timeout=10,
+        )
+        children.append(child)
+        return child
+
+    try:
+        yield start
+    finally:
+        for child in children:
+            if child.isalive():
+                child.close(force=True)
+
+
+def _wait_exit(child: pexpect.spawn) -> int:
+    child.expect(pexpect.EOF, timeout=10)
+    child.close()
+    assert child.exitstatus is not None, f"killed by signal {child.signalstatus}"
+    return int(child.exitstatus)
+
+
+def _two_frames(child: pexpect.spawn) -> tuple[int, int]:
+    """The request totals of two successive frames."""
+    child.expect(_TOTAL_ROW)
+    first = int(child.match.group(2))
+    child.expect(_TOTAL_ROW)
+    second = int(child.match.group(2))
+    return first, second
+
+
+def test_top_draws_refreshes_and_quits_on_q(spawn: Spawn, fleet: Fleet, socket_dir: Path) -> None:
+    workers = fleet.start(3, requests_per_stats_call=4)
+    child = spawn("top", str(socket_dir), "--interval", "0.3")
+    child.expect(r"unixsock-asgi top")
+    assert b"\x1b[?1049h" in child.before  # drawn in place, on the alternate screen
+    child.expect(r"workers 3 live")
+    for w in workers:
+        child.expect(str(w.pid))
+    first, second = _two_frames(child)
+    assert second > first  # a new frame with new figures: it refreshed
+    child.send("q")
+    assert _wait_exit(child) == 0
+
+
+def test_top_frames_fit_80x24_and_show_rates(spawn: Spawn, fleet: Fleet, socket_dir: Path) -> None:
+    fleet.start(30, requests_per_stats_call=2)  # more workers than rows
+    child = spawn("top", str(socket_dir), "--interval", "0.3", "--timeout", "2")
+    child.expect(_TOTAL_ROW)
+    child.expect(_TOTAL_ROW)
+    frame = child.before + child.after
+    rate = child.match.group(1)
+    assert float(rate) > 0
+    # Each frame starts at the cursor's home position; its lines end in (pty-translated) CRLF.
+    lines = [_ANSI.sub(b"", line) for part in frame.split(b"\x1b[H") for line in part.split(b"\r\n")]
+    assert all(len(line) < 80 for line in lines)
+    assert b"more worker(s) not shown" in frame
+    child.send("q")
+    assert _wait_exit(child) == 0
+
+
+def test_top_without_colours_on_a_dumb_terminal(spawn: Spawn, fleet: Fleet, socket_dir: Path) -> None:
+    fleet.start(2, requests_per_stats_call=1)
+    child = spawn("top", str(socket_dir), "--interval", "0.3", term="dumb", no_color=True)
+    first, second = _two_frames(child)
+    assert second > first
+    child.send("q")
+    assert _wait_exit(child) == 0
+    assert b"\x1b" not in child.before
+
+
+def test_shell_completes_runs_and_quits(spawn: Spawn, fleet: Fleet, socket_dir: Path, tmp_path: Path) -> None:
+    workers = fleet.start(2)
+    history = tmp_path / "history"
+    child = spawn("shell", str(socket_dir), "--history-file", str(history))
+    child.expect(r"2 worker\(s\)")
+    child.expect(r"> ")
+    child.send("pi\t")
+    child.expect("ping ")  # completed, with a space to go on typing
+    child.send("\r")
+    child.expect("pong")
+    child.expect(r"> ")
+    child.send("set_log_level le\t")
+    child.expect("level=")
+    child.send("DEBUG lo\t")
+    child.expect("logger=")
+    child.send("app\r")
+    child.expect("success")
+    child.expect(r"> ")
+    assert all(w.levels["app"] == "DEBUG" for w in workers)
+    child.send("quit\r")
+    assert _wait_exit(child) == 0
+    assert "set_log_level level=DEBUG logger=app" in history.read_text()
+
+
+def test_shell_keeps_history_and_leaves_on_eof(
+    spawn: Spawn, fleet: Fleet, socket_dir: Path, tmp_path: Path
+) -> None:
+    fleet.start(1)
+    history = tmp_path / "history"
+    history.write_text("get_log_level logger=uvicorn\n")
+    child = spawn("shell", str(socket_dir), "--history-file", str(history))
+    child.expect(r"> ")
+    child.send("\x1b[A")  # up arrow: the previous session's command
+    child.expect("get_log_level logger=uvicorn")
+    child.send("\r")
+    child.expect('"level": "NOTSET"')
+    child.expect(r"> ")
+    child.sendeof()
+    assert _wait_exit(child) == 0
