@@ -22,6 +22,7 @@ from unixsock_asgi._fleet import (
     OverrideError,
     OverridesFileError,
     aggregate_stats,
+    check_can_persist,
     clear_overrides,
     fan_out,
     load_overrides,
@@ -407,3 +408,31 @@ def test_overrides_directory_stays_clean(socket_dir: Path) -> None:
     persist_override(str(socket_dir), "health_fail", {})
     clear_overrides(str(socket_dir))
     assert os.listdir(socket_dir) == []
+
+
+_NOBODY = 65534
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="creating files of another user needs root")
+
+
+@needs_root
+def test_root_hands_the_overrides_file_to_the_workers_user(fleet: Fleet, socket_dir: Path) -> None:
+    (worker,) = fleet.start(1)
+    os.chown(worker.path, _NOBODY, _NOBODY)  # as if the workers ran as nobody
+    check_can_persist(str(socket_dir))
+    persist_override(str(socket_dir), "health_fail", {})
+    st_file = os.stat(overrides_path(str(socket_dir)))
+    assert (st_file.st_uid, st_file.st_gid) == (_NOBODY, _NOBODY)
+    assert stat.S_IMODE(st_file.st_mode) == 0o600
+
+
+@needs_root
+def test_another_user_may_not_persist_what_the_workers_could_not_read(fleet: Fleet, socket_dir: Path) -> None:
+    fleet.start(1)  # the workers' sockets belong to root
+    os.chmod(socket_dir, 0o777)
+    os.seteuid(_NOBODY)  # the operator is someone else
+    try:
+        with pytest.raises(OverrideError) as caught:
+            check_can_persist(str(socket_dir))
+    finally:
+        os.seteuid(0)
+    assert "workers run as uid 0" in str(caught.value) and f"written by uid {_NOBODY}" in str(caught.value)

@@ -43,6 +43,7 @@ __all__ = [
     "WorkerResult",
     "aggregate",
     "aggregate_stats",
+    "check_can_persist",
     "clear_overrides",
     "fan_out",
     "load_overrides",
@@ -53,6 +54,7 @@ __all__ = [
     "remove_stale_sockets",
     "render_prometheus",
     "resolve_target",
+    "workers_owner",
     "write_overrides",
 ]
 
@@ -524,11 +526,45 @@ def read_overrides_document(directory: str) -> dict[str, Any]:
     return document
 
 
+def workers_owner(directory: str) -> tuple[int, int]:
+    """The uid and gid the workers of ``directory`` run as: the owner of their socket files.
+
+    Without any socket, the directory's owner (systemd's RuntimeDirectory= is
+    created for the service's user).
+    """
+    for path in _socket_files(directory):
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        return st.st_uid, st.st_gid
+    st = os.stat(directory)
+    return st.st_uid, st.st_gid
+
+
+def check_can_persist(directory: str) -> None:
+    """Raise :class:`OverrideError` when an overrides file written now could not be used.
+
+    The file is 0600, so it must belong to the workers' user: root may write
+    it (it is handed over to that user), anyone else must be that user.
+    """
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise OverrideError(f"cannot write in {directory}: permission denied")
+    uid, _ = workers_owner(directory)
+    euid = os.geteuid()
+    if euid not in (0, uid):
+        raise OverrideError(
+            f"the workers run as uid {uid} and could not read a 0600 overrides file written by uid {euid};"
+            f" persist as their user (sudo -u '#{uid}' ...) or as root"
+        )
+
+
 def write_overrides(directory: str, entries: Sequence[Mapping[str, Any]]) -> None:
     """Replace the overrides file atomically: a 0600 temp file in the same directory, then rename.
 
     A worker starting meanwhile reads either the old file or the new one,
     never a partial one; the rename is fsynced so it survives a power cut.
+    Written by root, the file is given to the workers' user so they can read it.
     """
     document = {
         "version": OVERRIDES_FORMAT_VERSION,
@@ -539,6 +575,9 @@ def write_overrides(directory: str, entries: Sequence[Mapping[str, Any]]) -> Non
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             os.fchmod(fh.fileno(), 0o600)
+            if os.geteuid() == 0:
+                uid, gid = workers_owner(directory)
+                os.fchown(fh.fileno(), uid, gid)
             json.dump(document, fh, indent=2, sort_keys=True)
             fh.write("\n")
             fh.flush()

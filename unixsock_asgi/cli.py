@@ -40,6 +40,7 @@ from ._fleet import (
     TargetError,
     WorkerResult,
     aggregate,
+    check_can_persist,
     clear_overrides,
     fan_out,
     override_key,
@@ -341,6 +342,7 @@ def cmd_send(ns: argparse.Namespace) -> int:
             raise UsageError("--persist needs a socket directory target (the overrides file lives there)")
         try:
             override_key(ns.cmd, args)
+            check_can_persist(target.path)
         except OverrideError as exc:
             raise UsageError(f"--persist: {exc}") from None
     outcome = _run_fan_out(target, ns.cmd, args, ns.timeout)
