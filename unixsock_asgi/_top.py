@@ -153,8 +153,9 @@ class TopView:
             + (f", {len(outcome.stale)} stale socket(s)" if outcome.stale else ""),
             "",
         ]
-        columns = f"{'PID':>7} {'REQ/S':>8} {'REQS':>9} {'INFL':>5} {'5XX':>6} {'EXC':>5}"
-        columns += f" {'P50':>7} {'P99':>7} {'LAG':>7} {'RSS':>7} {'UPTIME':>7}"
+        # 77 columns: fits an 80x24 terminal.
+        columns = f"{'PID':>7} {'REQ/S':>7} {'REQS':>8} {'INFL':>4} {'5XX':>5} {'EXC':>4}"
+        columns += f" {'P50':>7} {'P99':>7} {'LAG':>6} {'RSS':>6} {'UPTIME':>6}"
         body = [columns]
         room = max(1, height - len(header) - 3)  # column line, total line, overflow line
         shown = rows if len(rows) <= room else rows[: room - 1]
@@ -186,15 +187,15 @@ class TopView:
     def _row_text(r: WorkerRow, label: str | None = None) -> str:
         name = label or (str(r.pid) if r.pid is not None else os.path.basename(r.socket)[:7])
         if r.status != "success":
-            return f"{name:>7} {r.status.upper():>8}"
+            return f"{name:>7} {r.status.upper():>7}"
         rate = "-" if r.requests_per_s is None else f"{r.requests_per_s:.1f}"
         return (
-            f"{name:>7} {rate:>8} {format_count(r.requests):>9} {format_count(r.in_flight):>5}"
-            f" {format_count(r.errors_5xx):>6} {format_count(r.exceptions):>5}"
+            f"{name:>7} {rate:>7} {format_count(r.requests):>8} {format_count(r.in_flight):>4}"
+            f" {format_count(r.errors_5xx):>5} {format_count(r.exceptions):>4}"
             f" {format_duration(r.p50_s):>7} {format_duration(r.p99_s):>7}"
-            f" {format_duration(r.loop_lag_s):>7} {format_bytes(r.rss_bytes):>7}"
-            f" {format_uptime(r.uptime_s):>7}"
-        )
+            f" {format_duration(r.loop_lag_s):>6} {format_bytes(r.rss_bytes):>6}"
+            f" {format_uptime(r.uptime_s):>6}"
+        ).rstrip()
 
 
 def _colour_allowed(stream: TextIO) -> bool:

@@ -111,15 +111,15 @@ def format_uptime(seconds: Any) -> str:
 
 
 def format_bytes(n: Any) -> str:
-    """Sizes for humans, binary units: ``512K``, ``48.2M``, ``1.5G``."""
+    """Sizes for humans in at most 5 characters, binary units: ``512K``, ``48.2M``, ``1.5G``."""
     if not isinstance(n, (int, float)) or isinstance(n, bool):
         return "-"
     value = float(n)
-    for unit in ("B", "K", "M", "G"):
-        if value < 1024 or unit == "G":
-            return f"{value:.0f}{unit}" if unit in ("B", "K") else f"{value:.1f}{unit}"
+    for unit in ("B", "K", "M", "G", "T"):
+        if value < 1000 or unit == "T":
+            return f"{value:.1f}{unit}" if value < 100 and unit != "B" else f"{value:.0f}{unit}"
         value /= 1024
-    return f"{value:.1f}T"  # pragma: no cover - the loop returns at G
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def format_count(n: Any) -> str:
@@ -275,9 +275,12 @@ def render_answers(cmd: str, outcome: FanOutResult, *, single_target: bool) -> l
 
 
 def failure_summary(outcome: FanOutResult) -> str:
-    """One line naming the workers that did not answer success, and why."""
+    """One line naming the workers that did not answer success, and why (same reasons grouped)."""
     bad = [r for r in outcome.results if not r.ok]
-    details = "; ".join(f"{os.path.basename(r.socket)}: {r.status}: {r.error or 'no message'}" for r in bad)
+    reasons: dict[str, list[str]] = {}
+    for r in bad:
+        reasons.setdefault(f"{r.status}: {r.error or 'no message'}", []).append(os.path.basename(r.socket))
+    details = "; ".join(f"{', '.join(sockets)}: {reason}" for reason, sockets in reasons.items())
     return f"{len(bad)} of {len(outcome.results)} workers did not succeed: {details}"
 
 
