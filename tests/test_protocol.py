@@ -199,6 +199,27 @@ def test_non_utf8_body_is_not_fatal() -> None:
     assert "invalid JSON" in violation.error
 
 
+def test_utf8_only_no_utf16_guessing_or_encoded_surrogates() -> None:
+    proto = ConnectionProtocol()
+    utf16 = '{"cmd": "ping"}'.encode("utf-16-le")
+    raw_surrogate = b'{"cmd": "\xed\xa0\x80"}'  # U+D800 encoded as if it were a character
+    events = proto.receive_data(raw_frame(utf16) + raw_frame(raw_surrogate))
+    assert [type(e) for e in events] == [ProtocolViolation, ProtocolViolation]
+
+
+@pytest.mark.parametrize("mode", ["frame", "line"])
+def test_escaped_lone_surrogates_are_answered_with_ascii_escapes(mode: str) -> None:
+    # "\ud800" is valid JSON text but cannot be encoded as UTF-8: the reply must still go out.
+    proto = ConnectionProtocol()
+    body = b'{"cmd": "\\ud800", "args": {"k": "\\udfff \xc5\xbc"}}'
+    req = only_request(proto.receive_data(body + b"\n" if mode == "line" else raw_frame(body)))
+    assert req.cmd == "\ud800"
+    data = proto.encode_reply(req, Response.success(req.args))
+    data.decode()  # valid UTF-8
+    reply, _ = decode_response(data if mode == "line" else data[5:])
+    assert reply.payload == {"k": "\udfff ż"}
+
+
 def test_deeply_nested_json_is_a_violation_not_a_crash() -> None:
     proto = ConnectionProtocol()
     violation = only_violation(proto.receive_data(raw_frame(b"[" * 100_000)))

@@ -148,16 +148,48 @@ Event = Request | ProtocolViolation | Close
 
 
 def _loads(text: bytes | str) -> Any:
-    """``json.loads`` that reports nesting too deep to parse as a ValueError, not RecursionError."""
+    """Parse JSON; every failure is a ValueError.
+
+    Bytes must be UTF-8 (``json.loads`` would also guess UTF-16/32 and let
+    encoded lone surrogates through), and nesting too deep to parse is
+    reported rather than raised as RecursionError.
+    """
     try:
-        return json.loads(text)
+        return json.loads(text.decode() if isinstance(text, bytes) else text)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
 
 
+# Built once: json.dumps with options builds a new encoder on every call.
+# Replies send anything JSON cannot represent as its str(); requests refuse it.
+_REPLY_UTF8 = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
+_REPLY_ASCII = json.JSONEncoder(separators=(",", ":"), default=str).encode
+_REQUEST_UTF8 = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_REQUEST_ASCII = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _reply_json(obj: Any) -> bytes:
+    """Compact UTF-8 JSON for a reply.
+
+    Text with a lone surrogate (valid as a JSON escape, so a request can carry
+    one, but not encodable as UTF-8) is sent with ASCII escapes instead.
+    """
+    try:
+        return _REPLY_UTF8(obj).encode()
+    except UnicodeEncodeError:
+        return _REPLY_ASCII(obj).encode()
+
+
+def _request_json(obj: Any) -> bytes:
+    try:
+        return _REQUEST_UTF8(obj).encode()
+    except UnicodeEncodeError:
+        return _REQUEST_ASCII(obj).encode()
+
+
 def encode_frame(obj: Any) -> bytes:
     """Serialise ``obj`` as one frame: length, ``:``, compact UTF-8 JSON."""
-    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    body = _request_json(obj)
     if len(body) > HARD_MAX_MESSAGE_SIZE:
         raise ValueError(f"message of {len(body)} bytes exceeds {HARD_MAX_MESSAGE_SIZE}")
     return _HEADER.pack(len(body)) + b":" + body
@@ -369,36 +401,49 @@ class ConnectionProtocol:
 
     def _receive_frames(self, data: bytes) -> list[Event]:
         buf = self._buffer
+        expect = self._expect
         if not data:
-            if buf or self._expect >= 0:
+            if buf or expect >= 0:
                 have = len(buf)
-                if self._expect >= 0:
-                    return self._fatal(f"connection closed mid-frame: got {have} of {self._expect} bytes")
+                if expect >= 0:
+                    return self._fatal(f"connection closed mid-frame: got {have} of {expect} bytes")
                 return self._fatal(f"connection closed mid-header: got {have} of {_HEADER_SIZE} bytes")
             self._closed = True
             return [Close()]
-        buf += data
+        if buf:
+            # Part of a message is waiting: collect until the awaited part is
+            # complete, then parse from one bytes object (one copy per message).
+            buf += data
+            if len(buf) < (expect if expect >= 0 else _HEADER_SIZE):
+                return []
+            data = bytes(buf)
+            buf.clear()
         events: list[Event] = []
+        pos, end = 0, len(data)
         while True:
-            if self._expect < 0:
-                if len(buf) < _HEADER_SIZE:
+            if expect < 0:
+                if end - pos < _HEADER_SIZE:
                     break
                 try:
-                    self._expect = read_frame_header(bytes(buf[:_HEADER_SIZE]), self.max_message_size)
+                    expect = read_frame_header(data[pos : pos + _HEADER_SIZE], self.max_message_size)
                 except ValueError as exc:
+                    self._expect = -1
                     return [*events, *self._fatal(str(exc))]
-                del buf[:_HEADER_SIZE]
-            if len(buf) < self._expect:
+                pos += _HEADER_SIZE
+            if end - pos < expect:
                 break
-            body = bytes(buf[: self._expect])
-            del buf[: self._expect]
-            self._expect = -1
+            body = data[pos : pos + expect]
+            pos += expect
+            expect = -1
             try:
                 obj = _loads(body)
             except ValueError as exc:  # UnicodeDecodeError is a ValueError
                 events.append(ProtocolViolation(f"invalid JSON: {exc}"))
                 continue
             events.append(_request_from_obj(obj))
+        self._expect = expect
+        if pos < end:
+            buf += memoryview(data)[pos:]
         return events
 
     def _receive_lines(self, data: bytes) -> list[Event]:
@@ -443,15 +488,14 @@ class ConnectionProtocol:
         req_id = request.id if request is not None else None
         payload = response.payload
         if isinstance(request, Request) and request.go_client and not isinstance(payload, str):
-            payload = "" if payload is None else json.dumps(payload, separators=(",", ":"))
+            payload = "" if payload is None else _REPLY_UTF8(payload)
         resp = {"status": response.status, "error": response.error, "payload": payload}
         if self.mode == "line":
             if req_id is not None:
                 resp["id"] = req_id
-            line = json.dumps(resp, separators=(",", ":"), ensure_ascii=False, default=str)
-            return line.encode() + b"\n"
+            return _reply_json(resp) + b"\n"
         obj: dict[str, Any] = {"cmd": request.cmd if isinstance(request, Request) else "", "response": resp}
         if req_id is not None:
             obj["id"] = req_id
-        body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+        body = _reply_json(obj)
         return _HEADER.pack(len(body)) + b":" + body
