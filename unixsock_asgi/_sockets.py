@@ -171,7 +171,9 @@ def _check_existing(path: str) -> bool:
     try:
         creds = probe(path)
     except PermissionError:
-        raise BindError(f"{path!r} is a socket this user may not connect to; refusing to replace it") from None
+        raise BindError(
+            f"{path!r} is a socket this user may not connect to; refusing to replace it"
+        ) from None
     except OSError as exc:
         if exc.errno == errno.EACCES:
             raise BindError(f"{path!r}: permission denied") from None
