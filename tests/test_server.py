@@ -26,6 +26,7 @@ from unixsock_asgi import (
     BindError,
     Client,
     RequestContext,
+    Response,
     ServerConfig,
     UnixSockServer,
 )
@@ -391,6 +392,21 @@ def test_idle_timeout_applies_between_requests(
     assert_eof(sock)
 
 
+def test_requests_keep_a_connection_alive_past_the_idle_timeout(
+    start_server: ServerFactory, connect_raw: RawConnector
+) -> None:
+    # Each request pushes the idle deadline on: 8 requests 0.1s apart outlive a 0.3s idle timeout.
+    server = start_server(idle_timeout=0.3)
+    sock = connect_raw(server.path)
+    start = time.monotonic()
+    for _ in range(8):
+        send_frame(sock, {"cmd": "ping", "close": False})
+        assert recv_response(sock)["payload"] == "pong"
+        time.sleep(0.1)
+    assert time.monotonic() - start > 0.6
+    assert_eof(sock)
+
+
 def test_stalled_half_frame_gets_the_timeout_failure(
     start_server: ServerFactory, connect_raw: RawConnector
 ) -> None:
@@ -694,6 +710,54 @@ def test_handler_exceptions_become_failure_replies(
     assert response.status == "failure"
     assert response.error == message
     assert server.running
+    assert ping_ok(server.path)
+
+
+@pytest.mark.parametrize("outcome", ["value", "raises", "catches_own_timeout"])
+def test_async_handlers_that_suspend(start_server: ServerFactory, outcome: str) -> None:
+    # Handlers are stepped eagerly; one that suspends must be resumed with what
+    # it awaited, and what it raises after suspending must still become a failure.
+    async def handler(cmd: str, args: dict[str, Any]) -> Any:
+        total = 0
+        for step in range(3):
+            await asyncio.sleep(0.01)
+            total += await asyncio.get_running_loop().run_in_executor(None, abs, step + 1)
+        if outcome == "raises":
+            raise LookupError(f"after {total}")
+        if outcome == "catches_own_timeout":
+            try:
+                await asyncio.wait_for(asyncio.sleep(10), 0.01)
+            except TimeoutError:
+                return "caught"
+        return total
+
+    server = start_server(handler, handler_timeout=5)
+    response = Client(server.path).send("work")
+    assert response is not None
+    expected = {
+        "value": Response.success(6),
+        "raises": Response.failure("LookupError: after 6"),
+        "catches_own_timeout": Response.success("caught"),
+    }[outcome]
+    assert response == expected
+
+
+def test_timed_out_async_handler_is_cancelled_and_cleans_up(start_server: ServerFactory) -> None:
+    cleaned = threading.Event()
+
+    async def handler(cmd: str, args: dict[str, Any]) -> Any:
+        if cmd == "ping":
+            return "pong"
+        try:
+            await asyncio.sleep(30)
+        finally:
+            cleaned.set()
+
+    server = start_server(handler, handler_timeout=0.2)
+    response = Client(server.path).send("hang")
+    assert response is not None
+    assert response.error == "handler for 'hang' timed out after 0.2s"
+    assert cleaned.wait(5)
     assert ping_ok(server.path)
 
 

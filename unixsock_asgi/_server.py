@@ -19,14 +19,15 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 from . import _compat
 from ._protocol import (
-    Close,
+    STATUS_OK,
     ConnectionProtocol,
     Mode,
     ProtocolViolation,
@@ -69,7 +70,7 @@ class ServerConfig:
     """Threads that run plain (non-async) handlers."""
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestContext:
     """What a handler may know about the request beyond ``cmd`` and ``args``."""
 
@@ -271,95 +272,112 @@ class UnixSockServer:
         return peer.uid in (self._uid, 0) or peer.uid in cfg.allowed_uids or peer.gid in cfg.allowed_gids
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # One coroutine frame serves the whole connection: it is resumed on
+        # every read, and each extra level of ``await`` would cost on each.
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
+        cfg = self.config
+        watchdog = _ReadDeadline(asyncio.get_running_loop(), task)
+        counted = False
         try:
-            await self._serve_connection(reader, writer)
+            try:
+                peer = peer_credentials(writer.get_extra_info("socket"))
+            except OSError:
+                peer = PeerCredentials(0, -1, -1)
+            proto = ConnectionProtocol(cfg.max_message_size)
+            refusal = self._refusal(peer)
+            if refusal is not None:
+                await self._refuse(reader, writer, proto, refusal)
+                return
+            self._active += 1
+            counted = True
+            transport = writer.transport
+            read, write = reader.read, writer.write
+            timeout, idle_timeout = cfg.timeout, cfg.idle_timeout
+            while not proto.closed:
+                partial = proto.has_partial
+                watchdog.arm(timeout if partial else idle_timeout)
+                try:
+                    data = await read(1 << 16)
+                except asyncio.CancelledError:
+                    if not watchdog.expired:
+                        raise
+                    watchdog.acknowledge()
+                    if partial:
+                        error = f"timed out after {timeout:g}s waiting for the rest of the message"
+                        write(proto.encode_reply(None, Response.failure(error)))
+                        await self._drain(writer)
+                    return
+                watchdog.disarm()
+                for event in proto.receive_data(data):
+                    if isinstance(event, Request):
+                        ctx = RequestContext(peer, proto.mode or "frame", self, event.id)
+                        outcome = self._begin(event, ctx)
+                        response = outcome if isinstance(outcome, Response) else await outcome
+                        if event.respond:
+                            write(self._encode(proto, event, response))
+                        if event.close:
+                            await self._drain(writer)
+                            return
+                    elif isinstance(event, ProtocolViolation):
+                        write(proto.encode_reply(event, Response.failure(event.error)))
+                        audit_logger.info(
+                            "peer pid=%d uid=%d sent bad input: %s", peer.pid, peer.uid, event.error
+                        )
+                        if event.fatal:
+                            await self._drain(writer)
+                            return
+                    else:  # Close
+                        return
+                if transport.get_write_buffer_size():
+                    await self._drain(writer)
         except (asyncio.CancelledError, ConnectionError, TimeoutError):
             pass
         except Exception:  # pragma: no cover - a bug here must not kill the server
             logger.exception("unexpected error on a control connection")
         finally:
+            watchdog.close()
+            if counted:
+                self._active -= 1
             self._connections.discard(task)
             writer.close()
 
-    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        cfg = self.config
-        sock = writer.get_extra_info("socket")
-        try:
-            peer = peer_credentials(sock)
-        except OSError:
-            peer = PeerCredentials(0, -1, -1)
-        proto = ConnectionProtocol(cfg.max_message_size)
-        refusal = None
+    def _refusal(self, peer: PeerCredentials) -> str | None:
+        """Why this peer may not talk now, or None."""
         if not self._allowed(peer):
-            refusal = "permission denied"
             audit_logger.warning("refused peer pid=%d uid=%d gid=%d", peer.pid, peer.uid, peer.gid)
-        elif self._active >= cfg.max_connections:
-            refusal = f"busy: {cfg.max_connections} connections already open"
+            return "permission denied"
+        if self._active >= self.config.max_connections:
+            refusal = f"busy: {self.config.max_connections} connections already open"
             logger.warning("refused a connection: %s", refusal)
-        if refusal is not None:
-            # Read the first bytes only to learn which framing to answer in.
-            try:
-                async with _compat.timeout(min(cfg.timeout, 1.0)):
-                    data = await reader.read(1 << 16)
-            except TimeoutError:
-                return
-            proto.receive_data(data)
-            writer.write(proto.encode_reply(None, Response.failure(refusal)))
-            async with _compat.timeout(cfg.timeout):
-                await writer.drain()
-            return
+            return refusal
+        return None
 
-        self._active += 1
-        try:
-            await self._converse(reader, writer, proto, peer)
-        finally:
-            self._active -= 1
-
-    async def _converse(
+    async def _refuse(
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         proto: ConnectionProtocol,
-        peer: PeerCredentials,
+        refusal: str,
     ) -> None:
         cfg = self.config
-        while not proto.closed:
-            partial = proto.has_partial
-            try:
-                async with _compat.timeout(cfg.timeout if partial else cfg.idle_timeout):
-                    data = await reader.read(1 << 16)
-            except TimeoutError:
-                if partial:
-                    error = f"timed out after {cfg.timeout:g}s waiting for the rest of the message"
-                    writer.write(proto.encode_reply(None, Response.failure(error)))
-                    await self._drain(writer)
-                return
-            for event in proto.receive_data(data):
-                if isinstance(event, Close):
-                    return
-                if isinstance(event, ProtocolViolation):
-                    writer.write(proto.encode_reply(event, Response.failure(event.error)))
-                    audit_logger.info(
-                        "peer pid=%d uid=%d sent bad input: %s", peer.pid, peer.uid, event.error
-                    )
-                    if event.fatal:
-                        await self._drain(writer)
-                        return
-                    continue
-                assert proto.mode is not None
-                ctx = RequestContext(peer, proto.mode, self, event.id)
-                response = await self.dispatch(event, ctx)
-                if event.respond:
-                    writer.write(self._encode(proto, event, response))
-                if event.close:
-                    await self._drain(writer)
-                    return
-            await self._drain(writer)
+        # Read the first bytes only to learn which framing to answer in.
+        try:
+            async with _compat.timeout(min(cfg.timeout, 1.0)):
+                data = await reader.read(1 << 16)
+        except TimeoutError:
+            return
+        proto.receive_data(data)
+        writer.write(proto.encode_reply(None, Response.failure(refusal)))
+        async with _compat.timeout(cfg.timeout):
+            await writer.drain()
 
     async def _drain(self, writer: asyncio.StreamWriter) -> None:
+        # Usually the socket took the whole reply at once: nothing to wait for,
+        # and no timer to arm and cancel.
+        if writer.transport.get_write_buffer_size() == 0 and not writer.transport.is_closing():
+            return
         async with _compat.timeout(self.config.timeout):
             await writer.drain()
 
@@ -371,45 +389,67 @@ class UnixSockServer:
 
     async def dispatch(self, request: Request, ctx: RequestContext) -> Response:
         """Run the handler for one request and turn whatever happens into a Response."""
+        outcome = self._begin(request, ctx)
+        return outcome if isinstance(outcome, Response) else await outcome
+
+    def _begin(self, request: Request, ctx: RequestContext) -> Response | Awaitable[Response]:
+        """Start the handler: its Response when it finished at once, else an awaitable of it.
+
+        An async handler takes its first step right here, like Python 3.12's
+        eager tasks: most finish without suspending and then need no timer
+        and no further await. One that suspends, and every plain function
+        (which runs in the thread pool), completes in :meth:`_complete`.
+        """
         start = time.perf_counter()
+        args = (request.cmd, request.args, ctx) if self._handler_ctx else (request.cmd, request.args)
+        if not self._handler_async:
+            return self._complete(request, ctx, start, None, args)
         try:
-            result = await self._call_handler(request, ctx)
-            response = _to_response(result)
+            coro = self.handler(*args)
+            first = coro.send(None)
+        except StopIteration as done:
+            result = done.value
+            response = result if isinstance(result, Response) else Response(STATUS_OK, "", result)
+        except BaseException as exc:  # SystemExit in a handler must not end the server
+            response = self._raised(request, exc)
+        else:
+            return self._complete(request, ctx, start, _resume(coro, first), args)
+        self._audit(request, ctx, response, start)
+        return response
+
+    async def _complete(
+        self,
+        request: Request,
+        ctx: RequestContext,
+        start: float,
+        resumed: Awaitable[Any] | None,
+        args: tuple[Any, ...],
+    ) -> Response:
+        try:
+            result = await self._finish_handler(resumed, args)
+            response = result if isinstance(result, Response) else Response(STATUS_OK, "", result)
         except TimeoutError:
             response = Response.failure(
                 f"handler for {request.cmd!r} timed out after {self.config.handler_timeout:g}s"
             )
         except _HandlerRaised as raised:
-            exc = raised.exc
-            logger.debug("handler for %r raised", request.cmd, exc_info=exc)
-            response = Response.failure(_describe(exc))
-        if audit_logger.isEnabledFor(logging.INFO):
-            audit_logger.info(
-                "peer pid=%d uid=%d cmd=%s status=%s duration_ms=%.2f",
-                ctx.peer.pid,
-                ctx.peer.uid,
-                request.cmd,
-                response.status,
-                (time.perf_counter() - start) * 1000,
-            )
+            response = self._raised(request, raised.exc)
+        self._audit(request, ctx, response, start)
         return response
 
-    async def _call_handler(self, request: Request, ctx: RequestContext) -> Any:
-        handler: Callable[..., Any] = self.handler
-        args: Iterable[Any] = (
-            (request.cmd, request.args, ctx) if self._handler_ctx else (request.cmd, request.args)
-        )
+    async def _finish_handler(self, resumed: Awaitable[Any] | None, args: tuple[Any, ...]) -> Any:
         async with _compat.timeout(self.config.handler_timeout):
             # Inside the timeout, whatever the handler raises (a TimeoutError of
             # its own included) is wrapped, so that a bare TimeoutError leaving
             # this block always means the handler timeout expired.
             try:
-                if self._handler_async:
-                    return await handler(*args)
+                if resumed is not None:
+                    return await resumed
                 if self._pool is None:
                     self._pool = concurrent.futures.ThreadPoolExecutor(
                         self.config.handler_threads, thread_name_prefix="unixsock-handler"
                     )
+                handler: Callable[..., Any] = self.handler
                 loop = asyncio.get_running_loop()
                 result = await loop.run_in_executor(self._pool, lambda: handler(*args))
                 if inspect.isawaitable(result):
@@ -419,6 +459,21 @@ class UnixSockServer:
                 raise
             except BaseException as exc:  # SystemExit in a handler must not end the server
                 raise _HandlerRaised(exc) from None
+
+    def _raised(self, request: Request, exc: BaseException) -> Response:
+        logger.debug("handler for %r raised", request.cmd, exc_info=exc)
+        return Response.failure(_describe(exc))
+
+    def _audit(self, request: Request, ctx: RequestContext, response: Response, start: float) -> None:
+        if audit_logger.isEnabledFor(logging.INFO):
+            audit_logger.info(
+                "peer pid=%d uid=%d cmd=%s status=%s duration_ms=%.2f",
+                ctx.peer.pid,
+                ctx.peer.uid,
+                request.cmd,
+                response.status,
+                (time.perf_counter() - start) * 1000,
+            )
 
 
 class _HandlerRaised(Exception):
@@ -431,3 +486,84 @@ class _HandlerRaised(Exception):
 
 async def _await(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
+    """Go on awaiting ``coro``, whose first step already yielded ``yielded``.
+
+    ``await coro`` cannot be used for a coroutine that has started: this is
+    ``yield from`` picking up where that first step left off. Whatever the
+    task sends or throws in goes to ``coro``; what it yields goes to the task.
+    """
+    while True:
+        try:
+            sent = yield yielded
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                yielded = coro.send(sent)
+            except StopIteration as done:
+                return done.value
+
+
+class _ReadDeadline:
+    """The read timeout of one connection, re-armed without a timer per request.
+
+    ``asyncio.timeout`` schedules and cancels a timer each time; here arming
+    only stores a deadline, and a timer is scheduled when none is pending or
+    the new deadline comes before the pending one. When the timer fires
+    early (the deadline moved on) it is scheduled again; when it fires past
+    an armed deadline the connection's task is cancelled and ``expired`` set.
+    """
+
+    __slots__ = ("_deadline", "_handle", "_loop", "_task", "expired")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any]) -> None:
+        self._loop = loop
+        self._task = task
+        self._deadline: float | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self.expired = False
+
+    def arm(self, delay: float) -> None:
+        deadline = self._loop.time() + delay
+        self._deadline = deadline
+        handle = self._handle
+        if handle is None or handle.when() > deadline:
+            if handle is not None:
+                handle.cancel()
+            self._handle = self._loop.call_at(deadline, self._fire)
+
+    def disarm(self) -> None:
+        self._deadline = None
+
+    def acknowledge(self) -> None:
+        """The caller has handled the expiry: withdraw the cancellation."""
+        self.expired = False
+        _compat.uncancel(self._task)
+
+    def close(self) -> None:
+        self._deadline = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        deadline = self._deadline
+        if deadline is None:
+            return
+        if self._loop.time() < deadline:
+            self._handle = self._loop.call_at(deadline, self._fire)
+            return
+        self._deadline = None
+        self.expired = True
+        self._task.cancel()
