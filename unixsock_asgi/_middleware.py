@@ -32,6 +32,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 logger = logging.getLogger("unixsock_asgi")
 
 _MAINTENANCE = "<maintenance>"
+_perf_counter = time.perf_counter
 
 
 class ControlSocketMiddleware:
@@ -123,39 +124,46 @@ class ControlSocketMiddleware:
         return self.path.replace("{pid}", pid)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._not_http(scope, receive, send)
+            return
+        # The per-request hot path, kept in this one frame: a closure to learn
+        # the status, the clock read twice, one call to record.
+        if self.control.gate and await self._gated(scope, send):
+            return
+        root_path = scope.get("root_path", "")
+        status = 500  # if the app fails before starting a response
+
+        def send_with_status(message: Message) -> Awaitable[None]:
+            # Not async: it hands back send's own awaitable, so that the app's
+            # ``await send(...)`` costs no extra coroutine.
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            return send(message)
+
+        stats = self.stats
+        stats.in_flight += 1
+        start = _perf_counter()
+        failed = False
+        try:
+            await self.app(scope, receive, send_with_status)
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            duration = _perf_counter() - start
+            stats.in_flight -= 1
+            stats.record(_route_template(scope, root_path), scope["method"], status, duration, failed)
+
+    async def _not_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind == "http":
-            await self._http(scope, receive, send)
-        elif kind == "websocket":
+        if kind == "websocket":
             await self._websocket(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
         else:
             await self.app(scope, receive, send)
-
-    # -- requests: the hot path ---------------------------------------------
-
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        control = self.control
-        if control.gate and await self._gated(scope, send):
-            return
-        stats = self.stats
-        root_path = scope.get("root_path", "")
-        recorder = _StatusRecorder(send)
-        stats.in_flight += 1
-        start = time.perf_counter()
-        failed = False
-        try:
-            await self.app(scope, receive, recorder)
-        except BaseException:
-            failed = True
-            raise
-        finally:
-            duration = time.perf_counter() - start
-            stats.in_flight -= 1
-            stats.record(
-                _route_template(scope, root_path), scope["method"], recorder.status, duration, failed
-            )
 
     async def _gated(self, scope: Scope, send: Send) -> bool:
         """Answer 503 when maintenance is on or the health check is made to fail."""
@@ -278,21 +286,6 @@ class ControlSocketMiddleware:
             return error
         logger.info("control socket listening on %s", self.control.socket_path)
         return None
-
-
-class _StatusRecorder:
-    """Per-request helper: passes messages on and remembers the response status."""
-
-    __slots__ = ("send", "status")
-
-    def __init__(self, send: Send) -> None:
-        self.send = send
-        self.status = 500  # if the app fails before starting a response
-
-    async def __call__(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            self.status = message["status"]
-        await self.send(message)
 
 
 def _route_template(scope: Scope, root_path: str) -> str:

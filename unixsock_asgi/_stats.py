@@ -48,6 +48,7 @@ _STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 # Methods are client-controlled: anything else is counted as OTHER, so that a
 # client cannot grow the counters without bound.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
+_METHOD_KEYS = (*sorted(_METHODS), "OTHER")
 _QUANTILES = (("p50_s", 0.5), ("p90_s", 0.9), ("p99_s", 0.99))
 
 
@@ -149,21 +150,26 @@ def merge_histograms(payloads: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 class RouteStats:
     """Counters of one route template."""
 
-    __slots__ = ("by_method", "by_status", "exceptions", "latency", "requests")
+    __slots__ = ("by_method", "by_status", "exceptions", "latency")
 
     def __init__(self) -> None:
-        self.requests = 0
         self.exceptions = 0
         self.by_status = [0, 0, 0, 0, 0, 0]  # index = status // 100
-        self.by_method: dict[str, int] = {}
+        # Every key present from the start: one lookup and one store per request.
+        self.by_method: dict[str, int] = dict.fromkeys(_METHOD_KEYS, 0)
         self.latency = LatencyHistogram()
+
+    @property
+    def requests(self) -> int:
+        """Requests finished: every one is one latency observation."""
+        return self.latency.count
 
     def to_payload(self) -> dict[str, Any]:
         return {
             "requests": self.requests,
             "exceptions": self.exceptions,
             "by_status": _status_payload(self.by_status),
-            "by_method": dict(self.by_method),
+            "by_method": {method: n for method, n in list(self.by_method.items()) if n},
             "latency": self.latency.to_payload(),
         }
 
@@ -200,13 +206,13 @@ class Stats:
         rs = self.routes.get(route)
         if rs is None:
             rs = self.routes[route] = RouteStats()
-        rs.requests += 1
         cls = status // 100
         rs.by_status[cls if 0 < cls < 6 else 5] += 1
-        if method not in _METHODS:
-            method = "OTHER"
         by_method = rs.by_method
-        by_method[method] = by_method.get(method, 0) + 1
+        if method in by_method:
+            by_method[method] += 1
+        else:
+            by_method["OTHER"] += 1
         if exception:
             rs.exceptions += 1
         # LatencyHistogram.record, inlined: this runs once per request.
