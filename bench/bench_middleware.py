@@ -1,0 +1,853 @@
+"""Per-request cost of ``ControlSocketMiddleware`` next to the alternatives (issue #3).
+
+Run ``python bench/bench_middleware.py`` (about 4 minutes) or add ``--quick``
+(about a minute). Five variants of one app are compared in the same run:
+
+* ``bare``: the app alone;
+* ``noop``: a pure ASGI middleware that only awaits the app (the floor for any middleware);
+* ``instrumentator``: prometheus-fastapi-instrumentator, ``Instrumentator().instrument(app)``;
+* ``exporter``: starlette-exporter's ``PrometheusMiddleware``;
+* ``ours``: ``ControlSocketMiddleware`` with statistics on.
+
+Part 1 calls the app in-process with ASGI scope dicts (no server, no sockets)
+and reports ns/request; part 2 runs each variant as a real single-worker
+uvicorn process on 127.0.0.1 under a load generator (wrk when installed, else
+a Python keep-alive load generator in its own process) and reports requests/s.
+Variants are interleaved within each round and medians are reported, because
+the machines this runs on are noisy. Issue #3's targets: at most 3 us added per
+request in-process, and at least 97% of the bare app's requests/s under uvicorn.
+
+This file is also the app module of the uvicorn runs (``uvicorn_app`` reads the
+variant from the environment) and, with ``--loadgen-worker``, the Python load
+generator's process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import gc
+import http.client
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import pstats
+import random
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+from prometheus_fastapi_instrumentator import Instrumentator
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette_exporter import PrometheusMiddleware
+
+from unixsock_asgi import Client, ControlSocketMiddleware, Stats
+
+VARIANTS = ("bare", "noop", "instrumentator", "exporter", "ours")
+VARIANT_LABELS = {
+    "bare": "bare app",
+    "noop": "no-op ASGI middleware",
+    "instrumentator": "prometheus-fastapi-instrumentator",
+    "exporter": "starlette-exporter",
+    "ours": "ControlSocketMiddleware (stats on)",
+}
+ADDED_NS_TARGET = 3000
+"""In-process target: ns added per request by ``ours`` over the bare app."""
+RPS_RATIO_TARGET = 0.97
+"""Under-uvicorn target: ``ours`` requests/s over the bare app's."""
+TARGET_SPREAD = 5
+"""How many routes the requests are spread over (always the first and the last declared)."""
+SLICES = 10
+"""In-process batches are timed in this many slices, the variants taking turns."""
+SERVER_CPU = 0
+LOADGEN_CPU = 1
+_ENV_PREFIX = "UNIXSOCK_BENCH_"
+
+
+# -- the app under test ---------------------------------------------------------
+
+
+class NoopMiddleware:
+    """A pure ASGI middleware that does nothing: the cost of one extra layer."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+def route_template(index: int) -> str:
+    """The path template of the ``index``-th declared route."""
+    return f"/res{index}/{{item_id}}"
+
+
+def target_indices(n_routes: int) -> list[int]:
+    """Indices of the routes requests go to: spread evenly, first and last included."""
+    last = n_routes - 1
+    return sorted({round(k * last / (TARGET_SPREAD - 1)) for k in range(TARGET_SPREAD)})
+
+
+def request_paths(n_routes: int) -> list[str]:
+    """Concrete request paths, one per target route."""
+    return [f"/res{i}/{1000 + i}" for i in target_indices(n_routes)]
+
+
+async def starlette_endpoint(request: Request) -> PlainTextResponse:
+    """The handler of every route in the Starlette app."""
+    return PlainTextResponse("ok")
+
+
+async def fastapi_endpoint(item_id: str) -> PlainTextResponse:
+    """The handler of every route in the FastAPI app."""
+    return PlainTextResponse("ok")
+
+
+def build_app(
+    variant: str,
+    n_routes: int,
+    framework: str,
+    *,
+    socket_dir: str,
+    stats: Stats | None = None,
+) -> ASGIApp:
+    """The app with ``n_routes`` templated routes, wrapped as ``variant`` says.
+
+    Every middleware goes into the framework's own middleware stack, inside
+    its ``ServerErrorMiddleware``, as ``add_middleware`` would put it.
+    """
+    middleware: list[Middleware] = []
+    if variant == "noop":
+        middleware.append(Middleware(NoopMiddleware))
+    elif variant == "exporter":
+        middleware.append(Middleware(PrometheusMiddleware, app_name=f"bench{n_routes}", group_paths=True))
+    elif variant == "ours":
+        middleware.append(
+            Middleware(ControlSocketMiddleware, socket_dir=socket_dir, name=f"bench{n_routes}", stats=stats)
+        )
+    elif variant not in ("bare", "instrumentator"):
+        raise ValueError(f"unknown variant {variant!r}")
+    app: Starlette
+    if framework == "starlette":
+        routes = [Route(route_template(i), starlette_endpoint) for i in range(n_routes)]
+        app = Starlette(routes=routes, middleware=middleware)
+    elif framework == "fastapi":
+        api = FastAPI(middleware=middleware, docs_url=None, redoc_url=None, openapi_url=None)
+        for i in range(n_routes):
+            api.add_api_route(route_template(i), fastapi_endpoint, methods=["GET"])
+        app = api
+    else:
+        raise ValueError(f"unknown framework {framework!r}")
+    if variant == "instrumentator":
+        # Its own registry: several instrumented apps live in this one process.
+        Instrumentator(registry=CollectorRegistry()).instrument(app)
+    return app
+
+
+def uvicorn_app() -> ASGIApp:
+    """The uvicorn factory (``--factory bench_middleware:uvicorn_app``): the variant comes from env."""
+    env = os.environ
+    return build_app(
+        env[_ENV_PREFIX + "VARIANT"],
+        int(env[_ENV_PREFIX + "ROUTES"]),
+        env[_ENV_PREFIX + "FRAMEWORK"],
+        socket_dir=env[_ENV_PREFIX + "SOCKET_DIR"],
+    )
+
+
+# -- part 1: in-process ---------------------------------------------------------
+
+_REQUEST_MESSAGE: Message = {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def receive_request() -> Message:
+    """An ASGI ``receive`` with one empty request body."""
+    return _REQUEST_MESSAGE
+
+
+async def discard(message: Message) -> None:
+    """An ASGI ``send`` that drops every message."""
+
+
+def http_scope(path: str) -> dict[str, Any]:
+    """A plain GET scope as uvicorn would build it (without lifespan state)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 50000),
+        "scheme": "http",
+        "method": "GET",
+        "root_path": "",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"bench"), (b"accept", b"*/*")],
+    }
+
+
+@dataclass
+class InProcessCase:
+    """One variant at one route count, with its per-round ns/request."""
+
+    variant: str
+    n_routes: int
+    app: ASGIApp
+    scopes: list[dict[str, Any]]
+    stats: Stats | None = None
+    ns_per_request: list[float] = field(default_factory=list)
+
+
+async def check_responses(case: InProcessCase) -> None:
+    """Call each request path once and fail unless every answer is a 200."""
+    statuses: list[int] = []
+
+    async def record(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    for scope in case.scopes[:TARGET_SPREAD]:
+        await case.app(dict(scope), receive_request, record)
+    if any(status != 200 for status in statuses) or not statuses:
+        raise RuntimeError(f"{case.variant} at {case.n_routes} routes answered {statuses}")
+
+
+async def time_slice(app: ASGIApp, scopes: list[dict[str, Any]]) -> int:
+    """Serve ``scopes`` one after the other; return the ns it took."""
+    start = time.perf_counter_ns()
+    for scope in scopes:
+        await app(scope, receive_request, discard)
+    return time.perf_counter_ns() - start
+
+
+async def time_round(cases: list[InProcessCase], slices: int) -> list[float]:
+    """Time one batch per case, interleaved in ``slices`` slices; return each case's ns/request.
+
+    A batch is cut into slices and the cases take turns slice by slice, so a
+    burst of noise on the machine (a stolen vCPU, say) lands on every case
+    alike instead of on whichever case's batch it happened to hit. The
+    collector is paused while timing and run between rounds.
+    """
+    fresh = [[dict(scope) for scope in case.scopes] for case in cases]  # the app writes into scopes
+    size = -(-len(cases[0].scopes) // slices)
+    elapsed = [0] * len(cases)
+    gc.collect()
+    gc.disable()
+    try:
+        for k in range(0, len(cases[0].scopes), size):
+            for i, case in enumerate(cases):
+                elapsed[i] += await time_slice(case.app, fresh[i][k : k + size])
+    finally:
+        gc.enable()
+    return [ns / len(case.scopes) for ns, case in zip(elapsed, cases, strict=True)]
+
+
+async def run_in_process(
+    route_counts: Sequence[int], framework: str, rounds: int, batch: int, socket_dir: str
+) -> list[InProcessCase]:
+    """Time every variant at every route count, interleaved, ``rounds`` times."""
+    groups: list[list[InProcessCase]] = []
+    for n_routes in route_counts:
+        paths = request_paths(n_routes)
+        scopes = [http_scope(paths[i % len(paths)]) for i in range(batch)]
+        group = []
+        for variant in VARIANTS:
+            stats = Stats() if variant == "ours" else None
+            app = build_app(variant, n_routes, framework, socket_dir=socket_dir, stats=stats)
+            group.append(InProcessCase(variant, n_routes, app, scopes, stats))
+        groups.append(group)
+    cases = [case for group in groups for case in group]
+    for case in cases:  # builds the middleware stacks and warms every code path
+        await check_responses(case)
+        await time_slice(case.app, [dict(scope) for scope in case.scopes])
+    shuffler = random.Random(3)
+    for _ in range(rounds):
+        for group in groups:
+            order = list(group)
+            shuffler.shuffle(order)
+            for case, ns in zip(order, await time_round(order, SLICES), strict=True):
+                case.ns_per_request.append(ns)
+    for case in cases:  # the middleware must have recorded every request under its template
+        if case.stats is not None:
+            expected = {route_template(i) for i in target_indices(case.n_routes)}
+            if set(case.stats.routes) != expected:
+                raise RuntimeError(
+                    f"ours recorded routes {sorted(case.stats.routes)}, not {sorted(expected)}"
+                )
+    return cases
+
+
+def profile_ours(n_routes: int, framework: str, batch: int, socket_dir: str, top: int = 25) -> None:
+    """Print a cProfile of ``ours`` serving ``batch`` requests in-process (tottime order)."""
+    paths = request_paths(n_routes)
+    app = build_app("ours", n_routes, framework, socket_dir=socket_dir, stats=Stats())
+    case = InProcessCase("ours", n_routes, app, [http_scope(paths[i % len(paths)]) for i in range(batch)])
+
+    async def serve() -> None:
+        for _ in range(5):
+            await time_slice(case.app, [dict(scope) for scope in case.scopes])
+
+    asyncio.run(check_responses(case))
+    profiler = cProfile.Profile()
+    profiler.enable()
+    asyncio.run(serve())
+    profiler.disable()
+    print(f"\ncProfile of ours, {n_routes} routes, {5 * batch} requests (profiler overhead inflates calls):")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
+
+
+# -- part 2: under uvicorn ------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pin(pid: int, cpu: int) -> bool:
+    """Pin ``pid`` to one CPU when this machine has it; return whether it was pinned."""
+    if not hasattr(os, "sched_setaffinity") or cpu not in os.sched_getaffinity(0):
+        return False
+    os.sched_setaffinity(pid, {cpu})
+    return True
+
+
+def can_pin() -> bool:
+    """Whether the server and the load generator can each have a CPU of their own."""
+    return hasattr(os, "sched_getaffinity") and {SERVER_CPU, LOADGEN_CPU} <= os.sched_getaffinity(0)
+
+
+@dataclass
+class UvicornServer:
+    """A uvicorn subprocess serving one variant on 127.0.0.1."""
+
+    variant: str
+    n_routes: int
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    socket_dir: str
+    requests_sent: int = 0
+    rps: list[float] = field(default_factory=list)
+
+    def log(self) -> str:
+        """What the server printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def answers(self, path: str) -> bool:
+        """Whether the server answers ``path`` with a 200 now."""
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"uvicorn ({self.variant}) exited with {self.proc.returncode}:\n{self.log()}")
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+        try:
+            conn.request("GET", path)
+            return conn.getresponse().status == 200
+        except OSError:
+            return False
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        """Terminate the server, and kill it if it does not exit in time."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc.wait(10)
+
+
+def start_server(variant: str, n_routes: int, framework: str, workdir: Path) -> UvicornServer:
+    """Start uvicorn with one worker, no access log, on a free port; do not wait for it."""
+    port = free_port()
+    socket_dir = tempfile.mkdtemp(prefix="usab-")  # short: socket paths must fit in 107 bytes
+    env = {
+        **os.environ,
+        _ENV_PREFIX + "VARIANT": variant,
+        _ENV_PREFIX + "ROUTES": str(n_routes),
+        _ENV_PREFIX + "FRAMEWORK": framework,
+        _ENV_PREFIX + "SOCKET_DIR": socket_dir,
+    }
+    argv = [
+        sys.executable, "-m", "uvicorn", "--factory", f"{Path(__file__).stem}:uvicorn_app",
+        "--app-dir", str(Path(__file__).parent), "--host", "127.0.0.1", "--port", str(port),
+        "--no-access-log", "--log-level", "warning", "--lifespan", "on",
+    ]  # fmt: skip
+    log_path = workdir / f"uvicorn-{variant}-{n_routes}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    pin(proc.pid, SERVER_CPU)
+    return UvicornServer(variant, n_routes, port, proc, log_path, socket_dir)
+
+
+def wait_until_ready(server: UvicornServer, path: str, timeout: float = 60.0) -> None:
+    """Poll until the server answers ``path``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.answers(path):
+            server.requests_sent += 1
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"uvicorn ({server.variant}) not ready after {timeout}s:\n{server.log()}")
+
+
+@dataclass
+class LoadResult:
+    """What one load-generator run measured."""
+
+    requests: int
+    seconds: float
+    errors: int
+    loadgen_cpu_share: float | None = None  # of one core, Python load generator only
+
+    @property
+    def rps(self) -> float:
+        """Completed requests per second."""
+        return self.requests / self.seconds
+
+
+_WRK_SCRIPT = """\
+local paths = {%s}
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format("GET", paths[(n %% #paths) + 1])
+end
+"""
+
+
+def run_wrk(port: int, paths: Sequence[str], duration: float, connections: int, workdir: Path) -> LoadResult:
+    """Load the server with wrk (one thread), requests rotating over ``paths``."""
+    script = workdir / "paths.lua"
+    script.write_text(_WRK_SCRIPT % ", ".join(f'"{p}"' for p in paths))
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "-s", str(script)]
+    proc = subprocess.Popen(
+        [*argv, f"http://127.0.0.1:{port}/"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    pin(proc.pid, LOADGEN_CPU)
+    try:
+        out, _ = proc.communicate(timeout=duration + 30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    done = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out)
+    if proc.returncode != 0 or done is None:
+        raise RuntimeError(f"wrk failed ({proc.returncode}):\n{out}")
+    seconds = float(done.group(2)) / (1000 if done.group(3) == "ms" else 1)
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors += int(non_2xx.group(1)) if non_2xx else 0
+    return LoadResult(int(done.group(1)), seconds, errors)
+
+
+async def python_load(
+    port: int, paths: Sequence[str], duration: float, connections: int, max_requests: int
+) -> dict[str, Any]:
+    """Keep-alive HTTP/1.1 GETs over ``connections`` connections until time or count runs out."""
+    messages = [f"GET {p} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode() for p in paths]
+    completed = 0
+    errors = 0
+    deadline = time.monotonic() + duration
+
+    async def one_connection(offset: int) -> None:
+        nonlocal completed, errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        i = offset
+        try:
+            while completed < max_requests and time.monotonic() < deadline:
+                writer.write(messages[i % len(messages)])
+                i += 1
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                if length is None:
+                    raise RuntimeError(f"no content-length in {head!r}")
+                await reader.readexactly(int(length.group(1)))
+                if head[9:12] != b"200":
+                    errors += 1
+                completed += 1
+        finally:
+            writer.close()
+
+    cpu_start = time.process_time()
+    start = time.perf_counter()
+    outcomes = await asyncio.gather(*(one_connection(k) for k in range(connections)), return_exceptions=True)
+    seconds = time.perf_counter() - start
+    errors += sum(isinstance(outcome, BaseException) for outcome in outcomes)
+    return {
+        "requests": completed,
+        "seconds": seconds,
+        "errors": errors,
+        "cpu_share": (time.process_time() - cpu_start) / seconds,
+    }
+
+
+def run_python_loadgen(port: int, paths: Sequence[str], duration: float, connections: int) -> LoadResult:
+    """Run :func:`python_load` in a process of its own (on the load generator's CPU)."""
+    config = {"port": port, "paths": list(paths), "duration": duration, "connections": connections}
+    argv = [sys.executable, __file__, "--loadgen-worker", json.dumps(config)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pin(proc.pid, LOADGEN_CPU)
+    try:
+        out, err = proc.communicate(timeout=duration + 30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"load generator failed ({proc.returncode}):\n{err}")
+    result = json.loads(out)
+    return LoadResult(result["requests"], result["seconds"], result["errors"], result["cpu_share"])
+
+
+LoadGenerator = Callable[[int, Sequence[str], float], LoadResult]
+
+
+def choose_loadgen(name: str, connections: int, workdir: Path) -> tuple[LoadGenerator, str]:
+    """The load generator to use and its description for the footer."""
+    if name == "wrk" or (name == "auto" and shutil.which("wrk")):
+        if not shutil.which("wrk"):
+            raise SystemExit("--loadgen wrk: wrk is not installed")
+        version = subprocess.run(["wrk", "-v"], check=False, capture_output=True, text=True).stdout.split(
+            "\n"
+        )[0]
+        description = f"{version.split(' [')[0].strip() or 'wrk'} (-t1 -c{connections})"
+        return lambda port, paths, seconds: run_wrk(port, paths, seconds, connections, workdir), description
+    description = f"Python asyncio keep-alive load generator ({connections} connections, own process)"
+    return lambda port, paths, seconds: run_python_loadgen(port, paths, seconds, connections), description
+
+
+def check_control_socket(server: UvicornServer) -> str:
+    """Query ``ours``'s control socket: it must exist and have counted the traffic."""
+    sockets = sorted(Path(server.socket_dir).glob("*.sock"))
+    if not sockets:
+        raise RuntimeError(f"no control socket in {server.socket_dir}:\n{server.log()}")
+    response = Client(sockets[0]).send("stats", {"routes": True})
+    if response is None or not response.ok:
+        raise RuntimeError(f"stats over {sockets[0]} failed: {response}")
+    counted = response.payload["requests_total"]
+    routes = sorted(response.payload["routes"])
+    return (
+        f"{server.n_routes} routes: control socket started; its stats counted {counted} requests "
+        f"(load generators completed {server.requests_sent}) under {len(routes)} route templates"
+    )
+
+
+def run_under_uvicorn(
+    n_routes: int,
+    framework: str,
+    rounds: int,
+    duration: float,
+    loadgen: LoadGenerator,
+    workdir: Path,
+) -> tuple[list[UvicornServer], str]:
+    """Start every variant, load each in turn for ``rounds`` interleaved rounds, stop them all."""
+    paths = request_paths(n_routes)
+    servers: list[UvicornServer] = []
+    try:
+        for variant in VARIANTS:
+            servers.append(start_server(variant, n_routes, framework, workdir))
+        for server in servers:
+            wait_until_ready(server, paths[-1])
+            warmup = loadgen(server.port, paths, 1.0)
+            server.requests_sent += warmup.requests
+            if warmup.errors:
+                raise RuntimeError(
+                    f"{server.variant}: {warmup.errors} errors during warm-up:\n{server.log()}"
+                )
+        shuffler = random.Random(7)
+        for _ in range(rounds):
+            order = list(servers)
+            shuffler.shuffle(order)
+            for server in order:
+                result = loadgen(server.port, paths, duration)
+                server.requests_sent += result.requests
+                if result.errors:
+                    raise RuntimeError(
+                        f"{server.variant}: {result.errors} errors under load:\n{server.log()}"
+                    )
+                if result.loadgen_cpu_share is not None and result.loadgen_cpu_share > 0.9:
+                    print(
+                        f"  warning: the load generator used {result.loadgen_cpu_share:.0%} of its core: "
+                        "it may be the bottleneck, so the ratios are understated",
+                        file=sys.stderr,
+                    )
+                server.rps.append(result.rps)
+        ours = next(s for s in servers if s.variant == "ours")
+        note = check_control_socket(ours)
+    finally:
+        for server in servers:
+            server.stop()
+            shutil.rmtree(server.socket_dir, ignore_errors=True)
+    return servers, note
+
+
+# -- tables -----------------------------------------------------------------------
+
+
+@dataclass
+class Table:
+    """A result table: printed aligned for the terminal and as Markdown for README."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        """Aligned plain text."""
+        widths = [max(len(c), *(len(r[i]) for r in self.rows)) for i, c in enumerate(self.columns)]
+
+        def line(cells: Sequence[str]) -> str:
+            first = cells[0].ljust(widths[0])
+            return "  ".join([first, *(c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))])
+
+        out = [self.title, line(self.columns), "  ".join("-" * w for w in widths)]
+        out += [line(row) for row in self.rows]
+        out += [f"  {note}" for note in self.notes]
+        return "\n".join(out)
+
+    def markdown(self) -> str:
+        """A GitHub Markdown table with the notes below it."""
+        out = [f"**{self.title}**", "", "| " + " | ".join(self.columns) + " |"]
+        out.append("| --- | " + " | ".join("---:" for _ in self.columns[1:]) + " |")
+        out += ["| " + " | ".join(row) + " |" for row in self.rows]
+        if self.notes:
+            out.append("")
+            out += [f"- {note}" for note in self.notes]
+        return "\n".join(out)
+
+
+def verdict(met: bool) -> str:
+    """A target's outcome as a word."""
+    return "MET" if met else "MISSED"
+
+
+def in_process_table(cases: list[InProcessCase], framework: str, rounds: int, batch: int) -> Table:
+    """ns/request per variant, and what it adds over the bare app and the no-op middleware."""
+    table = Table(
+        f"In-process ASGI calls ({framework}): ns/request, median of {rounds} interleaved rounds",
+        ["variant", "routes", "ns/req", "added ns vs bare", "added ns vs no-op", "bare/variant"],
+    )
+    by_key = {(c.variant, c.n_routes): c for c in cases}
+    for case in cases:
+        bare = by_key["bare", case.n_routes].ns_per_request
+        noop = by_key["noop", case.n_routes].ns_per_request
+        mine = case.ns_per_request
+        # Paired per round: a variant and its reference were timed in the same round.
+        added_bare = statistics.median(m - b for m, b in zip(mine, bare, strict=True))
+        added_noop = statistics.median(m - n for m, n in zip(mine, noop, strict=True))
+        ratio = statistics.median(b / m for m, b in zip(mine, bare, strict=True))
+        table.rows.append(
+            [
+                VARIANT_LABELS[case.variant],
+                str(case.n_routes),
+                f"{statistics.median(mine):,.0f}",
+                "-" if case.variant == "bare" else f"{added_bare:+,.0f}",
+                "-" if case.variant in ("bare", "noop") else f"{added_noop:+,.0f}",
+                f"{ratio:.3f}",
+            ]
+        )
+        if case.variant == "ours":
+            table.notes.append(
+                f"target <= {ADDED_NS_TARGET:,} ns added per request at {case.n_routes} routes: "
+                f"{added_bare:+,.0f} ns, {verdict(added_bare <= ADDED_NS_TARGET)}"
+            )
+    table.notes += [
+        f"each round times a batch of {batch:,} requests per variant, in {SLICES} slices the variants "
+        "take turns at (order shuffled per round), garbage collector paused while timing; "
+        "'added' and 'bare/variant' are medians of per-round paired differences/ratios",
+        f"requests rotate over {TARGET_SPREAD} routes spread over the table, first and last declared included; "
+        "each handler returns PlainTextResponse('ok')",
+        "ours: the lifespan is not run in-process, so no control socket is started; "
+        "statistics are recorded for every request (checked after the run)",
+    ]
+    return table
+
+
+def uvicorn_table(
+    results: list[tuple[list[UvicornServer], str]], framework: str, rounds: int, duration: float
+) -> Table:
+    """requests/s per variant and its ratio to the bare app's."""
+    table = Table(
+        f"Under uvicorn ({framework}, 1 worker): requests/s, median of {rounds} interleaved rounds",
+        ["variant", "routes", "req/s", "min-max req/s", "added ns vs bare", "ratio vs bare"],
+    )
+    for servers, note in results:
+        bare = next(s for s in servers if s.variant == "bare").rps
+        for server in servers:
+            rps = server.rps
+            ratio = statistics.median(r / b for r, b in zip(rps, bare, strict=True))
+            # The server is CPU-bound on one core, so 1/throughput is its time per request.
+            added = statistics.median(1e9 / r - 1e9 / b for r, b in zip(rps, bare, strict=True))
+            table.rows.append(
+                [
+                    VARIANT_LABELS[server.variant],
+                    str(server.n_routes),
+                    f"{statistics.median(rps):,.0f}",
+                    f"{min(rps):,.0f}-{max(rps):,.0f}",
+                    "-" if server.variant == "bare" else f"{added:+,.0f}",
+                    f"{ratio:.3f}",
+                ]
+            )
+            if server.variant == "ours":
+                table.notes.append(
+                    f"target >= {RPS_RATIO_TARGET:.0%} of the bare app's req/s at {server.n_routes} routes: "
+                    f"{ratio:.1%}, {verdict(ratio >= RPS_RATIO_TARGET)}"
+                )
+        table.notes.append(note)
+    table.notes += [
+        f"each round loads every variant for {duration:g} s (variants shuffled per round, after a 1 s warm-up "
+        "each); 'ratio' and 'added ns' are medians of per-round pairs with the bare app; "
+        "added ns = 1e9/req/s - 1e9/bare req/s (server time per request, one busy core)",
+        "uvicorn: --no-access-log --log-level warning; ours runs its lifespan, so its control socket is up "
+        "(in a temp dir) during the load",
+    ]
+    return table
+
+
+def footer(framework: str, loadgen: str | None, args: argparse.Namespace) -> list[str]:
+    """Versions and settings the numbers depend on."""
+
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    impl = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http_impl = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    lines = [
+        f"Python {platform.python_version()} ({platform.python_implementation()}), {platform.machine()}, "
+        f"{os.cpu_count()} CPUs; uvicorn {version('uvicorn')} (loop {impl}, http {http_impl}), "
+        f"starlette {version('starlette')}"
+        + (f", fastapi {version('fastapi')}" if framework == "fastapi" else ""),
+        f"prometheus-fastapi-instrumentator {version('prometheus-fastapi-instrumentator')}, "
+        f"starlette-exporter {version('starlette-exporter')}, unixsock-asgi {version('unixsock-asgi')}",
+        f"in-process: {args.rounds} rounds x {args.batch:,} requests per variant",
+    ]
+    if loadgen is not None:
+        pinning = (
+            f"server pinned to CPU {SERVER_CPU}, load generator to CPU {LOADGEN_CPU}"
+            if can_pin()
+            else "not pinned (fewer than 2 CPUs available)"
+        )
+        lines.append(
+            f"under uvicorn: {args.uvicorn_rounds} rounds x {args.duration:g} s per variant; "
+            f"load generator: {loadgen}; {pinning}"
+        )
+    return lines
+
+
+# -- main -------------------------------------------------------------------------
+
+
+@contextmanager
+def workspace() -> Iterator[Path]:
+    """A temporary directory for logs, the wrk script and in-process socket paths."""
+    path = Path(tempfile.mkdtemp(prefix="usab-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command-line options; ``--quick`` lowers the defaults it is given with."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (about a minute)")
+    parser.add_argument("--framework", choices=("starlette", "fastapi"), default="starlette")
+    parser.add_argument("--routes", type=int, nargs="+", default=[5, 100], help="route counts in-process")
+    parser.add_argument("--rounds", type=int, help="in-process rounds (default 15, quick 5)")
+    parser.add_argument("--batch", type=int, help="requests per in-process batch (default 2000, quick 1000)")
+    parser.add_argument("--uvicorn-routes", type=int, nargs="*", default=[5, 100], help="route counts")
+    parser.add_argument("--uvicorn-rounds", type=int, help="rounds under uvicorn (default 3, quick 2)")
+    parser.add_argument("--duration", type=float, help="seconds of load per run (default 5, quick 2)")
+    parser.add_argument("--connections", type=int, default=32, help="keep-alive connections of the load")
+    parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
+    parser.add_argument("--skip-in-process", action="store_true")
+    parser.add_argument("--skip-uvicorn", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="also print a cProfile of ours in-process")
+    parser.add_argument("--loadgen-worker", metavar="JSON", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.rounds = args.rounds or (5 if quick else 15)
+    args.batch = args.batch or (1000 if quick else 2000)
+    args.uvicorn_rounds = args.uvicorn_rounds or (2 if quick else 3)
+    args.duration = args.duration or (2.0 if quick else 5.0)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run both parts and print their tables, then the same tables as Markdown."""
+    args = parse_args(argv)
+    if args.loadgen_worker is not None:  # the Python load generator's own process
+        config = json.loads(args.loadgen_worker)
+        result = asyncio.run(
+            python_load(
+                config["port"], config["paths"], config["duration"], config["connections"], 10_000_000
+            )
+        )
+        print(json.dumps(result))
+        return 0
+    started = time.monotonic()
+    tables: list[Table] = []
+    loadgen_description: str | None = None
+    with workspace() as workdir:
+        socket_dir = str(workdir)
+        if not args.skip_in_process:
+            print(f"part 1: in-process, {args.rounds} rounds ...", file=sys.stderr)
+            cases = asyncio.run(
+                run_in_process(args.routes, args.framework, args.rounds, args.batch, socket_dir)
+            )
+            tables.append(in_process_table(cases, args.framework, args.rounds, args.batch))
+            print("\n" + tables[-1].text(), flush=True)
+            if args.profile:
+                profile_ours(max(args.routes), args.framework, args.batch, socket_dir)
+        if not args.skip_uvicorn and args.uvicorn_routes:
+            loadgen, loadgen_description = choose_loadgen(args.loadgen, args.connections, workdir)
+            results = []
+            for n_routes in args.uvicorn_routes:
+                print(f"part 2: uvicorn, {n_routes} routes, {loadgen_description} ...", file=sys.stderr)
+                results.append(
+                    run_under_uvicorn(
+                        n_routes, args.framework, args.uvicorn_rounds, args.duration, loadgen, workdir
+                    )
+                )
+            tables.append(uvicorn_table(results, args.framework, args.uvicorn_rounds, args.duration))
+            print("\n" + tables[-1].text(), flush=True)
+    lines = footer(args.framework, loadgen_description, args)
+    lines.append(f"total bench time {time.monotonic() - started:.0f} s")
+    print("\n" + "\n".join(lines))
+    print("\n--- Markdown ---\n")
+    print("\n\n".join(table.markdown() for table in tables))
+    print("\n" + "\n".join(f"<sub>{line}</sub><br>" for line in lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
