@@ -295,12 +295,17 @@ def _route_template(scope: Scope, root_path: str) -> str:
     route context; Starlette leaves the matched route in ``scope["route"]``;
     mounts extend ``root_path``, and that extension is the mount prefix.
     """
+    route = scope.get("route")
+    if route is not None and scope.get("root_path", "") is root_path and "fastapi" not in scope:
+        # Plain Starlette, no mount on the way: the route's own template.
+        plain: str | None = getattr(route, "path_format", None)
+        if plain and not plain.endswith("/{path}"):
+            return plain
     template: str | None = None
     fastapi_scope = scope.get("fastapi")
     if fastapi_scope:
         context = fastapi_scope.get("effective_route_context")
         template = getattr(context, "path_format", None)
-    route = scope.get("route")
     if not template and route is not None:
         template = getattr(route, "path_format", None)
     prefix: str = scope.get("root_path", "")
