@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
@@ -740,6 +741,44 @@ def test_async_handlers_that_suspend(start_server: ServerFactory, outcome: str) 
         "catches_own_timeout": Response.success("caught"),
     }[outcome]
     assert response == expected
+
+
+@pytest.mark.skipif(
+    not hasattr(inspect, "markcoroutinefunction"), reason="only Python 3.12+ can mark a plain function async"
+)
+def test_async_marked_handler_may_return_a_task(start_server: ServerFactory) -> None:
+    def handler(cmd: str, args: dict[str, Any]) -> Any:
+        return asyncio.ensure_future(asyncio.sleep(0.01, "from a task"))
+
+    server = start_server(inspect.markcoroutinefunction(handler))  # type: ignore[attr-defined,unused-ignore]
+    assert Client(server.path).send("x") == Response.success("from a task")
+
+
+def test_a_response_with_a_non_string_error_is_sent_as_its_str(start_server: ServerFactory) -> None:
+    async def handler(cmd: str, args: dict[str, Any]) -> Any:
+        return Response("failure", ValueError("disk full"), {"detail": 1})  # type: ignore[arg-type]
+
+    server = start_server(handler)
+    assert Client(server.path).send("x") == Response.failure("disk full", {"detail": 1})
+
+
+def test_cancelled_error_from_a_handler_ends_the_connection_without_a_reply(
+    start_server: ServerFactory, connect_raw: RawConnector
+) -> None:
+    # Before its first suspension or after it: the same outcome either way.
+    async def handler(cmd: str, args: dict[str, Any]) -> Any:
+        if cmd == "ping":
+            return "pong"
+        if cmd == "later":
+            await asyncio.sleep(0)
+        raise asyncio.CancelledError
+
+    server = start_server(handler)
+    for cmd in ("now", "later"):
+        sock = connect_raw(server.path)
+        send_frame(sock, {"cmd": cmd, "close": False})
+        assert_eof(sock)
+    assert ping_ok(server.path)
 
 
 def test_timed_out_async_handler_is_cancelled_and_cleans_up(start_server: ServerFactory) -> None:

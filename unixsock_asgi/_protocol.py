@@ -531,7 +531,9 @@ class ConnectionProtocol:
                     b"}}" if req_id is None else b'},"id":' + _REPLY_UTF8(req_id).encode() + b"}",
                 )
             )
-        except UnicodeEncodeError:
+        except (UnicodeEncodeError, TypeError):
+            # A lone surrogate somewhere, or a status/error that is not a str:
+            # encode the whole object (ASCII-escaped if need be, str() for the rest).
             obj: dict[str, Any] = {"cmd": cmd, "response": resp}
             if req_id is not None:
                 obj["id"] = req_id

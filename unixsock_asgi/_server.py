@@ -70,7 +70,7 @@ class ServerConfig:
     """Threads that run plain (non-async) handlers."""
 
 
-@dataclass(slots=True)
+@dataclass
 class RequestContext:
     """What a handler may know about the request beyond ``cmd`` and ``args``."""
 
@@ -406,10 +406,15 @@ class UnixSockServer:
             return self._complete(request, ctx, start, None, args)
         try:
             coro = self.handler(*args)
+            if type(coro) is not types.CoroutineType:
+                # Declared async but returned another awaitable (a Task, a Future): await it.
+                return self._complete(request, ctx, start, _await(coro), args)
             first = coro.send(None)
         except StopIteration as done:
             result = done.value
             response = result if isinstance(result, Response) else Response(STATUS_OK, "", result)
+        except asyncio.CancelledError:
+            raise  # as when it is raised after the first step: the connection ends
         except BaseException as exc:  # SystemExit in a handler must not end the server
             response = self._raised(request, exc)
         else:
