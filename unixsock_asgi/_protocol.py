@@ -444,11 +444,13 @@ class ConnectionProtocol:
             if expect < 0:
                 if end - pos < _HEADER_SIZE:
                     break
-                try:
-                    expect = read_frame_header(data[pos : pos + _HEADER_SIZE], self.max_message_size)
-                except ValueError as exc:
-                    self._expect = -1
-                    return [*events, *self._fatal(str(exc))]
+                (expect,) = _HEADER.unpack_from(data, pos)
+                if data[pos + 4] != 0x3A or expect > self.max_message_size:  # not ":", or too long
+                    try:  # read_frame_header says which
+                        read_frame_header(data[pos : pos + _HEADER_SIZE], self.max_message_size)
+                    except ValueError as exc:
+                        self._expect = -1
+                        return [*events, *self._fatal(str(exc))]
                 pos += _HEADER_SIZE
             if end - pos < expect:
                 break

@@ -312,8 +312,7 @@ class UnixSockServer:
                 watchdog.disarm()
                 for event in proto.receive_data(data):
                     if isinstance(event, Request):
-                        ctx = RequestContext(peer, proto.mode or "frame", self, event.id)
-                        outcome = self._begin(event, ctx)
+                        outcome = self._begin(event, peer, proto.mode or "frame")
                         response = outcome if isinstance(outcome, Response) else await outcome
                         if event.respond:
                             write(self._encode(proto, event, response))
@@ -389,10 +388,12 @@ class UnixSockServer:
 
     async def dispatch(self, request: Request, ctx: RequestContext) -> Response:
         """Run the handler for one request and turn whatever happens into a Response."""
-        outcome = self._begin(request, ctx)
+        outcome = self._begin(request, ctx.peer, ctx.mode, ctx)
         return outcome if isinstance(outcome, Response) else await outcome
 
-    def _begin(self, request: Request, ctx: RequestContext) -> Response | Awaitable[Response]:
+    def _begin(
+        self, request: Request, peer: PeerCredentials, mode: Mode, ctx: RequestContext | None = None
+    ) -> Response | Awaitable[Response]:
         """Start the handler: its Response when it finished at once, else an awaitable of it.
 
         An async handler takes its first step right here, like Python 3.12's
@@ -401,14 +402,19 @@ class UnixSockServer:
         (which runs in the thread pool), completes in :meth:`_complete`.
         """
         start = time.perf_counter()
-        args = (request.cmd, request.args, ctx) if self._handler_ctx else (request.cmd, request.args)
+        if self._handler_ctx:  # the context is built only for handlers that take it
+            if ctx is None:
+                ctx = RequestContext(peer, mode, self, request.id)
+            args: tuple[Any, ...] = (request.cmd, request.args, ctx)
+        else:
+            args = (request.cmd, request.args)
         if not self._handler_async:
-            return self._complete(request, ctx, start, None, args)
+            return self._complete(request, peer, start, None, args)
         try:
             coro = self.handler(*args)
             if type(coro) is not types.CoroutineType:
                 # Declared async but returned another awaitable (a Task, a Future): await it.
-                return self._complete(request, ctx, start, _await(coro), args)
+                return self._complete(request, peer, start, _await(coro), args)
             first = coro.send(None)
         except StopIteration as done:
             result = done.value
@@ -418,14 +424,14 @@ class UnixSockServer:
         except BaseException as exc:  # SystemExit in a handler must not end the server
             response = self._raised(request, exc)
         else:
-            return self._complete(request, ctx, start, _resume(coro, first), args)
-        self._audit(request, ctx, response, start)
+            return self._complete(request, peer, start, _resume(coro, first), args)
+        self._audit(request, peer, response, start)
         return response
 
     async def _complete(
         self,
         request: Request,
-        ctx: RequestContext,
+        peer: PeerCredentials,
         start: float,
         resumed: Awaitable[Any] | None,
         args: tuple[Any, ...],
@@ -439,7 +445,7 @@ class UnixSockServer:
             )
         except _HandlerRaised as raised:
             response = self._raised(request, raised.exc)
-        self._audit(request, ctx, response, start)
+        self._audit(request, peer, response, start)
         return response
 
     async def _finish_handler(self, resumed: Awaitable[Any] | None, args: tuple[Any, ...]) -> Any:
@@ -469,12 +475,12 @@ class UnixSockServer:
         logger.debug("handler for %r raised", request.cmd, exc_info=exc)
         return Response.failure(_describe(exc))
 
-    def _audit(self, request: Request, ctx: RequestContext, response: Response, start: float) -> None:
+    def _audit(self, request: Request, peer: PeerCredentials, response: Response, start: float) -> None:
         if audit_logger.isEnabledFor(logging.INFO):
             audit_logger.info(
                 "peer pid=%d uid=%d cmd=%s status=%s duration_ms=%.2f",
-                ctx.peer.pid,
-                ctx.peer.uid,
+                peer.pid,
+                peer.uid,
                 request.cmd,
                 response.status,
                 (time.perf_counter() - start) * 1000,
