@@ -7,8 +7,9 @@ daemon thread of that process (ours does that itself), so neither shares a GIL
 with the clients. Clients do the same thing against both: send a message of
 the same size and read the whole reply on a persistent connection.
 
-* latency: one client in this process, one request at a time; the median of
-  every round trip, over several interleaved rounds.
+* latency: one client in this process, one request at a time, one persistent
+  connection per row; the rows take turns every 100 round trips; the median
+  of every round trip, over several rounds.
 * throughput: N client processes (multiprocessing, so they do not share a
   GIL either) hammer the server at once; wall time per request, median of
   interleaved rounds.
@@ -160,20 +161,36 @@ def make_ops(kind: str, path: str) -> tuple[Callable[[], None], Callable[[], Non
     return roundtrip, sock.close
 
 
-def measure_latency(kind: str, path: str, ops: int) -> list[int]:
-    call, close = make_ops(kind, path)
+LATENCY_SLICE = 100
+"""Round trips a kind makes before the next kind takes its turn."""
+
+
+def measure_latency(kinds: tuple[str, ...], paths: dict[str, str], ops: int) -> dict[str, list[int]]:
+    """Round-trip samples of every kind, taken in turns of LATENCY_SLICE.
+
+    Each kind keeps its own persistent connection; the kinds alternate every
+    LATENCY_SLICE round trips (a few ms), so a burst of load on the machine
+    falls on all of them alike rather than on whichever kind was running.
+    """
+    ops_of = {kind: make_ops(kind, paths["bare" if kind == "bare" else "ours"]) for kind in kinds}
     try:
-        for _ in range(min(ops // 10, 500)):
-            call()
+        for call, _ in ops_of.values():
+            for _ in range(min(ops // 10, 500)):
+                call()
         clock = time.perf_counter_ns
-        samples = []
-        for _ in range(ops):
-            t0 = clock()
-            call()
-            samples.append(clock() - t0)
+        samples: dict[str, list[int]] = {kind: [] for kind in kinds}
+        for _ in range(0, ops, LATENCY_SLICE):
+            for kind in kinds:
+                call = ops_of[kind][0]
+                out = samples[kind]
+                for _ in range(LATENCY_SLICE):
+                    t0 = clock()
+                    call()
+                    out.append(clock() - t0)
         return samples
     finally:
-        close()
+        for _, close in ops_of.values():
+            close()
 
 
 def _throughput_worker(
@@ -239,9 +256,7 @@ def run(rounds: int, latency_ops: int, clients: int, throughput_ops: int) -> Non
             for r in range(rounds):
                 # Interleave, rotating the order each round, so drift hits every row alike.
                 order = KINDS[r % 3 :] + KINDS[: r % 3]
-                for kind in order:
-                    path = paths["bare" if kind == "bare" else "ours"]
-                    samples = measure_latency(kind, path, latency_ops)
+                for kind, samples in measure_latency(order, paths, latency_ops).items():
                     latency[kind] += samples
                     round_medians[kind].append(statistics.median(samples))
                 for kind in order:
