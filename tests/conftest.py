@@ -61,9 +61,13 @@ async def default_handler(cmd: str, args: dict[str, Any], ctx: RequestContext) -
 
 
 @pytest.fixture
-def sock_path(tmp_path: Path) -> str:
-    """A free socket path inside this test's temporary directory."""
-    return str(tmp_path / "ctl.sock")
+def sock_path(tmp_path: Path) -> Iterator[str]:
+    """A free socket path inside this test's temporary directory (no socket file is left there)."""
+    path = tmp_path / "ctl.sock"
+    yield str(path)
+    # Servers remove their own socket; the raw peers some tests bind here do not.
+    if path.is_socket():
+        path.unlink()
 
 
 @pytest.fixture
