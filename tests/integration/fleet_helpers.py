@@ -68,12 +68,22 @@ def control(socket: str, cmd: str, **args: Any) -> Any:
     return response.payload
 
 
-def get_many(base_url: str, paths: list[str], threads: int = 6) -> list[int]:
-    """GET every path, each on a new connection so that the workers share them; return the statuses."""
+def get_many(base_url: str, paths: list[str], threads: int = 6, *, recycling: bool = False) -> list[int]:
+    """GET every path, each on a new connection so that the workers share them; return the statuses.
+
+    With ``recycling``, a connection that a worker closed unanswered while it
+    was being recycled (gunicorn ``--max-requests``) counts as status 0
+    instead of failing the test.
+    """
 
     def get(path: str) -> int:
         with httpx.Client(base_url=base_url, timeout=10) as http:
-            return http.get(path).status_code
+            try:
+                return http.get(path).status_code
+            except (httpx.RemoteProtocolError, httpx.ConnectError, httpx.ReadError):
+                if not recycling:
+                    raise
+                return 0
 
     with ThreadPoolExecutor(threads) as pool:
         return list(pool.map(get, paths))

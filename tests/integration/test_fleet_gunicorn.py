@@ -43,7 +43,7 @@ def test_recycled_gunicorn_workers_come_up_with_the_persisted_overrides(
 
     # Traffic until every original worker has been recycled by --max-requests (bounded).
     for _ in range(30):
-        get_many(server.url, ["/health"] * 30)
+        get_many(server.url, ["/health"] * 30, recycling=True)
         if not set(live_pids(socket_dir)) & set(originals):
             break
     recycled = wait_for_workers(socket_dir, 3, gone=set(originals))
