@@ -306,18 +306,19 @@ def test_slow_handler_is_a_timeout(start_server: ServerFactory, tracker: Connect
     asyncio.run(main())
 
 
-class JunkServer:
-    """A tiny raw socket server that answers every connection with fixed bytes, then closes."""
+class RawPeer:
+    """A raw socket server in a thread that hands every connection to ``serve``."""
 
-    def __init__(self, path: str, reply: bytes) -> None:
-        self.path = path
-        self.reply = reply
+    name = "raw-peer"
+
+    def __init__(self, path: str) -> None:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
         self.listener.listen()
         self.listener.settimeout(0.1)
+        self.connections = 0
         self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self.run, name="junk-server")
+        self.thread = threading.Thread(target=self.run, name=self.name)
         self.thread.start()
 
     def run(self) -> None:
@@ -326,16 +327,33 @@ class JunkServer:
                 conn, _ = self.listener.accept()
             except TimeoutError:
                 continue
+            self.connections += 1
             with conn:
                 conn.settimeout(5)
-                conn.recv(65536)
-                conn.sendall(self.reply)
+                self.serve(conn, self.connections)
+
+    def serve(self, conn: socket.socket, number: int) -> None:
+        raise NotImplementedError
 
     def stop(self) -> None:
         self.stopping.set()
         self.thread.join(5)
         self.listener.close()
         assert not self.thread.is_alive()
+
+
+class JunkServer(RawPeer):
+    """Answers every connection with fixed bytes, then closes."""
+
+    name = "junk-server"
+
+    def __init__(self, path: str, reply: bytes) -> None:
+        self.reply = reply
+        super().__init__(path)
+
+    def serve(self, conn: socket.socket, number: int) -> None:
+        conn.recv(65536)
+        conn.sendall(self.reply)
 
 
 @pytest.fixture
@@ -385,36 +403,20 @@ def test_garbage_from_the_peer_is_a_protocol_error(
 # -- a Go server on the wire -----------------------------------------------
 
 
-class GoShapedServer:
+class GoShapedServer(RawPeer):
     """Serves like the Go library's server: read a frame, echo the whole request with response filled.
 
     The Go server decodes into its Request struct, so an absent ``respond`` or
     ``close`` reads as false; it keeps the connection while ``close`` is false.
     """
 
+    name = "go-shaped-server"
+
     def __init__(self, path: str) -> None:
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
-        self.listener.listen()
-        self.listener.settimeout(0.1)
         self.requests: list[tuple[int, dict[str, Any]]] = []
-        self.connections = 0
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self.run, name="go-shaped-server")
-        self.thread.start()
+        super().__init__(path)
 
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            self.connections += 1
-            with conn:
-                conn.settimeout(5)
-                self.converse(conn, self.connections)
-
-    def converse(self, conn: socket.socket, number: int) -> None:
+    def serve(self, conn: socket.socket, number: int) -> None:
         while True:
             header = _recv_exact(conn, 5)
             if len(header) < 5:
@@ -432,12 +434,6 @@ class GoShapedServer:
                 conn.sendall(struct.pack(">I", len(body)) + b":" + body)
             if request.get("close", False):
                 return
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.thread.join(5)
-        self.listener.close()
-        assert not self.thread.is_alive()
 
 
 def _recv_exact(conn: socket.socket, n: int) -> bytes:
