@@ -29,8 +29,11 @@ from unixsock_asgi import (
     RequestContext,
     Response,
     ServerConfig,
+    TransportError,
     UnixSockServer,
+    _compat,
 )
+from unixsock_asgi import _server as server_module
 from unixsock_asgi._protocol import encode_frame
 
 pytestmark = pytest.mark.timeout(30)
@@ -206,6 +209,109 @@ def test_pipelined_requests_are_answered_in_order(
     send_frame(sock, {"cmd": "ping"})
     assert recv_response(sock)["payload"] == "pong"
     assert_eof(sock)
+
+
+def test_pipelined_requests_mixing_suspending_and_immediate_handlers_keep_their_order(
+    start_server: ServerFactory, connect_raw: RawConnector
+) -> None:
+    # Most requests are answered in the read callback; one whose handler
+    # suspends is handed to the connection's task with everything behind it.
+    server = start_server()
+    sock = connect_raw(server.path)
+    requests: list[dict[str, Any]] = []
+    for i in range(12):
+        if i % 4 == 1:
+            requests.append({"cmd": "sleep", "args": {"seconds": 0.02}, "close": False})
+        elif i % 4 == 3:
+            requests.append({"cmd": "conn", "close": False})
+        else:
+            requests.append({"cmd": "echo", "args": {"i": i}, "close": False})
+    sock.sendall(b"".join(encode_frame(r) for r in requests))
+    payloads = [recv_response(sock)["payload"] for _ in requests]
+    assert payloads[0::4] == [{"i": i} for i in range(0, 12, 4)]
+    assert payloads[2::4] == [{"i": i} for i in range(2, 12, 4)]
+    assert payloads[1::4] == ["slept"] * 3
+    # Before and after a suspension, a handler runs in the same connection task.
+    assert len(set(payloads[3::4])) == 1
+    send_frame(sock, {"cmd": "ping"})
+    assert recv_response(sock)["payload"] == "pong"
+    assert_eof(sock)
+
+
+def test_handlers_run_in_a_task_from_their_first_step(start_server: ServerFactory) -> None:
+    async def handler(cmd: str, args: dict[str, Any]) -> Any:
+        task = asyncio.current_task()
+        if cmd == "timeout":  # asyncio.timeout needs the current task at once
+            try:
+                async with _compat.timeout(float(args["seconds"])):
+                    await asyncio.sleep(5)
+            except TimeoutError:
+                return "timed out inside"
+        if cmd == "cancel-self":
+            assert task is not None
+            task.cancel()
+            await asyncio.sleep(0)
+        return task is not None and not task.done()
+
+    server = start_server(handler, handler_timeout=2)
+    with Client(server.path, close=False) as client:
+        assert client.send("task").payload is True  # type: ignore[union-attr]
+        assert client.send("timeout", {"seconds": 0.05}).payload == "timed out inside"  # type: ignore[union-attr]
+        assert client.send("task").payload is True  # type: ignore[union-attr]
+    # A handler that cancels its own task ends its connection, not the server.
+    with Client(server.path, close=False) as client, pytest.raises(TransportError):
+        client.send("cancel-self")
+    with Client(server.path) as client:
+        assert client.send("task").payload is True  # type: ignore[union-attr]
+
+
+def test_requests_are_served_through_the_connection_task_when_eager_steps_are_unavailable(
+    start_server: ServerFactory, connect_raw: RawConnector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The eager first step relies on asyncio.tasks._enter_task; without it
+    # every request is handed to the connection's task, with the same results.
+    monkeypatch.setattr(server_module, "_enter_task", None)
+    server = start_server()
+    sock = connect_raw(server.path)
+    requests = [{"cmd": "echo", "args": {"i": i}, "close": False} for i in range(5)]
+    requests.insert(2, {"cmd": "sleep", "args": {"seconds": 0.01}, "close": False})
+    requests += [{"cmd": "conn", "close": False}, {"cmd": "conn", "close": False}]
+    sock.sendall(b"".join(encode_frame(r) for r in requests))
+    payloads = [recv_response(sock)["payload"] for _ in requests]
+    assert payloads[:7] == [{"i": 0}, {"i": 1}, "slept", {"i": 2}, {"i": 3}, {"i": 4}, payloads[6]]
+    assert payloads[6] == payloads[7]
+    send_frame(sock, {"cmd": "nope"})
+    assert recv_response(sock)["status"] == "failure"
+    assert_eof(sock)
+
+
+def test_peer_that_stops_reading_is_dropped_after_the_write_timeout(
+    start_server: ServerFactory, connect_raw: RawConnector
+) -> None:
+    async def handler(cmd: str, args: dict[str, Any]) -> str:
+        return "x" * int(args["size"])  # a small request, a big reply
+
+    server = start_server(handler, timeout=0.5)
+    sock = connect_raw(server.path)
+    count, size = 200, 100_000  # 20 MB of replies: far more than the socket buffers hold
+    sock.sendall(
+        b"".join(encode_frame({"cmd": "big", "args": {"size": size}, "close": False}) for _ in range(count))
+    )
+    time.sleep(1.5)  # never read: the server must give up, not buffer every reply
+    with Client(server.path) as client:
+        assert client.send("big", {"size": 3}).payload == "xxx"  # type: ignore[union-attr]
+    received = 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(1 << 16)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        received += len(chunk)
+    assert time.monotonic() < deadline
+    assert 0 < received < count * size // 4
 
 
 # -- respond / close -------------------------------------------------------

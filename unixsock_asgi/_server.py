@@ -4,15 +4,21 @@ Threading model: :meth:`UnixSockServer.start` binds the socket in the calling
 thread (so errors surface there) and then runs a private asyncio loop in a
 daemon thread named ``unixsock-server``. Connections are served on that loop,
 so the server answers even while the host application's loop is busy or
-blocked. Async handlers run on the server loop; plain functions run in a small
-thread pool so that a slow one cannot stall other connections. Handlers that
-must touch another loop's objects (an ASGI app's, say) hop there themselves;
-the ASGI middleware does exactly that.
+blocked. Async handlers run on the server loop, inside their connection's task
+from their first step on; plain functions run in a small thread pool so that a
+slow one cannot stall other connections. Handlers that must touch another
+loop's objects (an ASGI app's, say) hop there themselves; the ASGI middleware
+does exactly that.
+
+Connections are asyncio protocols, not streams: a request is parsed and, when
+its handler finishes without suspending, answered within the callback that
+read it, with no task wake-up and no extra turn of the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import inspect
 import logging
@@ -29,6 +35,7 @@ from . import _compat
 from ._protocol import (
     STATUS_OK,
     ConnectionProtocol,
+    Event,
     Mode,
     ProtocolViolation,
     Request,
@@ -152,7 +159,7 @@ class UnixSockServer:
         self._thread: threading.Thread | None = None
         self._server: asyncio.AbstractServer | None = None
         self._stopping: asyncio.Event | None = None
-        self._connections: set[asyncio.Task[Any]] = set()
+        self._connections: set[_Connection] = set()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._active = 0
         self._lock = threading.Lock()
@@ -247,11 +254,12 @@ class UnixSockServer:
     async def _serve(self, ready: threading.Event, failure: list[BaseException]) -> None:
         assert self._bound is not None
         self._stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
         try:
-            self._server = await asyncio.start_unix_server(
-                self._on_connect, sock=self._bound.sock, limit=1 << 16
+            self._server = await loop.create_unix_server(
+                lambda: _Connection(self, loop), sock=self._bound.sock
             )
-        except BaseException as exc:  # pragma: no cover - start_unix_server on a bound sock
+        except BaseException as exc:  # pragma: no cover - create_unix_server on a bound sock
             failure.append(exc)
             ready.set()
             return
@@ -260,87 +268,20 @@ class UnixSockServer:
             await self._stopping.wait()
         finally:
             self._server.close()
-            for task in list(self._connections):
-                task.cancel()
-            if self._connections:
-                await asyncio.wait(list(self._connections), timeout=2.0)
+            tasks = []
+            for connection in list(self._connections):
+                connection.abort()
+                if connection.task is not None:
+                    tasks.append(connection.task)
+            await asyncio.sleep(0)  # the transports' connection_lost callbacks close the sockets
+            if tasks:
+                await asyncio.wait(tasks, timeout=2.0)
 
     # -- connections -------------------------------------------------------
 
     def _allowed(self, peer: PeerCredentials) -> bool:
         cfg = self.config
         return peer.uid in (self._uid, 0) or peer.uid in cfg.allowed_uids or peer.gid in cfg.allowed_gids
-
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # One coroutine frame serves the whole connection: it is resumed on
-        # every read, and each extra level of ``await`` would cost on each.
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
-        cfg = self.config
-        watchdog = _ReadDeadline(asyncio.get_running_loop(), task)
-        counted = False
-        try:
-            try:
-                peer = peer_credentials(writer.get_extra_info("socket"))
-            except OSError:
-                peer = PeerCredentials(0, -1, -1)
-            proto = ConnectionProtocol(cfg.max_message_size)
-            refusal = self._refusal(peer)
-            if refusal is not None:
-                await self._refuse(reader, writer, proto, refusal)
-                return
-            self._active += 1
-            counted = True
-            transport = writer.transport
-            read, write = reader.read, writer.write
-            timeout, idle_timeout = cfg.timeout, cfg.idle_timeout
-            while not proto.closed:
-                partial = proto.has_partial
-                watchdog.arm(timeout if partial else idle_timeout)
-                try:
-                    data = await read(1 << 16)
-                except asyncio.CancelledError:
-                    if not watchdog.expired:
-                        raise
-                    watchdog.acknowledge()
-                    if partial:
-                        error = f"timed out after {timeout:g}s waiting for the rest of the message"
-                        write(proto.encode_reply(None, Response.failure(error)))
-                        await self._drain(writer)
-                    return
-                watchdog.disarm()
-                for event in proto.receive_data(data):
-                    if isinstance(event, Request):
-                        outcome = self._begin(event, peer, proto.mode or "frame")
-                        response = outcome if isinstance(outcome, Response) else await outcome
-                        if event.respond:
-                            write(self._encode(proto, event, response))
-                        if event.close:
-                            await self._drain(writer)
-                            return
-                    elif isinstance(event, ProtocolViolation):
-                        write(proto.encode_reply(event, Response.failure(event.error)))
-                        audit_logger.info(
-                            "peer pid=%d uid=%d sent bad input: %s", peer.pid, peer.uid, event.error
-                        )
-                        if event.fatal:
-                            await self._drain(writer)
-                            return
-                    else:  # Close
-                        return
-                if transport.get_write_buffer_size():
-                    await self._drain(writer)
-        except (asyncio.CancelledError, ConnectionError, TimeoutError):
-            pass
-        except Exception:  # pragma: no cover - a bug here must not kill the server
-            logger.exception("unexpected error on a control connection")
-        finally:
-            watchdog.close()
-            if counted:
-                self._active -= 1
-            self._connections.discard(task)
-            writer.close()
 
     def _refusal(self, peer: PeerCredentials) -> str | None:
         """Why this peer may not talk now, or None."""
@@ -352,33 +293,6 @@ class UnixSockServer:
             logger.warning("refused a connection: %s", refusal)
             return refusal
         return None
-
-    async def _refuse(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        proto: ConnectionProtocol,
-        refusal: str,
-    ) -> None:
-        cfg = self.config
-        # Read the first bytes only to learn which framing to answer in.
-        try:
-            async with _compat.timeout(min(cfg.timeout, 1.0)):
-                data = await reader.read(1 << 16)
-        except TimeoutError:
-            return
-        proto.receive_data(data)
-        writer.write(proto.encode_reply(None, Response.failure(refusal)))
-        async with _compat.timeout(cfg.timeout):
-            await writer.drain()
-
-    async def _drain(self, writer: asyncio.StreamWriter) -> None:
-        # Usually the socket took the whole reply at once: nothing to wait for,
-        # and no timer to arm and cancel.
-        if writer.transport.get_write_buffer_size() == 0 and not writer.transport.is_closing():
-            return
-        async with _compat.timeout(self.config.timeout):
-            await writer.drain()
 
     def _encode(self, proto: ConnectionProtocol, request: Request, response: Response) -> bytes:
         try:
@@ -525,56 +439,308 @@ def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any,
                 return done.value
 
 
-class _ReadDeadline:
-    """The read timeout of one connection, re-armed without a timer per request.
+# An async handler takes its first step inside the data_received callback, in
+# the context of its connection's task, as Python 3.12's eager tasks do (so
+# current_task() and asyncio.timeout work there). Without these two functions
+# (they are not public API) every request goes through the connection's task.
+_enter_task: Callable[[asyncio.AbstractEventLoop, asyncio.Task[Any]], None] | None = getattr(
+    asyncio.tasks, "_enter_task", None
+)
+_leave_task: Callable[[asyncio.AbstractEventLoop, asyncio.Task[Any]], None] | None = getattr(
+    asyncio.tasks, "_leave_task", None
+)
 
-    ``asyncio.timeout`` schedules and cancels a timer each time; here arming
-    only stores a deadline, and a timer is scheduled when none is pending or
-    the new deadline comes before the pending one. When the timer fires
-    early (the deadline moved on) it is scheduled again; when it fires past
-    an armed deadline the connection's task is cancelled and ``expired`` set.
+
+class _Connection(asyncio.Protocol):
+    """One client connection, served from the event loop's callbacks.
+
+    Requests are parsed and, as far as they can be, answered right in
+    ``data_received``: no stream, no task wake-up and no extra turn of the
+    loop per request. An async handler takes its first step there, in the
+    context of this connection's task, and most finish in it. A handler that
+    suspends (and every plain function, which runs in the thread pool) is
+    handed to that task together with whatever arrived after it; reading
+    pauses until the task has answered all of it, so replies go out in order.
+
+    Timeouts: one lazily re-armed timer covers the read side (the idle timeout
+    between requests, ``timeout`` for the rest of a begun message); a write
+    that the peer does not take within ``timeout`` (the transport stays above
+    its high-water mark) aborts the connection.
     """
 
-    __slots__ = ("_deadline", "_handle", "_loop", "_task", "expired")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any]) -> None:
+    def __init__(self, server: UnixSockServer, loop: asyncio.AbstractEventLoop) -> None:
+        self._server = server
         self._loop = loop
-        self._task = task
+        cfg = server.config
+        self._timeout = cfg.timeout
+        self._idle_timeout = cfg.idle_timeout
+        self._proto = ConnectionProtocol(cfg.max_message_size)
+        self._transport: asyncio.Transport | None = None
+        self._peer = PeerCredentials(0, -1, -1)
+        self._refusal: str | None = None
+        self._counted = False
+        self._closing = False
+        self.task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Future[None] | None = None  # the task waits on it for work
+        self._busy = False  # the task owns the requests in _held and _backlog
+        self._held: tuple[Request, Awaitable[Response] | None] | None = None
+        self._backlog: collections.deque[Event] = collections.deque()
+        self._write_paused = False
+        self._writable: asyncio.Future[None] | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
         self._deadline: float | None = None
-        self._handle: asyncio.TimerHandle | None = None
-        self.expired = False
+        self._deadline_timer: asyncio.TimerHandle | None = None
 
-    def arm(self, delay: float) -> None:
-        deadline = self._loop.time() + delay
-        self._deadline = deadline
-        handle = self._handle
-        if handle is None or handle.when() > deadline:
-            if handle is not None:
-                handle.cancel()
-            self._handle = self._loop.call_at(deadline, self._fire)
+    # -- asyncio.Protocol ----------------------------------------------------
 
-    def disarm(self) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        server = self._server
+        server._connections.add(self)
+        try:
+            self._peer = peer_credentials(transport.get_extra_info("socket"))
+        except OSError:
+            pass
+        self._refusal = server._refusal(self._peer)
+        if self._refusal is not None:
+            # Wait briefly for the first bytes, only to learn which framing to answer in.
+            self._write_timer = self._loop.call_later(min(self._timeout, 1.0), self.abort)
+            return
+        server._active += 1
+        self._counted = True
+        self.task = self._loop.create_task(self._work())
+        self._arm(self._idle_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if self._refusal is not None:
+            self._refuse(data)
+            return
+        self._process(self._proto.receive_data(data))
+
+    def eof_received(self) -> bool:
+        if self._refusal is None and not self._closing:
+            self._process(self._proto.receive_data(b""))
+        return not self._closing  # keep the transport until the replies are out
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
         self._deadline = None
+        for timer in (self._deadline_timer, self._write_timer):
+            if timer is not None:
+                timer.cancel()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        if self._writable is not None and not self._writable.done():
+            self._writable.cancel()
+        server = self._server
+        server._connections.discard(self)
+        if self._counted:
+            self._counted = False
+            server._active -= 1
 
-    def acknowledge(self) -> None:
-        """The caller has handled the expiry: withdraw the cancellation."""
-        self.expired = False
-        _compat.uncancel(self._task)
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        assert self._transport is not None
+        self._transport.pause_reading()
+        if self._write_timer is None:
+            self._write_timer = self._loop.call_later(self._timeout, self._write_stalled)
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        if not self._busy and not self._closing:
+            assert self._transport is not None
+            self._transport.resume_reading()
+
+    # -- requests ------------------------------------------------------------
+
+    def _process(self, events: list[Event]) -> None:
+        """Answer what can be answered now; hand the rest to the connection's task."""
+        if self._busy:
+            self._backlog.extend(events)
+            return
+        server, loop, task = self._server, self._loop, self.task
+        assert task is not None
+        mode = self._proto.mode or "frame"
+        for i, event in enumerate(events):
+            if isinstance(event, Request):
+                if _enter_task is None or _leave_task is None:
+                    self._hand_over(event, None, events[i + 1 :])
+                    return
+                _enter_task(loop, task)
+                try:
+                    outcome = server._begin(event, self._peer, mode)
+                except asyncio.CancelledError:
+                    self.abort()  # as when it is raised later: the connection ends
+                    return
+                finally:
+                    _leave_task(loop, task)
+                if not isinstance(outcome, Response):
+                    self._hand_over(event, outcome, events[i + 1 :])
+                    return
+                if not self._answer(event, outcome):
+                    return
+            elif not self._other(event):
+                return
+            if self._write_paused and i + 1 < len(events):
+                self._hand_over(None, None, events[i + 1 :])
+                return
+        self._arm(self._timeout if self._proto.has_partial else self._idle_timeout)
+
+    def _hand_over(
+        self, request: Request | None, outcome: Awaitable[Response] | None, rest: list[Event]
+    ) -> None:
+        self._busy = True
+        self._deadline = None
+        assert self._transport is not None
+        self._transport.pause_reading()
+        if request is not None:
+            self._held = (request, outcome)
+        self._backlog.extend(rest)
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def _work(self) -> None:
+        """The connection's task: answers what ``data_received`` could not."""
+        try:
+            while not self._closing:
+                if not self._busy:
+                    self._wake = self._loop.create_future()
+                    await self._wake
+                    self._wake = None
+                if await self._work_through() and not self._closing:
+                    self._busy = False
+                    assert self._transport is not None
+                    if not self._write_paused:
+                        self._transport.resume_reading()
+                    self._arm(self._timeout if self._proto.has_partial else self._idle_timeout)
+        except (asyncio.CancelledError, ConnectionError, TimeoutError):
+            self.abort()
+        except Exception:  # pragma: no cover - a bug here must not kill the server
+            logger.exception("unexpected error on a control connection")
+            self.abort()
+        finally:
+            held, self._held = self._held, None
+            if held is not None and inspect.iscoroutine(held[1]):
+                held[1].close()  # handed over, never awaited: the connection ended first
+
+    async def _work_through(self) -> bool:
+        """Answer the held request and the backlog; False once the connection is closing."""
+        server = self._server
+        mode = self._proto.mode or "frame"
+        held, self._held = self._held, None
+        if held is not None:
+            request, started = held
+            begun = server._begin(request, self._peer, mode) if started is None else started
+            response = begun if isinstance(begun, Response) else await begun
+            if not self._answer(request, response):
+                return False
+        backlog = self._backlog
+        while backlog:
+            if self._write_paused:
+                self._writable = self._loop.create_future()
+                await self._writable  # the write timer aborts a peer that stopped reading
+                self._writable = None
+            event = backlog.popleft()
+            if isinstance(event, Request):
+                begun = server._begin(event, self._peer, mode)
+                response = begun if isinstance(begun, Response) else await begun
+                if not self._answer(event, response):
+                    return False
+            elif not self._other(event):
+                return False
+        return not self._closing
+
+    def _answer(self, request: Request, response: Response) -> bool:
+        """Send the reply a request asked for; False when the connection is to close."""
+        if self._closing:
+            return False
+        if request.respond:
+            assert self._transport is not None
+            self._transport.write(self._server._encode(self._proto, request, response))
+        if request.close:
+            self.close()
+            return False
+        return True
+
+    def _other(self, event: Event) -> bool:
+        """Bad input or the end of the conversation; False when the connection is to close."""
+        if isinstance(event, ProtocolViolation):
+            assert self._transport is not None
+            self._transport.write(self._proto.encode_reply(event, Response.failure(event.error)))
+            peer = self._peer
+            audit_logger.info("peer pid=%d uid=%d sent bad input: %s", peer.pid, peer.uid, event.error)
+            if not event.fatal:
+                return True
+        self.close()
+        return False
+
+    def _refuse(self, data: bytes) -> None:
+        assert self._refusal is not None and self._transport is not None
+        self._proto.receive_data(data)
+        self._transport.write(self._proto.encode_reply(None, Response.failure(self._refusal)))
+        self.close()
+
+    # -- closing and timeouts ------------------------------------------------
 
     def close(self) -> None:
+        """Close once what was written has gone out (within ``timeout``)."""
+        if self._closing:
+            return
+        self._closing = True
         self._deadline = None
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        transport = self._transport
+        assert transport is not None
+        if transport.get_write_buffer_size():
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+            self._write_timer = self._loop.call_later(self._timeout, transport.abort)
+        transport.close()
 
-    def _fire(self) -> None:
-        self._handle = None
+    def abort(self) -> None:
+        """Close at once, dropping whatever was not sent."""
+        self._closing = True
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _write_stalled(self) -> None:
+        self._write_timer = None
+        logger.debug("closing a connection whose peer did not read for %gs", self._timeout)
+        self.abort()
+
+    def _arm(self, delay: float) -> None:
+        """Set the read deadline, without a timer per request.
+
+        Only the deadline is stored; a timer is scheduled when none is pending
+        or the new deadline comes before the pending one, and a timer that
+        fires before the (moved) deadline schedules itself again.
+        """
+        deadline = self._loop.time() + delay
+        self._deadline = deadline
+        timer = self._deadline_timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._deadline_timer = self._loop.call_at(deadline, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        self._deadline_timer = None
         deadline = self._deadline
-        if deadline is None:
+        if deadline is None or self._closing:
             return
         if self._loop.time() < deadline:
-            self._handle = self._loop.call_at(deadline, self._fire)
+            self._deadline_timer = self._loop.call_at(deadline, self._deadline_passed)
             return
         self._deadline = None
-        self.expired = True
-        self._task.cancel()
+        if self._proto.has_partial:
+            error = f"timed out after {self._timeout:g}s waiting for the rest of the message"
+            assert self._transport is not None
+            self._transport.write(self._proto.encode_reply(None, Response.failure(error)))
+        self.close()
