@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import gc
 import inspect
 import json
 import logging
@@ -263,6 +265,87 @@ def test_handlers_run_in_a_task_from_their_first_step(start_server: ServerFactor
         client.send("cancel-self")
     with Client(server.path) as client:
         assert client.send("task").payload is True  # type: ignore[union-attr]
+
+
+CONTEXT_VAR: contextvars.ContextVar[str] = contextvars.ContextVar("test_server_var", default="unset")
+
+
+def test_context_variables_set_in_a_first_step_outlive_the_suspension(start_server: ServerFactory) -> None:
+    async def handler(cmd: str, args: dict[str, Any]) -> Any:
+        token = CONTEXT_VAR.set(str(args["value"]))
+        await asyncio.sleep(0.01)
+        seen = CONTEXT_VAR.get()
+        CONTEXT_VAR.reset(token)  # a token made before the await is valid after it
+        return [seen, CONTEXT_VAR.get()]
+
+    server = start_server(handler)
+    with Client(server.path, close=False) as client:
+        assert client.send("ctx", {"value": "A"}).payload == ["A", "unset"]  # type: ignore[union-attr]
+        assert client.send("ctx", {"value": "B"}).payload == ["B", "unset"]  # type: ignore[union-attr]
+
+
+def test_a_cancellation_requested_in_the_first_step_reaches_the_handler(
+    start_server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The cancel is scheduled before the handler first suspends; it must be
+    # delivered where the handler waits, not to the connection.
+    async def handler(cmd: str, args: dict[str, Any]) -> str:
+        if cmd == "past-deadline":
+            try:
+                async with _compat.timeout(0):
+                    await asyncio.sleep(5)
+            except TimeoutError:
+                return "timed out inside"
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().call_soon(task.cancel)
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            _compat.uncancel(task)
+            return "caught its own cancel"
+        return "not cancelled"
+
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    server = start_server(handler)
+    with Client(server.path, close=False) as client:
+        assert client.send("past-deadline").payload == "timed out inside"  # type: ignore[union-attr]
+        assert client.send("self-cancel").payload == "caught its own cancel"  # type: ignore[union-attr]
+        assert client.send("past-deadline").payload == "timed out inside"  # type: ignore[union-attr]
+    assert not [r for r in caplog.records if r.name == "asyncio"]
+
+
+def test_a_closing_reply_too_big_for_one_write_goes_out_whole(
+    start_server: ServerFactory, connect_raw: RawConnector, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def handler(cmd: str, args: dict[str, Any]) -> str:
+        return "x" * 1_000_000
+
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    server = start_server(handler)
+    for _ in range(3):
+        sock = connect_raw(server.path)
+        send_frame(sock, {"cmd": "big", "close": True})
+        assert len(recv_response(sock)["payload"]) == 1_000_000
+        assert_eof(sock)
+    with Client(server.path) as client:
+        assert len(client.send("again").payload) == 1_000_000  # type: ignore[union-attr]
+    server.stop()
+    gc.collect()  # a task whose exception nobody retrieved is reported when it is collected
+    assert not [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+
+
+def test_requests_pipelined_behind_a_closing_one_end_in_eof_not_a_reset(
+    start_server: ServerFactory, connect_raw: RawConnector
+) -> None:
+    server = start_server()
+    for first in ({"cmd": "sleep", "args": {"seconds": 0.02}, "close": True}, {"cmd": "ping", "close": True}):
+        sock = connect_raw(server.path)
+        sock.sendall(
+            encode_frame(first) + b"".join(encode_frame({"cmd": "ping", "close": False}) for _ in range(5))
+        )
+        recv_response(sock)
+        assert sock.recv(1) == b""  # EOF; unread input would have made the kernel reset the connection
 
 
 def test_requests_are_served_through_the_connection_task_when_eager_steps_are_unavailable(
@@ -573,6 +656,11 @@ def test_excess_connections_are_told_busy_and_closed(
         line_sock.sendall(b"ping\n")
         assert "busy" in recv_line(line_sock)["error"]
         assert_eof(line_sock)
+        # A peer that sends nothing and half-closes is told at once, in frames.
+        silent = connect_raw(server.path)
+        silent.shutdown(socket.SHUT_WR)
+        assert "busy" in recv_response(silent)["error"]
+        assert_eof(silent)
         # The kept connections still work.
         again = first.send("ping")
         assert again is not None

@@ -7,7 +7,7 @@ import sys
 from types import TracebackType
 from typing import Any
 
-__all__ = ["timeout"]
+__all__ = ["timeout", "uncancel"]
 
 
 class _Timeout:
@@ -45,3 +45,9 @@ if sys.version_info >= (3, 11):
     timeout = asyncio.timeout
 else:  # pragma: no cover - exercised on 3.10 only
     timeout = _Timeout
+
+
+def uncancel(task: asyncio.Task[Any]) -> None:
+    """Withdraw a cancellation request that was handled (a no-op on 3.10, which does not count them)."""
+    if sys.version_info >= (3, 11):
+        task.uncancel()

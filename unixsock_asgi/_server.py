@@ -20,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextvars
 import inspect
 import logging
 import os
+import sys
 import threading
 import time
 import types
@@ -273,9 +275,13 @@ class UnixSockServer:
                 connection.abort()
                 if connection.task is not None:
                     tasks.append(connection.task)
-            await asyncio.sleep(0)  # the transports' connection_lost callbacks close the sockets
             if tasks:
                 await asyncio.wait(tasks, timeout=2.0)
+            # A few turns of the loop: connections accepted just before the
+            # listener closed get their transport (and abort themselves, as the
+            # server is stopping), and connection_lost closes every socket.
+            for _ in range(5):
+                await asyncio.sleep(0)
 
     # -- connections -------------------------------------------------------
 
@@ -297,8 +303,10 @@ class UnixSockServer:
     def _encode(self, proto: ConnectionProtocol, request: Request, response: Response) -> bytes:
         try:
             return proto.encode_reply(request, response)
-        except (TypeError, ValueError, RecursionError) as exc:
-            return proto.encode_reply(request, Response.failure(f"reply could not be encoded: {exc}"))
+        except Exception as exc:  # TypeError, ValueError, RecursionError, or a payload's __str__ failing
+            return proto.encode_reply(
+                request, Response.failure(f"reply could not be encoded: {_describe(exc)}")
+            )
 
     async def dispatch(self, request: Request, ctx: RequestContext) -> Response:
         """Run the handler for one request and turn whatever happens into a Response."""
@@ -439,16 +447,17 @@ def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any,
                 return done.value
 
 
-# An async handler takes its first step inside the data_received callback, in
-# the context of its connection's task, as Python 3.12's eager tasks do (so
-# current_task() and asyncio.timeout work there). Without these two functions
-# (they are not public API) every request goes through the connection's task.
-_enter_task: Callable[[asyncio.AbstractEventLoop, asyncio.Task[Any]], None] | None = getattr(
-    asyncio.tasks, "_enter_task", None
-)
-_leave_task: Callable[[asyncio.AbstractEventLoop, asyncio.Task[Any]], None] | None = getattr(
-    asyncio.tasks, "_leave_task", None
-)
+# An async handler takes its first step inside the data_received callback, as
+# its connection's task, in that task's contextvars context, as Python 3.12's
+# eager tasks do (so current_task(), asyncio.timeout and context variables
+# work there). Without these two functions (they are not public API), or
+# before Python 3.11 (no context= for tasks), every request goes through the
+# connection's task.
+_enter_task: Callable[[asyncio.AbstractEventLoop, asyncio.Task[Any]], None] | None = None
+_leave_task: Callable[[asyncio.AbstractEventLoop, asyncio.Task[Any]], None] | None = None
+if sys.version_info >= (3, 11):
+    _enter_task = getattr(asyncio.tasks, "_enter_task", None)
+    _leave_task = getattr(asyncio.tasks, "_leave_task", None)
 
 
 class _Connection(asyncio.Protocol):
@@ -488,6 +497,9 @@ class _Connection(asyncio.Protocol):
         self._write_paused = False
         self._writable: asyncio.Future[None] | None = None
         self._write_timer: asyncio.TimerHandle | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._lost = False
+        self._context = contextvars.copy_context()
         self._deadline: float | None = None
         self._deadline_timer: asyncio.TimerHandle | None = None
 
@@ -497,6 +509,9 @@ class _Connection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         server = self._server
+        if server._stopping is None or server._stopping.is_set():
+            transport.abort()  # accepted while the server was stopping
+            return
         server._connections.add(self)
         try:
             self._peer = peer_credentials(transport.get_extra_info("socket"))
@@ -509,7 +524,10 @@ class _Connection(asyncio.Protocol):
             return
         server._active += 1
         self._counted = True
-        self.task = self._loop.create_task(self._work())
+        if sys.version_info >= (3, 11):
+            self.task = self._loop.create_task(self._work(), context=self._context)
+        else:  # pragma: no cover - 3.10 takes no first steps in data_received
+            self.task = self._loop.create_task(self._work())
         self._arm(self._idle_timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -521,14 +539,18 @@ class _Connection(asyncio.Protocol):
         self._process(self._proto.receive_data(data))
 
     def eof_received(self) -> bool:
-        if self._refusal is None and not self._closing:
-            self._process(self._proto.receive_data(b""))
+        if not self._closing:
+            if self._refusal is not None:
+                self._refuse(b"")
+            else:
+                self._process(self._proto.receive_data(b""))
         return not self._closing  # keep the transport until the replies are out
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        self._lost = True
         self._deadline = None
-        for timer in (self._deadline_timer, self._write_timer):
+        for timer in (self._deadline_timer, self._write_timer, self._close_timer):
             if timer is not None:
                 timer.cancel()
         if self.task is not None and not self.task.done():
@@ -576,7 +598,7 @@ class _Connection(asyncio.Protocol):
                     return
                 _enter_task(loop, task)
                 try:
-                    outcome = server._begin(event, self._peer, mode)
+                    outcome = self._context.run(server._begin, event, self._peer, mode)
                 except asyncio.CancelledError:
                     self.abort()  # as when it is raised later: the connection ends
                     return
@@ -588,6 +610,8 @@ class _Connection(asyncio.Protocol):
                 if not self._answer(event, outcome):
                     return
             elif not self._other(event):
+                return
+            if self._transport_closing():
                 return
             if self._write_paused and i + 1 < len(events):
                 self._hand_over(None, None, events[i + 1 :])
@@ -613,7 +637,18 @@ class _Connection(asyncio.Protocol):
             while not self._closing:
                 if not self._busy:
                     self._wake = self._loop.create_future()
-                    await self._wake
+                    try:
+                        await self._wake
+                    except asyncio.CancelledError:
+                        if self._closing or self._held is None:
+                            raise
+                        # Requested during a handler's first step (asyncio.timeout
+                        # with a deadline already past, say): it is the handler's.
+                        # Ask again; it reaches the handler where it is suspended.
+                        task = self.task
+                        assert task is not None
+                        _compat.uncancel(task)
+                        task.cancel()
                     self._wake = None
                 if await self._work_through() and not self._closing:
                     self._busy = False
@@ -660,7 +695,7 @@ class _Connection(asyncio.Protocol):
 
     def _answer(self, request: Request, response: Response) -> bool:
         """Send the reply a request asked for; False when the connection is to close."""
-        if self._closing:
+        if self._closing or self._transport_closing():
             return False
         if request.respond:
             assert self._transport is not None
@@ -682,6 +717,14 @@ class _Connection(asyncio.Protocol):
         self.close()
         return False
 
+    def _transport_closing(self) -> bool:
+        """The peer is gone (a write failed) though connection_lost has not run yet."""
+        assert self._transport is not None
+        if self._transport.is_closing():
+            self._closing = True
+            return True
+        return False
+
     def _refuse(self, data: bytes) -> None:
         assert self._refusal is not None and self._transport is not None
         self._proto.receive_data(data)
@@ -699,15 +742,33 @@ class _Connection(asyncio.Protocol):
         transport = self._transport
         assert transport is not None
         if transport.get_write_buffer_size():
-            if self._write_timer is not None:
-                self._write_timer.cancel()
-            self._write_timer = self._loop.call_later(self._timeout, transport.abort)
+            self._close_timer = self._loop.call_later(self._timeout, self.abort)
+        self._discard_unread()
         transport.close()
+
+    def _discard_unread(self) -> None:
+        """Read and drop what the peer sent beyond the last request served.
+
+        Closing a socket with unread input makes the kernel reset the
+        connection, and the peer would see ECONNRESET rather than EOF after
+        its reply (requests pipelined behind one that closes wait unread
+        while reading is paused).
+        """
+        assert self._transport is not None
+        sock = self._transport.get_extra_info("socket")
+        if sock is None:
+            return
+        for _ in range(16):  # at most 1 MiB; beyond that the reset is deserved
+            try:
+                if not os.read(sock.fileno(), 1 << 16):
+                    return
+            except OSError:  # BlockingIOError: nothing more to read
+                return
 
     def abort(self) -> None:
         """Close at once, dropping whatever was not sent."""
         self._closing = True
-        if self._transport is not None:
+        if self._transport is not None and not self._lost:
             self._transport.abort()
 
     def _write_stalled(self) -> None:
