@@ -611,8 +611,6 @@ class _Connection(asyncio.Protocol):
                     return
             elif not self._other(event):
                 return
-            if self._transport_closing():
-                return
             if self._write_paused and i + 1 < len(events):
                 self._hand_over(None, None, events[i + 1 :])
                 return
