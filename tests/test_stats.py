@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+import threading
+from typing import Any
 
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
 
-from unixsock_asgi import LatencyHistogram, Stats
-from unixsock_asgi._stats import RELATIVE_ERROR, UNMATCHED, merge_histograms
+from unixsock_asgi import ControlSocketMiddleware, LatencyHistogram, Stats
+from unixsock_asgi._stats import FLUSH_EVERY, RELATIVE_ERROR, UNMATCHED, merge_histograms
 
 
 def _true_quantile(samples: list[float], q: float) -> float:
@@ -78,3 +85,77 @@ def test_stats_snapshot_totals_derive_from_routes() -> None:
     assert "routes" not in stats.snapshot(routes=False)
     stats.reset()
     assert stats.snapshot()["requests_total"] == 0
+
+
+def _serve(app: Any, path: str, n: int) -> None:
+    """Push ``n`` GET requests for ``path`` through ``app`` (ASGI, in this thread)."""
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    async def run() -> None:
+        for _ in range(n):
+            scope = {
+                "type": "http",
+                "method": "GET",
+                "path": path,
+                "root_path": "",
+                "headers": [],
+                "query_string": b"",
+            }
+            await app(scope, receive, send)
+
+    asyncio.run(run())
+
+
+def _middleware_app() -> tuple[Any, Stats]:
+    async def page(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    stats = Stats()
+    app = ControlSocketMiddleware(
+        Starlette(routes=[Route("/items/{id}", page)]), path="/nonexistent/unused.sock", stats=stats
+    )
+    return app, stats
+
+
+@pytest.mark.parametrize("n", [1, FLUSH_EVERY - 1, FLUSH_EVERY, 3 * FLUSH_EVERY + 7])
+def test_queued_requests_are_all_counted_whatever_the_batch_boundary(n: int) -> None:
+    app, stats = _middleware_app()
+    _serve(app, "/items/1", n)
+    _serve(app, "/missing", 2)
+    assert len(stats.pending) < FLUSH_EVERY  # the app's thread counts in batches
+    snap = stats.snapshot()
+    assert snap["requests_total"] == n + 2
+    assert snap["routes"]["/items/{id}"]["requests"] == n
+    assert snap["routes"]["/items/{id}"]["by_status"] == {"2xx": n}
+    assert snap["routes"][UNMATCHED]["by_status"] == {"4xx": 2}
+    assert not stats.pending
+    _serve(app, "/items/2", 5)
+    stats.reset()  # queued requests belong to before the reset
+    assert stats.snapshot()["requests_total"] == 0
+
+
+def test_snapshots_from_another_thread_while_the_app_records_stay_exact() -> None:
+    app, stats = _middleware_app()
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.append(stats.snapshot(routes=False)["requests_total"])
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        _serve(app, "/items/1", 5000)
+    finally:
+        stop.set()
+        watcher.join(10)
+    assert len(seen) > 1
+    assert seen == sorted(seen)  # counts only grow
+    assert stats.snapshot()["requests_total"] == 5000
+    assert stats.routes["/items/{id}"].requests == 5000

@@ -19,7 +19,7 @@ from ._builtins import builtin_commands
 from ._commands import Commands
 from ._control import ControlPlane
 from ._settings import Settings
-from ._stats import _INV_LOG_GAMMA, _MIN_VALUE, UNMATCHED, RouteStats, Stats, _ceil, _log
+from ._stats import FLUSH_EVERY, UNMATCHED, Stats
 
 __all__ = ["ControlSocketMiddleware"]
 
@@ -152,37 +152,15 @@ class ControlSocketMiddleware:
         finally:
             seconds = _perf_counter() - start
             stats.in_flight -= 1
-            template: str | None = None
-            route = scope.get("route")
-            if route is not None and "fastapi" not in scope and scope.get("root_path", "") is root_path:
-                # Plain Starlette, no mount on the way: the route's own template.
-                template = getattr(route, "path_format", None)
-                if template is not None and template.endswith("/{path}"):
-                    template = None
-            if not template:
-                template = _route_template(scope, root_path)
-            # Stats.record, inlined (the same steps, in the same order).
-            rs = stats.routes.get(template)
-            if rs is None:
-                rs = stats.routes[template] = RouteStats()
-            cls = status // 100
-            rs.by_status[cls if 0 < cls < 6 else 5] += 1
-            by_method = rs.by_method
-            method = scope["method"]
-            if method in by_method:
-                by_method[method] += 1
-            else:
-                by_method["OTHER"] += 1
-            if failed:
-                rs.exceptions += 1
-            hist = rs.latency
-            i = _ceil(_log(seconds if seconds > _MIN_VALUE else _MIN_VALUE) * _INV_LOG_GAMMA)
-            buckets = hist.buckets
-            buckets[i] = buckets.get(i, 0) + 1
-            hist.count += 1
-            hist.sum += seconds
-            if seconds > hist.max:
-                hist.max = seconds
+            # The route template is looked up when the queue is counted: a
+            # plain Starlette route with no mount on the way is queued as is.
+            route: Any = scope.get("route")
+            if route is None or "fastapi" in scope or scope.get("root_path", "") is not root_path:
+                route = _route_template(scope, root_path)
+            pending = stats.pending
+            pending.append((route, scope["method"], status, seconds, failed))
+            if len(pending) >= FLUSH_EVERY:
+                stats.flush(wait=False)
 
     async def _not_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
