@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import random
 import threading
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from unixsock_asgi import ControlSocketMiddleware, LatencyHistogram, Stats
 from unixsock_asgi._stats import FLUSH_EVERY, RELATIVE_ERROR, UNMATCHED, merge_histograms
@@ -159,3 +160,39 @@ def test_snapshots_from_another_thread_while_the_app_records_stay_exact() -> Non
     assert seen == sorted(seen)  # counts only grow
     assert stats.snapshot()["requests_total"] == 5000
     assert stats.routes["/items/{id}"].requests == 5000
+
+
+def test_route_keys_of_root_mounts_and_str_subclasses() -> None:
+    class Path(str, enum.Enum):
+        HEALTH = "/health"
+
+    async def raw(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    stats = Stats()
+    app = ControlSocketMiddleware(
+        Starlette(routes=[Mount("/", app=raw)]), path="/nonexistent/unused.sock", stats=stats
+    )
+    _serve(app, "/anything", 3)
+    stats.record(Path.HEALTH, "GET", 503, 0.001, False)
+    routes = stats.snapshot()["routes"]
+    # A root mount's catch-all is not a template of the app's: as before, unmatched.
+    assert routes[UNMATCHED]["requests"] == 3
+    assert routes["/health"]["by_status"] == {"5xx": 1}
+
+
+def test_a_request_that_cannot_be_counted_fails_no_other_request(caplog: pytest.LogCaptureFixture) -> None:
+    async def odd(scope: Any, receive: Any, send: Any) -> None:
+        status = "200" if scope["path"] == "/odd" else 200  # not an int: cannot be classed
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    stats = Stats()
+    app = ControlSocketMiddleware(odd, path="/nonexistent/unused.sock", stats=stats)
+    _serve(app, "/odd", 1)
+    _serve(app, "/fine", 2 * FLUSH_EVERY)  # the batch with the odd one is counted in here
+    assert stats.snapshot()["requests_total"] == 2 * FLUSH_EVERY
+    assert "could not be counted" in caplog.text
+    assert stats.reset() == 2 * FLUSH_EVERY
+    assert stats.snapshot()["requests_total"] == 0

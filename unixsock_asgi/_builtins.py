@@ -102,9 +102,7 @@ def stats(ctx: CommandContext, routes: bool = True) -> dict[str, Any]:
 @command(diagnostic=True)
 def stats_reset(ctx: CommandContext) -> dict[str, Any]:
     """Zero the request counters and histograms (in-flight gauges stay)."""
-    before = ctx.stats.snapshot(routes=False)["requests_total"]
-    ctx.stats.reset()
-    return {"reset": True, "requests_before": before}
+    return {"reset": True, "requests_before": ctx.stats.reset()}
 
 
 # -- logging ------------------------------------------------------------------

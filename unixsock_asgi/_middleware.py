@@ -151,7 +151,6 @@ class ControlSocketMiddleware:
             failed = False
         finally:
             seconds = _perf_counter() - start
-            stats.in_flight -= 1
             # The route template is looked up when the queue is counted: a
             # plain Starlette route with no mount on the way is queued as is.
             route: Any = scope.get("route")
@@ -161,6 +160,7 @@ class ControlSocketMiddleware:
             pending.append((route, scope["method"], status, seconds, failed))
             if len(pending) >= FLUSH_EVERY:
                 stats.flush(wait=False)
+            stats.in_flight -= 1  # after the queue: nothing in flight means everything counted
 
     async def _not_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

@@ -13,6 +13,7 @@ exactly by adding counts, and percentiles are computed after the merge.
 from __future__ import annotations
 
 import collections
+import logging
 import math
 import os
 import resource
@@ -41,6 +42,8 @@ _log = math.log
 _ceil = math.ceil
 _MIN_VALUE = 1e-7  # 100 ns; anything faster is counted there
 _MAX_VALUE = 1e5  # about a day
+
+logger = logging.getLogger("unixsock_asgi")
 
 UNMATCHED = "<unmatched>"
 """Route key of requests that matched no route: raw paths are never keys."""
@@ -206,16 +209,24 @@ class Stats:
         self.pending: collections.deque[tuple[Any, str, int, float, bool]] = collections.deque()
         """Finished requests: route template (or a Starlette route, for its ``path_format``),
         method, status, seconds, whether the app raised."""
-        self._lock = threading.Lock()
+        # Re-entrant: a signal handler on the app's thread may take a snapshot
+        # while that thread is counting.
+        self._lock = threading.RLock()
+        self._routes: dict[str, RouteStats] = {}
         self.reset()
 
-    def reset(self) -> None:
-        """Zero every counter; in-flight gauges and the start time are kept."""
+    def reset(self) -> int:
+        """Zero every counter; in-flight gauges and the start time are kept.
+
+        Returns how many requests had been counted (queued ones included).
+        """
         with self._lock:
-            self.pending.clear()
+            self._count_pending()
+            before = sum(rs.requests for rs in self._routes.values())
             self.reset_at = time.time()
-            self._routes: dict[str, RouteStats] = {}
+            self._routes = {}
             self.websockets_total = 0
+            return before
 
     @property
     def routes(self) -> dict[str, RouteStats]:
@@ -244,33 +255,43 @@ class Stats:
     def _count_pending(self) -> None:
         pending = self.pending
         take = pending.popleft
-        self._count(take() for _ in range(len(pending)))  # only lock holders take
+        self._count(take() for _ in range(len(pending)) if pending)  # only lock holders take
 
     def _count(self, finished: Iterable[tuple[Any, str, int, float, bool]]) -> None:
         routes = self._routes
         for key, method, status, seconds, exception in finished:
-            route = key if type(key) is str else getattr(key, "path_format", None) or UNMATCHED
-            rs = routes.get(route)
-            if rs is None:
-                rs = routes[route] = RouteStats()
-            cls = status // 100
-            rs.by_status[cls if 0 < cls < 6 else 5] += 1
-            by_method = rs.by_method
-            if method in by_method:
-                by_method[method] += 1
-            else:
-                by_method["OTHER"] += 1
-            if exception:
-                rs.exceptions += 1
-            # LatencyHistogram.record, inlined.
-            hist = rs.latency
-            i = _ceil(_log(seconds if seconds > _MIN_VALUE else _MIN_VALUE) * _INV_LOG_GAMMA)
-            buckets = hist.buckets
-            buckets[i] = buckets.get(i, 0) + 1
-            hist.count += 1
-            hist.sum += seconds
-            if seconds > hist.max:
-                hist.max = seconds
+            try:
+                if isinstance(key, str):
+                    route = key
+                else:  # a Starlette route that served a request with no mount on the way
+                    route = getattr(key, "path_format", None) or UNMATCHED
+                    if route.endswith("/{path}") and getattr(key, "path", None) == "":
+                        route = UNMATCHED  # under Mount("/"), a request nothing inside matched
+                rs = routes.get(route)
+                if rs is None:
+                    rs = routes[route] = RouteStats()
+                cls = status // 100
+                rs.by_status[cls if 0 < cls < 6 else 5] += 1
+                by_method = rs.by_method
+                if method in by_method:
+                    by_method[method] += 1
+                else:
+                    by_method["OTHER"] += 1
+                if exception:
+                    rs.exceptions += 1
+                # LatencyHistogram.record, inlined.
+                hist = rs.latency
+                i = _ceil(_log(seconds if seconds > _MIN_VALUE else _MIN_VALUE) * _INV_LOG_GAMMA)
+                buckets = hist.buckets
+                buckets[i] = buckets.get(i, 0) + 1
+                hist.count += 1
+                hist.sum += seconds
+                if seconds > hist.max:
+                    hist.max = seconds
+            except Exception:  # a request the app answered strangely must not fail another one
+                logger.warning(
+                    "a request could not be counted: %r", (key, method, status, seconds), exc_info=True
+                )
 
     def snapshot(self, *, routes: bool = True) -> dict[str, Any]:
         """The stable ``stats`` payload (keys documented in README)."""
