@@ -784,6 +784,45 @@ def test_stop_closes_open_connections_and_busy_handlers(
     assert not os.path.exists(sock_path)
 
 
+def test_stop_during_a_burst_of_connections_leaves_no_socket_open(start_server: ServerFactory) -> None:
+    server = start_server(max_connections=10_000)
+    socks: list[socket.socket] = []
+    done = threading.Event()
+
+    def connect() -> None:
+        while not done.is_set() and len(socks) < 300:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(server.path)
+            except OSError:
+                sock.close()
+                return
+            socks.append(sock)
+
+    threads = [threading.Thread(target=connect) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.01)
+        server.stop()
+        done.set()
+        for thread in threads:
+            thread.join(5)
+        # Every connection the server accepted (or had queued) is closed: each
+        # client sees EOF or a reset, none waits on a socket left open.
+        deadline = time.monotonic() + 5
+        waiting = list(socks)
+        while waiting and time.monotonic() < deadline:
+            ready, _, _ = select.select(waiting, [], [], 0.1)
+            waiting = [s for s in waiting if s not in ready]
+        assert socks
+        assert not waiting, f"{len(waiting)} of {len(socks)} connections left open"
+    finally:
+        done.set()
+        for sock in socks:
+            sock.close()
+
+
 def test_context_manager_and_config_object(sock_path: str) -> None:
     async def handler(cmd: str, args: dict[str, Any]) -> str:
         return cmd

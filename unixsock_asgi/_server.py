@@ -164,6 +164,7 @@ class UnixSockServer:
         self._connections: set[_Connection] = set()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._active = 0
+        self._opening = 0  # connections accepted whose transport is not made yet
         self._lock = threading.Lock()
         self.started_at: float | None = None
 
@@ -269,19 +270,31 @@ class UnixSockServer:
         try:
             await self._stopping.wait()
         finally:
-            self._server.close()
-            tasks = []
-            for connection in list(self._connections):
-                connection.abort()
-                if connection.task is not None:
-                    tasks.append(connection.task)
-            if tasks:
-                await asyncio.wait(tasks, timeout=2.0)
-            # A few turns of the loop: connections accepted just before the
-            # listener closed get their transport (and abort themselves, as the
-            # server is stopping), and connection_lost closes every socket.
-            for _ in range(5):
-                await asyncio.sleep(0)
+            await self._shut_down(loop, self._server)
+
+    async def _shut_down(self, loop: asyncio.AbstractEventLoop, server: asyncio.AbstractServer) -> None:
+        """Stop accepting, end every connection, close the listener; about a second at most."""
+        assert self._bound is not None
+        # Stop accepting first but keep the server open until the connections
+        # accepted so far have their transports: asyncio cannot give one a
+        # transport once its server is closed, and leaves its socket open.
+        try:
+            loop.remove_reader(self._bound.sock.fileno())
+        except (OSError, ValueError, NotImplementedError):  # pragma: no cover - not a selector loop
+            pass
+        deadline = loop.time() + 1.0
+        while self._opening and loop.time() < deadline:
+            await asyncio.sleep(0.001)  # each aborts itself in connection_made: the server is stopping
+        server.close()
+        tasks = []
+        for connection in list(self._connections):
+            connection.abort()
+            if connection.task is not None:
+                tasks.append(connection.task)
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
+        while self._connections and loop.time() < deadline + 1.0:
+            await asyncio.sleep(0.001)  # connection_lost closes the sockets
 
     # -- connections -------------------------------------------------------
 
@@ -478,6 +491,7 @@ class _Connection(asyncio.Protocol):
     """
 
     def __init__(self, server: UnixSockServer, loop: asyncio.AbstractEventLoop) -> None:
+        server._opening += 1
         self._server = server
         self._loop = loop
         cfg = server.config
@@ -509,6 +523,7 @@ class _Connection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         server = self._server
+        server._opening -= 1
         if server._stopping is None or server._stopping.is_set():
             transport.abort()  # accepted while the server was stopping
             return
