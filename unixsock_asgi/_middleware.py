@@ -128,7 +128,7 @@ class ControlSocketMiddleware:
             await self._not_http(scope, receive, send)
             return
         # The per-request hot path, kept in this one frame: a closure to learn
-        # the status, the clock read twice, and Stats.record inlined.
+        # the status, the clock read twice, one append to the stats queue.
         if self.control.gate and await self._gated(scope, send):
             return
         root_path = scope.get("root_path", "")
@@ -300,13 +300,10 @@ def _route_template(scope: Scope, root_path: str) -> str:
     FastAPI (>= 0.120) leaves the include-prefixed template in its effective
     route context; Starlette leaves the matched route in ``scope["route"]``;
     mounts extend ``root_path``, and that extension is the mount prefix.
+    (A plain Starlette route with no mount on the way never gets here: the
+    middleware queues the route itself and Stats reads its ``path_format``.)
     """
     route = scope.get("route")
-    if route is not None and scope.get("root_path", "") is root_path and "fastapi" not in scope:
-        # Plain Starlette, no mount on the way: the route's own template.
-        plain: str | None = getattr(route, "path_format", None)
-        if plain and not plain.endswith("/{path}"):
-            return plain
     template: str | None = None
     fastapi_scope = scope.get("fastapi")
     if fastapi_scope:
