@@ -300,7 +300,7 @@ def test_percentiles_come_from_merged_buckets_not_from_averaging() -> None:
 
 def test_gauges_are_summed_where_they_add_up_and_lag_is_the_worst() -> None:
     a, b = Stats(), Stats()
-    a.in_flight, b.in_flight = 2, 3
+    a.started, b.started = 2, 3  # started and not finished: in flight
     a.loop_lag_s, b.loop_lag_s = 0.001, 0.25
     a.websockets_active, b.websockets_active = 1, 4
     sa, sb = a.snapshot(), b.snapshot()

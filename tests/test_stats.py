@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 import random
 import threading
+import time
+from http import HTTPStatus
 from typing import Any
 
 import pytest
@@ -15,7 +18,14 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
 from unixsock_asgi import ControlSocketMiddleware, LatencyHistogram, Stats
-from unixsock_asgi._stats import FLUSH_EVERY, RELATIVE_ERROR, UNMATCHED, merge_histograms
+from unixsock_asgi._stats import (
+    BUCKET_EVERY,
+    FLUSH_EVERY,
+    RELATIVE_ERROR,
+    UNBUCKETED_LIMIT,
+    UNMATCHED,
+    merge_histograms,
+)
 
 
 def _true_quantile(samples: list[float], q: float) -> float:
@@ -152,11 +162,17 @@ def test_snapshots_from_another_thread_while_the_app_records_stay_exact() -> Non
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        _serve(app, "/items/1", 5000)
+        for _ in range(10):  # in chunks, each after the watcher took a snapshot, so that they interleave
+            taken = len(seen)
+            for _ in range(1000):
+                if len(seen) > taken:
+                    break
+                time.sleep(0.001)
+            _serve(app, "/items/1", 500)
     finally:
         stop.set()
         watcher.join(10)
-    assert len(seen) > 1
+    assert len(seen) >= 10
     assert seen == sorted(seen)  # counts only grow
     assert stats.snapshot()["requests_total"] == 5000
     assert stats.routes["/items/{id}"].requests == 5000
@@ -195,4 +211,75 @@ def test_a_request_that_cannot_be_counted_fails_no_other_request(caplog: pytest.
     assert stats.snapshot()["requests_total"] == 2 * FLUSH_EVERY
     assert "could not be counted" in caplog.text
     assert stats.reset() == 2 * FLUSH_EVERY
+    assert stats.snapshot()["requests_total"] == 0
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_bucketing_many_at_once_equals_one_by_one(seed: int) -> None:
+    rng = random.Random(seed)
+    samples = [rng.lognormvariate(-7, 2.0) for _ in range(5000)] + [0.0, 1e-9, 1e6, 2e5]
+    one_by_one = _hist(samples)
+    at_once = LatencyHistogram()
+    at_once.record_many(samples[:1234])
+    at_once.record_many(samples[1234:])
+    assert at_once.buckets == one_by_one.buckets
+    assert at_once.count == one_by_one.count == len(samples)
+    assert at_once.max == one_by_one.max
+    assert at_once.sum == pytest.approx(one_by_one.sum)
+
+
+def test_batches_over_many_routes_count_like_one_request_at_a_time() -> None:
+    rng = random.Random(5)
+
+    # Route-like objects (unhashable, like Starlette's) and plain templates, mixed.
+    class FakeRoute:
+        __hash__ = None  # type: ignore[assignment]
+
+        def __init__(self, path_format: str) -> None:
+            self.path_format = path_format
+            self.path = path_format
+
+    objects = [FakeRoute(f"/obj{i}/{{id}}") for i in range(40)]
+    keys: list[Any] = [*objects, *(f"/str{i}" for i in range(40))]
+    statuses = [200, 201, 304, 404, 500, HTTPStatus.OK, 999]
+    methods = ["GET", "POST", "BREW"]
+    finished = [
+        (
+            rng.choice(keys),
+            rng.choice(methods),
+            rng.choice(statuses),
+            rng.expovariate(1000),
+            rng.random() < 0.1,
+        )
+        for _ in range(UNBUCKETED_LIMIT + 3 * BUCKET_EVERY + 11)
+    ]
+    batched = Stats()
+    for item in finished:
+        batched.pending.append(item)
+        if len(batched.pending) >= FLUSH_EVERY:
+            batched.flush()
+    one_by_one = Stats()
+    for key, method, status, seconds, raised in finished:
+        name = key if isinstance(key, str) else key.path_format
+        one_by_one.record(name, method, status, seconds, raised)
+    got, want = batched.snapshot(), one_by_one.snapshot()
+    assert got["requests_total"] == len(finished)
+    for key in ("requests_total", "exceptions_total", "by_status", "by_method"):
+        assert got[key] == want[key], key
+    assert got["latency"]["buckets"] == want["latency"]["buckets"]
+    assert set(got["routes"]) == set(want["routes"])
+    for name, route in got["routes"].items():
+        expected = want["routes"][name]
+        assert {k: v for k, v in route.items() if k != "latency"} == {
+            k: v for k, v in expected.items() if k != "latency"
+        }
+        assert route["latency"]["buckets"] == expected["latency"]["buckets"]
+        assert route["latency"]["max_s"] == expected["latency"]["max_s"]
+
+
+def test_record_refuses_impossible_durations() -> None:
+    stats = Stats()
+    for seconds in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="cannot take"):
+            stats.record("/x", "GET", 200, seconds, False)
     assert stats.snapshot()["requests_total"] == 0

@@ -143,7 +143,7 @@ class ControlSocketMiddleware:
             return send(message)
 
         stats = self.stats
-        stats.in_flight += 1
+        stats.started += 1  # in flight until queued
         start = _perf_counter()
         failed = True
         try:
@@ -152,15 +152,14 @@ class ControlSocketMiddleware:
         finally:
             seconds = _perf_counter() - start
             # The route template is looked up when the queue is counted: a
-            # plain Starlette route with no mount on the way is queued as is.
+            # Starlette route (or FastAPI route context) is queued as is.
             route: Any = scope.get("route")
             if route is None or "fastapi" in scope or scope.get("root_path", "") is not root_path:
-                route = _route_template(scope, root_path)
+                route = _route_key(scope, root_path)
             pending = stats.pending
             pending.append((route, scope["method"], status, seconds, failed))
             if len(pending) >= FLUSH_EVERY:
                 stats.flush(wait=False)
-            stats.in_flight -= 1  # after the queue: nothing in flight means everything counted
 
     async def _not_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -294,28 +293,25 @@ class ControlSocketMiddleware:
         return None
 
 
-def _route_template(scope: Scope, root_path: str) -> str:
-    """The route template that served ``scope``: O(1), never the raw path.
+def _route_key(scope: Scope, root_path: str) -> Any:
+    """What a request is counted under, when it is not a plain Starlette route: O(1), never the raw path.
 
     FastAPI (>= 0.120) leaves the include-prefixed template in its effective
-    route context; Starlette leaves the matched route in ``scope["route"]``;
-    mounts extend ``root_path``, and that extension is the mount prefix.
-    (A plain Starlette route with no mount on the way never gets here: the
-    middleware queues the route itself and Stats reads its ``path_format``.)
+    route context, a long-lived object queued as is (Stats reads its
+    ``path_format``, like a Starlette route's); mounts extend ``root_path``,
+    and that extension is the mount prefix of a template built here.
     """
     route = scope.get("route")
-    template: str | None = None
     fastapi_scope = scope.get("fastapi")
     if fastapi_scope:
         context = fastapi_scope.get("effective_route_context")
-        template = getattr(context, "path_format", None)
-    if not template and route is not None:
-        template = getattr(route, "path_format", None)
+        if getattr(context, "path_format", None):
+            route = context
     prefix: str = scope.get("root_path", "")
-    if prefix is root_path:  # the common case: no mount on the way
-        prefix = ""
-    elif prefix.startswith(root_path):
-        prefix = prefix[len(root_path) :]
+    if prefix is root_path:  # no mount on the way
+        return UNMATCHED if route is None else route
+    prefix = prefix[len(root_path) :] if prefix.startswith(root_path) else prefix
+    template = getattr(route, "path_format", None)
     if template and not (template.endswith("/{path}") and prefix.endswith(getattr(route, "path", "\0"))):
         return prefix + template if prefix else template
     if prefix:  # a mounted app without routes of its own (static files, a raw ASGI app)
