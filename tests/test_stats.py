@@ -283,3 +283,27 @@ def test_record_refuses_impossible_durations() -> None:
         with pytest.raises(ValueError, match="cannot take"):
             stats.record("/x", "GET", 200, seconds, False)
     assert stats.snapshot()["requests_total"] == 0
+
+
+def test_mounts_with_path_parameters_count_one_template_not_raw_paths() -> None:
+    async def page(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    async def raw(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    tenant = Starlette(routes=[Route("/items/{id}", page), Mount("/files", app=raw)])
+    stats = Stats()
+    app = ControlSocketMiddleware(
+        Starlette(routes=[Mount("/{tenant}", routes=[Mount("/v1", app=tenant)])]),
+        path="/nonexistent/unused.sock",
+        stats=stats,
+    )
+    for name in ("acme", "globex", "initech"):
+        _serve(app, f"/{name}/v1/items/1", 2)
+        _serve(app, f"/{name}/v1/files/a.txt", 1)
+    routes = stats.snapshot()["routes"]
+    assert routes["/{tenant}/v1/items/{id}"]["requests"] == 6
+    assert routes["/{tenant}/v1/files/{path}"]["requests"] == 3
+    assert len(routes) == 2

@@ -95,6 +95,7 @@ class ControlSocketMiddleware:
         if commands is not None:
             registry.include(commands)
         self.stats = stats if stats is not None else Stats()
+        self._mount_prefixes: dict[int, tuple[Any, str | None]] = {}  # see _route_key
         self.control = ControlPlane(
             app,
             commands=registry,
@@ -152,10 +153,10 @@ class ControlSocketMiddleware:
         finally:
             seconds = _perf_counter() - start
             # The route template is looked up when the queue is counted: a
-            # Starlette route (or FastAPI route context) is queued as is.
+            # Starlette route (or FastAPI route context, or None) is queued as is.
             route: Any = scope.get("route")
-            if route is None or "fastapi" in scope or scope.get("root_path", "") is not root_path:
-                route = _route_key(scope, root_path)
+            if "fastapi" in scope or scope.get("root_path", "") is not root_path:
+                route = _route_key(scope, root_path, self._mount_prefixes)
             pending = stats.pending
             pending.append((route, scope["method"], status, seconds, failed))
             if len(pending) >= FLUSH_EVERY:
@@ -293,13 +294,36 @@ class ControlSocketMiddleware:
         return None
 
 
-def _route_key(scope: Scope, root_path: str) -> Any:
-    """What a request is counted under, when it is not a plain Starlette route: O(1), never the raw path.
+_MAX_MOUNT_DEPTH = 16
+
+
+def _mount_prefix(routes: Any, target: Any, depth: int = 0) -> str | None:
+    """The path templates of the mounts that lead to ``target`` from ``routes``; None if not found."""
+    if depth > _MAX_MOUNT_DEPTH or not isinstance(routes, list | tuple):
+        return None
+    for route in routes:
+        if route is target:
+            return ""
+        inner = getattr(route, "routes", None)  # a Mount (or a Host) with routes of its own
+        if inner:
+            found = _mount_prefix(inner, target, depth + 1)
+            if found is not None:
+                path = getattr(route, "path", "")
+                return (path if isinstance(path, str) else "") + found
+    return None
+
+
+def _route_key(scope: Scope, root_path: str, mounts: dict[int, tuple[Any, str | None]]) -> Any:
+    """What a request is counted under, when it is not a plain Starlette route: never the raw path.
 
     FastAPI (>= 0.120) leaves the include-prefixed template in its effective
     route context, a long-lived object queued as is (Stats reads its
-    ``path_format``, like a Starlette route's); mounts extend ``root_path``,
-    and that extension is the mount prefix of a template built here.
+    ``path_format``, like a Starlette route's). Under mounts, the route is
+    looked up once in the app's route tree (``mounts`` caches it by route)
+    and prefixed with the mounts' path templates, so ``Mount("/{tenant}")``
+    counts one template for every tenant; a route the tree does not show
+    (an app wrapped in middleware inside a mount) is prefixed with the
+    ``root_path`` extension the mounts made instead.
     """
     route = scope.get("route")
     fastapi_scope = scope.get("fastapi")
@@ -309,9 +333,20 @@ def _route_key(scope: Scope, root_path: str) -> Any:
             route = context
     prefix: str = scope.get("root_path", "")
     if prefix is root_path:  # no mount on the way
-        return UNMATCHED if route is None else route
-    prefix = prefix[len(root_path) :] if prefix.startswith(root_path) else prefix
+        return route
     template = getattr(route, "path_format", None)
+    if not isinstance(template, str) or not template:
+        template = None
+    if template is not None:
+        known = mounts.get(id(route))
+        if known is None or known[0] is not route:
+            if len(mounts) >= 10000:  # an app has a fixed set of routes
+                mounts.clear()
+            router = scope.get("router")
+            known = mounts[id(route)] = (route, _mount_prefix(getattr(router, "routes", None), route))
+        if known[1] is not None:
+            return known[1] + template
+    prefix = prefix[len(root_path) :] if prefix.startswith(root_path) else prefix
     if template and not (template.endswith("/{path}") and prefix.endswith(getattr(route, "path", "\0"))):
         return prefix + template if prefix else template
     if prefix:  # a mounted app without routes of its own (static files, a raw ASGI app)

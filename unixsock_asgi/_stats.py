@@ -466,7 +466,8 @@ def _route_name(key: Any) -> str:
     """The route template a queued request is counted under."""
     if isinstance(key, str):
         return key
-    # A Starlette route that served a request with no mount on the way.
+    # A Starlette route (or FastAPI route context) that served a request with
+    # no mount on the way; None when no route matched.
     name = getattr(key, "path_format", None) or UNMATCHED
     if not isinstance(name, str):
         raise TypeError(f"route {key!r} has no path_format string")
