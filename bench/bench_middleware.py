@@ -1,7 +1,7 @@
 """Per-request cost of ``ControlSocketMiddleware`` next to the alternatives (issue #3).
 
-Run ``python bench/bench_middleware.py`` (about 4 minutes) or add ``--quick``
-(about a minute). Five variants of one app are compared in the same run:
+Run ``python bench/bench_middleware.py`` (about 9 minutes) or add ``--quick``
+(about two). Five variants of one app are compared in the same run:
 
 * ``bare``: the app alone;
 * ``noop``: a pure ASGI middleware that only awaits the app (the floor for any middleware);
@@ -10,9 +10,13 @@ Run ``python bench/bench_middleware.py`` (about 4 minutes) or add ``--quick``
 * ``ours``: ``ControlSocketMiddleware`` with statistics on.
 
 Part 1 calls the app in-process with ASGI scope dicts (no server, no sockets)
-and reports ns/request; part 2 runs each variant as a real single-worker
-uvicorn process on 127.0.0.1 under a load generator (wrk when installed, else
-a Python keep-alive load generator in its own process) and reports requests/s.
+and reports ns/request; with ``--instructions`` (valgrind installed), part 1b
+counts the instructions per request of the same calls, which unlike times do
+not move with a shared machine's speed; part 2 runs each variant as a real
+single-worker uvicorn process on 127.0.0.1 under a load generator (wrk when
+installed, else a Python keep-alive load generator in its own process) and
+reports requests/s, one variant after another and then each beside the bare
+app.
 Variants are interleaved within each round and medians are reported, because
 the machines this runs on are noisy. Issue #3's targets: at most 3 us added per
 request in-process, and at least 97% of the bare app's requests/s under uvicorn.
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import cProfile
 import gc
 import http.client
@@ -324,6 +329,99 @@ def profile_ours(n_routes: int, framework: str, batch: int, socket_dir: str, top
     profiler.disable()
     print(f"\ncProfile of ours, {n_routes} routes, {5 * batch} requests (profiler overhead inflates calls):")
     pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
+
+
+# -- part 1b: instructions per request (valgrind) ----------------------------------
+
+INSTRUCTION_SIZES = (1024, 3072)
+"""Requests served in the two runs of each variant; the difference is what is counted."""
+
+
+def instructions_worker(spec: str) -> None:
+    """Serve ``n`` requests in-process (``spec`` = ``variant,routes,framework,n``) with the collector off.
+
+    Run under callgrind by :func:`count_instructions`: two runs that differ
+    only in ``n`` leave start-up, imports and warm-up out of the difference.
+    """
+    variant, n_routes, framework, n = spec.split(",")
+    with tempfile.TemporaryDirectory() as socket_dir:
+        app = build_app(variant, int(n_routes), framework, socket_dir=socket_dir, stats=Stats())
+        paths = request_paths(int(n_routes))
+        warm_up = [http_scope(paths[i % len(paths)]) for i in range(1024)]
+        scopes = [http_scope(paths[i % len(paths)]) for i in range(int(n))]
+        gc.disable()
+        asyncio.run(time_slice(app, warm_up))
+        asyncio.run(time_slice(app, scopes))
+
+
+def count_instructions(variant: str, n_routes: int, framework: str) -> float:
+    """Instructions per request the CPU executes serving ``variant``, from two callgrind runs."""
+    counts = []
+    for n in INSTRUCTION_SIZES:
+        proc = subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                "--callgrind-out-file=/dev/null",
+                sys.executable,
+                __file__,
+                "--instructions-worker",
+                f"{variant},{n_routes},{framework},{n}",
+            ],
+            capture_output=True,
+            text=True,
+            # A fixed hash seed: dict layouts, hence instruction counts, repeat exactly.
+            env={**os.environ, "PYTHONHASHSEED": "0"},
+            timeout=1800,
+            check=False,
+        )
+        found = re.search(r"Collected : (\d+)", proc.stderr)
+        if proc.returncode != 0 or found is None:
+            raise RuntimeError(f"callgrind of {variant} failed:\n{proc.stderr[-2000:]}")
+        counts.append(int(found.group(1)))
+    return (counts[1] - counts[0]) / (INSTRUCTION_SIZES[1] - INSTRUCTION_SIZES[0])
+
+
+def run_instructions(route_counts: Sequence[int], framework: str) -> dict[tuple[str, int], float]:
+    """Instructions per request of every variant at every route count, two callgrind runs at a time."""
+    jobs = [(variant, n_routes) for n_routes in route_counts for variant in VARIANTS]
+    results: dict[tuple[str, int], float] = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
+        futures = {pool.submit(count_instructions, v, n, framework): (v, n) for v, n in jobs}
+        for future in concurrent.futures.as_completed(futures):
+            results[futures[future]] = future.result()
+    return results
+
+
+def instructions_table(results: dict[tuple[str, int], float], framework: str) -> Table:
+    """Instructions per request: the same question as part 1, answered without the machine's noise."""
+    table = Table(
+        f"In-process ASGI calls ({framework}): instructions per request (valgrind callgrind)",
+        ["variant", "routes", "instructions/req", "added vs bare", "added vs no-op", "bare/variant"],
+    )
+    for (variant, n_routes), count in sorted(
+        results.items(), key=lambda item: (item[0][1], VARIANTS.index(item[0][0]))
+    ):
+        bare, noop = results["bare", n_routes], results["noop", n_routes]
+        table.rows.append(
+            [
+                VARIANT_LABELS[variant],
+                str(n_routes),
+                f"{count:,.0f}",
+                "-" if variant == "bare" else f"{count - bare:+,.0f} ({(count - bare) / bare:+.1%})",
+                "-" if variant in ("bare", "noop") else f"{count - noop:+,.0f}",
+                f"{bare / count:.3f}",
+            ]
+        )
+    table.notes += [
+        "instructions the CPU executes per request, counted by valgrind's callgrind: the difference of "
+        f"two runs serving {INSTRUCTION_SIZES[0]:,} and {INSTRUCTION_SIZES[1]:,} requests after the same "
+        "1,024-request warm-up (start-up and imports cancel out), collector off, PYTHONHASHSEED=0; the "
+        "counts repeat exactly from run to run, so small differences are real, where part 1's times move "
+        "with the machine (a bare request took 15 to 25 us on this machine on the same day)",
+        "instructions are not time: cache misses and branch mispredictions are not in them",
+    ]
+    return table
 
 
 # -- part 2: under uvicorn ------------------------------------------------------
@@ -920,6 +1018,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-in-process", action="store_true")
     parser.add_argument("--skip-uvicorn", action="store_true")
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of ours in-process")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="also count instructions per request in-process with valgrind (about 10 minutes)",
+    )
+    parser.add_argument("--instructions-worker", metavar="SPEC", help=argparse.SUPPRESS)
     parser.add_argument("--loadgen-worker", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quick = args.quick
@@ -943,6 +1047,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(json.dumps(result))
         return 0
+    if args.instructions_worker is not None:  # a callgrind run of part 1b
+        instructions_worker(args.instructions_worker)
+        return 0
     started = time.monotonic()
     tables: list[Table] = []
     loadgen_description: str | None = None
@@ -957,6 +1064,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n" + tables[-1].text(), flush=True)
             if args.profile:
                 profile_ours(max(args.routes), args.framework, args.batch, socket_dir)
+        if args.instructions:
+            if shutil.which("valgrind") is None:
+                print("--instructions: valgrind is not installed; part 1b skipped", file=sys.stderr)
+            else:
+                print("part 1b: instructions per request under valgrind ...", file=sys.stderr)
+                tables.append(
+                    instructions_table(run_instructions(args.routes, args.framework), args.framework)
+                )
+                print("\n" + tables[-1].text(), flush=True)
         if not args.skip_uvicorn and args.uvicorn_routes:
             loadgen, loadgen_description = choose_loadgen(args.loadgen, args.connections, workdir)
             results = []
