@@ -232,6 +232,12 @@ UNBUCKETED_LIMIT = 16384
 Finished = tuple[Any, str, int, float, bool]
 """A finished request: route template (or a Starlette route, for its ``path_format``),
 method, status, seconds, whether the app raised."""
+_Groups = tuple[
+    Mapping[tuple[str, int], int],  # requests by (route, status)
+    Mapping[tuple[str, str], int],  # by (route, method)
+    Mapping[str, int],  # exceptions by route
+    dict[str, Sequence[float]],  # latencies by route
+]
 
 
 class Stats:
@@ -338,52 +344,56 @@ class Stats:
 
     def _count(self, batch: Sequence[Finished]) -> None:
         try:
-            groups, latencies = self._group(batch)
+            groups = self._group(batch)
         except Exception:
             # Something in the batch cannot be counted: count the rest one by one.
+            logger.debug("counting a batch of %d one by one", len(batch), exc_info=True)
             for finished in batch:
                 try:
-                    groups, latencies = self._group((finished,))
+                    groups = self._group((finished,))
                 except Exception:  # a request the app answered strangely must not fail another one
                     logger.warning("a request could not be counted: %r", finished, exc_info=True)
                 else:
-                    self._add(groups, latencies)
+                    self._add(groups)
             return
-        self._add(groups, latencies)
+        self._add(groups)
 
-    def _group(
-        self, batch: Sequence[Finished]
-    ) -> tuple[list[tuple[str, str, int, bool, int]], dict[str, Sequence[float]]]:
+    def _group(self, batch: Sequence[Finished]) -> _Groups:
         """Group finished requests; change no counter, so a failure leaves no half-counted batch.
 
-        Returns ``(route, method, status, raised, how many)`` groups and each
-        route's latencies. The passes over the whole batch run in C.
+        The passes over the whole batch run in C, and their number follows
+        the variety in the batch: a column whose values are all the same (one
+        route, one method, one status) is not grouped by at all.
         """
         keys, methods, statuses, seconds, raised = zip(*batch, strict=True)
         # Route objects are not hashable: they are told apart by id (the batch keeps them alive).
         ids = list(map(id, keys))
+        n = len(ids)
+        names: list[str]
         latencies: dict[str, Sequence[float]]
-        if ids.count(ids[0]) == len(ids):  # all one route, the common case
+        if ids.count(ids[0]) == n:  # all one route
             route = self._route_name(keys[0])
-            counted = collections.Counter(zip(itertools.repeat(route), methods, statuses, raised))
+            requests: Mapping[str, int] = {route: n}
+            names = [route] * n
             latencies = {route: seconds}
         else:
             name_of = {
                 ident: self._route_name(key) for ident, key in dict(zip(ids, keys, strict=True)).items()
             }
             names = list(map(name_of.__getitem__, ids))
-            counted = collections.Counter(zip(names, methods, statuses, raised, strict=True))
-            lists: dict[str, list[float]] = {name: [] for name in name_of.values()}
+            requests = collections.Counter(names)
+            lists: dict[str, list[float]] = {name: [] for name in requests}
             append = {name: values.append for name, values in lists.items()}
             for name, value in zip(names, seconds, strict=True):
                 append[name](value)
             latencies = dict(lists)
-        groups = []
-        for (route, method, status, exception), n in counted.items():
+        by_status = _joint(requests, names, statuses)
+        for _, status in by_status:
             if not isinstance(status, int):
                 raise TypeError(f"status {status!r} is not an int")
-            groups.append((route, method, status, exception, n))
-        return groups, latencies
+        by_method = _joint(requests, names, methods)
+        exceptions = collections.Counter(itertools.compress(names, raised)) if True in raised else {}
+        return by_status, by_method, exceptions, latencies
 
     def _route_name(self, key: Any) -> str:
         """The route template a queued request is counted under (cached by route object)."""
@@ -399,20 +409,20 @@ class Stats:
             self._route_objects.append(key)  # keeps the id from being reused
         return name
 
-    def _add(
-        self, groups: list[tuple[str, str, int, bool, int]], latencies: dict[str, Sequence[float]]
-    ) -> None:
+    def _add(self, groups: _Groups) -> None:
+        by_status, by_method, exceptions, latencies = groups
         routes = self._routes
-        for route, method, status, exception, n in groups:
-            rs = routes.get(route)
-            if rs is None:
-                rs = routes[route] = RouteStats()
+        for route in latencies:  # every route of the batch
+            if route not in routes:
+                routes[route] = RouteStats()
+        for (route, status), n in by_status.items():
             status_class = status // 100
-            rs.by_status[status_class if 0 < status_class < 6 else 5] += n
-            by_method = rs.by_method
-            by_method[method if method in by_method else "OTHER"] += n
-            if exception:
-                rs.exceptions += n
+            routes[route].by_status[status_class if 0 < status_class < 6 else 5] += n
+        for (route, method), n in by_method.items():
+            counts = routes[route].by_method
+            counts[method if method in counts else "OTHER"] += n
+        for route, n in exceptions.items():
+            routes[route].exceptions += n
         unbucketed = self._unbucketed
         for route, seconds in latencies.items():
             rs = routes[route]
@@ -460,6 +470,16 @@ class Stats:
         if routes:
             payload["routes"] = route_payloads
         return payload
+
+
+def _joint(
+    requests: Mapping[str, int], names: list[str], values: Sequence[Any]
+) -> Mapping[tuple[str, Any], int]:
+    """How many requests each (route, value) has: ``requests`` alone when every value is the same."""
+    if values.count(values[0]) == len(values):
+        first = values[0]
+        return {(route, first): n for route, n in requests.items()}
+    return collections.Counter(zip(names, values, strict=True))
 
 
 def _route_name(key: Any) -> str:
