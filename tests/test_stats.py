@@ -11,6 +11,7 @@ import threading
 import time
 from http import HTTPStatus
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 from starlette.applications import Starlette
@@ -22,6 +23,7 @@ from unixsock_asgi import ControlSocketMiddleware, LatencyHistogram, Stats
 from unixsock_asgi._stats import (
     BUCKET_EVERY,
     FLUSH_EVERY,
+    GAMMA,
     RELATIVE_ERROR,
     UNBUCKETED_LIMIT,
     UNMATCHED,
@@ -315,3 +317,96 @@ def test_mounts_with_path_parameters_count_one_template_not_raw_paths() -> None:
     assert routes["/{tenant}/v1/items/{id}"]["requests"] == 6
     assert routes["/{tenant}/v1/files/{path}"]["requests"] == 3
     assert len(routes) == 2
+
+
+def test_bucketing_many_at_once_agrees_with_one_by_one_at_bucket_boundaries() -> None:
+    samples = []
+    for i in range(-200, 140, 7):
+        edge = GAMMA**i
+        samples += [edge, math.nextafter(edge, 0), math.nextafter(edge, math.inf)]
+        samples += [math.nextafter(math.nextafter(edge, 0), 0), math.nextafter(math.nextafter(edge, 1), 1)]
+    at_once = LatencyHistogram()
+    at_once.record_many(list(samples))
+    assert at_once.buckets == _hist(samples).buckets
+
+
+def test_same_routes_under_two_mounts_and_prefixes_made_without_mounts() -> None:
+    async def page(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    shared = [Route("/items/{id}", page)]
+    inner = Starlette(routes=shared)
+
+    async def dispatcher(scope: Any, receive: Any, send: Any) -> None:
+        # Not a Starlette mount: extends root_path itself.
+        scope["root_path"] = scope.get("root_path", "") + "/" + scope["path"].split("/")[2]
+        await inner(scope, receive, send)
+
+    stats = Stats()
+    app = ControlSocketMiddleware(
+        Starlette(
+            routes=[Mount("/v1", routes=shared), Mount("/v2", routes=shared), Mount("/raw", app=dispatcher)]
+        ),
+        path="/nonexistent/unused.sock",
+        stats=stats,
+    )
+    _serve(app, "/v1/items/1", 1)
+    _serve(app, "/v2/items/1", 2)
+    _serve(app, "/raw/shop/items/1", 3)
+    routes = stats.snapshot()["routes"]
+    assert routes["/v1/items/{id}"]["requests"] == 1
+    assert routes["/v2/items/{id}"]["requests"] == 2
+    # No mount of the tree matches /raw/shop: the path the dispatcher matched is the prefix.
+    assert routes["/raw/shop/items/{id}"]["requests"] == 3
+
+
+def test_a_snapshot_taken_while_a_batch_is_counted_loses_nothing() -> None:
+    app, stats = _middleware_app()
+    _serve(app, "/items/1", 1)
+    stats.flush()  # counted; its latency waits to be bucketed
+    taken: list[int] = []
+
+    class Interrupting(list):  # type: ignore[type-arg]
+        def extend(self, values: Any) -> None:
+            # As a signal handler on the app's thread would, in the middle of counting.
+            taken.append(stats.snapshot()["requests_total"])
+            super().extend(values)
+
+    route = stats._routes["/items/{id}"]
+    route.unbucketed = Interrupting(route.unbucketed)
+    _serve(app, "/items/1", FLUSH_EVERY)
+    assert taken  # the snapshot ran inside the counting
+    snap = stats.snapshot()
+    assert snap["requests_total"] == FLUSH_EVERY + 1
+    assert snap["latency"]["count"] == FLUSH_EVERY + 1
+
+
+def test_a_float_status_is_refused_whatever_else_is_in_its_batch(caplog: pytest.LogCaptureFixture) -> None:
+    pairs: list[tuple[Any, Any]] = [(200.0, 200), (200, 200.0)]  # an app may send anything
+    for first, second in pairs:
+        stats = Stats()
+        stats.pending.extend([("/x", "GET", first, 0.001, False), ("/x", "GET", second, 0.001, False)])
+        stats.flush()
+        assert stats.snapshot()["requests_total"] == 1
+    assert caplog.text.count("could not be counted") == 2
+
+
+def test_fastapi_include_prefixes_under_a_mount_with_a_path_parameter() -> None:
+    from fastapi import APIRouter, FastAPI
+
+    router = APIRouter()
+
+    @router.get("/items/{item_id}")
+    async def item(item_id: int) -> dict[str, int]:
+        return {"id": item_id}
+
+    api = FastAPI()
+    api.include_router(router, prefix="/api")
+    stats = Stats()
+    app = ControlSocketMiddleware(
+        Starlette(routes=[Mount("/{tenant}", app=api)]), path="/nonexistent/unused.sock", stats=stats
+    )
+    for tenant in ("acme", "globex"):
+        _serve(app, f"/{tenant}/api/items/1", 2)
+    assert stats.snapshot()["routes"] == {"/{tenant}/api/items/{item_id}": ANY}
+    assert stats.snapshot()["requests_total"] == 4

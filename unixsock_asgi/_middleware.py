@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
@@ -95,7 +96,7 @@ class ControlSocketMiddleware:
         if commands is not None:
             registry.include(commands)
         self.stats = stats if stats is not None else Stats()
-        self._mount_prefixes: dict[int, tuple[Any, str | None]] = {}  # see _route_key
+        self._mount_trees: dict[int, tuple[Any, _MountChains]] = {}  # see _route_key
         self.control = ControlPlane(
             app,
             commands=registry,
@@ -156,7 +157,11 @@ class ControlSocketMiddleware:
             # Starlette route (or FastAPI route context, or None) is queued as is.
             route: Any = scope.get("route")
             if "fastapi" in scope or scope.get("root_path", "") is not root_path:
-                route = _route_key(scope, root_path, self._mount_prefixes)
+                try:
+                    route = _route_key(scope, root_path, self._mount_trees)
+                except Exception:  # never let a strange scope keep the request from being queued
+                    logger.debug("no route key for %r", scope.get("path"), exc_info=True)
+                    route = UNMATCHED
             pending = stats.pending
             pending.append((route, scope["method"], status, seconds, failed))
             if len(pending) >= FLUSH_EVERY:
@@ -295,60 +300,85 @@ class ControlSocketMiddleware:
 
 
 _MAX_MOUNT_DEPTH = 16
+_MountChains = list[tuple["re.Pattern[str]", str, Any]]
+"""Every chain of mounts in an app's route tree: (pattern of its prefix, template, last mount)."""
 
 
-def _mount_prefix(routes: Any, target: Any, depth: int = 0) -> str | None:
-    """The path templates of the mounts that lead to ``target`` from ``routes``; None if not found."""
+def _template_pattern(template: str) -> re.Pattern[str]:
+    """A regex that a path matched by ``template`` (``/{tenant}/v1``) matches in full."""
+    parts = re.split(r"(\{[^}]*\})", template)
+    return re.compile(
+        "".join(
+            (".+" if part.endswith(":path}") else "[^/]+")
+            if part.startswith("{") and part.endswith("}")
+            else re.escape(part)
+            for part in parts
+        )
+    )
+
+
+def _mount_chains(routes: Any, prefix: str = "", depth: int = 0) -> _MountChains:
+    """The mount chains under ``routes``, in the order Starlette tries them (depth first)."""
+    chains: _MountChains = []
     if depth > _MAX_MOUNT_DEPTH or not isinstance(routes, list | tuple):
-        return None
+        return chains
     for route in routes:
-        if route is target:
-            return ""
-        inner = getattr(route, "routes", None)  # a Mount (or a Host) with routes of its own
-        if inner:
-            found = _mount_prefix(inner, target, depth + 1)
-            if found is not None:
-                path = getattr(route, "path", "")
-                return (path if isinstance(path, str) else "") + found
-    return None
+        path = getattr(route, "path", None)
+        if getattr(route, "path_format", "").endswith("/{path}") and isinstance(path, str):  # a Mount
+            template = prefix + path
+            chains.append((_template_pattern(template), template, route))
+            chains += _mount_chains(getattr(route, "routes", None), template, depth + 1)
+        elif getattr(route, "routes", None):  # a Host: routes of its own, no path
+            chains += _mount_chains(route.routes, prefix, depth + 1)
+    return chains
 
 
-def _route_key(scope: Scope, root_path: str, mounts: dict[int, tuple[Any, str | None]]) -> Any:
+def _mounted_key(route: Any, matched: str, chains: _MountChains) -> str:
+    """The key of a request whose mounts matched ``matched`` (the raw ``root_path`` extension).
+
+    The first chain of mounts whose template matches it in full gives the
+    prefix, so ``Mount("/{tenant}")`` counts one template for every tenant;
+    when none does (a prefix made by something other than Starlette's
+    mounts), the matched path itself is the prefix.
+    """
+    prefix, last = matched, None
+    for pattern, chain_template, mount in chains:
+        if pattern.fullmatch(matched):
+            prefix, last = chain_template, mount
+            break
+    template = getattr(route, "path_format", None)
+    if route is last or not isinstance(template, str) or not template:
+        return prefix + "/{path}"  # the mounted app has no routes of its own (static files, raw ASGI)
+    if last is None and template.endswith("/{path}") and matched.endswith(getattr(route, "path", "\0")):
+        return prefix + "/{path}"  # the same, seen without the tree
+    return prefix + template
+
+
+def _route_key(scope: Scope, root_path: str, trees: dict[int, tuple[Any, _MountChains]]) -> Any:
     """What a request is counted under, when it is not a plain Starlette route: never the raw path.
 
     FastAPI (>= 0.120) leaves the include-prefixed template in its effective
     route context, a long-lived object queued as is (Stats reads its
-    ``path_format``, like a Starlette route's). Under mounts, the route is
-    looked up once in the app's route tree (``mounts`` caches it by route)
-    and prefixed with the mounts' path templates, so ``Mount("/{tenant}")``
-    counts one template for every tenant; a route the tree does not show
-    (an app wrapped in middleware inside a mount) is prefixed with the
-    ``root_path`` extension the mounts made instead.
+    ``path_format``, like a Starlette route's). Under mounts, the prefix is
+    the template of the chain of mounts that matched (see ``_mounted_key``);
+    ``trees`` caches each app's chains by its top-level router.
     """
     route = scope.get("route")
     fastapi_scope = scope.get("fastapi")
-    if fastapi_scope:
+    if isinstance(fastapi_scope, dict):
         context = fastapi_scope.get("effective_route_context")
         if getattr(context, "path_format", None):
             route = context
-    prefix: str = scope.get("root_path", "")
-    if prefix is root_path:  # no mount on the way
+    extended = scope.get("root_path", "")
+    if extended is root_path or not isinstance(extended, str):  # no mount on the way
         return route
-    template = getattr(route, "path_format", None)
-    if not isinstance(template, str) or not template:
-        template = None
-    if template is not None:
-        known = mounts.get(id(route))
-        if known is None or known[0] is not route:
-            if len(mounts) >= 10000:  # an app has a fixed set of routes
-                mounts.clear()
-            router = scope.get("router")
-            known = mounts[id(route)] = (route, _mount_prefix(getattr(router, "routes", None), route))
-        if known[1] is not None:
-            return known[1] + template
-    prefix = prefix[len(root_path) :] if prefix.startswith(root_path) else prefix
-    if template and not (template.endswith("/{path}") and prefix.endswith(getattr(route, "path", "\0"))):
-        return prefix + template if prefix else template
-    if prefix:  # a mounted app without routes of its own (static files, a raw ASGI app)
-        return prefix + "/{path}"
-    return UNMATCHED
+    matched = extended[len(root_path) :] if extended.startswith(root_path) else extended
+    if not matched:
+        return route
+    router = scope.get("router")
+    known = trees.get(id(router))
+    if known is None or known[0] is not router:
+        if len(trees) >= 100:  # an app has one top-level router
+            trees.clear()
+        known = trees[id(router)] = (router, _mount_chains(getattr(router, "routes", None)))
+    return _mounted_key(route, matched, known[1])

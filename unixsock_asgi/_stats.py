@@ -113,6 +113,10 @@ class LatencyHistogram:
         while pos < n:
             i = _bucket(values[pos])
             end = n if i >= _MAX_BUCKET else bisect_right(values, _UPPER[i - _MIN_BUCKET], pos + 1)
+            if _bucket(values[end - 1]) != i or (end < n and _bucket(values[end]) == i):
+                # Within an ulp of a boundary, GAMMA**i and the logarithm can
+                # disagree: the logarithm (what record() uses) decides.
+                end = bisect_right(values, i, pos + 1, n, key=_bucket)
             buckets[i] = buckets.get(i, 0) + end - pos
             pos = end
         self.count += n
@@ -272,6 +276,7 @@ class Stats:
         self._lock = threading.RLock()
         self._routes: dict[str, RouteStats] = {}
         self._unbucketed = 0
+        self._counting = False  # a batch is being counted (re-entry would split it)
         self._route_names: dict[int, str] = {}
         self._route_objects: list[Any] = []  # keeps the ids in _route_names from being reused
         self.reset()
@@ -329,18 +334,29 @@ class Stats:
 
     def _settle(self) -> None:
         """Count what is queued and bucket every latency (lock held)."""
+        if self._counting:  # re-entered (a signal handler's snapshot): leave it to the counting frame
+            return
         self._count_pending()
+        self._bucket_all()
+
+    def _bucket_all(self) -> None:
         for rs in self._routes.values():
             rs.bucket_latencies()
         self._unbucketed = 0
 
     def _count_pending(self) -> None:
+        if self._counting:  # re-entered on this thread (the lock is re-entrant): see _settle
+            return
         pending = self.pending
         # Only lock holders take, so the queue holds at least this many.
         batch = list(itertools.starmap(pending.popleft, itertools.repeat((), len(pending))))
         self._dequeued += len(batch)
         if batch:
-            self._count(batch)
+            self._counting = True
+            try:
+                self._count(batch)
+            finally:
+                self._counting = False
 
     def _count(self, batch: Sequence[Finished]) -> None:
         try:
@@ -387,10 +403,10 @@ class Stats:
             for name, value in zip(names, seconds, strict=True):
                 append[name](value)
             latencies = dict(lists)
+        for kind in set(map(type, statuses)):  # 200.0 would be grouped with 200
+            if not issubclass(kind, int):
+                raise TypeError(f"a status is a {kind.__name__}, not an int")
         by_status = _joint(requests, names, statuses)
-        for _, status in by_status:
-            if not isinstance(status, int):
-                raise TypeError(f"status {status!r} is not an int")
         by_method = _joint(requests, names, methods)
         exceptions = collections.Counter(itertools.compress(names, raised)) if True in raised else {}
         return by_status, by_method, exceptions, latencies
@@ -434,7 +450,7 @@ class Stats:
                 rs.bucket_latencies()
         self._unbucketed = unbucketed
         if unbucketed >= UNBUCKETED_LIMIT:
-            self._settle()
+            self._bucket_all()
 
     def snapshot(self, *, routes: bool = True) -> dict[str, Any]:
         """The stable ``stats`` payload (keys documented in README)."""
