@@ -421,7 +421,7 @@ class Stats:
             if len(known) >= _ROUTE_NAMES_LIMIT:  # an app has a fixed set: something makes routes per request
                 known.clear()
                 self._route_objects.clear()
-            name = known[id(key)] = _route_name(key)
+            name = known[id(key)] = _template_of(key)
             self._route_objects.append(key)  # keeps the id from being reused
         return name
 
@@ -498,7 +498,7 @@ def _joint(
     return collections.Counter(zip(names, values, strict=True))
 
 
-def _route_name(key: Any) -> str:
+def _template_of(key: Any) -> str:
     """The route template a queued request is counted under."""
     if isinstance(key, str):
         return key
