@@ -323,8 +323,10 @@ def _mount_chains(routes: Any, prefix: str = "", depth: int = 0) -> _MountChains
     if depth > _MAX_MOUNT_DEPTH or not isinstance(routes, list | tuple):
         return chains
     for route in routes:
-        path = getattr(route, "path", None)
-        if getattr(route, "path_format", "").endswith("/{path}") and isinstance(path, str):  # a Mount
+        path, path_format = getattr(route, "path", None), getattr(route, "path_format", None)
+        if (
+            isinstance(path, str) and isinstance(path_format, str) and path_format.endswith("/{path}")
+        ):  # a Mount
             template = prefix + path
             chains.append((_template_pattern(template), template, route))
             chains += _mount_chains(getattr(route, "routes", None), template, depth + 1)
