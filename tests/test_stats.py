@@ -22,8 +22,9 @@ from starlette.routing import Mount, Route
 from unixsock_asgi import ControlSocketMiddleware, LatencyHistogram, Stats
 from unixsock_asgi._stats import (
     BUCKET_EVERY,
-    FLUSH_EVERY,
     GAMMA,
+    KEY_LIMIT,
+    LIVE_LIMIT,
     RELATIVE_ERROR,
     UNBUCKETED_LIMIT,
     UNMATCHED,
@@ -136,21 +137,43 @@ def _middleware_app() -> tuple[Any, Stats]:
     return app, stats
 
 
-@pytest.mark.parametrize("n", [1, FLUSH_EVERY - 1, FLUSH_EVERY, 3 * FLUSH_EVERY + 7])
-def test_queued_requests_are_all_counted_whatever_the_batch_boundary(n: int) -> None:
+def _uncounted(stats: Stats) -> int:
+    """Finished requests in the live groups that no one has counted yet."""
+    return sum(len(values) - stats._taken.get(key, 1) for key, values in list(stats.live.items()))
+
+
+@pytest.mark.parametrize("n", [1, LIVE_LIMIT - 1, LIVE_LIMIT, LIVE_LIMIT + 1, 3 * LIVE_LIMIT + 7])
+def test_live_requests_are_all_counted_whatever_the_group_boundary(n: int) -> None:
     app, stats = _middleware_app()
     _serve(app, "/items/1", n)
     _serve(app, "/missing", 2)
-    assert len(stats.pending) < FLUSH_EVERY  # the app's thread counts in batches
+    assert _uncounted(stats) <= LIVE_LIMIT + 2  # the app's thread counts a group when it is full
+    assert stats.in_flight == 0
     snap = stats.snapshot()
     assert snap["requests_total"] == n + 2
     assert snap["routes"]["/items/{id}"]["requests"] == n
     assert snap["routes"]["/items/{id}"]["by_status"] == {"2xx": n}
     assert snap["routes"][UNMATCHED]["by_status"] == {"4xx": 2}
-    assert not stats.pending
+    assert _uncounted(stats) == 0
     _serve(app, "/items/2", 5)
-    stats.reset()  # queued requests belong to before the reset
+    stats.reset()  # live requests belong to before the reset
     assert stats.snapshot()["requests_total"] == 0
+    _serve(app, "/items/2", LIVE_LIMIT)  # the groups counted by the reset are not counted again
+    assert stats.snapshot()["requests_total"] == LIVE_LIMIT
+    assert stats.in_flight == 0
+
+
+def test_many_distinct_groups_are_counted_before_they_grow_without_bound() -> None:
+    stats = Stats()
+    n = 3 * KEY_LIMIT + 5
+    for i in range(n):  # a client inventing methods: one group each
+        stats.started += 1
+        stats.add("/x", f"M{i}", 200, 0.001, False)
+        assert len(stats.live) <= KEY_LIMIT
+    snap = stats.snapshot()
+    assert snap["requests_total"] == n
+    assert snap["by_method"] == {"OTHER": n}
+    assert stats.in_flight == 0
 
 
 def test_snapshots_from_another_thread_while_the_app_records_stay_exact() -> None:
@@ -203,17 +226,20 @@ def test_route_keys_of_root_mounts_and_str_subclasses() -> None:
 
 def test_a_request_that_cannot_be_counted_fails_no_other_request(caplog: pytest.LogCaptureFixture) -> None:
     async def odd(scope: Any, receive: Any, send: Any) -> None:
-        status = "200" if scope["path"] == "/odd" else 200  # not an int: cannot be classed
+        # Not an int (cannot be classed), and not even hashable (cannot be grouped).
+        status = {"/odd": "200", "/odder": [200]}.get(scope["path"], 200)
         await send({"type": "http.response.start", "status": status, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
     stats = Stats()
     app = ControlSocketMiddleware(odd, path="/nonexistent/unused.sock", stats=stats)
     _serve(app, "/odd", 1)
-    _serve(app, "/fine", 2 * FLUSH_EVERY)  # the batch with the odd one is counted in here
-    assert stats.snapshot()["requests_total"] == 2 * FLUSH_EVERY
-    assert "could not be counted" in caplog.text
-    assert stats.reset() == 2 * FLUSH_EVERY
+    _serve(app, "/odder", 1)
+    _serve(app, "/fine", 2 * LIVE_LIMIT)  # the group of the odd one is counted in here
+    assert stats.snapshot()["requests_total"] == 2 * LIVE_LIMIT
+    assert caplog.text.count("could not be counted") == 2
+    assert stats.in_flight == 0  # finished, if not counted
+    assert stats.reset() == 2 * LIVE_LIMIT
     assert stats.snapshot()["requests_total"] == 0
 
 
@@ -264,15 +290,15 @@ def test_batches_count_like_one_request_at_a_time(
     ]
     batched = Stats()
     for item in finished:
-        batched.pending.append(item)
-        if len(batched.pending) >= FLUSH_EVERY:
-            batched.flush()
+        batched.started += 1
+        batched.add(*item)
     one_by_one = Stats()
     for key, method, status, seconds, raised in finished:
         name = key if isinstance(key, str) else key.path_format
         one_by_one.record(name, method, status, seconds, raised)
     got, want = batched.snapshot(), one_by_one.snapshot()
-    assert "one by one" not in caplog.text  # whole batches, not the fallback
+    assert "could not be counted" not in caplog.text
+    assert batched.in_flight == 0
     assert got["requests_total"] == len(finished)
     for key in ("requests_total", "exceptions_total", "by_status", "by_method"):
         assert got[key] == want[key], key
@@ -374,21 +400,25 @@ def test_a_snapshot_taken_while_a_batch_is_counted_loses_nothing() -> None:
 
     route = stats._routes["/items/{id}"]
     route.unbucketed = Interrupting(route.unbucketed)
-    _serve(app, "/items/1", FLUSH_EVERY)
+    _serve(app, "/items/1", LIVE_LIMIT + 1)  # the app's thread counts the full group
     assert taken  # the snapshot ran inside the counting
     snap = stats.snapshot()
-    assert snap["requests_total"] == FLUSH_EVERY + 1
-    assert snap["latency"]["count"] == FLUSH_EVERY + 1
+    assert snap["requests_total"] == LIVE_LIMIT + 2
+    assert snap["latency"]["count"] == LIVE_LIMIT + 2
 
 
-def test_a_float_status_is_refused_whatever_else_is_in_its_batch(caplog: pytest.LogCaptureFixture) -> None:
-    pairs: list[tuple[Any, Any]] = [(200.0, 200), (200, 200.0)]  # an app may send anything
-    for first, second in pairs:
+def test_a_status_equal_to_an_int_counts_as_it_whatever_came_first(caplog: pytest.LogCaptureFixture) -> None:
+    pairs: list[tuple[Any, Any]] = [(200.0, 200), (200, 200.0), (HTTPStatus.OK, 200), (200.5, 200)]
+    counted = []
+    for first, second in pairs:  # an app may send anything: 200.0 and 200 are one group
         stats = Stats()
-        stats.pending.extend([("/x", "GET", first, 0.001, False), ("/x", "GET", second, 0.001, False)])
-        stats.flush()
-        assert stats.snapshot()["requests_total"] == 1
-    assert caplog.text.count("could not be counted") == 2
+        for status in (first, second):
+            stats.started += 1
+            stats.add("/x", "GET", status, 0.001, False)
+        counted.append(stats.snapshot()["by_status"])
+        assert stats.in_flight == 0
+    assert counted == [{"2xx": 2}, {"2xx": 2}, {"2xx": 2}, {"2xx": 1}]
+    assert caplog.text.count("could not be counted") == 1  # 200.5
 
 
 def test_fastapi_include_prefixes_under_a_mount_with_a_path_parameter() -> None:

@@ -20,7 +20,7 @@ from ._builtins import builtin_commands
 from ._commands import Commands
 from ._control import ControlPlane
 from ._settings import Settings
-from ._stats import FLUSH_EVERY, UNMATCHED, Stats
+from ._stats import LIVE_LIMIT, UNMATCHED, Stats
 
 __all__ = ["ControlSocketMiddleware"]
 
@@ -130,7 +130,7 @@ class ControlSocketMiddleware:
             await self._not_http(scope, receive, send)
             return
         # The per-request hot path, kept in this one frame: a closure to learn
-        # the status, the clock read twice, one append to the stats queue.
+        # the status, the clock read twice, one append to the request's group.
         if self.control.gate and await self._gated(scope, send):
             return
         root_path = scope.get("root_path", "")
@@ -145,7 +145,7 @@ class ControlSocketMiddleware:
             return send(message)
 
         stats = self.stats
-        stats.started += 1  # in flight until queued
+        stats.started += 1  # in flight until added
         start = _perf_counter()
         failed = True
         try:
@@ -153,19 +153,29 @@ class ControlSocketMiddleware:
             failed = False
         finally:
             seconds = _perf_counter() - start
-            # The route template is looked up when the queue is counted: a
-            # Starlette route (or FastAPI route context, or None) is queued as is.
+            # Stats.add(), inline: the route template is looked up when the
+            # group is counted, a Starlette route (or FastAPI route context,
+            # or None) is grouped by its id and kept as is.
             route: Any = scope.get("route")
             if "fastapi" in scope or scope.get("root_path", "") is not root_path:
                 try:
                     route = _route_key(scope, root_path, self._mount_trees)
-                except Exception:  # never let a strange scope keep the request from being queued
+                except Exception:  # never let a strange scope keep the request from being counted
                     logger.debug("no route key for %r", scope.get("path"), exc_info=True)
                     route = UNMATCHED
-            pending = stats.pending
-            pending.append((route, scope["method"], status, seconds, failed))
-            if len(pending) >= FLUSH_EVERY:
-                stats.flush(wait=False)
+                key = (route if isinstance(route, str) else id(route), scope["method"], status, failed)
+            else:
+                key = (id(route), scope["method"], status, failed)
+            try:
+                values = stats.live[key]
+            except KeyError:
+                stats.add_group(key, route, seconds)
+            except TypeError:  # an unhashable status
+                stats.refuse(key)
+            else:
+                values.append(seconds)
+                if len(values) > LIVE_LIMIT:
+                    stats.rotate()
 
     async def _not_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

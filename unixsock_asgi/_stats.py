@@ -12,8 +12,6 @@ exactly by adding counts, and percentiles are computed after the merge.
 
 from __future__ import annotations
 
-import collections
-import itertools
 import logging
 import math
 import os
@@ -22,7 +20,7 @@ import sys
 import threading
 import time
 from bisect import bisect_right
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 __all__ = [
@@ -226,38 +224,38 @@ def _status_payload(counts: list[int]) -> dict[str, int]:
     return {name: snapshot[i + 1] for i, name in enumerate(_STATUS_CLASSES) if snapshot[i + 1]}
 
 
-FLUSH_EVERY = 1024
-"""Finished requests the app's thread queues before it counts them, in one go (about 1 ms)."""
+LIVE_LIMIT = 512
+"""Durations of one (route, method, status) the app's thread keeps before it counts everything."""
+KEY_LIMIT = 1024
+"""Distinct (route, method, status, raised) the app's thread keeps before it counts everything."""
 BUCKET_EVERY = 512
 """Latencies a route keeps unsorted before they are put in its histogram's buckets."""
 UNBUCKETED_LIMIT = 16384
 """Latencies all routes together keep unsorted at most (about 0.5 MiB)."""
 
-Finished = tuple[Any, str, int, float, bool]
-"""A finished request: route template (or a Starlette route, for its ``path_format``),
-method, status, seconds, whether the app raised."""
-_Groups = tuple[
-    Mapping[tuple[str, int], int],  # requests by (route, status)
-    Mapping[tuple[str, str], int],  # by (route, method)
-    Mapping[str, int],  # exceptions by route
-    dict[str, Sequence[float]],  # latencies by route
-]
+Key = tuple[Any, Any, Any, bool]
+"""What finished requests are grouped by as they finish: the route's template, or
+its id when it is a route object (Starlette's are unhashable); method; status;
+whether the app raised."""
 
 
 class Stats:
     """Everything one process has counted since start (or the last reset).
 
-    The middleware queues each finished request on :attr:`pending` (one
-    append; the queue is a deque, whose appends and pops are atomic) and
-    counts the queue every ``FLUSH_EVERY`` requests, under a lock. A batch
-    is counted in a few passes that run in C (transposed, grouped with a
-    ``Counter``), then one Python step per group, so the per-request cost is
-    a small fraction of counting requests one by one. Latencies wait in a
-    list per route and are put in buckets ``BUCKET_EVERY`` at a time,
-    sorted, one step per bucket (and all of them when ``UNBUCKETED_LIMIT``
-    wait). Snapshots count what is queued and bucket
-    what waits first, under the same lock, so counts are exact. Only
-    per-route counters are kept; process totals are derived in snapshots.
+    Finished requests are grouped as they finish, by the app's thread alone:
+    :attr:`live` maps (route, method, status, raised) to a list of the
+    route and the durations of its requests, so that recording a request is
+    one dict lookup and one append (:meth:`add`; the middleware inlines it).
+    Counting is then one step per group, not per request: the app's thread
+    counts everything when a group holds ``LIVE_LIMIT`` durations or there
+    are ``KEY_LIMIT`` groups, and starts afresh (:meth:`rotate`). Any thread
+    may count what is live meanwhile (a snapshot does, first, under the lock,
+    so counts are exact): the groups' lists only grow, so it counts each
+    list up to its current length and remembers how far it got. Latencies
+    wait in a list per route and are put in buckets ``BUCKET_EVERY`` at a
+    time, sorted, one step per bucket (all of them when ``UNBUCKETED_LIMIT``
+    wait). Only per-route counters are kept; process totals are derived in
+    snapshots.
     """
 
     def __init__(self) -> None:
@@ -267,16 +265,17 @@ class Stats:
         self.loop_lag_max_s = 0.0
         self.started = 0
         """HTTP requests the middleware has started (never reset)."""
-        self._dequeued = 0
+        self._finished = 0  # HTTP requests the middleware has finished and that are counted (never reset)
         self.websockets_active = 0
-        self.pending: collections.deque[Finished] = collections.deque()
-        """Finished requests waiting to be counted (the middleware appends here)."""
+        self.live: dict[Key, list[Any]] = {}
+        """Finished requests not counted yet: key -> [route, seconds, seconds, ...]. Only the app's thread adds."""
+        self._taken: dict[Key, int] = {}  # how far each list of ``live`` is counted
         # Re-entrant: a signal handler on the app's thread may take a snapshot
         # while that thread is counting.
         self._lock = threading.RLock()
         self._routes: dict[str, RouteStats] = {}
         self._unbucketed = 0
-        self._counting = False  # a batch is being counted (re-entry would split it)
+        self._counting = False  # counting is under way on this thread (re-entry would split it)
         self._route_names: dict[int, str] = {}
         self._route_objects: list[Any] = []  # keeps the ids in _route_names from being reused
         self.reset()
@@ -284,10 +283,10 @@ class Stats:
     def reset(self) -> int:
         """Zero every counter; in-flight gauges and the start time are kept.
 
-        Returns how many requests had been counted (queued ones included).
+        Returns how many requests had been counted (live ones included).
         """
         with self._lock:
-            self._count_pending()
+            self._count_live()
             before = sum(rs.requests for rs in self._routes.values())
             self.reset_at = time.time()
             self._routes = {}
@@ -299,9 +298,10 @@ class Stats:
     def in_flight(self) -> int:
         """HTTP requests started and not finished yet."""
         with self._lock:
+            self._count_live()
             # Finished first: a request that finishes meanwhile then counts as
             # in flight, never the other way round (``drain`` relies on it).
-            finished = self._dequeued + len(self.pending)
+            finished = self._finished
             return self.started - finished
 
     @property
@@ -311,32 +311,80 @@ class Stats:
             self._settle()
             return self._routes
 
+    def add(self, route: Any, method: str, status: int, seconds: float, raised: bool) -> None:
+        """Record a request the middleware started (``started``) that finished: the app's thread only.
+
+        ``route`` is a template or a route object whose ``path_format`` is
+        one. The middleware does the same inline, for speed.
+        """
+        key = (route if isinstance(route, str) else id(route), method, status, raised)
+        try:
+            values = self.live[key]
+        except KeyError:
+            self.add_group(key, route, seconds)
+        except TypeError:
+            self.refuse(key)
+        else:
+            values.append(seconds)
+            if len(values) > LIVE_LIMIT:
+                self.rotate()
+
+    def add_group(self, key: Key, route: Any, seconds: float) -> None:
+        """Start the group of a request whose key is not live yet (see :meth:`add`)."""
+        if len(self.live) >= KEY_LIMIT:
+            self.rotate()
+        self.live[key] = [route, seconds]
+
+    def refuse(self, key: Any) -> None:
+        """A finished request that cannot be grouped (an unhashable status): finished, not counted."""
+        logger.warning("a request could not be counted: %r", key)
+        with self._lock:
+            self._finished += 1
+
     def record(self, route: str, method: str, status: int, seconds: float, exception: bool) -> None:
-        """Count one finished HTTP request now. O(1), independent of the number of routes."""
+        """Count one HTTP request now (from any thread), apart from ``started``: a 503 the gate sent."""
         seconds = float(seconds)
         if not 0.0 <= seconds < math.inf:
             raise ValueError(f"a request cannot take {seconds!r} seconds")
         with self._lock:
-            self._count([(route, method, status, seconds, exception)])
+            self._count_group((route, method, status, exception), route, [seconds])
+            self._bucket_if_many()
 
     def flush(self, *, wait: bool = True) -> None:
-        """Count the queued requests.
+        """Count the finished requests, from any thread.
 
-        ``wait=False`` (the app's thread) returns at once when another thread
-        holds the lock: it is counting them or taking a snapshot.
+        ``wait=False`` returns at once when another thread holds the lock:
+        it is counting them or taking a snapshot.
         """
-        if not self.pending or not self._lock.acquire(blocking=wait):
+        if not self._lock.acquire(blocking=wait):
             return
         try:
-            self._count_pending()
+            self._count_live()
+        finally:
+            self._lock.release()
+
+    def rotate(self) -> None:
+        """Count every live group and start afresh: the app's thread only (the one that adds).
+
+        Returns at once when another thread holds the lock; the next request
+        tries again.
+        """
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            if self._counting:  # re-entered: the counting frame finishes the groups
+                return
+            live, taken = self.live, self._taken
+            self.live, self._taken = {}, {}
+            self._count_groups(live, taken)
         finally:
             self._lock.release()
 
     def _settle(self) -> None:
-        """Count what is queued and bucket every latency (lock held)."""
+        """Count what is live and bucket every latency (lock held)."""
         if self._counting:  # re-entered (a signal handler's snapshot): leave it to the counting frame
             return
-        self._count_pending()
+        self._count_live()
         self._bucket_all()
 
     def _bucket_all(self) -> None:
@@ -344,75 +392,65 @@ class Stats:
             rs.bucket_latencies()
         self._unbucketed = 0
 
-    def _count_pending(self) -> None:
-        if self._counting:  # re-entered on this thread (the lock is re-entrant): see _settle
-            return
-        pending = self.pending
-        # Only lock holders take, so the queue holds at least this many.
-        batch = list(itertools.starmap(pending.popleft, itertools.repeat((), len(pending))))
-        self._dequeued += len(batch)
-        if batch:
-            self._counting = True
-            try:
-                self._count(batch)
-            finally:
-                self._counting = False
+    def _bucket_if_many(self) -> None:
+        if self._unbucketed >= UNBUCKETED_LIMIT:
+            self._bucket_all()
 
-    def _count(self, batch: Sequence[Finished]) -> None:
+    def _count_live(self) -> None:
+        """Count the live groups up to their current lengths (lock held, any thread)."""
+        if not self._counting:  # else re-entered on this thread (the lock is re-entrant): see _settle
+            self._count_groups(self.live, self._taken)
+
+    def _count_groups(self, live: dict[Key, list[Any]], taken: dict[Key, int]) -> None:
+        self._counting = True
         try:
-            groups = self._group(batch)
-        except Exception:
-            # Something in the batch cannot be counted: count the rest one by one.
-            logger.debug("counting a batch of %d one by one", len(batch), exc_info=True)
-            for finished in batch:
-                try:
-                    groups = self._group((finished,))
-                except Exception:  # a request the app answered strangely must not fail another one
-                    logger.warning("a request could not be counted: %r", finished, exc_info=True)
-                else:
-                    self._add(groups)
+            # One C call: the app's thread may add a group meanwhile. The lists
+            # only grow, so each is counted up to its length now, once.
+            for key, values in list(live.items()):
+                first = taken.get(key, 1)
+                end = len(values)
+                if end > first:
+                    taken[key] = end
+                    self._finished += end - first
+                    self._count_group(key, values[0], values[first:end])
+            self._bucket_if_many()
+        finally:
+            self._counting = False
+
+    def _count_group(self, key: Key, route: Any, seconds: list[float]) -> None:
+        """Count requests that share a key: O(1) but for putting aside their durations."""
+        _, method, status, raised = key
+        try:
+            name = self._route_name(route)
+            status_class = _status_class(status)
+        except Exception:  # what the app sent strangely must not fail another request's counting
+            logger.warning(
+                "%d request(s) could not be counted: route %r, status %r",
+                len(seconds),
+                route,
+                status,
+                exc_info=True,
+            )
             return
-        self._add(groups)
-
-    def _group(self, batch: Sequence[Finished]) -> _Groups:
-        """Group finished requests; change no counter, so a failure leaves no half-counted batch.
-
-        The passes over the whole batch run in C, and their number follows
-        the variety in the batch: a column whose values are all the same (one
-        route, one method, one status) is not grouped by at all.
-        """
-        keys, methods, statuses, seconds, raised = zip(*batch, strict=True)
-        # Route objects are not hashable: they are told apart by id (the batch keeps them alive).
-        ids = list(map(id, keys))
-        n = len(ids)
-        names: list[str]
-        latencies: dict[str, Sequence[float]]
-        if ids.count(ids[0]) == n:  # all one route
-            route = self._route_name(keys[0])
-            requests: Mapping[str, int] = {route: n}
-            names = [route] * n
-            latencies = {route: seconds}
+        rs = self._routes.get(name)
+        if rs is None:
+            rs = self._routes[name] = RouteStats()
+        n = len(seconds)
+        rs.by_status[status_class] += n
+        counts = rs.by_method
+        counts[method if method in counts else "OTHER"] += n
+        if raised:
+            rs.exceptions += n
+        waiting = rs.unbucketed
+        waiting.extend(seconds)
+        if len(waiting) >= BUCKET_EVERY:
+            self._unbucketed -= len(waiting) - n
+            rs.bucket_latencies()
         else:
-            name_of = {
-                ident: self._route_name(key) for ident, key in dict(zip(ids, keys, strict=True)).items()
-            }
-            names = list(map(name_of.__getitem__, ids))
-            requests = collections.Counter(names)
-            lists: dict[str, list[float]] = {name: [] for name in requests}
-            append = {name: values.append for name, values in lists.items()}
-            for name, value in zip(names, seconds, strict=True):
-                append[name](value)
-            latencies = dict(lists)
-        for kind in set(map(type, statuses)):  # 200.0 would be grouped with 200
-            if not issubclass(kind, int):
-                raise TypeError(f"a status is a {kind.__name__}, not an int")
-        by_status = _joint(requests, names, statuses)
-        by_method = _joint(requests, names, methods)
-        exceptions = collections.Counter(itertools.compress(names, raised)) if True in raised else {}
-        return by_status, by_method, exceptions, latencies
+            self._unbucketed += n
 
     def _route_name(self, key: Any) -> str:
-        """The route template a queued request is counted under (cached by route object)."""
+        """The route template requests are counted under (cached by route object)."""
         if isinstance(key, str):
             return key
         known = self._route_names
@@ -424,33 +462,6 @@ class Stats:
             name = known[id(key)] = _template_of(key)
             self._route_objects.append(key)  # keeps the id from being reused
         return name
-
-    def _add(self, groups: _Groups) -> None:
-        by_status, by_method, exceptions, latencies = groups
-        routes = self._routes
-        for route in latencies:  # every route of the batch
-            if route not in routes:
-                routes[route] = RouteStats()
-        for (route, status), n in by_status.items():
-            status_class = status // 100
-            routes[route].by_status[status_class if 0 < status_class < 6 else 5] += n
-        for (route, method), n in by_method.items():
-            counts = routes[route].by_method
-            counts[method if method in counts else "OTHER"] += n
-        for route, n in exceptions.items():
-            routes[route].exceptions += n
-        unbucketed = self._unbucketed
-        for route, seconds in latencies.items():
-            rs = routes[route]
-            waiting = rs.unbucketed
-            waiting.extend(seconds)
-            unbucketed += len(seconds)
-            if len(waiting) >= BUCKET_EVERY:
-                unbucketed -= len(waiting)
-                rs.bucket_latencies()
-        self._unbucketed = unbucketed
-        if unbucketed >= UNBUCKETED_LIMIT:
-            self._bucket_all()
 
     def snapshot(self, *, routes: bool = True) -> dict[str, Any]:
         """The stable ``stats`` payload (keys documented in README)."""
@@ -488,14 +499,13 @@ class Stats:
         return payload
 
 
-def _joint(
-    requests: Mapping[str, int], names: list[str], values: Sequence[Any]
-) -> Mapping[tuple[str, Any], int]:
-    """How many requests each (route, value) has: ``requests`` alone when every value is the same."""
-    if values.count(values[0]) == len(values):
-        first = values[0]
-        return {(route, first): n for route, n in requests.items()}
-    return collections.Counter(zip(names, values, strict=True))
+def _status_class(status: Any) -> int:
+    """Index of ``status``'s class in ``RouteStats.by_status``: 1 to 5, anything out of range 5."""
+    code = int(status)
+    if code != status:  # "200", 200.5: the app sent something that is not a status
+        raise TypeError(f"status {status!r} is not an integer")
+    status_class = code // 100
+    return status_class if 0 < status_class < 6 else 5
 
 
 def _template_of(key: Any) -> str:
