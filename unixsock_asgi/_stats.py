@@ -187,21 +187,19 @@ def merge_histograms(payloads: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 class RouteStats:
     """Counters of one route template."""
 
-    __slots__ = ("by_method", "by_status", "exceptions", "latency", "unbucketed")
+    __slots__ = ("by_method", "by_status", "exceptions", "latency", "requests", "unbucketed")
 
     def __init__(self) -> None:
+        self.requests = 0
+        """Requests counted: one store, so that a snapshot taken in the middle of counting
+        (a signal handler's) never sees latencies on their way into the buckets twice or not at all."""
         self.exceptions = 0
         self.by_status = [0, 0, 0, 0, 0, 0]  # index = status // 100
-        # Every key present from the start: one lookup and one store per request.
+        # Every key present from the start: one lookup and one store per group.
         self.by_method: dict[str, int] = dict.fromkeys(_METHOD_KEYS, 0)
         self.latency = LatencyHistogram()
         self.unbucketed: list[float] = []
         """Latencies counted but not yet put in the histogram's buckets (see Stats)."""
-
-    @property
-    def requests(self) -> int:
-        """Requests finished: every one is one latency observation."""
-        return self.latency.count + len(self.unbucketed)
 
     def bucket_latencies(self) -> None:
         """Put the waiting latencies into the histogram."""
@@ -436,6 +434,7 @@ class Stats:
         if rs is None:
             rs = self._routes[name] = RouteStats()
         n = len(seconds)
+        rs.requests += n
         rs.by_status[status_class] += n
         counts = rs.by_method
         counts[method if method in counts else "OTHER"] += n
