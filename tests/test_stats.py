@@ -26,6 +26,7 @@ from unixsock_asgi._stats import (
     KEY_LIMIT,
     LIVE_LIMIT,
     RELATIVE_ERROR,
+    ROTATE_PATIENCE,
     UNBUCKETED_LIMIT,
     UNMATCHED,
     merge_histograms,
@@ -161,6 +162,50 @@ def test_live_requests_are_all_counted_whatever_the_group_boundary(n: int) -> No
     _serve(app, "/items/2", LIVE_LIMIT)  # the groups counted by the reset are not counted again
     assert stats.snapshot()["requests_total"] == LIVE_LIMIT
     assert stats.in_flight == 0
+
+
+def test_live_groups_stay_bounded_while_other_threads_keep_taking_the_lock() -> None:
+    app, stats = _middleware_app()
+    stop = threading.Event()
+
+    def poll() -> None:  # a client polling in_flight as fast as it can: the lock is nearly always taken
+        while not stop.is_set():
+            _ = stats.in_flight
+
+    largest = 0
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        for _ in range(40):
+            _serve(app, "/items/1", 250)
+            largest = max(largest, max(map(len, list(stats.live.values())), default=0) - 1)
+    finally:
+        stop.set()
+        poller.join(10)
+    assert largest <= LIVE_LIMIT + ROTATE_PATIENCE + 1
+    assert stats.snapshot()["requests_total"] == 10000
+    assert stats.in_flight == 0
+
+
+def test_a_status_whose_hash_fails_fails_neither_its_request_nor_the_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Unhashable(int):
+        def __hash__(self) -> int:
+            raise ValueError("no hash")
+
+    async def odd(scope: Any, receive: Any, send: Any) -> None:
+        status = Unhashable(200) if scope["path"] == "/odd" else 200
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    stats = Stats()
+    app = ControlSocketMiddleware(odd, path="/nonexistent/unused.sock", stats=stats)
+    _serve(app, "/odd", 3)  # raises out of _serve if the middleware let the error through
+    _serve(app, "/fine", 2)
+    assert stats.snapshot()["requests_total"] == 2
+    assert stats.in_flight == 0
+    assert caplog.text.count("could not be counted") == 3
 
 
 def test_many_distinct_groups_are_counted_before_they_grow_without_bound() -> None:

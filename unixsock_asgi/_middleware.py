@@ -154,8 +154,8 @@ class ControlSocketMiddleware:
         finally:
             seconds = _perf_counter() - start
             # Stats.add(), inline: the route template is looked up when the
-            # group is counted, a Starlette route (or FastAPI route context,
-            # or None) is grouped by its id and kept as is.
+            # group is counted; a Starlette route (or FastAPI route context,
+            # or None) is grouped by its id and kept in its group.
             route: Any = scope.get("route")
             if "fastapi" in scope or scope.get("root_path", "") is not root_path:
                 try:
@@ -170,7 +170,7 @@ class ControlSocketMiddleware:
                 values = stats.live[key]
             except KeyError:
                 stats.add_group(key, route, seconds)
-            except TypeError:  # an unhashable status
+            except Exception:  # an unhashable status, or one whose hash fails
                 stats.refuse(key)
             else:
                 values.append(seconds)
@@ -370,7 +370,7 @@ def _route_key(scope: Scope, root_path: str, trees: dict[int, tuple[Any, _MountC
     """What a request is counted under, when it is not a plain Starlette route: never the raw path.
 
     FastAPI (>= 0.120) leaves the include-prefixed template in its effective
-    route context, a long-lived object queued as is (Stats reads its
+    route context, a long-lived object grouped by its id (Stats reads its
     ``path_format``, like a Starlette route's). Under mounts, the prefix is
     the template of the chain of mounts that matched (see ``_mounted_key``);
     ``trees`` caches each app's chains by its top-level router.

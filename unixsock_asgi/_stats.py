@@ -1,7 +1,8 @@
 """Request statistics: exact counters and mergeable log-bucketed latency histograms.
 
-Requests are queued by the app's thread and counted in batches under a lock
-(see :class:`Stats`), so counts are exact whichever thread reads them.
+Finished requests are grouped by the app's thread as they finish and counted
+one group at a time under a lock (see :class:`Stats`), so counts are exact
+whichever thread reads them.
 
 The histogram is DDSketch-style: a value ``v`` (seconds) goes to bucket
 ``ceil(log(v) / log(GAMMA))`` and is reported as the bucket's midpoint
@@ -223,9 +224,12 @@ def _status_payload(counts: list[int]) -> dict[str, int]:
 
 
 LIVE_LIMIT = 512
-"""Durations of one (route, method, status) the app's thread keeps before it counts everything."""
+"""Durations one group (route, method, status, raised) holds before the app's thread counts every group."""
 KEY_LIMIT = 1024
-"""Distinct (route, method, status, raised) the app's thread keeps before it counts everything."""
+"""Groups the app's thread keeps before it counts them all."""
+ROTATE_PATIENCE = 64
+"""Times in a row the app's thread finds the lock taken (other threads counting or
+taking snapshots) and goes on, before it waits for it: the live groups stay bounded."""
 BUCKET_EVERY = 512
 """Latencies a route keeps unsorted before they are put in its histogram's buckets."""
 UNBUCKETED_LIMIT = 16384
@@ -246,7 +250,9 @@ class Stats:
     one dict lookup and one append (:meth:`add`; the middleware inlines it).
     Counting is then one step per group, not per request: the app's thread
     counts everything when a group holds ``LIVE_LIMIT`` durations or there
-    are ``KEY_LIMIT`` groups, and starts afresh (:meth:`rotate`). Any thread
+    are ``KEY_LIMIT`` groups, and starts afresh (:meth:`rotate`; when other
+    threads hold the lock, it tries again on the next request, and after
+    ``ROTATE_PATIENCE`` tries waits for the lock). Any thread
     may count what is live meanwhile (a snapshot does, first, under the lock,
     so counts are exact): the groups' lists only grow, so it counts each
     list up to its current length and remembers how far it got. Latencies
@@ -254,6 +260,11 @@ class Stats:
     time, sorted, one step per bucket (all of them when ``UNBUCKETED_LIMIT``
     wait). Only per-route counters are kept; process totals are derived in
     snapshots.
+
+    A snapshot or reset made by a signal handler on the app's thread while
+    that thread is counting sees the counters as they stand: a group may be
+    half counted (its requests in ``requests_total``, their latencies not yet
+    in ``latency``), and a reset then may lose that group.
     """
 
     def __init__(self) -> None:
@@ -268,6 +279,7 @@ class Stats:
         self.live: dict[Key, list[Any]] = {}
         """Finished requests not counted yet: key -> [route, seconds, seconds, ...]. Only the app's thread adds."""
         self._taken: dict[Key, int] = {}  # how far each list of ``live`` is counted
+        self._missed = 0  # rotations given up in a row because the lock was taken
         # Re-entrant: a signal handler on the app's thread may take a snapshot
         # while that thread is counting.
         self._lock = threading.RLock()
@@ -320,7 +332,7 @@ class Stats:
             values = self.live[key]
         except KeyError:
             self.add_group(key, route, seconds)
-        except TypeError:
+        except Exception:  # an unhashable status, or one whose hash fails
             self.refuse(key)
         else:
             values.append(seconds)
@@ -331,11 +343,18 @@ class Stats:
         """Start the group of a request whose key is not live yet (see :meth:`add`)."""
         if len(self.live) >= KEY_LIMIT:
             self.rotate()
-        self.live[key] = [route, seconds]
+        try:
+            self.live[key] = [route, seconds]
+        except Exception:  # a status whose comparison fails
+            self.refuse(key)
 
     def refuse(self, key: Any) -> None:
         """A finished request that cannot be grouped (an unhashable status): finished, not counted."""
-        logger.warning("a request could not be counted: %r", key)
+        try:
+            described = repr(key)
+        except Exception:
+            described = f"a key of {', '.join(type(part).__name__ for part in key)}"
+        logger.warning("a request could not be counted: %s", described)
         with self._lock:
             self._finished += 1
 
@@ -364,11 +383,14 @@ class Stats:
     def rotate(self) -> None:
         """Count every live group and start afresh: the app's thread only (the one that adds).
 
-        Returns at once when another thread holds the lock; the next request
-        tries again.
+        Returns at once when another thread holds the lock, so that the next
+        request tries again, unless ``ROTATE_PATIENCE`` tries in a row found
+        it taken: then it waits.
         """
-        if not self._lock.acquire(blocking=False):
+        if not self._lock.acquire(blocking=self._missed >= ROTATE_PATIENCE):
+            self._missed += 1
             return
+        self._missed = 0
         try:
             if self._counting:  # re-entered: the counting frame finishes the groups
                 return
@@ -465,7 +487,7 @@ class Stats:
     def snapshot(self, *, routes: bool = True) -> dict[str, Any]:
         """The stable ``stats`` payload (keys documented in README)."""
         now = time.time()
-        with self._lock:  # what is queued is counted, and nothing counted while copying
+        with self._lock:  # what is live is counted, and nothing counted while copying
             self._settle()
             route_payloads = {name: rs.to_payload() for name, rs in self._routes.items()}
         by_status: dict[str, int] = {}
@@ -508,7 +530,7 @@ def _status_class(status: Any) -> int:
 
 
 def _template_of(key: Any) -> str:
-    """The route template a queued request is counted under."""
+    """The route template a group of requests is counted under."""
     if isinstance(key, str):
         return key
     # A Starlette route (or FastAPI route context) that served a request with
