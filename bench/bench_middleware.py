@@ -370,7 +370,8 @@ def count_instructions(variant: str, n_routes: int, framework: str) -> float:
             ],
             capture_output=True,
             text=True,
-            # A fixed hash seed: dict layouts, hence instruction counts, repeat exactly.
+            # A fixed hash seed: dict layouts, hence instruction counts, repeat (within the
+            # few hundred that dict keys made of object ids, whose addresses vary, move them).
             env={**os.environ, "PYTHONHASHSEED": "0"},
             timeout=1800,
             check=False,
@@ -417,8 +418,9 @@ def instructions_table(results: dict[tuple[str, int], float], framework: str) ->
         "instructions the CPU executes per request, counted by valgrind's callgrind: the difference of "
         f"two runs serving {INSTRUCTION_SIZES[0]:,} and {INSTRUCTION_SIZES[1]:,} requests after the same "
         "1,024-request warm-up (start-up and imports cancel out), collector off, PYTHONHASHSEED=0; the "
-        "counts repeat exactly from run to run, so small differences are real, where part 1's times move "
-        "with the machine (a bare request took 15 to 25 us on this machine on the same day)",
+        "counts repeat from run to run within a few hundred (ours groups requests by route object ids, "
+        "whose addresses vary), where part 1's times move with the machine (a bare request took 15 to "
+        "26 us on this machine on the same day)",
         "instructions are not time: cache misses and branch mispredictions are not in them",
     ]
     return table
