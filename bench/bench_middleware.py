@@ -1,10 +1,13 @@
 """Per-request cost of ``ControlSocketMiddleware`` next to the alternatives (issue #3).
 
-Run ``python bench/bench_middleware.py`` (about 9 minutes) or add ``--quick``
-(about two). Five variants of one app are compared in the same run:
+Run ``python bench/bench_middleware.py`` (about 11 minutes) or add ``--quick``
+(about two). Six variants of one app are compared in the same run:
 
 * ``bare``: the app alone;
 * ``noop``: a pure ASGI middleware that only awaits the app (the floor for any middleware);
+* ``timing``: a pure ASGI middleware that learns each response's status and reads the
+  clock before and after, and keeps nothing (the floor for any middleware that times
+  requests by status, before it counts anything);
 * ``instrumentator``: prometheus-fastapi-instrumentator, ``Instrumentator().instrument(app)``;
 * ``exporter``: starlette-exporter's ``PrometheusMiddleware``;
 * ``ours``: ``ControlSocketMiddleware`` with statistics on.
@@ -50,7 +53,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,10 +72,11 @@ from starlette_exporter import PrometheusMiddleware
 
 from unixsock_asgi import Client, ControlSocketMiddleware, Stats
 
-VARIANTS = ("bare", "noop", "instrumentator", "exporter", "ours")
+VARIANTS = ("bare", "noop", "timing", "instrumentator", "exporter", "ours")
 VARIANT_LABELS = {
     "bare": "bare app",
     "noop": "no-op ASGI middleware",
+    "timing": "timing-only ASGI middleware",
     "instrumentator": "prometheus-fastapi-instrumentator",
     "exporter": "starlette-exporter",
     "ours": "ControlSocketMiddleware (stats on)",
@@ -101,6 +105,37 @@ class NoopMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.app(scope, receive, send)
+
+
+class TimingMiddleware:
+    """Learns each response's status and times the request, and keeps only the last of each.
+
+    What any middleware that counts requests by status and latency pays before
+    it counts anything: a ``send`` wrapper made per request, two calls of it,
+    and two clock reads.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.last: tuple[int, float] = (0, 0.0)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        def send_with_status(message: Message) -> Awaitable[None]:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            return send(message)
+
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            self.last = (status, time.perf_counter() - start)
 
 
 def route_template(index: int) -> str:
@@ -145,6 +180,8 @@ def build_app(
     middleware: list[Middleware] = []
     if variant == "noop":
         middleware.append(Middleware(NoopMiddleware))
+    elif variant == "timing":
+        middleware.append(Middleware(TimingMiddleware))
     elif variant == "exporter":
         middleware.append(Middleware(PrometheusMiddleware, app_name=f"bench{n_routes}", group_paths=True))
     elif variant == "ours":
