@@ -1,15 +1,15 @@
 """Per-request cost of ``ControlSocketMiddleware`` next to the alternatives (issue #3).
 
-Run ``python bench/bench_middleware.py`` (about 11 minutes) or add ``--quick``
-(about two). Six variants of one app are compared in the same run:
+Run ``python bench/bench_middleware.py`` (about 11 minutes; 22 with
+``--instructions``) or add ``--quick`` (about two). Six variants of one app are compared in the same run:
 
 * ``bare``: the app alone;
 * ``noop``: a pure ASGI middleware that only awaits the app (the floor for any middleware);
 * ``timing``: a pure ASGI middleware that learns each response's status and reads the
-  clock before and after, and keeps nothing (the floor for any middleware that times
+  clock before and after, and keeps only the last status and duration (the floor for any middleware that times
   requests by status, before it counts anything);
-* ``instrumentator``: prometheus-fastapi-instrumentator, ``Instrumentator().instrument(app)``;
-* ``exporter``: starlette-exporter's ``PrometheusMiddleware``;
+* ``instrumentator``: prometheus-fastapi-instrumentator, ``Instrumentator(registry=CollectorRegistry()).instrument(app)``;
+* ``exporter``: starlette-exporter's ``PrometheusMiddleware`` (``group_paths=True``);
 * ``ours``: ``ControlSocketMiddleware`` with statistics on.
 
 Part 1 calls the app in-process with ASGI scope dicts (no server, no sockets)
@@ -456,7 +456,7 @@ def instructions_table(results: dict[tuple[str, int], float], framework: str) ->
         f"two runs serving {INSTRUCTION_SIZES[0]:,} and {INSTRUCTION_SIZES[1]:,} requests after the same "
         "1,024-request warm-up (start-up and imports cancel out), collector off, PYTHONHASHSEED=0; the "
         "counts repeat from run to run within a few hundred (ours groups requests by route object ids, "
-        "whose addresses vary), where part 1's times move with the machine (a bare request took 15 to "
+        "whose addresses vary), where part 1's times move with the machine (a bare request took 14 to "
         "26 us on this machine on the same day)",
         "instructions are not time: cache misses and branch mispredictions are not in them",
     ]
@@ -1039,7 +1039,7 @@ def workspace() -> Iterator[Path]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options; ``--quick`` lowers the defaults it is given with."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (about two minutes)")
     parser.add_argument("--framework", choices=("starlette", "fastapi"), default="starlette")
     parser.add_argument("--routes", type=int, nargs="+", default=[5, 100], help="route counts in-process")
     parser.add_argument("--rounds", type=int, help="in-process rounds (default 15, quick 5)")
