@@ -390,6 +390,31 @@ def test_mounts_with_path_parameters_count_one_template_not_raw_paths() -> None:
     assert len(routes) == 2
 
 
+def test_mounts_inside_an_app_wrapped_in_middleware_by_hand_count_one_template() -> None:
+    async def page(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    class Passthrough:  # any pure ASGI middleware keeps what it wraps in .app
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            await self.app(scope, receive, send)
+
+    tenants = Starlette(routes=[Mount("/{tenant}", routes=[Route("/items/{id}", page)])])
+    stats = Stats()
+    app = ControlSocketMiddleware(
+        Starlette(routes=[Mount("/api", app=Passthrough(Passthrough(tenants)))]),
+        path="/nonexistent/unused.sock",
+        stats=stats,
+    )
+    for name in ("acme", "globex", "initech"):
+        _serve(app, f"/api/{name}/items/1", 2)
+    routes = stats.snapshot()["routes"]
+    assert routes == {"/api/{tenant}/items/{id}": ANY}  # not one key per tenant
+    assert routes["/api/{tenant}/items/{id}"]["requests"] == 6
+
+
 def test_bucketing_many_at_once_agrees_with_one_by_one_at_bucket_boundaries() -> None:
     samples = []
     for i in range(-200, 140, 7):

@@ -339,10 +339,31 @@ def _mount_chains(routes: Any, prefix: str = "", depth: int = 0) -> _MountChains
         ):  # a Mount
             template = prefix + path
             chains.append((_template_pattern(template), template, route))
-            chains += _mount_chains(getattr(route, "routes", None), template, depth + 1)
+            chains += _mount_chains(_routes_behind(route), template, depth + 1)
         elif getattr(route, "routes", None):  # a Host: routes of its own, no path
             chains += _mount_chains(route.routes, prefix, depth + 1)
     return chains
+
+
+_MAX_WRAPPERS = 16
+
+
+def _routes_behind(mount: Any) -> Any:
+    """A mount's routes, or those of the app it mounts behind middleware wrapped around it by hand.
+
+    Starlette's ``Mount.routes`` are its app's (``Mount(middleware=...)``
+    included); a ``Mount("/api", app=SomeMiddleware(sub_app))`` hides them, so
+    the ``app`` attribute that pure ASGI middleware keep is followed.
+    """
+    app = mount
+    for _ in range(_MAX_WRAPPERS):
+        routes = getattr(app, "routes", None)
+        if routes:
+            return routes
+        app = getattr(app, "app", None)
+        if app is None:
+            break
+    return None
 
 
 def _mounted_key(route: Any, matched: str, chains: _MountChains) -> str:
