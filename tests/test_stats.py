@@ -25,8 +25,10 @@ from unixsock_asgi._stats import (
     GAMMA,
     KEY_LIMIT,
     LIVE_LIMIT,
+    OTHER_ROUTES,
     RELATIVE_ERROR,
     ROTATE_PATIENCE,
+    ROUTES_LIMIT,
     UNBUCKETED_LIMIT,
     UNMATCHED,
     merge_histograms,
@@ -413,6 +415,35 @@ def test_mounts_inside_an_app_wrapped_in_middleware_by_hand_count_one_template()
     routes = stats.snapshot()["routes"]
     assert routes == {"/api/{tenant}/items/{id}": ANY}  # not one key per tenant
     assert routes["/api/{tenant}/items/{id}"]["requests"] == 6
+
+
+def test_route_names_beyond_the_limit_are_counted_together(caplog: pytest.LogCaptureFixture) -> None:
+    async def page(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    inner = Starlette(routes=[Route("/items/{id}", page)])
+
+    async def dispatcher(scope: Any, receive: Any, send: Any) -> None:
+        # Not a Starlette mount: a prefix per customer, a route key per customer.
+        scope["root_path"] = scope.get("root_path", "") + "/" + scope["path"].split("/")[2]
+        await inner(scope, receive, send)
+
+    stats = Stats()
+    app = ControlSocketMiddleware(
+        Starlette(routes=[Mount("/raw", app=dispatcher)]), path="/nonexistent/unused.sock", stats=stats
+    )
+    extra = 5
+    for i in range(ROUTES_LIMIT + extra):
+        _serve(app, f"/raw/customer{i}/items/1", 1)
+    routes = stats.snapshot()["routes"]
+    assert len(routes) == ROUTES_LIMIT + 1
+    assert routes[OTHER_ROUTES]["requests"] == extra
+    assert routes["/raw/customer0/items/{id}"]["requests"] == 1
+    assert stats.snapshot()["requests_total"] == ROUTES_LIMIT + extra
+    assert caplog.text.count(f"more than {ROUTES_LIMIT} distinct routes") == 1
+    stats.reset()  # a fresh start counts routes apart again
+    _serve(app, "/raw/late/items/1", 1)
+    assert list(stats.snapshot()["routes"]) == ["/raw/late/items/{id}"]
 
 
 def test_bucketing_many_at_once_agrees_with_one_by_one_at_bucket_boundaries() -> None:

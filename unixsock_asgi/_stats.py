@@ -48,6 +48,12 @@ logger = logging.getLogger("unixsock_asgi")
 
 UNMATCHED = "<unmatched>"
 """Route key of requests that matched no route: raw paths are never keys."""
+OTHER_ROUTES = "<other>"
+"""Route key of requests under route names beyond ``ROUTES_LIMIT`` distinct ones."""
+ROUTES_LIMIT = 1000
+"""Distinct route names counted apart: an app has a fixed set, but a prefix made by
+something other than Starlette's mounts, or routes made per request, could grow
+them (and the ``stats`` payload) without bound."""
 
 _STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 # Methods are client-controlled: anything else is counted as OTHER, so that a
@@ -454,7 +460,18 @@ class Stats:
             return
         rs = self._routes.get(name)
         if rs is None:
-            rs = self._routes[name] = RouteStats()
+            if len(self._routes) >= ROUTES_LIMIT:
+                if OTHER_ROUTES not in self._routes:
+                    logger.warning(
+                        "more than %d distinct routes: %r and any further ones are counted as %r",
+                        ROUTES_LIMIT,
+                        name,
+                        OTHER_ROUTES,
+                    )
+                name = OTHER_ROUTES
+                rs = self._routes.get(name)
+            if rs is None:
+                rs = self._routes[name] = RouteStats()
         n = len(seconds)
         rs.requests += n
         rs.by_status[status_class] += n
