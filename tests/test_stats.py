@@ -417,6 +417,44 @@ def test_mounts_inside_an_app_wrapped_in_middleware_by_hand_count_one_template()
     assert routes["/api/{tenant}/items/{id}"]["requests"] == 6
 
 
+def test_an_app_mounted_inside_itself_is_walked_once() -> None:
+    async def page(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    class Passthrough:
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            await self.app(scope, receive, send)
+
+    class Broken:  # a wrapper whose .app fails: left out of the tree, the other mounts still count
+        @property
+        def app(self) -> Any:
+            raise RuntimeError("no")
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    app = Starlette(routes=[Route("/items/{id}", page), Mount("/broken", app=Broken())])
+    # Old prefixes kept working by mounting the app inside itself, twice, wrapped by hand.
+    app.routes.append(Mount("/legacy", app=Passthrough(app)))
+    app.routes.append(Mount("/old", app=Passthrough(app)))
+    stats = Stats()
+    middleware = ControlSocketMiddleware(app, path="/nonexistent/unused.sock", stats=stats)
+    started = time.monotonic()
+    _serve(middleware, "/legacy/items/1", 2)
+    _serve(middleware, "/old/items/1", 1)
+    _serve(middleware, "/broken/x", 1)
+    assert time.monotonic() - started < 5  # the tree is not walked once per way round the loop
+    routes = stats.snapshot()["routes"]
+    assert routes["/legacy/items/{id}"]["requests"] == 2
+    assert routes["/old/items/{id}"]["requests"] == 1
+    assert routes["/broken/{path}"]["requests"] == 1
+    assert len(middleware._mount_trees) == 1  # built once, kept
+
+
 def test_route_names_beyond_the_limit_are_counted_together(caplog: pytest.LogCaptureFixture) -> None:
     async def page(request: Request) -> PlainTextResponse:
         return PlainTextResponse("ok")
@@ -441,6 +479,12 @@ def test_route_names_beyond_the_limit_are_counted_together(caplog: pytest.LogCap
     assert routes["/raw/customer0/items/{id}"]["requests"] == 1
     assert stats.snapshot()["requests_total"] == ROUTES_LIMIT + extra
     assert caplog.text.count(f"more than {ROUTES_LIMIT} distinct routes") == 1
+    _serve(app, "/nowhere", 1)  # beyond the limit, unmatched requests and the gate's 503s stay apart
+    stats.record("<maintenance>", "GET", 503, 0.001, False)
+    routes = stats.snapshot()["routes"]
+    assert routes[UNMATCHED]["requests"] == 1
+    assert routes["<maintenance>"]["requests"] == 1
+    assert routes[OTHER_ROUTES]["requests"] == extra
     stats.reset()  # a fresh start counts routes apart again
     _serve(app, "/raw/late/items/1", 1)
     assert list(stats.snapshot()["routes"]) == ["/raw/late/items/{id}"]

@@ -28,7 +28,7 @@ from typing import Any
 from . import _compat
 from ._client import AsyncClient
 from ._exceptions import ConnectError, TimeoutException, TransportError
-from ._protocol import STATUS_OK
+from ._protocol import HARD_MAX_MESSAGE_SIZE, STATUS_OK
 from ._sockets import probe
 from ._stats import merge_histograms
 
@@ -256,7 +256,8 @@ class FanOutResult:
 async def ask_worker(path: str, cmd: str, args: Mapping[str, Any], timeout: float) -> WorkerResult:
     """Send one command to one socket; never raises, never takes much longer than ``timeout``."""
     started = time.monotonic()
-    client = AsyncClient(path, timeout=timeout)
+    # Our own workers: a stats reply with many routes may pass the client's 1 MiB default.
+    client = AsyncClient(path, timeout=timeout, max_message_size=HARD_MAX_MESSAGE_SIZE)
     result = WorkerResult(path, pid_from_socket_name(path), STATUS_ERROR)
     try:
         # One deadline for connect + write + read: the client bounds each step on its own.

@@ -327,24 +327,40 @@ def _template_pattern(template: str) -> re.Pattern[str]:
     )
 
 
-def _mount_chains(routes: Any, prefix: str = "", depth: int = 0) -> _MountChains:
-    """The mount chains under ``routes``, in the order Starlette tries them (depth first)."""
+def _mount_chains(
+    routes: Any, prefix: str = "", depth: int = 0, path: frozenset[int] = frozenset()
+) -> _MountChains:
+    """The mount chains under ``routes``, in the order Starlette tries them (depth first).
+
+    ``path`` holds the ids of the route lists on the way down, so that an app
+    mounted inside itself is not walked again; at most ``_MAX_CHAINS`` chains.
+    """
     chains: _MountChains = []
-    if depth > _MAX_MOUNT_DEPTH or not isinstance(routes, list | tuple):
+    if depth > _MAX_MOUNT_DEPTH or not isinstance(routes, list | tuple) or id(routes) in path:
         return chains
+    path |= {id(routes)}
     for route in routes:
-        path, path_format = getattr(route, "path", None), getattr(route, "path_format", None)
-        if (
-            isinstance(path, str) and isinstance(path_format, str) and path_format.endswith("/{path}")
-        ):  # a Mount
-            template = prefix + path
-            chains.append((_template_pattern(template), template, route))
-            chains += _mount_chains(_routes_behind(route), template, depth + 1)
-        elif getattr(route, "routes", None):  # a Host: routes of its own, no path
-            chains += _mount_chains(route.routes, prefix, depth + 1)
-    return chains
+        if len(chains) >= _MAX_CHAINS:
+            break
+        try:
+            mount_path, path_format = getattr(route, "path", None), getattr(route, "path_format", None)
+            if (
+                isinstance(mount_path, str)
+                and isinstance(path_format, str)
+                and path_format.endswith("/{path}")
+            ):  # a Mount
+                template = prefix + mount_path
+                chains.append((_template_pattern(template), template, route))
+                chains += _mount_chains(_routes_behind(route), template, depth + 1, path)
+            elif getattr(route, "routes", None) or isinstance(getattr(route, "host", None), str):
+                # a Host: routes of its own (or behind middleware), no path
+                chains += _mount_chains(_routes_behind(route), prefix, depth + 1, path)
+        except Exception:  # a route that fails to describe itself is left out of the tree, not the others
+            logger.debug("mount tree: %r left out", route, exc_info=True)
+    return chains[:_MAX_CHAINS]
 
 
+_MAX_CHAINS = 1000
 _MAX_WRAPPERS = 16
 
 
@@ -353,14 +369,18 @@ def _routes_behind(mount: Any) -> Any:
 
     Starlette's ``Mount.routes`` are its app's (``Mount(middleware=...)``
     included); a ``Mount("/api", app=SomeMiddleware(sub_app))`` hides them, so
-    the ``app`` attribute that pure ASGI middleware keep is followed.
+    the ``app`` attribute that pure ASGI middleware keep is followed, through
+    at most ``_MAX_WRAPPERS`` of them.
     """
     app = mount
-    for _ in range(_MAX_WRAPPERS):
-        routes = getattr(app, "routes", None)
-        if routes:
-            return routes
-        app = getattr(app, "app", None)
+    for _ in range(_MAX_WRAPPERS + 2):  # the mount, its wrappers, the app
+        try:
+            routes = getattr(app, "routes", None)
+            if isinstance(routes, list | tuple) and routes:
+                return routes
+            app = getattr(app, "app", None)
+        except Exception:  # a property that fails: no routes to be found this way
+            return None
         if app is None:
             break
     return None

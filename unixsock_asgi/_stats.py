@@ -26,7 +26,9 @@ from typing import Any
 
 __all__ = [
     "GAMMA",
+    "OTHER_ROUTES",
     "RELATIVE_ERROR",
+    "ROUTES_LIMIT",
     "UNMATCHED",
     "LatencyHistogram",
     "Stats",
@@ -51,9 +53,10 @@ UNMATCHED = "<unmatched>"
 OTHER_ROUTES = "<other>"
 """Route key of requests under route names beyond ``ROUTES_LIMIT`` distinct ones."""
 ROUTES_LIMIT = 1000
-"""Distinct route names counted apart: an app has a fixed set, but a prefix made by
-something other than Starlette's mounts, or routes made per request, could grow
-them (and the ``stats`` payload) without bound."""
+"""Distinct route names counted apart (besides ``UNMATCHED`` and what the gate
+records): an app has a fixed set of templates, but prefixes made by something
+other than Starlette's mounts could grow them (and the ``stats`` payload)
+without bound."""
 
 _STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 # Methods are client-controlled: anything else is counted as OTHER, so that a
@@ -370,7 +373,7 @@ class Stats:
         if not 0.0 <= seconds < math.inf:
             raise ValueError(f"a request cannot take {seconds!r} seconds")
         with self._lock:
-            self._count_group((route, method, status, exception), route, [seconds])
+            self._count_group((route, method, status, exception), route, [seconds], capped=False)
             self._bucket_if_many()
 
     def flush(self, *, wait: bool = True) -> None:
@@ -443,7 +446,7 @@ class Stats:
         finally:
             self._counting = False
 
-    def _count_group(self, key: Key, route: Any, seconds: list[float]) -> None:
+    def _count_group(self, key: Key, route: Any, seconds: list[float], *, capped: bool = True) -> None:
         """Count requests that share a key: O(1) but for putting aside their durations."""
         _, method, status, raised = key
         try:
@@ -460,7 +463,7 @@ class Stats:
             return
         rs = self._routes.get(name)
         if rs is None:
-            if len(self._routes) >= ROUTES_LIMIT:
+            if capped and len(self._routes) >= ROUTES_LIMIT and name != UNMATCHED:
                 if OTHER_ROUTES not in self._routes:
                     logger.warning(
                         "more than %d distinct routes: %r and any further ones are counted as %r",
