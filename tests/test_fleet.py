@@ -396,6 +396,21 @@ def test_prometheus_text_parses_and_matches_the_merged_figures(fleet: Fleet) -> 
     assert len([ln for ln in text.splitlines() if ln.startswith("# TYPE asgi_requests_total ")]) == 1
 
 
+def test_a_stats_reply_over_the_clients_default_limit_still_reaches_the_fleet(fleet: Fleet) -> None:
+    (worker,) = fleet.start(1)
+    routes = 1000  # as many as a worker counts apart
+    for i in range(routes):
+        route = f"/customers/{i:05d}/orders/{{order_id}}/items/{{item_id}}"
+        statuses = (200, 201, 404, 500)
+        worker.record(*[(route, statuses[k % 4], 0.0001 * 1.1**k) for k in range(120)])  # 120 buckets
+    outcome = asyncio.run(fan_out([str(worker.path)], "stats", timeout=10.0))
+    (result,) = outcome.results
+    assert result.ok, result.error
+    assert len(json.dumps(result.payload, separators=(",", ":"))) > 1 << 20  # past a Client's default 1 MiB
+    assert len(result.payload["routes"]) == routes
+    assert 'route="/customers/00999/orders/{order_id}/items/{item_id}"' in render_prometheus(outcome)
+
+
 def test_prometheus_text_of_an_empty_fleet_still_parses(socket_dir: Path) -> None:
     stale = make_stale_socket(socket_dir / "app-9.sock")
     outcome = asyncio.run(fan_out([str(stale)], "stats"))
