@@ -128,6 +128,9 @@ class ScriptedWorker:
         if cmd == "set":
             self.settings[args["name"]] = args["value"]
             return {"name": args["name"], "new": args["value"]}
+        if cmd == "drain":  # takes its own timeout to answer, like a drain that waits for long requests
+            await asyncio.sleep(float(args.get("timeout", 0)))
+            return {"drained": True}
         if cmd in ("health_fail", "health_ok"):
             self.health_failing = cmd == "health_fail"
             return {"failing": self.health_failing}

@@ -155,6 +155,12 @@ def test_get_reports_whether_workers_agree(
         ["send", "{dir}", "ping", "--bogus"],
         ["top", "{dir}", "--interval", "0"],
         ["overrides", "list", "{dir}"],
+        ["send", "{dir}", "ping", "--timeout", "0"],
+        ["send", "{dir}", "ping", "--timeout", "-1"],
+        ["send", "{dir}", "ping", "--timeout", "nan"],
+        ["metrics", "{dir}", "--prefix", "bad prefix"],
+        ["metrics", "{dir}", "--output", "{dir}/no/such/dir/app.prom"],
+        ["metrics", "{dir}", "--output", "{dir}"],
     ],
 )
 def test_usage_errors_exit_2_with_one_line(
@@ -163,8 +169,54 @@ def test_usage_errors_exit_2_with_one_line(
     fleet.start(1)
     status, out, err = run(capsys, *[a.replace("{dir}", str(socket_dir)) for a in argv])
     assert status == EXIT_USAGE
-    assert one_line(err).startswith("unixsock-asgi: error:")
+    line = one_line(err)
+    assert line.startswith("unixsock-asgi: error:")
+    assert line.count("unixsock-asgi") == 1  # the program is named once
     assert out == ""
+    assert not [p.name for p in socket_dir.iterdir() if p.name.startswith(".metrics")]
+
+
+def test_a_directory_the_operator_may_not_list_exits_2_with_one_line(socket_dir: Path, fleet: Fleet) -> None:
+    fleet.start(1)
+    os.chmod(socket_dir, 0o700)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: become an operator without access (root may list anything)
+        status = 99
+        try:
+            os.close(read_end)
+            sys.stderr = open(write_end, "w", encoding="utf-8", buffering=1)  # noqa: SIM115
+            sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            status = 100
+            for argv in (
+                ["send", str(socket_dir), "ping"],
+                ["ls", str(socket_dir)],
+                ["metrics", str(socket_dir)],
+            ):
+                if main(argv) != EXIT_USAGE:
+                    status = 101
+                    break
+            else:
+                status = 0
+        finally:
+            sys.stderr.flush()
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, encoding="utf-8") as pipe:
+        err = pipe.read()
+    _, wait_status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(wait_status) == 0, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 3, lines
+    assert all(
+        line == f"unixsock-asgi: error: nothing to talk to: {socket_dir}: cannot list the directory: "
+        "Permission denied"
+        for line in lines
+    ), lines
 
 
 def test_a_missing_target_exits_2_saying_so(socket_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -240,7 +292,46 @@ def test_a_hung_worker_exits_1_within_the_timeout_and_others_are_printed(
     assert f"app-{hung.pid}.sock: timeout" in one_line(err)
 
 
+def test_a_command_with_its_own_timeout_is_waited_for_that_long_too(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (worker,) = fleet.start(1)
+    status, out, err = run(capsys, "send", str(socket_dir), "drain", "timeout=1.0", "--timeout", "0.5")
+    assert status == EXIT_OK, err
+    assert '"drained": true' in out
+    assert worker.commands_seen == [("drain", {"timeout": 1.0})]
+
+
 # --------------------------------------------------------------------------- --persist and overrides
+
+
+def test_persist_keeps_hand_edited_entries_that_workers_skip(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet.start(1)
+    edited = [{"cmd": "health_fail"}, {"cmd": "set", "args": "oops"}, 5]
+    Path(overrides_path(str(socket_dir))).write_text(json.dumps({"version": 1, "overrides": edited}))
+    status, _, err = run(capsys, "send", str(socket_dir), "set_log_level", "level=DEBUG", "--persist")
+    assert status == EXIT_OK, err
+    document = json.loads(Path(overrides_path(str(socket_dir))).read_text())
+    assert document["overrides"] == [
+        {"cmd": "health_fail", "args": {}},
+        {"cmd": "set", "args": "oops"},
+        5,
+        {"cmd": "set_log_level", "args": {"level": "DEBUG"}},
+    ]
+    assert load_overrides(str(socket_dir)) == [
+        {"cmd": "health_fail", "args": {}},
+        {"cmd": "set_log_level", "args": {"level": "DEBUG"}},
+    ]
+    status, out, _ = run(capsys, "overrides", "show", str(socket_dir))
+    assert status == EXIT_OK
+    assert out.splitlines()[1:] == [
+        "  1. health_fail",
+        '  2. (malformed, workers skip it) {"args": "oops", "cmd": "set"}',
+        "  3. (malformed, workers skip it) 5",
+        "  4. set_log_level level=DEBUG",
+    ]
 
 
 def test_persist_writes_the_overrides_file_after_every_worker_accepted(
@@ -383,6 +474,31 @@ def test_metrics_prints_prometheus_text_and_can_write_a_file_atomically(
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".metrics")) == []
 
 
+def test_metrics_of_a_fleet_that_is_down_still_says_so(
+    socket_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "app.prom"
+    target.write_text("asgi_workers 2\n")  # what the last run saw
+    make_stale_socket(socket_dir / "app-1.sock")
+    status, out, err = run(capsys, "metrics", str(socket_dir), "--output", str(target))
+    assert status == EXIT_USAGE and out == ""
+    assert "no live worker" in one_line(err)
+    samples = {
+        s.name: s.value
+        for f in text_string_to_metric_families(target.read_text())
+        for s in f.samples
+        if not s.labels
+    }
+    assert samples["asgi_workers"] == 0
+    assert samples["asgi_stale_sockets"] == 1
+
+    # systemd removes a stopped service's RuntimeDirectory=: the directory is gone too.
+    status, _, err = run(capsys, "metrics", str(socket_dir / "gone"), "--output", str(target))
+    assert status == EXIT_USAGE
+    assert "no such socket or directory" in one_line(err)
+    assert "asgi_workers 0" in target.read_text()
+
+
 # --------------------------------------------------------------------------- top --once
 
 
@@ -400,6 +516,27 @@ def test_top_once_prints_one_frame_with_rates(
     assert set(rows) == {str(w.pid) for w in workers} | {"TOTAL"}
     assert float(rows["TOTAL"][1]) > 0  # requests/s from the two samples
     assert rows["TOTAL"][2] == "20"  # 2 workers x 2 samples x 5 requests
+
+
+def test_top_once_into_a_file_lists_every_worker(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    workers = fleet.start(30)  # more than a 24-line screen holds
+    status, out, _ = run(capsys, "top", str(socket_dir), "--once", "--interval", "0.1")
+    assert status == EXIT_OK
+    assert "not shown" not in out
+    shown = {line.split()[0] for line in out.splitlines() if line.strip()[:1].isdigit()}
+    assert shown == {str(w.pid) for w in workers}
+
+
+def test_help_lists_each_command_with_the_first_sentence_of_its_doc() -> None:
+    from unixsock_asgi.cli import render_help
+
+    doc = (
+        "Set ``logger``'s level (root by default). With ``ttl``\n    seconds, the level comes back.\n\nMore."
+    )
+    lines = render_help({"commands": [{"name": "set_log_level", "doc": doc, "args": []}]})
+    assert lines == ["set_log_level  Set ``logger``'s level (root by default)."]
 
 
 # --------------------------------------------------------------------------- shell, not on a tty

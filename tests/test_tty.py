@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -148,4 +149,35 @@ def test_shell_keeps_history_and_leaves_on_eof(
     child.expect('"level": "NOTSET"')
     child.expect(r"> ")
     child.sendeof()
+    assert _wait_exit(child) == 0
+
+
+def test_top_gives_the_terminal_back_when_it_is_terminated(
+    spawn: Spawn, fleet: Fleet, socket_dir: Path
+) -> None:
+    fleet.start(1, requests_per_stats_call=1)
+    child = spawn("top", str(socket_dir), "--interval", "0.3")
+    child.expect(_TOTAL_ROW)
+    child.kill(signal.SIGTERM)  # what ``timeout 60 unixsock-asgi top`` sends
+    child.expect(pexpect.EOF, timeout=10)
+    assert b"\x1b[?25h\x1b[?1049l" in child.before  # cursor shown, alternate screen left
+    child.close()
+    assert child.exitstatus == 128 + signal.SIGTERM
+
+
+def test_ctrl_c_in_the_shell_stops_waiting_for_a_command_and_keeps_the_shell(
+    spawn: Spawn, fleet: Fleet, socket_dir: Path, tmp_path: Path
+) -> None:
+    fleet.start(1)
+    child = spawn("shell", str(socket_dir), "--history-file", "")
+    child.expect(r"> ")
+    child.send("drain timeout=30\r")  # the worker takes 30 s to answer
+    child.expect("drain timeout=30")
+    child.sendintr()
+    child.expect("stopped waiting")
+    child.expect(r"> ")
+    child.send("ping\r")
+    child.expect("pong")
+    child.expect(r"> ")
+    child.send("quit\r")
     assert _wait_exit(child) == 0

@@ -36,11 +36,11 @@ def ping() -> str:
 
 
 @command(name="help", readonly=True, diagnostic=True)
-def help_(ctx: CommandContext, command: str = "") -> dict[str, Any]:
+def help_(ctx: CommandContext, command: str = "") -> Any:
     """List every command with its arguments and help text (or just ``command``)."""
     commands = [c.to_help() for c in ctx.control.commands if not command or c.name == command]
     if command and not commands:
-        raise KeyError(f"unknown command {command!r}")
+        return Response.failure(f"unknown command {command!r}; 'help' lists the commands")
     return {"commands": commands}
 
 

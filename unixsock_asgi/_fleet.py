@@ -54,6 +54,7 @@ __all__ = [
     "remove_stale_sockets",
     "render_prometheus",
     "resolve_target",
+    "well_formed_override",
     "workers_owner",
     "write_overrides",
 ]
@@ -139,15 +140,24 @@ def load_overrides(directory: str) -> list[dict[str, Any]]:
         return []
     result: list[dict[str, Any]] = []
     for entry in entries:
-        if (
-            isinstance(entry, dict)
-            and isinstance(entry.get("cmd"), str)
-            and isinstance(entry.get("args", {}), dict)
-        ):
-            result.append({"cmd": entry["cmd"], "args": dict(entry.get("args", {}))})
-        else:
+        override = well_formed_override(entry)
+        if override is None:
             logger.warning("ignoring malformed entry in overrides file %s: %r", path, entry)
+        else:
+            result.append(override)
     return result
+
+
+def well_formed_override(entry: Any) -> dict[str, Any] | None:
+    """``{"cmd": str, "args": dict}`` for an entry workers apply (``args`` may be left out), else None.
+
+    Workers skip other entries with a warning; a rewrite keeps them as they are.
+    """
+    if isinstance(entry, dict) and isinstance(entry.get("cmd"), str):
+        args = entry.get("args", {})
+        if isinstance(args, dict):
+            return {"cmd": entry["cmd"], "args": dict(args)}
+    return None
 
 
 # --------------------------------------------------------------------------- targets
@@ -180,6 +190,10 @@ def resolve_target(path: str) -> Target:
     except OSError as exc:
         raise TargetError(f"{path}: {exc.strerror or exc}") from None
     if stat.S_ISDIR(st.st_mode):
+        try:
+            os.listdir(path)
+        except OSError as exc:
+            raise TargetError(f"{path}: cannot list the directory: {exc.strerror or exc}") from None
         return Target(path, True)
     if stat.S_ISSOCK(st.st_mode):
         return Target(path, False)
@@ -501,11 +515,12 @@ def override_key(cmd: str, args: Mapping[str, Any]) -> tuple[str, ...]:
     return key_of(args)
 
 
-def _entry_key(entry: Mapping[str, Any]) -> tuple[str, ...]:
-    try:
-        return override_key(entry["cmd"], entry["args"])
-    except (OverrideError, KeyError):
-        return ("entry", json.dumps(entry, sort_keys=True, default=str))  # hand-edited: keep it
+def _entry_key(entry: Any) -> tuple[str, ...]:
+    override = well_formed_override(entry)
+    if override is not None:
+        with contextlib.suppress(OverrideError):
+            return override_key(override["cmd"], override["args"])
+    return ("entry", json.dumps(entry, sort_keys=True, default=str))  # hand-edited: keep it
 
 
 def read_overrides_document(directory: str) -> dict[str, Any]:
@@ -520,6 +535,8 @@ def read_overrides_document(directory: str) -> dict[str, Any]:
             document = json.load(fh)
     except FileNotFoundError:
         return {"version": OVERRIDES_FORMAT_VERSION, "overrides": []}
+    except PermissionError:
+        raise OverridesFileError(f"{path}: permission denied (run as the workers' user or root)") from None
     except (OSError, ValueError) as exc:
         raise OverridesFileError(f"{path}: cannot read overrides ({exc}); fix or clear it") from None
     if not isinstance(document, dict) or not isinstance(document.get("overrides"), list):
@@ -560,7 +577,7 @@ def check_can_persist(directory: str) -> None:
         )
 
 
-def write_overrides(directory: str, entries: Sequence[Mapping[str, Any]]) -> None:
+def write_overrides(directory: str, entries: Sequence[Any]) -> None:
     """Replace the overrides file atomically: a 0600 temp file in the same directory, then rename.
 
     A worker starting meanwhile reads either the old file or the new one,
@@ -570,7 +587,8 @@ def write_overrides(directory: str, entries: Sequence[Mapping[str, Any]]) -> Non
     document = {
         "version": OVERRIDES_FORMAT_VERSION,
         "updated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "overrides": [{"cmd": e["cmd"], "args": dict(e["args"])} for e in entries],
+        # A hand-edited entry that workers skip is kept as it is, for the operator to see and fix.
+        "overrides": [well_formed_override(e) or e for e in entries],
     }
     fd, tmp_path = tempfile.mkstemp(prefix=".overrides.", suffix=".tmp", dir=directory)
     try:
@@ -615,7 +633,7 @@ def _directory_lock(directory: str) -> Iterator[None]:
         os.close(dir_fd)  # releases the lock
 
 
-def persist_override(directory: str, cmd: str, args: Mapping[str, Any]) -> list[dict[str, Any]]:
+def persist_override(directory: str, cmd: str, args: Mapping[str, Any]) -> list[Any]:
     """Record ``cmd args`` in the directory's overrides file; return the new list.
 
     An earlier override of the same state is dropped and the new one goes
@@ -624,7 +642,7 @@ def persist_override(directory: str, cmd: str, args: Mapping[str, Any]) -> list[
     key = override_key(cmd, args)
     with _directory_lock(directory):
         document = read_overrides_document(directory)
-        entries = [e for e in document["overrides"] if not (isinstance(e, dict) and _entry_key(e) == key)]
+        entries = [e for e in document["overrides"] if _entry_key(e) != key]
         entries.append({"cmd": cmd, "args": dict(args)})
         write_overrides(directory, entries)
     return entries

@@ -18,7 +18,7 @@ from typing import Any
 
 from ._fleet import Target, fan_out
 from ._protocol import Close, ProtocolViolation, parse_line
-from .cli import EXIT_FAILED, EXIT_OK, UsageError, failure_summary, render_answers
+from .cli import EXIT_FAILED, EXIT_OK, UsageError, failure_summary, render_answers, reply_timeout
 
 __all__ = ["CommandCatalog", "completions", "run_shell"]
 
@@ -144,7 +144,20 @@ def run_shell(target: Target, *, timeout: float, history_file: str) -> int:
                 print(f"error: {event.error}", file=sys.stderr)
                 any_failed = True
                 continue
-            outcome = asyncio.run(fan_out(target.sockets(), event.cmd, event.args, timeout=timeout))
+            try:
+                outcome = asyncio.run(
+                    fan_out(
+                        target.sockets(), event.cmd, event.args, timeout=reply_timeout(event.args, timeout)
+                    )
+                )
+            except KeyboardInterrupt:
+                if not interactive:
+                    raise
+                # Ctrl-C gives up waiting for this command (workers may still run it) and
+                # returns to the prompt, as it does while typing; Ctrl-D or quit leave.
+                print("^C (stopped waiting; the workers may still run the command)", file=sys.stderr)
+                any_failed = True
+                continue
             if not outcome.results:
                 print(f"error: no live worker at {target.path}", file=sys.stderr)
                 any_failed = True

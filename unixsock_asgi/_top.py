@@ -17,6 +17,7 @@ import contextlib
 import os
 import select
 import shutil
+import signal
 import sys
 import termios
 import time
@@ -41,6 +42,7 @@ from .cli import (
 __all__ = ["TopView", "run_top"]
 
 _QUIT_KEYS = frozenset("qQ")
+_ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass
@@ -227,10 +229,10 @@ def run_top(target: Target, *, interval: float, once: bool, timeout: float) -> i
     if once or not out.isatty():
         return asyncio.run(_print_once(target, interval, timeout, out))
     try:
-        asyncio.run(_live(target, interval, timeout, out))
+        signum = asyncio.run(_live(target, interval, timeout, out))
     except KeyboardInterrupt:
-        pass
-    return EXIT_OK
+        return EXIT_OK
+    return 128 + signum if signum else EXIT_OK
 
 
 async def _print_once(target: Target, interval: float, timeout: float, out: TextIO) -> int:
@@ -244,7 +246,9 @@ async def _print_once(target: Target, interval: float, timeout: float, out: Text
     outcome = await _sample(target, timeout)
     rows = view.update(outcome)
     size = shutil.get_terminal_size((80, 24))
-    for line in view.frame(outcome, rows, width=size.columns, height=max(size.lines, 24), interval=interval):
+    # On a terminal the frame fits the screen; into a file or a pipe every worker is listed.
+    height = size.lines if out.isatty() else len(rows) + 16
+    for line in view.frame(outcome, rows, width=size.columns, height=height, interval=interval):
         out.write(line + "\n")
     out.flush()
     if not outcome.results:
@@ -269,7 +273,8 @@ def _keyboard(fd: int | None) -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-async def _live(target: Target, interval: float, timeout: float, out: TextIO) -> None:
+async def _live(target: Target, interval: float, timeout: float, out: TextIO) -> int:
+    """Refresh until ``q``; return the number of the signal that ended it (SIGTERM, SIGHUP), else 0."""
     fancy = os.environ.get("TERM", "") != "dumb"
     colour = _colour_allowed(out)
     stdin_fd: int | None = sys.stdin.fileno() if sys.stdin.isatty() else None
@@ -285,8 +290,18 @@ async def _live(target: Target, interval: float, timeout: float, out: TextIO) ->
         if not data or any(chr(b) in _QUIT_KEYS for b in data):
             quit_requested.set()
 
+    ended_by: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        # ``timeout 60 unixsock-asgi top`` or a closed ssh session: leave like ``q``
+        # does, so that the terminal gets its screen, cursor and echo back.
+        ended_by.append(signum)
+        quit_requested.set()
+
     view = TopView(_label(target))
     with _keyboard(stdin_fd):
+        for signum in _ENDING_SIGNALS:
+            loop.add_signal_handler(signum, on_signal, signum)
         if stdin_fd is not None:
             loop.add_reader(stdin_fd, on_key)
         if fancy:
@@ -309,8 +324,12 @@ async def _live(target: Target, interval: float, timeout: float, out: TextIO) ->
                 with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                     await asyncio.wait_for(quit_requested.wait(), max(remaining, 0.05))
         finally:
+            for signum in _ENDING_SIGNALS:
+                loop.remove_signal_handler(signum)
             if stdin_fd is not None:
                 loop.remove_reader(stdin_fd)
             if fancy:
-                out.write("\x1b[?25h\x1b[?1049l")  # show the cursor, leave the alternate screen
-                out.flush()
+                with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
+                    out.write("\x1b[?25h\x1b[?1049l")  # show the cursor, leave the alternate screen
+                    out.flush()
+    return ended_by[0] if ended_by else 0

@@ -24,7 +24,9 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -50,6 +52,7 @@ from ._fleet import (
     remove_stale_sockets,
     render_prometheus,
     resolve_target,
+    well_formed_override,
 )
 from ._protocol import _parse_value
 
@@ -63,7 +66,9 @@ EXIT_USAGE = 2
 """Bad command line, or nothing to talk to."""
 
 PROG = "unixsock-asgi"
-DEFAULT_TIMEOUT = 5.0
+DEFAULT_TIMEOUT = 10.0
+"""Seconds to wait for a worker: longer than the workers' ``app_timeout`` (5 s), so
+that a worker whose app loop is blocked has the time to say so."""
 _WITHOUT_ROUTES = {"routes": False}  # ls and top need no per-route figures
 
 
@@ -79,7 +84,8 @@ class _ArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit status 2."""
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message} (see --help)")
+        command = self.prog.removeprefix(PROG).strip()  # main() names the program
+        raise UsageError(f"{command + ': ' if command else ''}{message} (see --help)")
 
 
 # --------------------------------------------------------------------------- formatting
@@ -213,6 +219,13 @@ def render_stats(outcome: FanOutResult, total: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _doc_summary(doc: Any) -> str:
+    """The first sentence of a docstring, however its lines were wrapped."""
+    paragraph = " ".join(str(doc or "").strip().split("\n\n", 1)[0].split())
+    end = paragraph.find(". ")
+    return paragraph if end < 0 else paragraph[: end + 1]
+
+
 def render_help(payload: Any) -> list[str]:
     """A worker's ``help`` payload as a command list: signature, then the first line of its doc."""
     commands = payload.get("commands") if isinstance(payload, Mapping) else None
@@ -226,8 +239,7 @@ def render_help(payload: Any) -> list[str]:
         for arg in command.get("args") or []:
             text = f"{arg.get('name')}=<{arg.get('type', 'any')}>"
             params.append(text if arg.get("required") else f"[{text}]")
-        doc_lines = str(command.get("doc") or "").strip().splitlines()
-        first = (doc_lines[0] if doc_lines else "") + (" (read-only)" if command.get("readonly") else "")
+        first = _doc_summary(command.get("doc")) + (" (read-only)" if command.get("readonly") else "")
         rows.append((f"{command.get('name')} {' '.join(params)}".rstrip(), first))
     width = min(max((len(sig) for sig, _ in rows), default=0), _HELP_SIGNATURE_WIDTH)
     lines: list[str] = []
@@ -247,7 +259,7 @@ def _payload_lines(payload: Any) -> list[str]:
         return []
     if isinstance(payload, str):
         return payload.splitlines() or [""]
-    return json.dumps(payload, indent=2, sort_keys=True, default=str).splitlines()
+    return json.dumps(payload, indent=2, sort_keys=True, default=str, ensure_ascii=False).splitlines()
 
 
 def render_answers(cmd: str, outcome: FanOutResult, *, single_target: bool) -> list[str]:
@@ -298,6 +310,33 @@ def parse_command_args(pairs: Iterable[str]) -> dict[str, Any]:
     return args
 
 
+def reply_timeout(args: Mapping[str, Any], timeout: float) -> float:
+    """How long to wait for a reply: ``timeout``, plus the command's own ``timeout`` argument
+    (``drain timeout=30`` may take 30 s before it answers)."""
+    own = args.get("timeout")
+    if isinstance(own, (int, float)) and not isinstance(own, bool) and 0 < own < math.inf:
+        return timeout + own
+    return timeout
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def _metric_prefix(text: str) -> str:
+    if not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} cannot start a Prometheus metric name ([a-zA-Z_:][a-zA-Z0-9_:]*)"
+        )
+    return text
+
+
 def _resolve(path: str, *, directory_only: bool = False) -> Target:
     try:
         target = resolve_target(path)
@@ -308,17 +347,27 @@ def _resolve(path: str, *, directory_only: bool = False) -> Target:
     return target
 
 
-def _run_fan_out(target: Target, cmd: str, args: Mapping[str, Any], timeout: float) -> FanOutResult:
+def _ask(
+    target: Target, cmd: str, args: Mapping[str, Any], timeout: float
+) -> tuple[FanOutResult, UsageError | None]:
+    """Every worker's answer, and what to say when no worker answered at all."""
     sockets = target.sockets()
     if not sockets:
-        raise UsageError(f"nothing to talk to: no worker sockets (*.sock) in {target.path}")
+        return FanOutResult(), UsageError(f"nothing to talk to: no worker sockets (*.sock) in {target.path}")
     outcome = asyncio.run(fan_out(sockets, cmd, args, timeout=timeout))
-    if not outcome.results:
-        if target.is_directory:
-            raise UsageError(
-                f"nothing to talk to: {len(outcome.stale)} socket(s) in {target.path}, no live worker"
-            )
-        raise UsageError(f"nothing to talk to: nothing listens on {target.path} (its process is gone)")
+    if outcome.results:
+        return outcome, None
+    if target.is_directory:
+        message = f"{len(outcome.stale)} socket(s) in {target.path}, no live worker"
+    else:
+        message = f"nothing listens on {target.path} (its process is gone)"
+    return outcome, UsageError(f"nothing to talk to: {message}")
+
+
+def _run_fan_out(target: Target, cmd: str, args: Mapping[str, Any], timeout: float) -> FanOutResult:
+    outcome, nobody = _ask(target, cmd, args, timeout)
+    if nobody is not None:
+        raise nobody
     return outcome
 
 
@@ -348,7 +397,7 @@ def cmd_send(ns: argparse.Namespace) -> int:
             check_can_persist(target.path)
         except OverrideError as exc:
             raise UsageError(f"--persist: {exc}") from None
-    outcome = _run_fan_out(target, ns.cmd, args, ns.timeout)
+    outcome = _run_fan_out(target, ns.cmd, args, reply_timeout(args, ns.timeout))
     persisted = ""
     if ns.persist:
         persisted = _persist(target.path, ns.cmd, args, outcome)
@@ -439,13 +488,23 @@ def cmd_ls(ns: argparse.Namespace) -> int:
 
 def cmd_metrics(ns: argparse.Namespace) -> int:
     """``metrics TARGET``: the fleet's stats in the Prometheus text format, on stdout or to a file."""
-    target = _resolve(ns.target)
-    outcome = _run_fan_out(target, "stats", {}, ns.timeout)
+    # Whatever it finds is written, a fleet that is down too (asgi_workers 0;
+    # systemd removes a stopped service's RuntimeDirectory=), so that an alert
+    # fires instead of the last file being served on and on.
+    try:
+        outcome, down = _ask(_resolve(ns.target), "stats", {}, ns.timeout)
+    except UsageError as exc:
+        outcome, down = FanOutResult(), exc
     text = render_prometheus(outcome, prefix=ns.prefix)
     if ns.output:
-        _write_atomically(ns.output, text)
+        try:
+            _write_atomically(ns.output, text)
+        except OSError as exc:
+            raise UsageError(f"--output {ns.output}: {exc.strerror or exc}") from None
     else:
         sys.stdout.write(text)
+    if down is not None:
+        raise down
     if not outcome.all_ok:
         raise _Failed(failure_summary(outcome))
     return EXIT_OK
@@ -486,9 +545,11 @@ def cmd_overrides(ns: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"{len(entries)} override(s) in {overrides_path(target.path)}, applied in this order at startup:")
     for i, entry in enumerate(entries, 1):
-        args = entry.get("args") if isinstance(entry, Mapping) else None
-        cmd = entry.get("cmd") if isinstance(entry, Mapping) else entry
-        print(f"{i:3d}. {cmd} {format_args(args) if isinstance(args, Mapping) else ''}".rstrip())
+        override = well_formed_override(entry)
+        if override is None:
+            print(f"{i:3d}. (malformed, workers skip it) {json.dumps(entry, sort_keys=True, default=str)}")
+        else:
+            print(f"{i:3d}. {override['cmd']} {format_args(override['args'])}".rstrip())
     return EXIT_OK
 
 
@@ -503,8 +564,6 @@ def cmd_top(ns: argparse.Namespace) -> int:
     """``top TARGET``: a live view of every worker."""
     from ._top import run_top
 
-    if ns.interval <= 0:
-        raise UsageError("--interval must be positive")
     return run_top(_resolve(ns.target), interval=ns.interval, once=ns.once, timeout=ns.timeout)
 
 
@@ -526,10 +585,11 @@ def build_parser() -> argparse.ArgumentParser:
     def with_timeout(p: argparse.ArgumentParser, default: float = DEFAULT_TIMEOUT) -> None:
         p.add_argument(
             "--timeout",
-            type=float,
+            type=_positive_seconds,
             default=default,
             metavar="S",
-            help=f"seconds to wait for each worker (default {default:g})",
+            help=f"seconds to wait for each worker (default {default:g}; a command's own"
+            " timeout=... argument is added)",
         )
 
     p = sub.add_parser("send", help="run a command on one worker or on every worker in a directory")
@@ -565,7 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("top", help="live view of every worker (q quits)")
     p.add_argument("target", metavar="TARGET", help="socket file or socket directory")
-    p.add_argument("--interval", type=float, default=2.0, metavar="S", help="seconds between refreshes")
+    p.add_argument(
+        "--interval", type=_positive_seconds, default=2.0, metavar="S", help="seconds between refreshes"
+    )
     p.add_argument(
         "--once",
         action="store_true",
@@ -576,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("metrics", help="fleet stats in the Prometheus text format")
     p.add_argument("target", metavar="TARGET", help="socket file or socket directory")
-    p.add_argument("--prefix", default="asgi", help="metric name prefix (default asgi)")
+    p.add_argument("--prefix", type=_metric_prefix, default="asgi", help="metric name prefix (default asgi)")
     p.add_argument(
         "--output", metavar="FILE", help="write atomically to FILE (for node_exporter's textfile collector)"
     )
@@ -624,3 +686,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except OSError as exc:
+        # A local file the operator may not use (the overrides file, a socket
+        # directory that went away): one line, not a traceback.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{PROG}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
