@@ -452,7 +452,7 @@ def test_an_app_mounted_inside_itself_is_walked_once() -> None:
     assert routes["/legacy/items/{id}"]["requests"] == 2
     assert routes["/old/items/{id}"]["requests"] == 1
     assert routes["/broken/{path}"]["requests"] == 1
-    assert len(middleware._mount_trees) == 1  # built once, kept
+    assert len(middleware._route_trees) == 1  # built once, kept
 
 
 def test_route_names_beyond_the_limit_are_counted_together(caplog: pytest.LogCaptureFixture) -> None:
@@ -585,3 +585,45 @@ def test_fastapi_include_prefixes_under_a_mount_with_a_path_parameter() -> None:
         _serve(app, f"/{tenant}/api/items/1", 2)
     assert stats.snapshot()["routes"] == {"/{tenant}/api/items/{item_id}": ANY}
     assert stats.snapshot()["requests_total"] == 4
+
+
+def test_fastapi_plain_routes_count_under_their_templates_not_unmatched() -> None:
+    """FastAPI's router sets ``scope["route"]`` for its own routes only: /docs and add_route() set none."""
+    from fastapi import APIRouter, FastAPI
+
+    async def report(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("report")
+
+    router = APIRouter()
+    router.add_route("/plain/{x}", report)
+    sub = FastAPI()
+    sub.add_route("/inner/{z}", report)
+    api = FastAPI()
+    api.add_route("/reports/{rid}", report)
+    api.add_route("/alias/{rid}", report)  # the same endpoint behind two routes
+    api.include_router(router, prefix="/v1")
+    api.mount("/sub", sub)
+    stats = Stats()
+    app = ControlSocketMiddleware(api, path="/nonexistent/unused.sock", stats=stats)
+    for path in (
+        "/reports/1",
+        "/reports/2",
+        "/alias/3",
+        "/docs",
+        "/openapi.json",
+        "/v1/plain/a",
+        "/sub/inner/q",
+    ):
+        _serve(app, path, 1)
+    _serve(app, "/nope", 2)
+    routes = stats.snapshot()["routes"]
+    assert {name: figures["requests"] for name, figures in routes.items()} == {
+        "/reports/{rid}": 2,
+        "/alias/{rid}": 1,
+        "/docs": 1,
+        "/openapi.json": 1,
+        "/v1/plain/{x}": 1,
+        "/sub/inner/{z}": 1,
+        "<unmatched>": 2,
+    }
+    assert routes["<unmatched>"]["by_status"] == {"4xx": 2}

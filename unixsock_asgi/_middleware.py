@@ -14,7 +14,7 @@ import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._builtins import builtin_commands
 from ._commands import Commands
@@ -96,7 +96,7 @@ class ControlSocketMiddleware:
         if commands is not None:
             registry.include(commands)
         self.stats = stats if stats is not None else Stats()
-        self._mount_trees: dict[int, tuple[Any, _MountChains]] = {}  # see _route_key
+        self._route_trees: dict[int, _RouteTree] = {}  # see _route_key
         self.control = ControlPlane(
             app,
             commands=registry,
@@ -157,9 +157,9 @@ class ControlSocketMiddleware:
             # group is counted; a Starlette route (or FastAPI route context,
             # or None) is grouped by its id and kept in its group.
             route: Any = scope.get("route")
-            if "fastapi" in scope or scope.get("root_path", "") is not root_path:
+            if route is None or "fastapi" in scope or scope.get("root_path", "") is not root_path:
                 try:
-                    route = _route_key(scope, root_path, self._mount_trees)
+                    route = _route_key(scope, root_path, self._route_trees)
                 except Exception:  # never let a strange scope keep the request from being counted
                     logger.debug("no route key for %r", scope.get("path"), exc_info=True)
                     route = UNMATCHED
@@ -312,6 +312,21 @@ class ControlSocketMiddleware:
 _MAX_MOUNT_DEPTH = 16
 _MountChains = list[tuple["re.Pattern[str]", str, Any]]
 """Every chain of mounts in an app's route tree: (pattern of its prefix, template, last mount)."""
+_Endpoints = dict[int, list[Any]]
+"""The routes of an app's route tree by the id of their endpoint."""
+
+
+class _RouteTree(NamedTuple):
+    """What ``_route_key`` knows of one app's routes, found once per top-level router."""
+
+    router: Any
+    chains: _MountChains
+    endpoints: _Endpoints
+
+    @classmethod
+    def of(cls, router: Any) -> _RouteTree:
+        endpoints: _Endpoints = {}
+        return cls(router, _mount_chains(getattr(router, "routes", None), endpoints=endpoints), endpoints)
 
 
 def _template_pattern(template: str) -> re.Pattern[str]:
@@ -328,12 +343,18 @@ def _template_pattern(template: str) -> re.Pattern[str]:
 
 
 def _mount_chains(
-    routes: Any, prefix: str = "", depth: int = 0, path: frozenset[int] = frozenset()
+    routes: Any,
+    prefix: str = "",
+    depth: int = 0,
+    path: frozenset[int] = frozenset(),
+    *,
+    endpoints: _Endpoints | None = None,
 ) -> _MountChains:
     """The mount chains under ``routes``, in the order Starlette tries them (depth first).
 
     ``path`` holds the ids of the route lists on the way down, so that an app
     mounted inside itself is not walked again; at most ``_MAX_CHAINS`` chains.
+    The routes met on the way are indexed by endpoint into ``endpoints``.
     """
     chains: _MountChains = []
     if depth > _MAX_MOUNT_DEPTH or not isinstance(routes, list | tuple) or id(routes) in path:
@@ -343,6 +364,9 @@ def _mount_chains(
         if len(chains) >= _MAX_CHAINS:
             break
         try:
+            endpoint = getattr(route, "endpoint", None)
+            if endpoint is not None and endpoints is not None and len(endpoints) < _MAX_CHAINS:
+                endpoints.setdefault(id(endpoint), []).append(route)
             mount_path, path_format = getattr(route, "path", None), getattr(route, "path_format", None)
             if (
                 isinstance(mount_path, str)
@@ -351,10 +375,10 @@ def _mount_chains(
             ):  # a Mount
                 template = prefix + mount_path
                 chains.append((_template_pattern(template), template, route))
-                chains += _mount_chains(_routes_behind(route), template, depth + 1, path)
+                chains += _mount_chains(_routes_behind(route), template, depth + 1, path, endpoints=endpoints)
             elif getattr(route, "routes", None) or isinstance(getattr(route, "host", None), str):
                 # a Host: routes of its own (or behind middleware), no path
-                chains += _mount_chains(_routes_behind(route), prefix, depth + 1, path)
+                chains += _mount_chains(_routes_behind(route), prefix, depth + 1, path, endpoints=endpoints)
         except Exception:  # a route that fails to describe itself is left out of the tree, not the others
             logger.debug("mount tree: %r left out", route, exc_info=True)
     return chains[:_MAX_CHAINS]
@@ -407,31 +431,63 @@ def _mounted_key(route: Any, matched: str, chains: _MountChains) -> str:
     return prefix + template
 
 
-def _route_key(scope: Scope, root_path: str, trees: dict[int, tuple[Any, _MountChains]]) -> Any:
+def _route_key(scope: Scope, root_path: str, trees: dict[int, _RouteTree]) -> Any:
     """What a request is counted under, when it is not a plain Starlette route: never the raw path.
 
     FastAPI (>= 0.120) leaves the include-prefixed template in its effective
     route context, a long-lived object grouped by its id (Stats reads its
-    ``path_format``, like a Starlette route's). Under mounts, the prefix is
-    the template of the chain of mounts that matched (see ``_mounted_key``);
-    ``trees`` caches each app's chains by its top-level router.
+    ``path_format``, like a Starlette route's). A route that matched without
+    saying so (FastAPI's router sets ``scope["route"]`` for its own routes
+    only: ``/docs``, ``add_route``) is found by the endpoint it set. Under
+    mounts, the prefix is the template of the chain of mounts that matched
+    (see ``_mounted_key``). ``trees`` caches what is known of each app's
+    routes by its top-level router.
     """
     route = scope.get("route")
     fastapi_scope = scope.get("fastapi")
     if isinstance(fastapi_scope, dict):
         context = fastapi_scope.get("effective_route_context")
+        included = getattr(context, "starlette_route", None)  # a plain route of an included router
         if getattr(context, "path_format", None):
             route = context
+        elif getattr(included, "path_format", None):
+            route = included
+    tree: _RouteTree | None = None
+    if route is None and scope.get("endpoint") is not None:
+        tree = _tree_of(scope, trees)
+        route = _route_of_endpoint(scope, tree.endpoints)
     extended = scope.get("root_path", "")
     if extended is root_path or not isinstance(extended, str):  # no mount on the way
         return route
     matched = extended[len(root_path) :] if extended.startswith(root_path) else extended
     if not matched:
         return route
+    return _mounted_key(route, matched, (tree or _tree_of(scope, trees)).chains)
+
+
+def _tree_of(scope: Scope, trees: dict[int, _RouteTree]) -> _RouteTree:
     router = scope.get("router")
     known = trees.get(id(router))
-    if known is None or known[0] is not router:
+    if known is None or known.router is not router:
         if len(trees) >= 100:  # an app has one top-level router
             trees.clear()
-        known = trees[id(router)] = (router, _mount_chains(getattr(router, "routes", None)))
-    return _mounted_key(route, matched, known[1])
+        known = trees[id(router)] = _RouteTree.of(router)
+    return known
+
+
+def _route_of_endpoint(scope: Scope, endpoints: _Endpoints) -> Any:
+    """The route whose endpoint the router put in the scope; None if it is not in the tree."""
+    candidates = endpoints.get(id(scope["endpoint"]))
+    if not candidates:
+        return None
+    if len(candidates) == 1:
+        return candidates[0]
+    # One endpoint behind several routes: the one that matches (as the router tried them).
+    partial = None
+    for candidate in candidates:
+        match = getattr(candidate.matches(scope)[0], "name", "")
+        if match == "FULL":
+            return candidate
+        if match == "PARTIAL" and partial is None:
+            partial = candidate
+    return partial
