@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -22,7 +23,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
 
-from unixsock_asgi import Client, ControlSocketMiddleware, Response
+from unixsock_asgi import Client, Commands, ControlSocketMiddleware, Response
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -241,3 +242,60 @@ def test_set_log_level_ttl_over_ttl_reverts_to_the_first_level(sock_dir: Path) -
         assert bad is not None and "ttl must be a positive number" in bad.error
         loggers = _payload(control, "loggers")["loggers"]
         assert loggers["usa.test.ttl"]["level"] == "Level 15" and "root" in loggers
+
+
+def test_a_command_reported_as_not_started_never_runs_later(sock_dir: Path) -> None:
+    commands = Commands()
+    calls: list[int] = []
+
+    @commands.command
+    def increment() -> int:
+        """Not idempotent: running it twice counts twice."""
+        calls.append(1)
+        return len(calls)
+
+    async def block(request: Request) -> PlainTextResponse:
+        time.sleep(1.5)  # blocks the app's loop on purpose
+        return PlainTextResponse("unblocked")
+
+    sock = sock_dir / "c.sock"
+    app = Starlette(
+        routes=[Route("/block", block)],
+        middleware=[Middleware(ControlSocketMiddleware, path=str(sock), commands=commands, app_timeout=0.3)],
+    )
+    with TestClient(app) as http:
+        control = Client(sock)
+        blocker = threading.Thread(target=http.get, args=("/block",))
+        blocker.start()
+        try:
+            deadline = time.monotonic() + 5
+            while _payload(control, "stats", routes=False)["in_flight"] != 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            reply = control.send("increment")
+            assert reply is not None and not reply.ok
+            assert "appears blocked" in reply.error and "'increment' did not start" in reply.error
+        finally:
+            blocker.join(10)
+        assert _payload(control, "stats", routes=False)["in_flight"] == 0  # the loop ran on since
+        assert _payload(control, "increment") == 1  # the call given up on never ran
+    assert calls == [1]
+
+
+def test_an_app_that_ignores_the_lifespan_scope_still_gets_a_control_socket(sock_dir: Path) -> None:
+    async def returns(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return  # the usual raw ASGI way of not supporting lifespan
+        await PlainTextResponse("bare")(scope, receive, send)
+
+    async def takes_startup_and_returns(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await receive()
+            return
+        await PlainTextResponse("bare")(scope, receive, send)
+
+    for n, app in enumerate((returns, takes_startup_and_returns)):
+        sock = sock_dir / f"c{n}.sock"
+        with TestClient(ControlSocketMiddleware(app, path=str(sock))) as http:
+            assert http.get("/").text == "bare"
+            assert _payload(Client(sock), "ping") == "pong"
+        assert not sock.exists()

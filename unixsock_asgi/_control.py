@@ -17,6 +17,7 @@ import asyncio
 import inspect
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -238,10 +239,18 @@ class ControlPlane:
     ) -> Any:
         loop = self.app_loop
         assert loop is not None
+        # Whoever comes first: the app loop starting the call, or this thread giving
+        # up on it. A call given up on never starts later, once the loop unblocks:
+        # the reply said it did not run, and an operator may send it again.
+        handshake = threading.Lock()
         started: list[float] = []
+        abandoned: list[bool] = []
 
         async def run() -> Any:
-            started.append(time.monotonic())
+            with handshake:
+                if abandoned:
+                    raise asyncio.CancelledError
+                started.append(time.monotonic())
             result = func(*args, **kwargs)
             if inspect.isawaitable(result):
                 result = await result
@@ -253,6 +262,9 @@ class ControlPlane:
                 return await asyncio.wrap_future(future)
         except TimeoutError:
             future.cancel()
+            with handshake:
+                if not started:
+                    abandoned.append(True)
             if not started:
                 blocked = self.monitor.blocked_for()
                 return Response.failure(

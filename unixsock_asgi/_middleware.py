@@ -273,12 +273,18 @@ class ControlSocketMiddleware:
                 raise
             # The app does not speak the lifespan protocol: speak it on its behalf.
             await self._own_lifespan(scope, receive, send)
+        else:
+            if not startup_sent:
+                # It returned without a word (``if scope["type"] != "http": return``),
+                # which servers take for "no lifespan": speak it on its behalf too.
+                await self._own_lifespan(scope, receive, send, startup_received=app_received_startup)
         finally:
             self.control.stop()
 
-    async def _own_lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        message = await receive()
-        if message["type"] != "lifespan.startup":  # pragma: no cover - protocol order
+    async def _own_lifespan(
+        self, scope: Scope, receive: Receive, send: Send, *, startup_received: bool = False
+    ) -> None:
+        if not startup_received and (await receive())["type"] != "lifespan.startup":  # pragma: no cover
             return
         error = await self._start_control(scope)
         if error is not None and self.strict:
