@@ -486,3 +486,92 @@ def test_async_client_talks_to_a_go_server(go_server: GoShapedServer, sock_path:
     response = asyncio.run(main())
     assert response is not None
     assert json.loads(_payload(response)) == {"cmd": "stats", "args": {"a": 1}}
+
+
+# -- interrupted calls, shared async clients, refused requests ----------------
+
+
+def test_a_cancelled_async_call_never_hands_its_reply_to_the_next(
+    start_server: ServerFactory, tracker: ConnectionTracker
+) -> None:
+    server = start_server(tracker)
+
+    async def main() -> None:
+        client = AsyncClient(server.path, close=False)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(client.send("sleep", {"seconds": 0.2}), 0.05)
+        # At once, before the sleep's reply arrives on the connection it was sent on.
+        assert _payload(await client.send("next"))["cmd"] == "next"
+        await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_an_interrupted_blocking_call_never_hands_its_reply_to_the_next(
+    start_server: ServerFactory, tracker: ConnectionTracker
+) -> None:
+    import signal
+
+    server = start_server(tracker)
+    client = Client(server.path, close=False)
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(KeyboardInterrupt):
+            client.send("sleep", {"seconds": 0.2})
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    # At once, before the sleep's reply arrives on the connection it was sent on.
+    assert _payload(client.send("next"))["cmd"] == "next"
+    client.close()
+
+
+@pytest.mark.parametrize("close", [True, False])
+def test_tasks_may_share_one_async_client(
+    start_server: ServerFactory, tracker: ConnectionTracker, close: bool
+) -> None:
+    server = start_server(tracker)
+
+    async def main() -> list[Any]:
+        client = AsyncClient(server.path, close=close)
+        try:
+            await client.send("warm", close=False)  # a kept connection that every task would use
+            replies = await asyncio.gather(*(client.send("echo", {"n": n}) for n in range(10)))
+        finally:
+            await client.aclose()
+        return [_payload(reply)["args"]["n"] for reply in replies]
+
+    assert asyncio.run(main()) == list(range(10))
+
+
+def test_a_request_too_large_for_the_server_gets_its_refusal(
+    start_server: ServerFactory, tracker: ConnectionTracker
+) -> None:
+    server = start_server(tracker)  # max_message_size 1 MiB
+    args = {"blob": "x" * 4_000_000}  # more than the socket's buffer: the write itself fails
+    reply = Client(server.path).send("big", args)
+    assert reply is not None and not reply.ok
+    assert "exceeds the limit of 1048576 bytes" in reply.error
+    with pytest.raises(ProtocolError, match="refused the request: message of"):
+        Client(server.path).send("big", args, respond=False)
+
+    async def main() -> Response | None:
+        return await AsyncClient(server.path).send("big", args)
+
+    for _ in range(5):  # the refusal and the failed write race in the transport: never lost
+        reply = asyncio.run(main())
+        assert reply is not None and "exceeds the limit of 1048576 bytes" in reply.error
+    assert _payload(Client(server.path).send("after"))["cmd"] == "after"
+    assert all(cmd != "big" for cmd, _ in tracker.received)
+
+
+def test_no_timeout_waits_for_the_reply(start_server: ServerFactory, tracker: ConnectionTracker) -> None:
+    server = start_server(tracker)
+    assert Client(server.path, timeout=None).send("sleep", {"seconds": 0.1}) == Response.success("slept")
+    reply = asyncio.run(AsyncClient(server.path, timeout=None).send("sleep", {"seconds": 0.1}))
+    assert reply == Response.success("slept")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import math
 import os
 import socket
 import time
@@ -24,6 +26,7 @@ from ._protocol import (
 __all__ = ["AsyncClient", "Client"]
 
 _HEADER_SIZE = 5
+_SPARE_AFTER = 1 << 16  # frames that may not fit the socket's buffer at once (see AsyncClient._write)
 
 
 def _connect_error(path: str, exc: OSError) -> ConnectError:
@@ -46,7 +49,7 @@ class _BaseClient:
     def __init__(
         self,
         path: str | os.PathLike[str],
-        timeout: float = 5.0,
+        timeout: float | None = 5.0,
         max_message_size: int = 1 << 20,
         *,
         respond: bool = True,
@@ -58,8 +61,8 @@ class _BaseClient:
         self.respond = respond
         self.close_after = close
 
-    def options(self, max_length: int, timeout: float, respond: bool, close: bool) -> None:
-        """Set the maximum reply size, the timeout, and the default respond/close flags.
+    def options(self, max_length: int, timeout: float | None, respond: bool, close: bool) -> None:
+        """Set the maximum reply size, the timeout (None: wait for ever), and the default respond/close flags.
 
         The Go client's ``Options(maxLength, timeout, respond, close)``.
         """
@@ -95,6 +98,12 @@ class _BaseClient:
             raise ProtocolError(f"{self.path}: {exc}") from None
         return response
 
+    def _refused(self, refusal: Response, respond: bool) -> Response:
+        """The server refused the request as it arrived (too large, say) and closed: say why."""
+        if respond:
+            return refusal
+        raise ProtocolError(f"{self.path}: the server refused the request: {refusal.error}")
+
     def _timeout_error(self) -> TimeoutException:
         return TimeoutException(
             f"{self.path}: no reply within {self.timeout:g}s (is the server's event loop blocked?"
@@ -113,7 +122,7 @@ class Client(_BaseClient):
     def __init__(
         self,
         path: str | os.PathLike[str],
-        timeout: float = 5.0,
+        timeout: float | None = 5.0,
         max_message_size: int = 1 << 20,
         *,
         respond: bool = True,
@@ -166,19 +175,22 @@ class Client(_BaseClient):
         reused = sock is not None
         if sock is None:
             sock = self._sock = self._connect()
+        finished = False  # an interrupted call (Ctrl-C, say) must not leave its reply for the next one
         try:
+            sock.settimeout(self.timeout)
             try:
-                sock.settimeout(self.timeout)
-                sock.sendall(frame)
+                refusal = self._write(sock, frame)
             except (BrokenPipeError, ConnectionResetError):
                 if not reused:
                     raise
                 self.close()  # closed under us between the check and the write
                 sock = self._sock = self._connect()
-                sock.sendall(frame)
-            if not respond:
-                return None
-            return self._read_reply(sock)
+                refusal = self._write(sock, frame)
+            if refusal is not None:
+                return self._refused(refusal, respond)
+            reply = self._read_reply(sock) if respond else None
+            finished = True
+            return reply
         except TimeoutError:
             self.close()
             raise self._timeout_error() from None
@@ -189,13 +201,24 @@ class Client(_BaseClient):
             self.close()
             raise TransportError(f"{self.path}: {exc.strerror or exc}") from None
         finally:
-            if close:
+            if close or not finished:
                 self.close()
+
+    def _write(self, sock: socket.socket, frame: bytes) -> Response | None:
+        """Send ``frame``; None, or the refusal the server sent before closing mid-write."""
+        try:
+            sock.sendall(frame)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            try:
+                return self._read_reply(sock)
+            except (OSError, TransportError):
+                raise exc from None
+        return None
 
     def _read_reply(self, sock: socket.socket) -> Response:
         # Usually the whole reply arrives in the first recv; read it in one go
         # rather than header then body, and reset the timeout only when waiting again.
-        deadline = time.monotonic() + self.timeout
+        deadline = math.inf if self.timeout is None else time.monotonic() + self.timeout
         buf = bytearray()
         self._recv_until(sock, buf, _HEADER_SIZE, 1 << 16, deadline)
         length = self._header_length(bytes(buf[:_HEADER_SIZE]))
@@ -214,7 +237,7 @@ class Client(_BaseClient):
         """Receive into ``buf`` until it holds ``n`` bytes or EOF; raise TimeoutError at the deadline."""
         first = True
         while len(buf) < n:
-            if not first:
+            if not first and deadline < math.inf:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError
@@ -244,12 +267,15 @@ class Client(_BaseClient):
 
 
 class AsyncClient(_BaseClient):
-    """The asyncio twin of :class:`Client`: ``await AsyncClient(path).send("ping")``."""
+    """The asyncio twin of :class:`Client`: ``await AsyncClient(path).send("ping")``.
+
+    Tasks may share one: their commands take turns on its connection.
+    """
 
     def __init__(
         self,
         path: str | os.PathLike[str],
-        timeout: float = 5.0,
+        timeout: float | None = 5.0,
         max_message_size: int = 1 << 20,
         *,
         respond: bool = True,
@@ -258,6 +284,7 @@ class AsyncClient(_BaseClient):
         super().__init__(path, timeout, max_message_size, respond=respond, close=close)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._turn = asyncio.Lock()  # one command at a time on the connection
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         try:
@@ -286,33 +313,27 @@ class AsyncClient(_BaseClient):
     ) -> Response | None:
         """Send one command; return its Response, or None when ``respond`` is false."""
         frame, respond, close = self._prepare(cmd, args, respond, close)
+        async with self._turn:
+            return await self._send(frame, respond, close)
+
+    async def _send(self, frame: bytes, respond: bool, close: bool) -> Response | None:
         reader, writer, reused = await self._stream()
+        finished = False  # a cancelled call must not leave its reply for the next one
         try:
             async with _compat.timeout(self.timeout):
                 try:
-                    writer.write(frame)
-                    await writer.drain()
+                    refusal = await self._write(reader, writer, frame)
                 except (BrokenPipeError, ConnectionResetError):
                     if not reused:
                         raise
-                    await self.aclose()
+                    self._drop()
                     reader, writer = self._reader, self._writer = await self._connect()
-                    writer.write(frame)
-                    await writer.drain()
-                if not respond:
-                    return None
-                try:
-                    header = await reader.readexactly(_HEADER_SIZE)
-                except asyncio.IncompleteReadError as exc:
-                    header = exc.partial
-                length = self._header_length(header)
-                try:
-                    body = await reader.readexactly(length)
-                except asyncio.IncompleteReadError as exc:
-                    raise ProtocolError(
-                        f"{self.path}: connection closed mid-reply ({len(exc.partial)} of {length} bytes)"
-                    ) from None
-            return self._decode(body)
+                    refusal = await self._write(reader, writer, frame)
+                if refusal is not None:
+                    return self._refused(refusal, respond)
+                reply = await self._read_reply(reader) if respond else None
+            finished = True
+            return reply
         except TimeoutError:
             await self.aclose()
             raise self._timeout_error() from None
@@ -323,8 +344,68 @@ class AsyncClient(_BaseClient):
             await self.aclose()
             raise TransportError(f"{self.path}: {exc.strerror or exc}") from None
         finally:
-            if close:
+            if not finished:
+                self._drop()  # at once: a cancelled task may not get to await anything more
+            elif close:
                 await self.aclose()
+
+    async def _write(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, frame: bytes
+    ) -> Response | None:
+        """Send ``frame``; None, or the refusal the server sent before closing mid-write.
+
+        A frame larger than the socket's buffer can meet a server that refused
+        it from its header and closed: the transport then drops the connection
+        with the refusal unread, so a duplicate of the socket keeps it readable.
+        """
+        spare = None
+        if len(frame) > _SPARE_AFTER:
+            raw = writer.get_extra_info("socket")
+            if raw is not None:
+                spare = socket.socket(fileno=os.dup(raw.fileno()))
+                spare.setblocking(False)
+        try:
+            writer.write(frame)
+            await writer.drain()
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            if spare is None:
+                raise
+            received = bytearray(reader._buffer)  # type: ignore[attr-defined]
+            with contextlib.suppress(OSError):  # the rest, already in the kernel's buffer, then EOF
+                while chunk := spare.recv(1 << 16):
+                    received += chunk
+            try:
+                length = self._header_length(bytes(received[:_HEADER_SIZE]))
+                if len(received) < _HEADER_SIZE + length:
+                    raise exc from None
+                return self._decode(bytes(received[_HEADER_SIZE : _HEADER_SIZE + length]))
+            except TransportError:
+                raise exc from None
+        finally:
+            if spare is not None:
+                spare.close()
+        return None
+
+    async def _read_reply(self, reader: asyncio.StreamReader) -> Response:
+        try:
+            header = await reader.readexactly(_HEADER_SIZE)
+        except asyncio.IncompleteReadError as exc:
+            header = exc.partial
+        length = self._header_length(header)
+        try:
+            body = await reader.readexactly(length)
+        except asyncio.IncompleteReadError as exc:
+            raise ProtocolError(
+                f"{self.path}: connection closed mid-reply ({len(exc.partial)} of {length} bytes)"
+            ) from None
+        return self._decode(body)
+
+    def _drop(self) -> None:
+        """Close the connection without waiting for it."""
+        writer = self._writer
+        self._reader = self._writer = None
+        if writer is not None:
+            writer.close()
 
     async def aclose(self) -> None:
         """Close the connection, if one is open."""
