@@ -579,3 +579,46 @@ def test_response_ok_and_raise_for_status() -> None:
     with pytest.raises(CommandFailed, match="command failed"):
         Response("failure").raise_for_status()
     assert failed.to_dict() == {"status": STATUS_FAIL, "error": "disk full", "payload": {"free": 0}}
+
+
+# -- strict JSON, refused requests' own flags, replies past the hard limit ------
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"cmd": "echo", "args": {"x": NaN}}', "NaN is not JSON"),
+        (b'{"cmd": "echo", "args": {"x": -Infinity}}', "-Infinity is not JSON"),
+        (b'{"cmd": "echo", "args": {"x": 1e999}}', "number out of range"),
+    ],
+)
+def test_nan_and_infinity_are_not_json(body: bytes, message: str) -> None:
+    violation = only_violation(ConnectionProtocol().receive_data(raw_frame(body)))
+    assert message in violation.error and not violation.fatal
+    assert parse_line("echo x=NaN") == Request("echo", {"x": "NaN"}, close=False)  # a string, then
+
+
+def test_nan_is_never_encoded() -> None:
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        encode_frame({"cmd": "set", "args": {"value": float("nan")}})
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        ConnectionProtocol().encode_reply(None, Response.success(float("inf")))
+
+
+def test_a_refused_request_keeps_what_it_said_of_respond_close_and_cmd() -> None:
+    proto = ConnectionProtocol()
+    events = proto.receive_data(
+        frame({"cmd": "echo", "args": [1], "respond": False})
+        + frame({"cmd": "", "close": True})
+        + frame({"cmd": "echo", "args": 1})
+    )
+    quiet, closing, plain = (e for e in events if isinstance(e, ProtocolViolation))
+    assert (quiet.cmd, quiet.respond, quiet.close) == ("echo", False, False)
+    assert (closing.cmd, closing.respond, closing.close) == ("", True, True)
+    assert (plain.respond, plain.close) == (True, False)  # close left out: the connection stays
+    assert frame_reply(proto.encode_reply(plain, Response.failure(plain.error)))["cmd"] == "echo"
+
+
+def test_a_reply_past_the_hard_limit_is_not_encoded() -> None:
+    with pytest.raises(ValueError, match="exceeds the protocol's"):
+        ConnectionProtocol().encode_reply(None, Response.success("x" * HARD_MAX_MESSAGE_SIZE))

@@ -691,6 +691,37 @@ def test_stale_socket_is_replaced(
         stale.close()
 
 
+def test_of_two_servers_replacing_one_stale_socket_only_one_starts(sock_path: str) -> None:
+    from unixsock_asgi._sockets import bind_unix_socket
+
+    for _ in range(30):
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(sock_path)
+        stale.close()
+        outcomes: list[Any] = []
+        barrier = threading.Barrier(2)
+
+        def bind(barrier: threading.Barrier, outcomes: list[Any]) -> None:
+            barrier.wait()
+            try:
+                outcomes.append(bind_unix_socket(sock_path))
+            except BindError as exc:
+                outcomes.append(exc)
+
+        threads = [threading.Thread(target=bind, args=(barrier, outcomes)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        bound = [o for o in outcomes if not isinstance(o, BindError)]
+        refused = [o for o in outcomes if isinstance(o, BindError)]
+        assert len(bound) == 1 and len(refused) == 1, outcomes
+        assert "live server" in str(refused[0])
+        assert bound[0].still_ours()  # the one that started is the one on the path
+        bound[0].sock.close()
+        bound[0].unlink_if_ours()
+
+
 def test_live_server_on_the_path_is_refused(start_server: ServerFactory, sock_path: str) -> None:
     start_server()
     inode = os.lstat(sock_path).st_ino
@@ -738,6 +769,7 @@ def test_socket_mode_is_0600_and_created_parents_0700(start_server: ServerFactor
     server = start_server(path=str(path))
     assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(path.parent.parent).st_mode) == 0o700  # every directory it made
     assert server.path == str(path)
     assert ping_ok(server.path)
 
@@ -1251,3 +1283,61 @@ def test_go_client_over_the_wire(start_server: ServerFactory, connect_raw: RawCo
     failed = go_unmarshal_reply(sock)
     assert failed["response"] == {"status": "failure", "error": "nope", "payload": ""}
     assert_eof(sock)
+
+
+# -- replies that cannot be sent, refused requests' flags, the audit log --------
+
+
+def test_replies_json_cannot_carry_become_failures(
+    start_server: ServerFactory, connect_raw: RawConnector, server_errors: list[logging.LogRecord]
+) -> None:
+    def handler(cmd: str, args: dict[str, Any]) -> Any:
+        return {"nan": float("nan"), "huge": "x" * (17 << 20)}.get(cmd, "pong")
+
+    server = start_server(handler)
+    sock = connect_raw(server.path)
+    send_frame(sock, {"cmd": "nan", "close": False})
+    assert "reply could not be encoded" in recv_response(sock)["error"]
+    send_frame(sock, {"cmd": "huge", "close": False})
+    reply = recv_response(sock)
+    assert reply["status"] == "failure" and "exceeds the protocol's" in reply["error"]
+    assert ping_ok(server.path)
+
+
+def test_an_id_too_deep_to_send_back_still_gets_a_reply(
+    start_server: ServerFactory, connect_raw: RawConnector, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = start_server()
+    sock = connect_raw(server.path)
+    for depth in range(960, 1000, 4):  # parses, but re-encoding the id recurses too deep
+        body = b'{"cmd": "ping", "close": false, "id": ' + b"[" * depth + b"]" * depth + b"}"
+        sock.sendall(header(len(body)) + body)
+        (length,) = struct.unpack(">I", recv_exact(sock, 5)[:4])
+        reply = recv_exact(sock, length)  # an id echoed this deep is more than json.loads reads back
+        assert b'"response":{"status":"success"' in reply or b'"status":"failure"' in reply
+    send_frame(sock, {"cmd": "ping"})
+    assert recv_response(sock)["payload"] == "pong"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_a_refused_request_honours_its_respond_and_close(
+    start_server: ServerFactory, connect_raw: RawConnector
+) -> None:
+    server = start_server()
+    sock = connect_raw(server.path)
+    send_frame(sock, {"cmd": "echo", "args": [1], "respond": False})  # refused, and no reply wanted
+    send_frame(sock, {"cmd": "ping", "close": False})
+    assert recv_response(sock)["payload"] == "pong"  # the next reply is the ping's
+    send_frame(sock, {"cmd": "", "close": True})
+    assert "'cmd' must not be empty" in recv_response(sock)["error"]
+    assert_eof(sock)
+
+
+def test_a_command_name_cannot_forge_audit_lines(
+    start_server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="unixsock_asgi.audit")
+    server = start_server()
+    Client(server.path).send("x\nunixsock_asgi.audit INFO peer pid=1 uid=0 cmd=drain status=success")
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "unixsock_asgi.audit"]
+    assert "\n" not in line and "cmd='x\\nunixsock_asgi.audit" in line

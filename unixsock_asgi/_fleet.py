@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import fcntl
 import json
 import logging
 import math
@@ -21,7 +20,7 @@ import re
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +28,7 @@ from . import _compat
 from ._client import AsyncClient
 from ._exceptions import ConnectError, TimeoutException, TransportError
 from ._protocol import HARD_MAX_MESSAGE_SIZE, STATUS_OK
-from ._sockets import probe
+from ._sockets import directory_lock, probe
 from ._stats import merge_histograms
 
 __all__ = [
@@ -622,17 +621,6 @@ def _fsync_directory(directory: str) -> None:
         os.close(dir_fd)
 
 
-@contextlib.contextmanager
-def _directory_lock(directory: str) -> Iterator[None]:
-    """Serialise read-modify-write of the overrides file between concurrent operators."""
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        fcntl.flock(dir_fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(dir_fd)  # releases the lock
-
-
 def persist_override(directory: str, cmd: str, args: Mapping[str, Any]) -> list[Any]:
     """Record ``cmd args`` in the directory's overrides file; return the new list.
 
@@ -640,7 +628,7 @@ def persist_override(directory: str, cmd: str, args: Mapping[str, Any]) -> list[
     last, so the file lists overrides in the order to apply them.
     """
     key = override_key(cmd, args)
-    with _directory_lock(directory):
+    with directory_lock(directory):
         document = read_overrides_document(directory)
         entries = [e for e in document["overrides"] if _entry_key(e) != key]
         entries.append({"cmd": cmd, "args": dict(args)})
@@ -653,7 +641,7 @@ def clear_overrides(directory: str) -> int:
 
     Running workers keep their current state; only workers started later are affected.
     """
-    with _directory_lock(directory):
+    with directory_lock(directory):
         try:
             count = len(read_overrides_document(directory)["overrides"])
         except OverridesFileError:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import json.encoder
+import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -139,6 +140,12 @@ class ProtocolViolation:
     error: str
     fatal: bool = False
     id: Any = None
+    # What the request said of itself, where it could be read: a request with
+    # ``respond: false`` gets no reply even when it is refused, one with
+    # ``close: true`` has its connection closed after the refusal.
+    cmd: str = ""
+    respond: bool = True
+    close: bool = False
 
 
 @dataclass
@@ -169,20 +176,35 @@ def _loads(text: bytes | str) -> Any:
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
     try:
-        return json.loads(text)
+        return _decode(text)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
 
 
-_scan_once: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise ValueError(f"number out of range: {text}")
+    return value
+
+
+# Strict JSON, as Go's encoding/json and jq read it: no NaN or Infinity either way.
+_scan_once: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder(  # type: ignore[attr-defined]
+    parse_constant=_no_constant, parse_float=_finite
+).scan_once
+_decode = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite).decode
 
 
 # Built once: json.dumps with options builds a new encoder on every call.
 # Replies send anything JSON cannot represent as its str(); requests refuse it.
-_REPLY_UTF8 = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
-_REPLY_ASCII = json.JSONEncoder(separators=(",", ":"), default=str).encode
-_REQUEST_UTF8 = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-_REQUEST_ASCII = json.JSONEncoder(separators=(",", ":")).encode
+_REPLY_UTF8 = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str).encode
+_REPLY_ASCII = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=str).encode
+_REQUEST_UTF8 = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+_REQUEST_ASCII = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
 _encode_str: Callable[[str], str] = json.encoder.encode_basestring
@@ -264,23 +286,33 @@ def _request_from_obj(obj: Any) -> Request | ProtocolViolation:
         return ProtocolViolation(f"request must be a JSON object, got {_json_type(obj)}")
     req_id = obj.get("id")
     cmd = obj.get("cmd")
+    respond = obj.get("respond", True)
+    close = obj.get("close", True)
+
+    def refused(error: str) -> ProtocolViolation:
+        return ProtocolViolation(
+            error,
+            id=req_id,
+            cmd=cmd if isinstance(cmd, str) else "",
+            respond=respond if isinstance(respond, bool) else True,
+            close=obj.get("close") is True,  # said so: a bad request that did not keeps its connection
+        )
+
     if cmd is None:
-        return ProtocolViolation("request has no 'cmd'", id=req_id)
+        return refused("request has no 'cmd'")
     if not isinstance(cmd, str):
-        return ProtocolViolation(f"'cmd' must be a string, got {_json_type(cmd)}", id=req_id)
+        return refused(f"'cmd' must be a string, got {_json_type(cmd)}")
     if not cmd:
-        return ProtocolViolation("'cmd' must not be empty", id=req_id)
+        return refused("'cmd' must not be empty")
     args = obj.get("args")
     if args is None:
         args = {}
     elif not isinstance(args, dict):
-        return ProtocolViolation(f"'args' must be a JSON object, got {_json_type(args)}", id=req_id)
-    respond = obj.get("respond", True)
-    close = obj.get("close", True)
+        return refused(f"'args' must be a JSON object, got {_json_type(args)}")
     if not isinstance(respond, bool):
-        return ProtocolViolation(f"'respond' must be true or false, got {_json_type(respond)}", id=req_id)
+        return refused(f"'respond' must be true or false, got {_json_type(respond)}")
     if not isinstance(close, bool):
-        return ProtocolViolation(f"'close' must be true or false, got {_json_type(close)}", id=req_id)
+        return refused(f"'close' must be true or false, got {_json_type(close)}")
     return Request(cmd, args, respond, close, req_id, go_client="response" in obj)
 
 
@@ -516,7 +548,7 @@ class ConnectionProtocol:
             if req_id is not None:
                 resp["id"] = req_id
             return _reply_json(resp) + b"\n"
-        cmd = request.cmd if isinstance(request, Request) else ""
+        cmd = request.cmd if request is not None else ""
         try:
             # The reply object assembled from its encoded parts: a quarter of
             # the cost of encoding the dict, and the same bytes.
@@ -540,4 +572,6 @@ class ConnectionProtocol:
             if req_id is not None:
                 obj["id"] = req_id
             body = _reply_json(obj)
+        if len(body) > HARD_MAX_MESSAGE_SIZE:
+            raise ValueError(f"a reply of {len(body)} bytes exceeds the protocol's {HARD_MAX_MESSAGE_SIZE}")
         return _HEADER.pack(len(body)) + b":" + body

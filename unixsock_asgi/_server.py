@@ -24,6 +24,7 @@ import contextvars
 import inspect
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -49,6 +50,7 @@ __all__ = ["Handler", "RequestContext", "ServerConfig", "UnixSockServer"]
 
 logger = logging.getLogger("unixsock_asgi.server")
 audit_logger = logging.getLogger("unixsock_asgi.audit")
+_PLAIN_NAME = re.compile(r"[\w.:-]{1,200}", re.ASCII)
 
 Handler = Callable[[str, dict[str, Any]], Any] | Callable[[str, dict[str, Any], "RequestContext"], Any]
 """``handler(cmd, args)`` or ``handler(cmd, args, ctx)``, sync or async."""
@@ -313,13 +315,17 @@ class UnixSockServer:
             return refusal
         return None
 
-    def _encode(self, proto: ConnectionProtocol, request: Request, response: Response) -> bytes:
+    def _encode(
+        self, proto: ConnectionProtocol, request: Request | ProtocolViolation, response: Response
+    ) -> bytes:
         try:
             return proto.encode_reply(request, response)
         except Exception as exc:  # TypeError, ValueError, RecursionError, or a payload's __str__ failing
-            return proto.encode_reply(
-                request, Response.failure(f"reply could not be encoded: {_describe(exc)}")
-            )
+            failure = Response.failure(f"reply could not be encoded: {_describe(exc)}")
+        try:
+            return proto.encode_reply(request, failure)
+        except Exception:  # the request's own id cannot be sent back (nested too deeply to encode)
+            return proto.encode_reply(None, failure)
 
     async def dispatch(self, request: Request, ctx: RequestContext) -> Response:
         """Run the handler for one request and turn whatever happens into a Response."""
@@ -416,7 +422,8 @@ class UnixSockServer:
                 "peer pid=%d uid=%d cmd=%s status=%s duration_ms=%.2f",
                 peer.pid,
                 peer.uid,
-                request.cmd,
+                # A name as it is; anything else quoted, so a cmd cannot forge a log line.
+                request.cmd if _PLAIN_NAME.fullmatch(request.cmd) else repr(request.cmd),
                 response.status,
                 (time.perf_counter() - start) * 1000,
             )
@@ -722,10 +729,11 @@ class _Connection(asyncio.Protocol):
         """Bad input or the end of the conversation; False when the connection is to close."""
         if isinstance(event, ProtocolViolation):
             assert self._transport is not None
-            self._transport.write(self._proto.encode_reply(event, Response.failure(event.error)))
+            if event.respond or event.fatal:
+                self._transport.write(self._server._encode(self._proto, event, Response.failure(event.error)))
             peer = self._peer
-            audit_logger.info("peer pid=%d uid=%d sent bad input: %s", peer.pid, peer.uid, event.error)
-            if not event.fatal:
+            audit_logger.info("peer pid=%d uid=%d sent bad input: %r", peer.pid, peer.uid, event.error)
+            if not (event.fatal or event.close):
                 return True
         self.close()
         return False

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import socket
 import stat
 import struct
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ._exceptions import BindError
 
-__all__ = ["BoundSocket", "PeerCredentials", "bind_unix_socket", "peer_credentials", "probe"]
+__all__ = [
+    "BoundSocket",
+    "PeerCredentials",
+    "bind_unix_socket",
+    "directory_lock",
+    "peer_credentials",
+    "probe",
+]
 
 _UCRED = struct.Struct("3i")
 _SUN_PATH_MAX = 107  # 108 bytes including the terminating NUL
@@ -83,17 +93,49 @@ class BoundSocket:
 
 
 def _ensure_parent(parent: str) -> None:
-    if os.path.isdir(parent):
+    """Create ``parent`` and any missing directory above it, each 0700."""
+    missing = []
+    directory = parent
+    while not os.path.isdir(directory):
+        missing.append(directory)
+        above = os.path.dirname(directory)
+        if above == directory:
+            break
+        directory = above
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise BindError(
+                    f"cannot create socket directory {directory!r}: a file is in the way"
+                ) from None
+            continue  # made by someone else meanwhile: theirs, left as it is
+        except OSError as exc:
+            raise BindError(f"cannot create socket directory {directory!r}: {exc.strerror}") from None
+        os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str, *, required: bool = True) -> Iterator[None]:
+    """Hold an exclusive flock on ``directory`` (between processes of this host).
+
+    Binders of sockets in it take it to check and replace a stale socket as
+    one step; the fleet's overrides file is rewritten under it. Unless
+    ``required``, a directory that cannot be opened is used without the lock.
+    """
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        if required:
+            raise
+        yield
         return
     try:
-        os.makedirs(parent, mode=0o700)
-    except FileExistsError:
-        if not os.path.isdir(parent):
-            raise BindError(f"cannot create socket directory {parent!r}: a file is in the way") from None
-        return
-    except OSError as exc:
-        raise BindError(f"cannot create socket directory {parent!r}: {exc.strerror}") from None
-    os.chmod(parent, 0o700)  # makedirs' mode is filtered by the umask
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def bind_unix_socket(path: str, *, mode: int = 0o600, backlog: int = 128) -> BoundSocket:
@@ -111,7 +153,7 @@ def bind_unix_socket(path: str, *, mode: int = 0o600, backlog: int = 128) -> Bou
         raise BindError(f"socket path {path!r} is longer than the {_SUN_PATH_MAX} bytes UNIX sockets allow")
     parent = os.path.dirname(path)
     _ensure_parent(parent)
-    stale = _check_existing(path)
+    _check_existing(path)  # fail early, before binding anything
     try:
         tmpdir = tempfile.mkdtemp(prefix=".", dir=parent)
     except OSError as exc:
@@ -130,13 +172,17 @@ def bind_unix_socket(path: str, *, mode: int = 0o600, backlog: int = 128) -> Bou
         os.chmod(tmp_path, mode)
         sock.listen(backlog)
         try:
-            if stale:
-                # Replace the stale socket atomically; it was checked to be a socket.
-                os.rename(tmp_path, path)
-            else:
-                # link() fails if anything appeared at ``path`` meanwhile.
-                os.link(tmp_path, path)
-                os.unlink(tmp_path)
+            # Checked again and put in place under the directory's lock: of two
+            # servers that found the same stale socket, the second finds the
+            # first one live instead of replacing it.
+            with directory_lock(parent, required=False):
+                if _check_existing(path):
+                    # Replace the stale socket atomically; it was checked to be a socket.
+                    os.rename(tmp_path, path)
+                else:
+                    # link() fails if anything appeared at ``path`` meanwhile.
+                    os.link(tmp_path, path)
+                    os.unlink(tmp_path)
         except FileExistsError:
             raise BindError(f"cannot bind {path!r}: something was created there while binding") from None
         except OSError as exc:
