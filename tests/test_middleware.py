@@ -299,3 +299,28 @@ def test_an_app_that_ignores_the_lifespan_scope_still_gets_a_control_socket(sock
             assert http.get("/").text == "bare"
             assert _payload(Client(sock), "ping") == "pong"
         assert not sock.exists()
+
+
+def test_out_of_range_values_are_refused_by_name(sock_dir: Path) -> None:
+    from unixsock_asgi import Setting, Settings
+
+    settings = Settings(Setting("delay_s", float, 0.2, minimum=0, maximum=30))
+    sock = sock_dir / "c.sock"
+    app = _starlette(sock, settings=settings, maintenance_exempt="/hello/ok")  # one path, as a str
+    with TestClient(app) as http:
+        control = Client(sock)
+        refused: list[tuple[str, dict[str, Any], str]] = [
+            ("set", {"name": "delay_s", "value": "NaN"}, "expected a number"),
+            ("set", {"name": "delay_s", "value": 10**400}, "expected a finite number"),
+            ("set_log_level", {"level": "DEBUG", "ttl": 10**9}, "at most 604800"),
+            ("set_log_level", {"level": 10**20}, "between 0 and 100"),
+            ("maintenance_on", {"retry_after": -5}, "retry_after must be between 0 and"),
+        ]
+        for cmd, args, message in refused:
+            reply = control.send(cmd, args)
+            assert reply is not None and not reply.ok and message in reply.error, (cmd, reply)
+        assert settings["delay_s"] == 0.2
+        assert _payload(control, "maintenance_on", retry_after=60)["maintenance"] is True
+        assert http.get("/hello/ok").status_code == 200  # exempt
+        gated = http.get("/hello/other")
+        assert gated.status_code == 503 and gated.headers["retry-after"] == "60"

@@ -112,10 +112,13 @@ def _logger(name: str) -> logging.Logger:
     return logging.getLogger(name) if name and name != "root" else logging.getLogger()
 
 
+_MAX_TTL_S = 7 * 86400
+
+
 def _level_number(level: str | int) -> int:
     if isinstance(level, int):
-        if level < 0:
-            raise ValueError(f"log level must be >= 0, got {level}")
+        if not 0 <= level <= 100:  # logging's own go from 0 (NOTSET) to 50 (CRITICAL)
+            raise ValueError(f"log level must be between 0 and 100, got {level}")
         return level
     value = logging.getLevelName(level.upper())
     if not isinstance(value, int):
@@ -158,8 +161,10 @@ def set_log_level(ctx: CommandContext, level: str | int, logger: str = "", ttl: 
         number = _level_number(level)
     except ValueError as exc:
         return Response.failure(str(exc))
-    if ttl is not None and ttl <= 0:
-        return Response.failure(f"ttl must be a positive number of seconds, got {ttl:g}")
+    if ttl is not None and not 0 < ttl <= _MAX_TTL_S:
+        return Response.failure(
+            f"ttl must be a positive number of seconds, at most {_MAX_TTL_S} (a week), got {ttl:g}"
+        )
     lg = _logger(logger)
     key = lg.name
     restores = ctx.control.log_restores
@@ -258,8 +263,10 @@ def health_ok(ctx: CommandContext) -> dict[str, Any]:
 
 
 @command(diagnostic=True)
-def maintenance_on(ctx: CommandContext, retry_after: int | None = None) -> dict[str, Any]:
+def maintenance_on(ctx: CommandContext, retry_after: int | None = None) -> Any:
     """Answer 503 with Retry-After on every path but the exempt ones."""
+    if retry_after is not None and not 0 <= retry_after <= _MAX_TTL_S:
+        return Response.failure(f"retry_after must be between 0 and {_MAX_TTL_S} seconds, got {retry_after}")
     ctx.control.set_maintenance(True, retry_after)
     return _health(ctx)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -250,7 +251,13 @@ def coerce(value: Any, annotation: Any) -> Any:
         raise ValueError(f"expected an integer, got {_describe(value)}")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond any float
+                number = math.inf
+            if math.isfinite(number):
+                return number
+            raise ValueError(f"expected a finite number, got {value!r}")
         raise ValueError(f"expected a number, got {_describe(value)}")
     if annotation is str:
         if isinstance(value, str):

@@ -113,7 +113,10 @@ class ControlSocketMiddleware:
             },
             app_timeout=app_timeout,
             health_path=health_path,
-            maintenance_exempt=tuple(maintenance_exempt),
+            # One path given as a str is that path, not its characters.
+            maintenance_exempt=(maintenance_exempt,)
+            if isinstance(maintenance_exempt, str)
+            else tuple(maintenance_exempt),
             retry_after=retry_after,
         )
 
