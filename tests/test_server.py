@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import gc
 import inspect
@@ -1341,3 +1342,53 @@ def test_a_command_name_cannot_forge_audit_lines(
     Client(server.path).send("x\nunixsock_asgi.audit INFO peer pid=1 uid=0 cmd=drain status=success")
     (line,) = [r.getMessage() for r in caplog.records if r.name == "unixsock_asgi.audit"]
     assert "\n" not in line and "cmd='x\\nunixsock_asgi.audit" in line
+
+
+# -- the read and write timeouts measure stalls, not slowness -----------------
+
+
+def test_a_message_trickled_byte_by_byte_is_cut_off_timeout_after_it_began(
+    start_server: ServerFactory, connect_raw: RawConnector
+) -> None:
+    server = start_server(timeout=0.5)
+    sock = connect_raw(server.path)
+    body = b'{"cmd": "ping", "args": {"pad": "' + b"x" * 100 + b'"}}'
+    message = header(len(body)) + body
+    started = time.monotonic()
+    sent = 0
+    with contextlib.suppress(OSError):  # the server may close while we still send
+        for byte in message[:40]:  # a byte every 0.1 s: 4 s for these alone
+            sock.sendall(bytes([byte]))
+            sent += 1
+            time.sleep(0.1)
+            if select.select([sock], [], [], 0)[0]:
+                break
+    reply = recv_response(sock)
+    assert "timed out after 0.5s waiting for the rest of the message" in reply["error"]
+    assert time.monotonic() - started < 1.5 and sent < 15
+    assert ping_ok(server.path)
+
+
+def test_a_slow_but_steady_reader_gets_a_reply_that_takes_longer_than_timeout(
+    start_server: ServerFactory, connect_raw: RawConnector
+) -> None:
+    size = 4_000_000
+
+    async def handler(cmd: str, args: dict[str, Any]) -> str:
+        return "x" * size
+
+    server = start_server(handler, timeout=0.5)
+    for close in (True, False):
+        sock = connect_raw(server.path, timeout=10)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        send_frame(sock, {"cmd": "big", "close": close})
+        received = bytearray()
+        started = time.monotonic()
+        while len(received) < size and time.monotonic() - started < 20:
+            chunk = sock.recv(1 << 18)
+            if not chunk:
+                break
+            received += chunk
+            time.sleep(0.1)  # 256 KiB per 0.1 s: about 1.6 s in all, three times the timeout
+        assert len(received) > size, f"cut off after {len(received)} bytes, {time.monotonic() - started:.1f}s"
+        assert time.monotonic() - started > 1.0

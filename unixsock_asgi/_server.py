@@ -523,6 +523,8 @@ class _Connection(asyncio.Protocol):
         self._context = contextvars.copy_context()
         self._deadline: float | None = None
         self._deadline_timer: asyncio.TimerHandle | None = None
+        self._in_message = False  # the read deadline is that of a message begun earlier
+        self._write_backlog = 0  # bytes waiting to go out when the write timer was set
 
     # -- asyncio.Protocol ----------------------------------------------------
 
@@ -590,6 +592,7 @@ class _Connection(asyncio.Protocol):
         assert self._transport is not None
         self._transport.pause_reading()
         if self._write_timer is None:
+            self._write_backlog = self._transport.get_write_buffer_size()
             self._write_timer = self._loop.call_later(self._timeout, self._write_stalled)
 
     def resume_writing(self) -> None:
@@ -636,7 +639,7 @@ class _Connection(asyncio.Protocol):
             if self._write_paused and i + 1 < len(events):
                 self._hand_over(None, None, events[i + 1 :])
                 return
-        self._arm(self._timeout if self._proto.has_partial else self._idle_timeout)
+        self._arm_read(new_message=bool(events))
 
     def _hand_over(
         self, request: Request | None, outcome: Awaitable[Response] | None, rest: list[Event]
@@ -675,7 +678,7 @@ class _Connection(asyncio.Protocol):
                     assert self._transport is not None
                     if not self._write_paused:
                         self._transport.resume_reading()
-                    self._arm(self._timeout if self._proto.has_partial else self._idle_timeout)
+                    self._arm_read(new_message=True)  # nothing was read meanwhile
         except (asyncio.CancelledError, ConnectionError, TimeoutError):
             self.abort()
         except Exception:  # pragma: no cover - a bug here must not kill the server
@@ -763,7 +766,11 @@ class _Connection(asyncio.Protocol):
         transport = self._transport
         assert transport is not None
         if transport.get_write_buffer_size():
-            self._close_timer = self._loop.call_later(self._timeout, self.abort)
+            if self._write_timer is not None:  # the close timer watches the peer from now on
+                self._write_timer.cancel()
+                self._write_timer = None
+            self._write_backlog = transport.get_write_buffer_size()
+            self._close_timer = self._loop.call_later(self._timeout, self._close_stalled)
         self._discard_unread()
         transport.close()
 
@@ -794,8 +801,41 @@ class _Connection(asyncio.Protocol):
 
     def _write_stalled(self) -> None:
         self._write_timer = None
+        if self._peer_reads():
+            self._write_timer = self._loop.call_later(self._timeout, self._write_stalled)
+            return
         logger.debug("closing a connection whose peer did not read for %gs", self._timeout)
         self.abort()
+
+    def _close_stalled(self) -> None:
+        self._close_timer = None
+        if not self._lost and self._peer_reads():
+            self._close_timer = self._loop.call_later(self._timeout, self._close_stalled)
+            return
+        self.abort()
+
+    def _peer_reads(self) -> bool:
+        """Whether the peer took some of the waiting bytes since the last look (slowly is fine)."""
+        if self._transport is None:
+            return False
+        backlog = self._transport.get_write_buffer_size()
+        progressed = backlog < self._write_backlog
+        self._write_backlog = backlog
+        return progressed
+
+    def _arm_read(self, *, new_message: bool) -> None:
+        """The read deadline after reading: ``timeout`` from the start of a message, else idle.
+
+        A message's deadline is set once, when it begins (or when reading
+        resumes after a handler ran), not on every chunk: a peer that trickles
+        a message byte by byte is cut off ``timeout`` after it began.
+        """
+        if not self._proto.has_partial:
+            self._in_message = False
+            self._arm(self._idle_timeout)
+        elif new_message or not self._in_message or self._deadline is None:
+            self._in_message = True
+            self._arm(self._timeout)
 
     def _arm(self, delay: float) -> None:
         """Set the read deadline, without a timer per request.
