@@ -324,3 +324,32 @@ def test_out_of_range_values_are_refused_by_name(sock_dir: Path) -> None:
         assert http.get("/hello/ok").status_code == 200  # exempt
         gated = http.get("/hello/other")
         assert gated.status_code == 503 and gated.headers["retry-after"] == "60"
+
+
+def test_maintenance_refuses_new_websocket_sessions_and_drain_counts_open_ones(sock_dir: Path) -> None:
+    from starlette.websockets import WebSocketDisconnect
+
+    async def echo(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text(await websocket.receive_text())  # open until the client speaks
+        await websocket.close()
+
+    sock = sock_dir / "c.sock"
+    app = Starlette(
+        routes=[WebSocketRoute("/ws", echo)], middleware=[Middleware(ControlSocketMiddleware, path=str(sock))]
+    )
+    with TestClient(app) as http:
+        control = Client(sock)
+        with http.websocket_connect("/ws") as open_session:
+            _payload(control, "maintenance_on")
+            with pytest.raises(WebSocketDisconnect) as refused, http.websocket_connect("/ws"):
+                pass
+            assert refused.value.code == 1013
+            drained = _payload(control, "drain", timeout=1)
+            assert drained["drained"] is True and drained["websockets_active"] == 1
+            open_session.send_text("still here")  # the open session goes on
+            assert open_session.receive_text() == "still here"
+        _payload(control, "maintenance_off")
+        with http.websocket_connect("/ws") as session:  # after maintenance, sessions are taken again
+            session.send_text("back")
+            assert session.receive_text() == "back"

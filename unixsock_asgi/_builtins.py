@@ -295,7 +295,8 @@ async def drain(ctx: CommandContext, timeout: float = 30.0) -> Any:
             f"still {stats.in_flight} request(s) in flight after {waited:.1f}s",
             payload={"drained": False, "in_flight": stats.in_flight, "waited_s": waited},
         )
-    return {"drained": True, "in_flight": 0, "waited_s": waited}
+    # Websocket sessions are long-lived and not waited for; how many are open is said.
+    return {"drained": True, "in_flight": 0, "waited_s": waited, "websockets_active": stats.websockets_active}
 
 
 # -- where is it stuck? ---------------------------------------------------------

@@ -189,13 +189,19 @@ class ControlSocketMiddleware:
         else:
             await self.app(scope, receive, send)
 
-    async def _gated(self, scope: Scope, send: Send) -> bool:
-        """Answer 503 when maintenance is on or the health check is made to fail."""
-        control = self.control
-        path = scope["path"]
+    @staticmethod
+    def _app_path(scope: Scope) -> str:
+        """The path as the app routes it (without the server's ``root_path``)."""
+        path: str = scope["path"]
         root_path = scope.get("root_path", "")
         if root_path and path.startswith(root_path):
             path = path[len(root_path) :] or "/"
+        return path
+
+    async def _gated(self, scope: Scope, send: Send) -> bool:
+        """Answer 503 when maintenance is on or the health check is made to fail."""
+        control = self.control
+        path = self._app_path(scope)
         if control.maintenance and path not in control.maintenance_exempt:
             body = b'{"error":"maintenance","detail":"this server is in maintenance; retry later"}'
             headers = [(b"retry-after", str(control.retry_after).encode())]
@@ -223,6 +229,13 @@ class ControlSocketMiddleware:
         return True
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        control = self.control
+        if control.maintenance and self._app_path(scope) not in control.maintenance_exempt:
+            # No new sessions during maintenance (open ones go on): refused at the
+            # handshake (servers answer 403), 1013 "try again later" where it is seen.
+            if (await receive())["type"] == "websocket.connect":
+                await send({"type": "websocket.close", "code": 1013, "reason": "maintenance"})
+            return
         stats = self.stats
         stats.websockets_active += 1
         stats.websockets_total += 1
