@@ -16,6 +16,8 @@ import signal
 import socket
 import stat
 import struct
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -1392,3 +1394,36 @@ def test_a_slow_but_steady_reader_gets_a_reply_that_takes_longer_than_timeout(
             time.sleep(0.1)  # 256 KiB per 0.1 s: about 1.6 s in all, three times the timeout
         assert len(received) > size, f"cut off after {len(received)} bytes, {time.monotonic() - started:.1f}s"
         assert time.monotonic() - started > 1.0
+
+
+def test_plain_handlers_that_hang_neither_mislead_nor_keep_the_process_alive(tmp_path: Path) -> None:
+    code = f"""
+import sys, threading, time
+from unixsock_asgi import Client, UnixSockServer
+release = threading.Event()
+ran = []
+def handler(cmd, args):
+    ran.append(cmd)
+    if cmd == "hang":
+        release.wait(600)  # hangs far longer than the test
+    return "pong"
+server = UnixSockServer({str(tmp_path / "c.sock")!r}, handler, handler_timeout=0.5, handler_threads=2).start()
+for _ in range(2):
+    Client(server.path).send("hang", respond=False)
+time.sleep(0.2)
+print(Client(server.path).send("ping").error, flush=True)
+server.stop()
+print("ran:", ran, flush=True)
+"""
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 10  # not held at exit by the two hung threads
+    busy, ran = done.stdout.splitlines()
+    assert busy == (
+        "handler for 'ping' did not start within 0.5s: all 2 handler threads are busy"
+        " (plain handlers that hang hold them); it will not run"
+    )
+    assert ran == "ran: ['hang', 'hang']"  # the ping that timed out in the queue never ran

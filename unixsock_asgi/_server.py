@@ -24,6 +24,7 @@ import contextvars
 import inspect
 import logging
 import os
+import queue
 import re
 import sys
 import threading
@@ -164,7 +165,7 @@ class UnixSockServer:
         self._server: asyncio.AbstractServer | None = None
         self._stopping: asyncio.Event | None = None
         self._connections: set[_Connection] = set()
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool: _DaemonPool | None = None
         self._active = 0
         self._opening = 0  # connections accepted whose transport is not made yet
         self._lock = threading.Lock()
@@ -230,7 +231,7 @@ class UnixSockServer:
             if self._bound is not None:
                 self._bound.unlink_if_ours()
             if self._pool is not None:
-                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool.shutdown(wait=False)
                 self._pool = None
 
     def __enter__(self) -> UnixSockServer:
@@ -384,33 +385,43 @@ class UnixSockServer:
             response = Response.failure(
                 f"handler for {request.cmd!r} timed out after {self.config.handler_timeout:g}s"
             )
+        except _NotStarted:
+            response = Response.failure(
+                f"handler for {request.cmd!r} did not start within {self.config.handler_timeout:g}s:"
+                f" all {self.config.handler_threads} handler threads are busy (plain handlers that hang"
+                " hold them); it will not run"
+            )
         except _HandlerRaised as raised:
             response = self._raised(request, raised.exc)
         self._audit(request, peer, response, start)
         return response
 
     async def _finish_handler(self, resumed: Awaitable[Any] | None, args: tuple[Any, ...]) -> Any:
-        async with _compat.timeout(self.config.handler_timeout):
-            # Inside the timeout, whatever the handler raises (a TimeoutError of
-            # its own included) is wrapped, so that a bare TimeoutError leaving
-            # this block always means the handler timeout expired.
-            try:
-                if resumed is not None:
-                    return await resumed
-                if self._pool is None:
-                    self._pool = concurrent.futures.ThreadPoolExecutor(
-                        self.config.handler_threads, thread_name_prefix="unixsock-handler"
-                    )
-                handler: Callable[..., Any] = self.handler
-                loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(self._pool, lambda: handler(*args))
-                if inspect.isawaitable(result):
-                    return await _await(result)
-                return result
-            except asyncio.CancelledError:
-                raise
-            except BaseException as exc:  # SystemExit in a handler must not end the server
-                raise _HandlerRaised(exc) from None
+        queued: list[concurrent.futures.Future[Any]] = []
+        try:
+            async with _compat.timeout(self.config.handler_timeout):
+                # Inside the timeout, whatever the handler raises (a TimeoutError of
+                # its own included) is wrapped, so that a bare TimeoutError leaving
+                # this block always means the handler timeout expired.
+                try:
+                    if resumed is not None:
+                        return await resumed
+                    if self._pool is None:
+                        self._pool = _DaemonPool(self.config.handler_threads, "unixsock-handler")
+                    queued.append(self._pool.submit(self.handler, *args))
+                    result = await asyncio.wrap_future(queued[0])
+                    if inspect.isawaitable(result):
+                        return await _await(result)
+                    return result
+                except asyncio.CancelledError:
+                    raise
+                except BaseException as exc:  # SystemExit in a handler must not end the server
+                    raise _HandlerRaised(exc) from None
+        except TimeoutError:
+            # The timeout cancelled the call; one still waiting for a thread is off the queue.
+            if queued and queued[0].cancelled():
+                raise _NotStarted from None
+            raise
 
     def _raised(self, request: Request, exc: BaseException) -> Response:
         logger.debug("handler for %r raised", request.cmd, exc_info=exc)
@@ -427,6 +438,71 @@ class UnixSockServer:
                 response.status,
                 (time.perf_counter() - start) * 1000,
             )
+
+
+class _NotStarted(Exception):
+    """A plain handler's call timed out while it waited for a thread: it was taken off the queue."""
+
+
+class _DaemonPool(concurrent.futures.Executor):
+    """Threads for plain handlers, daemon threads: a handler that hangs never keeps the process from exiting.
+
+    (``ThreadPoolExecutor`` joins its threads at interpreter exit.) At most
+    ``size`` threads, started as calls arrive.
+    """
+
+    def __init__(self, size: int, name: str) -> None:
+        self._size = size
+        self._name = name
+        self._queue: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[[], Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._queue.put((future, lambda: fn(*args, **kwargs)))
+        with self._lock:
+            if self._idle == 0 and len(self._threads) < self._size:
+                thread = threading.Thread(
+                    target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True
+                )
+                self._threads.append(thread)
+                thread.start()
+            else:
+                self._idle -= 1  # one idle thread takes it
+        return future
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, call = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = call()
+                except BaseException as exc:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+                del future, call, item
+            with self._lock:
+                self._idle += 1
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        # Queued calls are cancelled; running ones finish (or hang) on their own.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        for _ in self._threads:
+            self._queue.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join()
 
 
 class _HandlerRaised(Exception):
