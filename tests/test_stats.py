@@ -31,13 +31,15 @@ from unixsock_asgi._stats import (
     ROUTES_LIMIT,
     UNBUCKETED_LIMIT,
     UNMATCHED,
+    _bucket,
     merge_histograms,
 )
 
 
 def _true_quantile(samples: list[float], q: float) -> float:
+    """The nearest-rank quantile: the ceil(q * n)-th smallest sample."""
     ordered = sorted(samples)
-    return ordered[round(q * (len(ordered) - 1))]
+    return ordered[max(1, math.ceil(q * len(ordered))) - 1]
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -53,6 +55,22 @@ def test_quantiles_are_within_the_relative_error(seed: int) -> None:
         true = _true_quantile(samples, q)
         assert abs(estimate - true) / true <= RELATIVE_ERROR + 1e-9, (q, estimate, true)
     assert RELATIVE_ERROR <= 0.05
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_fleets_quantile_lies_between_the_workers_own(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(200):
+        workers = [
+            [rng.lognormvariate(-6, 1.5) for _ in range(rng.randint(1, 60))] for _ in range(rng.randint(2, 4))
+        ]
+        merged = LatencyHistogram.from_payload(merge_histograms(_hist(w).to_payload() for w in workers))
+        for q in (0.5, 0.9, 0.99):
+            # In buckets: a reported value is its bucket's midpoint, or the histogram's max
+            # when that is smaller, and the fleet's max may be another worker's.
+            own = [_bucket(_hist(w).quantile(q) or 0.0) for w in workers]
+            fleet = merged.quantile(q)
+            assert fleet is not None and min(own) <= _bucket(fleet) <= max(own), (q, fleet, own)
 
 
 def test_merging_buckets_equals_the_histogram_of_all_samples() -> None:

@@ -141,15 +141,20 @@ class LatencyHistogram:
         self.max = max(self.max, other.max)
 
     def quantile(self, q: float) -> float | None:
-        """The ``q``-quantile (0..1), within RELATIVE_ERROR; None when empty."""
+        """The ``q``-quantile (0..1), within RELATIVE_ERROR; None when empty.
+
+        Nearest rank: the bucket of the ``ceil(q * n)``-th smallest value. With
+        it, the quantile of merged histograms always lies between the workers'
+        own (an interpolated rank can put the fleet's p99 above every worker's).
+        """
         total = sum(self.buckets.values())
         if total == 0:
             return None
-        rank = q * (total - 1)
+        rank = max(1, math.ceil(q * total))
         seen = 0
         for i in sorted(self.buckets):
             seen += self.buckets[i]
-            if seen > rank:
+            if seen >= rank:
                 return min(_bucket_value(i), self.max) if self.max else _bucket_value(i)
         return _bucket_value(max(self.buckets))  # pragma: no cover - rank < total
 
