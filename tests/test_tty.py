@@ -181,3 +181,13 @@ def test_ctrl_c_in_the_shell_stops_waiting_for_a_command_and_keeps_the_shell(
     child.expect(r"> ")
     child.send("quit\r")
     assert _wait_exit(child) == 0
+
+
+def test_the_shell_says_which_workers_do_not_answer(spawn: Spawn, fleet: Fleet, socket_dir: Path) -> None:
+    fleet.start(2)
+    fleet.start(1, reply_delay_s=10.0)  # hung
+    child = spawn("shell", str(socket_dir), "--history-file", "", "--timeout", "0.5")
+    child.expect(r"3 worker\(s\), 1 not answering, at ")
+    child.expect(r"> ")
+    child.send("quit\r")
+    assert _wait_exit(child) == 0

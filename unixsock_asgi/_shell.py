@@ -121,8 +121,11 @@ def run_shell(target: Target, *, timeout: float, history_file: str) -> int:
     readline = _setup_readline(catalog, history_file) if interactive else None
     prompt = f"{os.path.basename(target.path.rstrip('/')) or target.path}> " if interactive else ""
     if interactive:
-        live = len(answers.results)
-        print(f"{live} worker(s) at {target.path}. Tab completes; 'help' lists commands; 'quit' leaves.")
+        answered, live = len(answers.successes), len(answers.results)
+        workers = (
+            f"{live} worker(s)" if answered == live else f"{live} worker(s), {live - answered} not answering,"
+        )
+        print(f"{workers} at {target.path}. Tab completes; 'help' lists commands; 'quit' leaves.")
     any_failed = False
     try:
         while True:
