@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from unixsock_asgi import Client
+
 HERE = Path(__file__).parent
 REPO = HERE.parent.parent
 
@@ -33,6 +35,25 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval:
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def reset_stats(*sockets: str | Path, timeout: float = 10) -> None:
+    """``stats_reset`` on each worker once nothing is in flight there.
+
+    A readiness probe's response reaches the harness before the server has
+    counted the request (the middleware counts it after the response went
+    out), so a reset sent at once could come first and the probe be counted after it.
+    """
+    for sock in sockets:
+        client = Client(sock, timeout=5.0)
+
+        def idle(client: Client = client) -> bool:
+            reply = client.send("stats", {"routes": False})
+            return reply is not None and reply.ok and reply.payload["in_flight"] == 0
+
+        wait_for(idle, timeout, f"no request in flight on {sock}")
+        reply = client.send("stats_reset")
+        assert reply is not None and reply.ok, reply
 
 
 @dataclass

@@ -13,7 +13,7 @@ import pytest
 
 from unixsock_asgi import Client
 
-from .harness import ServerProcess, StartServer, wait_for
+from .harness import ServerProcess, StartServer, reset_stats, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -24,7 +24,7 @@ def _example(start_server: StartServer, socket_dir: Path) -> tuple[ServerProcess
     assert len(sockets) == 1, sockets
     assert sockets[0].name == f"example_app-{server.proc.pid}.sock"
     control = Client(sockets[0], timeout=5.0)
-    _payload(control, "stats_reset")  # forget the harness's readiness probes
+    reset_stats(sockets[0])  # forget the harness's readiness probes
     return server, control
 
 

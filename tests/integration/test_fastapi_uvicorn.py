@@ -11,7 +11,7 @@ import pytest
 
 from unixsock_asgi import Client
 
-from .harness import StartServer, wait_for
+from .harness import StartServer, reset_stats, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -33,7 +33,7 @@ def test_route_templates_and_lifespan_state(
     sock = short_dir / "c-{pid}.sock"
     server = start_server(*_uvicorn("--lifespan", lifespan), env={"UNIXSOCK_TEST_SOCKET": str(sock)})
     control = Client(str(sock).replace("{pid}", str(server.proc.pid)))
-    _payload(control, "stats_reset")  # forget the harness's readiness probes
+    reset_stats(control.path)  # forget the harness's readiness probes
     with httpx.Client(base_url=server.url) as http:
         assert http.get("/api/v1/users/7").json() == {"id": 7, "db_users": 2}  # request.state from lifespan
         assert http.get("/api/v1/users/8").status_code == 200

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from .fleet_helpers import cli, cli_json, control, get_many, live_pids, wait_for_workers
-from .harness import StartServer
+from .harness import StartServer, reset_stats
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -24,7 +24,7 @@ def test_recycled_gunicorn_workers_come_up_with_the_persisted_overrides(
         env={"EXAMPLE_APP_SOCKET_DIR": str(socket_dir)},
     )  # fmt: skip
     originals = wait_for_workers(socket_dir, 3)
-    assert cli("send", str(socket_dir), "stats_reset").returncode == 0
+    reset_stats(*originals.values())
 
     # Fewer requests than any worker may serve before recycling: the counts must add up exactly.
     paths = ["/items/3"] * 12 + ["/"] * 12

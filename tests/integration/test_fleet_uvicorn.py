@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from .fleet_helpers import cli, cli_json, control, get_many, socket_files, wait_for_workers
-from .harness import ServerProcess, StartServer, wait_for
+from .harness import ServerProcess, StartServer, reset_stats, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -27,7 +27,7 @@ def test_stats_of_three_workers_add_up_and_a_log_level_reaches_every_one(
 ) -> None:
     socket_dir = short_dir / "run"
     server, workers = _three_workers(start_server, socket_dir)
-    assert cli("send", str(socket_dir), "stats_reset").returncode == 0  # forget readiness probes
+    reset_stats(*workers.values())  # forget readiness probes
 
     paths = ["/items/1"] * 25 + ["/"] * 20 + ["/health"] * 15
     statuses = get_many(server.url, paths)
