@@ -575,3 +575,21 @@ def test_no_timeout_waits_for_the_reply(start_server: ServerFactory, tracker: Co
     assert Client(server.path, timeout=None).send("sleep", {"seconds": 0.1}) == Response.success("slept")
     reply = asyncio.run(AsyncClient(server.path, timeout=None).send("sleep", {"seconds": 0.1}))
     assert reply == Response.success("slept")
+
+
+@pytest.mark.parametrize("close", [True, False])
+def test_one_async_client_serves_one_event_loop_after_another(
+    start_server: ServerFactory, tracker: ConnectionTracker, close: bool
+) -> None:
+    server = start_server(tracker)
+    client = AsyncClient(server.path, close=close)
+
+    async def three() -> list[Any]:
+        try:
+            replies = await asyncio.gather(*(client.send("echo", {"n": n}) for n in range(3)))
+        finally:
+            await client.aclose()  # a kept connection belongs to its loop
+        return [_payload(reply)["args"]["n"] for reply in replies]
+
+    for _ in range(3):  # each asyncio.run is a new loop; tasks compete for the client in each
+        assert asyncio.run(three()) == [0, 1, 2]

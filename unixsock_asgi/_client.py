@@ -284,7 +284,9 @@ class AsyncClient(_BaseClient):
         super().__init__(path, timeout, max_message_size, respond=respond, close=close)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._turn = asyncio.Lock()  # one command at a time on the connection
+        # One command at a time on the connection; both belong to one event loop.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._turn = asyncio.Lock()
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         try:
@@ -313,6 +315,13 @@ class AsyncClient(_BaseClient):
     ) -> Response | None:
         """Send one command; return its Response, or None when ``respond`` is false."""
         frame, respond, close = self._prepare(cmd, args, respond, close)
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # used from another loop (a later asyncio.run): start afresh there
+            self._loop = loop
+            self._turn = asyncio.Lock()
+            with contextlib.suppress(Exception):  # a connection of a loop that is closed by now
+                self._drop()
+            self._reader = self._writer = None
         async with self._turn:
             return await self._send(frame, respond, close)
 
