@@ -1427,3 +1427,33 @@ print("ran:", ran, flush=True)
         " (plain handlers that hang hold them); it will not run"
     )
     assert ran == "ran: ['hang', 'hang']"  # the ping that timed out in the queue never ran
+
+
+def test_a_request_begun_while_a_slow_reader_drains_a_big_reply_is_answered(
+    start_server: ServerFactory, connect_raw: RawConnector
+) -> None:
+    size = 4_000_000
+
+    async def handler(cmd: str, args: dict[str, Any]) -> str:
+        return "x" * size if cmd == "big" else "pong"
+
+    server = start_server(handler, timeout=0.5)
+    sock = connect_raw(server.path, timeout=10)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    ping = encode_frame({"cmd": "ping", "close": False})
+    sock.sendall(encode_frame({"cmd": "big", "close": False}) + ping[:6])  # the ping cut after 6 bytes
+    time.sleep(0.05)
+    sock.sendall(ping[6:])
+    received = bytearray()
+    started = time.monotonic()
+    while time.monotonic() - started < 20:
+        chunk = sock.recv(1 << 18)
+        if not chunk:
+            break
+        received += chunk
+        if received.endswith(b'"payload":"pong"}}'):
+            break
+        time.sleep(0.1)  # slower than the 0.5 s timeout allows for the whole reply
+    (length,) = struct.unpack(">I", received[:4])
+    rest = bytes(received[5 + length :])
+    assert rest.endswith(b'"payload":"pong"}}'), rest[:200]

@@ -667,6 +667,7 @@ class _Connection(asyncio.Protocol):
         self._write_paused = True
         assert self._transport is not None
         self._transport.pause_reading()
+        self._deadline = None  # not reading: a message begun meanwhile is not the peer's delay
         if self._write_timer is None:
             self._write_backlog = self._transport.get_write_buffer_size()
             self._write_timer = self._loop.call_later(self._timeout, self._write_stalled)
@@ -681,6 +682,7 @@ class _Connection(asyncio.Protocol):
         if not self._busy and not self._closing:
             assert self._transport is not None
             self._transport.resume_reading()
+            self._arm_read(new_message=True)
 
     # -- requests ------------------------------------------------------------
 
@@ -879,20 +881,20 @@ class _Connection(asyncio.Protocol):
         self._write_timer = None
         if self._peer_reads():
             self._write_timer = self._loop.call_later(self._timeout, self._write_stalled)
-            return
-        logger.debug("closing a connection whose peer did not read for %gs", self._timeout)
-        self.abort()
+        else:
+            logger.debug("closing a connection whose peer did not read for %gs", self._timeout)
+            self.abort()
 
     def _close_stalled(self) -> None:
         self._close_timer = None
-        if not self._lost and self._peer_reads():
+        if self._peer_reads():
             self._close_timer = self._loop.call_later(self._timeout, self._close_stalled)
-            return
-        self.abort()
+        else:
+            self.abort()
 
     def _peer_reads(self) -> bool:
         """Whether the peer took some of the waiting bytes since the last look (slowly is fine)."""
-        if self._transport is None:
+        if self._transport is None or self._lost:
             return False
         backlog = self._transport.get_write_buffer_size()
         progressed = backlog < self._write_backlog
@@ -906,7 +908,9 @@ class _Connection(asyncio.Protocol):
         resumes after a handler ran), not on every chunk: a peer that trickles
         a message byte by byte is cut off ``timeout`` after it began.
         """
-        if not self._proto.has_partial:
+        if self._write_paused:  # not reading until the peer takes its replies (resume_writing re-arms)
+            self._deadline = None
+        elif not self._proto.has_partial:
             self._in_message = False
             self._arm(self._idle_timeout)
         elif new_message or not self._in_message or self._deadline is None:
