@@ -1457,3 +1457,19 @@ def test_a_request_begun_while_a_slow_reader_drains_a_big_reply_is_answered(
     (length,) = struct.unpack(">I", received[:4])
     rest = bytes(received[5 + length :])
     assert rest.endswith(b'"payload":"pong"}}'), rest[:200]
+
+
+def test_a_directory_lock_held_by_a_hung_process_delays_binding_but_never_stops_it(
+    start_server: ServerFactory, sock_path: str
+) -> None:
+    import fcntl
+
+    holder = os.open(os.path.dirname(sock_path), os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # another process's lock: this is another open file
+        started = time.monotonic()
+        server = start_server()
+        assert time.monotonic() - started < 5  # waited at most its patience (2 s), then went on
+        assert ping_ok(server.path)
+    finally:
+        os.close(holder)

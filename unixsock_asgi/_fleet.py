@@ -91,22 +91,25 @@ def remove_stale_sockets(directory: str) -> list[str]:
     """
     removed = []
     for path in _socket_files(directory):
-        try:
-            if probe(path) is not None:
+        # Under the directory's lock, which a server binding here holds while it
+        # replaces a stale socket: never remove the live one it just put in place.
+        with directory_lock(directory, required=False):
+            try:
+                if probe(path) is not None:
+                    continue
+            except OSError as exc:
+                logger.debug("not removing %s: cannot probe it (%s)", path, exc)
                 continue
-        except OSError as exc:
-            logger.debug("not removing %s: cannot probe it (%s)", path, exc)
-            continue
-        try:
-            # Re-check right before unlinking: never remove something that is not a socket.
-            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            try:
+                # Re-check right before unlinking: never remove something that is not a socket.
+                if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                    continue
+                os.unlink(path)
+            except FileNotFoundError:
                 continue
-            os.unlink(path)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            logger.warning("cannot remove stale socket %s: %s", path, exc)
-            continue
+            except OSError as exc:
+                logger.warning("cannot remove stale socket %s: %s", path, exc)
+                continue
         logger.info("removed stale socket %s", path)
         removed.append(path)
     return removed

@@ -10,6 +10,7 @@ import socket
 import stat
 import struct
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -117,12 +118,14 @@ def _ensure_parent(parent: str) -> None:
 
 
 @contextlib.contextmanager
-def directory_lock(directory: str, *, required: bool = True) -> Iterator[None]:
+def directory_lock(directory: str, *, required: bool = True, patience: float = 2.0) -> Iterator[None]:
     """Hold an exclusive flock on ``directory`` (between processes of this host).
 
     Binders of sockets in it take it to check and replace a stale socket as
-    one step; the fleet's overrides file is rewritten under it. Unless
-    ``required``, a directory that cannot be opened is used without the lock.
+    one step, and so does the removal of stale sockets; the fleet's overrides
+    file is rewritten under it. Unless ``required``, a directory that cannot be
+    locked (not readable, no flock there, or held for more than ``patience``
+    seconds, by a process that hung, say) is used without the lock.
     """
     try:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
@@ -132,10 +135,23 @@ def directory_lock(directory: str, *, required: bool = True) -> Iterator[None]:
         yield
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if required:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        else:
+            deadline = time.monotonic() + patience
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        break  # go on without it
+                    time.sleep(0.01)
+                except OSError:
+                    break  # no locks on this file system
         yield
     finally:
-        os.close(fd)  # releases the lock
+        os.close(fd)  # releases the lock, if taken
 
 
 def bind_unix_socket(path: str, *, mode: int = 0o600, backlog: int = 128) -> BoundSocket:
