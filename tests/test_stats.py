@@ -645,3 +645,27 @@ def test_fastapi_plain_routes_count_under_their_templates_not_unmatched() -> Non
         "<unmatched>": 2,
     }
     assert routes["<unmatched>"]["by_status"] == {"4xx": 2}
+
+
+def test_a_route_added_after_the_first_requests_is_found_on_a_later_look(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fastapi import FastAPI
+
+    import unixsock_asgi._middleware as middleware_module
+
+    async def report(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("report")
+
+    api = FastAPI()
+    api.add_route("/reports/{rid}", report)
+    stats = Stats()
+    app = ControlSocketMiddleware(api, path="/nonexistent/unused.sock", stats=stats)
+    _serve(app, "/reports/1", 1)  # the tree is built now
+    api.add_route("/late/{x}", report)
+    monkeypatch.setattr(middleware_module, "_REFRESH_AFTER_S", 0.0)  # as if ten seconds had passed
+    _serve(app, "/late/1", 2)
+    assert {name: r["requests"] for name, r in stats.snapshot()["routes"].items()} == {
+        "/reports/{rid}": 1,
+        "/late/{x}": 2,
+    }

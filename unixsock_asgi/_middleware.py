@@ -339,16 +339,22 @@ _Endpoints = dict[int, list[Any]]
 
 
 class _RouteTree(NamedTuple):
-    """What ``_route_key`` knows of one app's routes, found once per top-level router."""
+    """What ``_route_key`` knows of one app's routes, found once per top-level router
+    (and again, at most every ``_REFRESH_AFTER_S``, when a route it does not know turns up)."""
 
     router: Any
     chains: _MountChains
     endpoints: _Endpoints
+    built_at: float
 
     @classmethod
     def of(cls, router: Any) -> _RouteTree:
         endpoints: _Endpoints = {}
-        return cls(router, _mount_chains(getattr(router, "routes", None), endpoints=endpoints), endpoints)
+        chains = _mount_chains(getattr(router, "routes", None), endpoints=endpoints)
+        return cls(router, chains, endpoints, time.monotonic())
+
+
+_REFRESH_AFTER_S = 10.0
 
 
 def _template_pattern(template: str) -> re.Pattern[str]:
@@ -478,6 +484,9 @@ def _route_key(scope: Scope, root_path: str, trees: dict[int, _RouteTree]) -> An
     if route is None and scope.get("endpoint") is not None:
         tree = _tree_of(scope, trees)
         route = _route_of_endpoint(scope, tree.endpoints)
+        if route is None and time.monotonic() - tree.built_at > _REFRESH_AFTER_S:
+            tree = _tree_of(scope, trees, refresh=True)  # a route added since the tree was built?
+            route = _route_of_endpoint(scope, tree.endpoints)
     extended = scope.get("root_path", "")
     if extended is root_path or not isinstance(extended, str):  # no mount on the way
         return route
@@ -487,10 +496,10 @@ def _route_key(scope: Scope, root_path: str, trees: dict[int, _RouteTree]) -> An
     return _mounted_key(route, matched, (tree or _tree_of(scope, trees)).chains)
 
 
-def _tree_of(scope: Scope, trees: dict[int, _RouteTree]) -> _RouteTree:
+def _tree_of(scope: Scope, trees: dict[int, _RouteTree], *, refresh: bool = False) -> _RouteTree:
     router = scope.get("router")
     known = trees.get(id(router))
-    if known is None or known.router is not router:
+    if refresh or known is None or known.router is not router:
         if len(trees) >= 100:  # an app has one top-level router
             trees.clear()
         known = trees[id(router)] = _RouteTree.of(router)
@@ -498,15 +507,13 @@ def _tree_of(scope: Scope, trees: dict[int, _RouteTree]) -> _RouteTree:
 
 
 def _route_of_endpoint(scope: Scope, endpoints: _Endpoints) -> Any:
-    """The route whose endpoint the router put in the scope; None if it is not in the tree."""
-    candidates = endpoints.get(id(scope["endpoint"]))
-    if not candidates:
-        return None
-    if len(candidates) == 1:
-        return candidates[0]
-    # One endpoint behind several routes: the one that matches (as the router tried them).
+    """The route whose endpoint the router put in the scope; None if none in the tree matches.
+
+    Each route with that endpoint is asked whether it matches, as the router
+    asked them (an endpoint may serve several routes, some added later).
+    """
     partial = None
-    for candidate in candidates:
+    for candidate in endpoints.get(id(scope["endpoint"]), ()):
         match = getattr(candidate.matches(scope)[0], "name", "")
         if match == "FULL":
             return candidate
