@@ -1307,7 +1307,21 @@ def test_replies_json_cannot_carry_become_failures(
     assert ping_ok(server.path)
 
 
-def test_an_id_too_deep_to_send_back_still_gets_a_reply(
+def test_an_id_too_deep_to_send_back_still_gets_a_reply(start_server: ServerFactory) -> None:
+    from unixsock_asgi._protocol import ConnectionProtocol, Request
+
+    deep: list[Any] = []
+    for _ in range(100_000):  # built here, not parsed: deeper than any encoder recurses
+        deep = [deep]
+    server = start_server()
+    reply = server._encode(ConnectionProtocol(), Request("ping", id=deep), Response.success("pong"))
+    (length,) = struct.unpack(">I", reply[:4])
+    answer = json.loads(reply[5 : 5 + length])
+    assert answer["response"]["status"] == "failure" and "id" not in answer  # sent without the id
+    assert "reply could not be encoded: RecursionError" in answer["response"]["error"]
+
+
+def test_deeply_nested_ids_never_break_the_connection(
     start_server: ServerFactory, connect_raw: RawConnector, caplog: pytest.LogCaptureFixture
 ) -> None:
     server = start_server()
