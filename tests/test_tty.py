@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -191,3 +192,15 @@ def test_the_shell_says_which_workers_do_not_answer(spawn: Spawn, fleet: Fleet, 
     child.expect(r"> ")
     child.send("quit\r")
     assert _wait_exit(child) == 0
+
+
+def test_top_quits_at_once_while_a_hung_worker_is_being_asked(
+    spawn: Spawn, fleet: Fleet, socket_dir: Path
+) -> None:
+    fleet.start(1, reply_delay_s=20.0)  # answers nothing within --timeout
+    child = spawn("top", str(socket_dir), "--interval", "0.3", "--timeout", "15")
+    child.expect(r"\x1b\[\?1049h")  # on the alternate screen, asking the workers
+    started = time.monotonic()
+    child.send("q")
+    assert _wait_exit(child) == 0
+    assert time.monotonic() - started < 5  # not after the 15 s the sample could take

@@ -22,7 +22,7 @@ import sys
 import termios
 import time
 import tty
-from collections.abc import Iterator, Mapping
+from collections.abc import Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -273,6 +273,22 @@ def _keyboard(fd: int | None) -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
+async def _unless(event: asyncio.Event, work: Coroutine[Any, Any, FanOutResult]) -> FanOutResult | None:
+    """``work``'s result, or None (``work`` cancelled) once ``event`` is set first."""
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
 async def _live(target: Target, interval: float, timeout: float, out: TextIO) -> int:
     """Refresh until ``q``; return the number of the signal that ended it (SIGTERM, SIGHUP), else 0."""
     fancy = os.environ.get("TERM", "") != "dumb"
@@ -309,17 +325,22 @@ async def _live(target: Target, interval: float, timeout: float, out: TextIO) ->
         try:
             while not quit_requested.is_set():
                 started = loop.time()
-                outcome = await _sample(target, timeout)
+                outcome = await _unless(quit_requested, _sample(target, timeout))
+                if outcome is None:
+                    break  # q or a signal while workers were being asked: no need to wait for them
                 rows = view.update(outcome)
                 size = shutil.get_terminal_size((80, 24))
                 lines = view.frame(outcome, rows, width=size.columns, height=size.lines, interval=interval)
-                if fancy:
-                    # No newline after the last line: on a full screen it would scroll.
-                    body = "\x1b[K\n".join(_decorate(lines, colour))
-                    out.write(f"\x1b[H{body}\x1b[K\x1b[J")
-                else:
-                    out.write("\n".join(lines) + "\n\n")
-                out.flush()
+                try:
+                    if fancy:
+                        # No newline after the last line: on a full screen it would scroll.
+                        body = "\x1b[K\n".join(_decorate(lines, colour))
+                        out.write(f"\x1b[H{body}\x1b[K\x1b[J")
+                    else:
+                        out.write("\n".join(lines) + "\n\n")
+                    out.flush()
+                except OSError:  # the terminal is gone (SIGHUP)
+                    break
                 remaining = interval - (loop.time() - started)
                 with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                     await asyncio.wait_for(quit_requested.wait(), max(remaining, 0.05))
