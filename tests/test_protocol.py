@@ -622,3 +622,25 @@ def test_a_refused_request_keeps_what_it_said_of_respond_close_and_cmd() -> None
 def test_a_reply_past_the_hard_limit_is_not_encoded() -> None:
     with pytest.raises(ValueError, match="exceeds the protocol's"):
         ConnectionProtocol().encode_reply(None, Response.success("x" * HARD_MAX_MESSAGE_SIZE))
+
+
+@pytest.mark.parametrize(
+    ("line", "args"),
+    [
+        ("set name=greeting value='good morning'", {"name": "greeting", "value": "good morning"}),
+        ("set value='  two  spaces '", {"value": "  two  spaces "}),
+        ("set value='\"42\"'", {"value": "42"}),  # as in a shell: the quotes go, JSON is read after
+        ("set value='42'", {"value": 42}),
+        ("say msg=it's", {"msg": "it's"}),  # an apostrophe inside a word is a letter
+        ('set value={"a": "it\'s"}', {"value": {"a": "it's"}}),
+    ],
+)
+def test_single_quotes_work_as_in_a_shell_where_a_value_begins(line: str, args: dict[str, Any]) -> None:
+    request = parse_line(line)
+    assert isinstance(request, Request), request
+    assert request.args == args
+
+
+def test_an_unterminated_single_quote_is_refused() -> None:
+    violation = parse_line("set value='good morning")
+    assert isinstance(violation, ProtocolViolation) and violation.error == "unterminated string"

@@ -370,13 +370,28 @@ def parse_line(line: str) -> Request | ProtocolViolation | Close:
 
 
 def _split_words(text: str) -> list[str] | ProtocolViolation:
-    """Split on whitespace, keeping quoted strings and JSON brackets whole."""
+    """Split on whitespace, keeping quoted strings and JSON brackets whole.
+
+    Single quotes work as in a shell where a word or a value begins
+    (``value='good morning'``): what they enclose is taken as it is and the
+    quotes are dropped; an apostrophe inside a word (``it's``) is a letter.
+    """
     words: list[str] = []
     current: list[str] = []
     depth = 0
     quote = False
+    single = False
     escaped = False
     for ch in text:
+        if single:
+            if ch == "'":
+                single = False
+            else:
+                current.append(ch)
+            continue
+        if ch == "'" and depth == 0 and (not current or (current[-1] == "=" and "=" not in current[:-1])):
+            single = True
+            continue
         if quote:
             current.append(ch)
             if escaped:
@@ -398,7 +413,7 @@ def _split_words(text: str) -> list[str] | ProtocolViolation:
                 current = []
             continue
         current.append(ch)
-    if quote:
+    if quote or single:
         return ProtocolViolation("unterminated string")
     if current:
         words.append("".join(current))

@@ -1,7 +1,7 @@
 """``unixsock-asgi shell``: an interactive prompt for one worker or a whole directory.
 
 Lines are ``cmd key=value ...`` (values are JSON literals when they parse,
-quoted strings and JSON objects may contain spaces) and run on every live
+quoted strings, 'single-quoted' values and JSON objects may contain spaces) and run on every live
 worker at once. Tab completes command names and ``argname=`` from the
 workers' ``help``; history is kept with readline. ``quit``, ``exit`` or EOF
 (Ctrl-D) leave. With stdin not a terminal, lines are read without a prompt
