@@ -593,3 +593,24 @@ def test_one_async_client_serves_one_event_loop_after_another(
 
     for _ in range(3):  # each asyncio.run is a new loop; tasks compete for the client in each
         assert asyncio.run(three()) == [0, 1, 2]
+
+
+def test_a_connection_kept_from_a_finished_loop_is_closed_not_leaked(
+    start_server: ServerFactory, tracker: ConnectionTracker
+) -> None:
+    server = start_server(tracker)
+    client = AsyncClient(server.path, close=False)
+
+    async def ping() -> Any:
+        return _payload(await client.send("ping"))
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    asyncio.run(ping())
+    before = open_fds()
+    for _ in range(5):  # each run leaves a kept connection behind, in a loop that is then closed
+        assert asyncio.run(ping())["cmd"] == "ping"
+    assert open_fds() <= before + 1
+    wait_until(lambda: sum(not tracker.closed(n) for n in tracker.tasks) <= 1)  # the server saw them go
+    asyncio.run(client.aclose())  # from yet another loop: no "Event loop is closed"

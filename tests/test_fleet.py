@@ -451,3 +451,17 @@ def test_another_user_may_not_persist_what_the_workers_could_not_read(fleet: Fle
     finally:
         os.seteuid(0)
     assert "workers run as uid 0" in str(caught.value) and f"written by uid {_NOBODY}" in str(caught.value)
+
+
+def test_stale_sockets_are_removed_after_one_wait_for_a_lock_held_elsewhere(socket_dir: Path) -> None:
+    import fcntl
+
+    stale = [make_stale_socket(socket_dir / f"app-{n}.sock") for n in range(4)]
+    holder = os.open(socket_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # a hung process holds the directory's lock
+        started = time.monotonic()
+        assert sorted(remove_stale_sockets(str(socket_dir))) == sorted(map(str, stale))
+        assert time.monotonic() - started < 3.5  # one patience (2 s), not one per socket
+    finally:
+        os.close(holder)

@@ -317,11 +317,9 @@ class AsyncClient(_BaseClient):
         frame, respond, close = self._prepare(cmd, args, respond, close)
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # used from another loop (a later asyncio.run): start afresh there
+            self._discard()
             self._loop = loop
             self._turn = asyncio.Lock()
-            with contextlib.suppress(Exception):  # a connection of a loop that is closed by now
-                self._drop()
-            self._reader = self._writer = None
         async with self._turn:
             return await self._send(frame, respond, close)
 
@@ -416,8 +414,28 @@ class AsyncClient(_BaseClient):
         if writer is not None:
             writer.close()
 
+    def _discard(self) -> None:
+        """Close a connection kept from another event loop, which may be closed by now.
+
+        Its transport needs that loop to close, so its socket is closed here.
+        """
+        writer = self._writer
+        self._reader = self._writer = None
+        if writer is None:
+            return
+        raw = writer.get_extra_info("socket")
+        sock = getattr(raw, "_sock", None)  # asyncio's wrapper hides close(); the socket has it
+        with contextlib.suppress(OSError):
+            if isinstance(sock, socket.socket):
+                sock.close()
+            elif raw is not None:
+                raw.shutdown(socket.SHUT_RDWR)
+
     async def aclose(self) -> None:
         """Close the connection, if one is open."""
+        if self._loop is not None and self._loop is not asyncio.get_running_loop():
+            self._discard()
+            return
         writer = self._writer
         self._reader = self._writer = None
         if writer is not None:

@@ -87,32 +87,38 @@ def remove_stale_sockets(directory: str) -> list[str]:
 
     Only sockets whose connection is refused (or that vanish while probed) are
     removed; regular files and anything that is not a socket are never touched,
-    and a socket that cannot be probed (permission denied) is left alone.
+    and a socket that cannot be probed (permission denied) is left alone. It
+    runs under the directory's lock, which a server binding there holds while
+    it replaces a stale socket: it never removes the live one just put in place.
     """
     removed = []
-    for path in _socket_files(directory):
-        # Under the directory's lock, which a server binding here holds while it
-        # replaces a stale socket: never remove the live one it just put in place.
-        with directory_lock(directory, required=False):
-            try:
-                if probe(path) is not None:
-                    continue
-            except OSError as exc:
-                logger.debug("not removing %s: cannot probe it (%s)", path, exc)
-                continue
-            try:
-                # Re-check right before unlinking: never remove something that is not a socket.
-                if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                    continue
-                os.unlink(path)
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                logger.warning("cannot remove stale socket %s: %s", path, exc)
-                continue
+    with directory_lock(directory, required=False):
+        for path in _socket_files(directory):
+            if _remove_if_stale(path):
+                removed.append(path)
+    for path in removed:
         logger.info("removed stale socket %s", path)
-        removed.append(path)
     return removed
+
+
+def _remove_if_stale(path: str) -> bool:
+    try:
+        if probe(path) is not None:
+            return False
+    except OSError as exc:
+        logger.debug("not removing %s: cannot probe it (%s)", path, exc)
+        return False
+    try:
+        # Re-check right before unlinking: never remove something that is not a socket.
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return False
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        logger.warning("cannot remove stale socket %s: %s", path, exc)
+        return False
+    return True
 
 
 def overrides_path(directory: str) -> str:
