@@ -281,12 +281,11 @@ async def _unless(event: asyncio.Event, work: Coroutine[Any, Any, FanOutResult])
         await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         waiter.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    return None
+        if not task.done():
+            task.cancel()  # the event came first, or we are cancelled ourselves
+    if not task.cancelled():
+        await asyncio.wait({task})  # a cancellation of ours still reaches us here
+    return None if task.cancelled() else task.result()
 
 
 async def _live(target: Target, interval: float, timeout: float, out: TextIO) -> int:
