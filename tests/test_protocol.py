@@ -632,6 +632,8 @@ def test_a_reply_past_the_hard_limit_is_not_encoded() -> None:
         ("set value='\"42\"'", {"value": "42"}),  # as in a shell: the quotes go, JSON is read after
         ("set value='42'", {"value": 42}),
         ("say msg=it's", {"msg": "it's"}),  # an apostrophe inside a word is a letter
+        ("set value=''", {"value": ""}),
+        ("set value='a b''c d'", {"value": "a bc d"}),  # quoted parts next to each other join
         ('set value={"a": "it\'s"}', {"value": {"a": "it's"}}),
     ],
 )
@@ -644,3 +646,5 @@ def test_single_quotes_work_as_in_a_shell_where_a_value_begins(line: str, args: 
 def test_an_unterminated_single_quote_is_refused() -> None:
     violation = parse_line("set value='good morning")
     assert isinstance(violation, ProtocolViolation) and violation.error == "unterminated string"
+    empty = parse_line("set '' x=1")  # an empty word is still a word, and not key=value
+    assert isinstance(empty, ProtocolViolation) and empty.error == "argument '' is not key=value"

@@ -381,16 +381,24 @@ def _split_words(text: str) -> list[str] | ProtocolViolation:
     depth = 0
     quote = False
     single = False
+    quoted = False  # the current word had single quotes: '' is an empty word, not none
+    closed_at = -1  # where the last single quote closed: 'a''b' goes on quoting
     escaped = False
     for ch in text:
         if single:
             if ch == "'":
                 single = False
+                closed_at = len(current)
             else:
                 current.append(ch)
             continue
-        if ch == "'" and depth == 0 and (not current or (current[-1] == "=" and "=" not in current[:-1])):
-            single = True
+        if (
+            ch == "'"
+            and depth == 0
+            and not quote
+            and (not current or closed_at == len(current) or (current[-1] == "=" and "=" not in current[:-1]))
+        ):
+            single = quoted = True
             continue
         if quote:
             current.append(ch)
@@ -408,14 +416,16 @@ def _split_words(text: str) -> list[str] | ProtocolViolation:
         elif ch in "]}":
             depth = max(0, depth - 1)
         elif ch.isspace() and depth == 0:
-            if current:
+            if current or quoted:
                 words.append("".join(current))
                 current = []
+                quoted = False
+                closed_at = -1
             continue
         current.append(ch)
     if quote or single:
         return ProtocolViolation("unterminated string")
-    if current:
+    if current or quoted:
         words.append("".join(current))
     if not words:
         return ProtocolViolation("empty command")
