@@ -669,3 +669,27 @@ def test_a_route_added_after_the_first_requests_is_found_on_a_later_look(
         "/reports/{rid}": 1,
         "/late/{x}": 2,
     }
+
+
+@pytest.mark.parametrize("mount_first", [False, True])
+def test_an_endpoint_shared_across_mount_levels_counts_under_the_route_that_served(mount_first: bool) -> None:
+    from fastapi import FastAPI
+
+    async def report(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("report")
+
+    api, sub = FastAPI(), FastAPI()
+    sub.add_route("/{kind}/{rid}", report)
+    if mount_first:
+        api.mount("/sub", sub)
+    api.add_route("/reports/{rid}", report)
+    if not mount_first:
+        api.mount("/sub", sub)
+    stats = Stats()
+    app = ControlSocketMiddleware(api, path="/nonexistent/unused.sock", stats=stats)
+    _serve(app, "/sub/reports/1", 2)  # the mounted route, though the top-level one matches "/reports/1"
+    _serve(app, "/reports/1", 1)  # the top-level route, though the mounted one matches "/reports/1"
+    assert {name: r["requests"] for name, r in stats.snapshot()["routes"].items()} == {
+        "/sub/{kind}/{rid}": 2,
+        "/reports/{rid}": 1,
+    }

@@ -334,8 +334,9 @@ class ControlSocketMiddleware:
 _MAX_MOUNT_DEPTH = 16
 _MountChains = list[tuple["re.Pattern[str]", str, Any]]
 """Every chain of mounts in an app's route tree: (pattern of its prefix, template, last mount)."""
-_Endpoints = dict[int, list[Any]]
-"""The routes of an app's route tree by the id of their endpoint."""
+_Endpoints = dict[int, list[tuple[Any, "re.Pattern[str] | None"]]]
+"""The routes of an app's route tree by the id of their endpoint, each with the
+pattern of the mount chain it is under (None at the top)."""
 
 
 class _RouteTree(NamedTuple):
@@ -394,7 +395,8 @@ def _mount_chains(
         try:
             endpoint = getattr(route, "endpoint", None)
             if endpoint is not None and endpoints is not None and len(endpoints) < _MAX_CHAINS:
-                endpoints.setdefault(id(endpoint), []).append(route)
+                under = _template_pattern(prefix) if prefix else None
+                endpoints.setdefault(id(endpoint), []).append((route, under))
             mount_path, path_format = getattr(route, "path", None), getattr(route, "path_format", None)
             if (
                 isinstance(mount_path, str)
@@ -480,18 +482,18 @@ def _route_key(scope: Scope, root_path: str, trees: dict[int, _RouteTree]) -> An
             route = context
         elif getattr(included, "path_format", None):
             route = included
+    extended = scope.get("root_path", "")
+    matched = ""  # what mounts on the way added to root_path
+    if extended is not root_path and isinstance(extended, str):
+        matched = extended[len(root_path) :] if extended.startswith(root_path) else extended
     tree: _RouteTree | None = None
     if route is None and scope.get("endpoint") is not None:
         tree = _tree_of(scope, trees)
-        route = _route_of_endpoint(scope, tree.endpoints)
+        route = _route_of_endpoint(scope, tree.endpoints, matched)
         if route is None and time.monotonic() - tree.built_at > _REFRESH_AFTER_S:
             tree = _tree_of(scope, trees, refresh=True)  # a route added since the tree was built?
-            route = _route_of_endpoint(scope, tree.endpoints)
-    extended = scope.get("root_path", "")
-    if extended is root_path or not isinstance(extended, str):  # no mount on the way
-        return route
-    matched = extended[len(root_path) :] if extended.startswith(root_path) else extended
-    if not matched:
+            route = _route_of_endpoint(scope, tree.endpoints, matched)
+    if not matched:  # no mount on the way
         return route
     return _mounted_key(route, matched, (tree or _tree_of(scope, trees)).chains)
 
@@ -506,14 +508,17 @@ def _tree_of(scope: Scope, trees: dict[int, _RouteTree], *, refresh: bool = Fals
     return known
 
 
-def _route_of_endpoint(scope: Scope, endpoints: _Endpoints) -> Any:
+def _route_of_endpoint(scope: Scope, endpoints: _Endpoints, matched: str) -> Any:
     """The route whose endpoint the router put in the scope; None if none in the tree matches.
 
-    Each route with that endpoint is asked whether it matches, as the router
-    asked them (an endpoint may serve several routes, some added later).
+    A candidate must sit under the mounts that matched (``matched``, what
+    they added to ``root_path``) and match the request itself, as the router
+    asked it (an endpoint may serve several routes, some added later).
     """
     partial = None
-    for candidate in endpoints.get(id(scope["endpoint"]), ()):
+    for candidate, under in endpoints.get(id(scope["endpoint"]), ()):
+        if (under.fullmatch(matched) is None) if under is not None else matched:
+            continue  # under other mounts than those that matched
         match = getattr(candidate.matches(scope)[0], "name", "")
         if match == "FULL":
             return candidate
