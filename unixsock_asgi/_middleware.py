@@ -378,12 +378,14 @@ def _mount_chains(
     path: frozenset[int] = frozenset(),
     *,
     endpoints: _Endpoints | None = None,
+    under: re.Pattern[str] | None = None,
 ) -> _MountChains:
     """The mount chains under ``routes``, in the order Starlette tries them (depth first).
 
     ``path`` holds the ids of the route lists on the way down, so that an app
     mounted inside itself is not walked again; at most ``_MAX_CHAINS`` chains.
-    The routes met on the way are indexed by endpoint into ``endpoints``.
+    The routes met on the way are indexed by endpoint into ``endpoints``, with
+    ``under``, the pattern of the chain of mounts they are under.
     """
     chains: _MountChains = []
     if depth > _MAX_MOUNT_DEPTH or not isinstance(routes, list | tuple) or id(routes) in path:
@@ -395,7 +397,6 @@ def _mount_chains(
         try:
             endpoint = getattr(route, "endpoint", None)
             if endpoint is not None and endpoints is not None and len(endpoints) < _MAX_CHAINS:
-                under = _template_pattern(prefix) if prefix else None
                 endpoints.setdefault(id(endpoint), []).append((route, under))
             mount_path, path_format = getattr(route, "path", None), getattr(route, "path_format", None)
             if (
@@ -404,11 +405,16 @@ def _mount_chains(
                 and path_format.endswith("/{path}")
             ):  # a Mount
                 template = prefix + mount_path
-                chains.append((_template_pattern(template), template, route))
-                chains += _mount_chains(_routes_behind(route), template, depth + 1, path, endpoints=endpoints)
+                pattern = _template_pattern(template)
+                chains.append((pattern, template, route))
+                chains += _mount_chains(
+                    _routes_behind(route), template, depth + 1, path, endpoints=endpoints, under=pattern
+                )
             elif getattr(route, "routes", None) or isinstance(getattr(route, "host", None), str):
                 # a Host: routes of its own (or behind middleware), no path
-                chains += _mount_chains(_routes_behind(route), prefix, depth + 1, path, endpoints=endpoints)
+                chains += _mount_chains(
+                    _routes_behind(route), prefix, depth + 1, path, endpoints=endpoints, under=under
+                )
         except Exception:  # a route that fails to describe itself is left out of the tree, not the others
             logger.debug("mount tree: %r left out", route, exc_info=True)
     return chains[:_MAX_CHAINS]
