@@ -15,6 +15,11 @@ class Color(enum.Enum):
     BLUE = "blue"
 
 
+class Prio(enum.IntEnum):
+    LOW = 1
+    HIGH = 2
+
+
 commands = Commands()
 
 
@@ -76,7 +81,7 @@ def test_binding_accepts_well_typed_arguments_and_applies_defaults() -> None:
         ({"name": "a", "count": 1, "flag": "maybe"}, "expected true or false, got string 'maybe'"),
         ({"name": "a", "count": 1, "color": "green"}, "expected one of red, blue, got string 'green'"),
         ({"name": "a", "count": 1, "limit": "x"}, "expected integer | null, got string 'x'"),
-        ({"name": "a", "count": 1, "mode": "warp"}, "expected one of 'fast', 'slow', got 'warp'"),
+        ({"name": "a", "count": 1, "mode": "warp"}, "expected one of 'fast', 'slow', got string 'warp'"),
         ({"name": "a", "count": 1, "tags": {}}, "expected array | null, got an object"),
     ],
 )
@@ -118,3 +123,91 @@ def test_registry_names_include_and_rejects_var_args() -> None:
     assert "extra" in merged and len(merged) == 3
     with pytest.raises(TypeError, match=r"\*args/\*\*kwargs"):
         merged.add(lambda *a: None, name="bad")
+
+
+def test_annotations_that_cannot_be_resolved_or_checked_are_refused_at_registration() -> None:
+    registry = Commands()
+
+    class Local(enum.Enum):  # not visible from the module: the string 'Local' cannot be resolved
+        A = "a"
+
+    def pick(x: Local) -> str:
+        return "x"
+
+    with pytest.raises(TypeError, match=r"the annotation 'Local' of argument 'x' cannot be resolved"):
+        registry.add(pick)
+
+    import datetime
+    import decimal
+
+    for annotation in (datetime.datetime, decimal.Decimal, tuple[int, int], set[str], dict[int, str]):
+
+        def handler(value: Any) -> None:
+            return None
+
+        handler.__annotations__ = {"value": annotation}
+        with pytest.raises(TypeError, match=r"argument 'value' is annotated .*arguments are JSON values"):
+            registry.add(handler, name="h")
+    assert "h" not in registry and "pick" not in registry
+
+
+def test_context_goes_to_a_parameter_annotated_with_it_whatever_its_name() -> None:
+    registry = Commands()
+
+    @registry.command
+    def stock(context: CommandContext, item: str) -> str:
+        return item
+
+    command = registry.get("stock")
+    assert command is not None and command.wants_ctx and command.ctx_param == "context"
+    assert [p.name for p in command.params] == ["item"]
+
+
+def test_element_types_booleans_literals_and_int_enums_are_checked_by_type() -> None:
+    registry = Commands()
+
+    @registry.command
+    def typed2(
+        ids: list[int] | None = None,
+        weights: dict[str, float] | None = None,
+        flag: bool = False,
+        n: Literal[1, 2] = 1,
+        prio: Prio = Prio.LOW,
+    ) -> None:
+        return None
+
+    command = registry.get("typed2")
+    assert command is not None
+    assert command.bind({"ids": [1, 2], "weights": {"a": 1}}) == {"ids": [1, 2], "weights": {"a": 1.0}}
+    for args, message in (
+        ({"ids": ["1", 2]}, "item 0: expected an integer, got string '1'"),
+        ({"weights": {"a": "x"}}, "key 'a': expected a number, got string 'x'"),
+        ({"flag": 2}, "expected true or false, got number 2"),
+        ({"n": True}, "expected one of 1, 2, got boolean true"),
+        ({"n": 1.0}, "expected one of 1, 2, got number 1.0"),
+        ({"prio": True}, "expected one of 1, 2, got boolean true"),
+        ({"prio": 2.0}, "expected one of 1, 2, got number 2.0"),
+    ):
+        with pytest.raises(ArgumentError) as info:
+            command.bind(args)
+        assert message in str(info.value), (args, str(info.value))
+    assert command.bind({"flag": 1, "n": 2, "prio": 2}) == {"flag": True, "n": 2, "prio": Prio.HIGH}
+    assert command.bind({"flag": 0, "prio": "high"}) == {"flag": False, "prio": Prio.HIGH}
+
+
+def test_help_shows_a_default_json_cannot_carry_as_its_text() -> None:
+    import json
+    import math
+
+    registry = Commands()
+
+    @registry.command
+    def top_items(limit: float = math.inf, since: Any = object) -> None:
+        return None
+
+    command = registry.get("top_items")
+    assert command is not None
+    described = command.to_help()
+    assert described["args"][0]["default"] == "inf"
+    assert described["args"][1]["default"] == "<class 'object'>"
+    json.dumps(described, allow_nan=False)  # strict JSON

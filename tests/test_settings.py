@@ -70,3 +70,26 @@ def test_concurrent_sets_never_expose_a_value_that_was_not_set() -> None:
         stop.set()
         thread.join(10)
     assert seen <= set(range(2001)) and settings["n"] == 2000
+
+
+def test_plain_enum_and_optional_bounded_settings() -> None:
+    import enum
+    from typing import Optional
+
+    class Level(enum.Enum):
+        LOW = "low"
+        HIGH = "high"
+
+    settings = Settings(
+        Setting("level", Level, Level.LOW),
+        Setting("max_items", Optional[int], None, minimum=1),  # noqa: UP045 - the spelling under test
+        Setting("cap", int | None, 10, minimum=1, maximum=100),
+    )
+    assert settings.set("level", Level.HIGH) == (Level.LOW, Level.HIGH)
+    assert settings.set("level", "low") == (Level.HIGH, Level.LOW)
+    assert settings.set("max_items", 5) == (None, 5)
+    assert settings.set("cap", None) == (10, None)
+    with pytest.raises(ValueError, match="cap must be at least 1"):
+        settings.set("cap", 0)
+    with pytest.raises(TypeError, match="minimum and maximum apply to int and float settings, not string"):
+        Setting("name", str, "x", minimum=1)

@@ -10,7 +10,9 @@ failure that names it and says why. A parameter called ``ctx`` receives the
 from __future__ import annotations
 
 import enum
+import functools
 import inspect
+import json
 import math
 import types
 import typing
@@ -48,7 +50,7 @@ class Parameter:
     def to_help(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "type": self.type_name, "required": self.required}
         if not self.required:
-            out["default"] = self.default.value if isinstance(self.default, enum.Enum) else self.default
+            out["default"] = _help_value(self.default)
         return out
 
 
@@ -63,7 +65,12 @@ class Command:
     diagnostic: bool = False
     params: list[Parameter] = field(default_factory=list)
     wants_ctx: bool = False
+    ctx_param: str = "ctx"
+    """The parameter that receives the :class:`CommandContext` (when ``wants_ctx``)."""
     is_async: bool = False
+    inline: bool = False
+    """Run on the control loop itself, not on a handler thread: for plain diagnostic
+    commands that never block (the built-ins). Others may block, so a thread runs them."""
 
     def bind(self, args: dict[str, Any]) -> dict[str, Any]:
         """Check ``args`` against the signature and return the keyword arguments."""
@@ -162,18 +169,32 @@ class Commands:
         sig = inspect.signature(func)
         try:
             hints = typing.get_type_hints(func)
-        except Exception:  # unresolved forward references: fall back to raw annotations
+        except Exception:  # a name only imported for type checkers, say: each is resolved below
             hints = {}
         params: list[Parameter] = []
-        wants_ctx = False
+        ctx_param: str | None = None
         for p in sig.parameters.values():
-            if p.name == "ctx":
-                wants_ctx = True
-                continue
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 raise TypeError(f"command {cmd_name!r}: *args/**kwargs are not supported")
             annotation = hints.get(p.name, p.annotation)
-            params.append(Parameter(p.name, Any if annotation is _MISSING else annotation, p.default))
+            if p.name == "ctx" or _is_context(annotation):
+                if ctx_param is not None:
+                    raise TypeError(
+                        f"command {cmd_name!r}: both {ctx_param!r} and {p.name!r} ask for the context"
+                    )
+                ctx_param = p.name
+                continue
+            if isinstance(annotation, str):
+                annotation = _resolve(func, p.name, annotation, cmd_name)
+            if annotation is _MISSING:
+                annotation = Any
+            problem = _unsupported(annotation)
+            if problem:
+                raise TypeError(
+                    f"command {cmd_name!r}: argument {p.name!r} is annotated {_annotation_text(annotation)},"
+                    f" {problem}; arguments are JSON values: use {_SUPPORTED}"
+                )
+            params.append(Parameter(p.name, annotation, p.default))
         command = Command(
             name=cmd_name,
             func=func,
@@ -181,7 +202,8 @@ class Commands:
             readonly=readonly,
             diagnostic=diagnostic,
             params=params,
-            wants_ctx=wants_ctx,
+            wants_ctx=ctx_param is not None,
+            ctx_param=ctx_param or "ctx",
             is_async=inspect.iscoroutinefunction(func),
         )
         self._commands[cmd_name] = command
@@ -222,9 +244,14 @@ def coerce(value: Any, annotation: Any) -> Any:
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
             return None
-        for option in options:
-            if option is type(None):
-                continue
+        real = [option for option in options if option is not type(None)]
+        if (
+            len(real) == 1
+            and typing.get_origin(real[0]) in (list, dict)
+            and isinstance(value, typing.get_origin(real[0]))
+        ):
+            return coerce(value, real[0])  # list[X] | None given an array: which item is wrong
+        for option in real:
             try:
                 return coerce(value, option)
             except (TypeError, ValueError):
@@ -232,11 +259,35 @@ def coerce(value: Any, annotation: Any) -> Any:
         raise ValueError(f"expected {_type_name(annotation)}, got {_describe(value)}")
     if origin is typing.Literal:
         choices = typing.get_args(annotation)
-        if value in choices:
-            return value
-        raise ValueError(f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
-    if origin in (list, dict):
-        annotation = origin
+        for choice in choices:
+            # By type too: 1 == True == 1.0, but Literal[1] does not take true or 1.0.
+            if type(choice) is type(value) and choice == value:
+                return choice
+            if isinstance(choice, enum.Enum) and type(choice.value) is type(value) and choice.value == value:
+                return choice
+        raise ValueError(f"expected one of {', '.join(map(repr, choices))}, got {_describe(value)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"expected an array, got {_describe(value)}")
+        (item_type,) = typing.get_args(annotation) or (Any,)
+        items = []
+        for i, item in enumerate(value):
+            try:
+                items.append(coerce(item, item_type))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"item {i}: {exc}") from None
+        return items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"expected an object, got {_describe(value)}")
+        value_type = (typing.get_args(annotation) or (str, Any))[1]
+        out = {}
+        for key, item in value.items():
+            try:
+                out[key] = coerce(item, value_type)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"key {key!r}: {exc}") from None
+        return out
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         return _coerce_enum(value, annotation)
     if annotation is bool:
@@ -244,6 +295,8 @@ def coerce(value: Any, annotation: Any) -> Any:
             return value
         if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
             return value.lower() in _TRUE
+        if type(value) is int and value in (0, 1):  # x=1 on a command line is a number
+            return value == 1
         raise ValueError(f"expected true or false, got {_describe(value)}")
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -277,8 +330,13 @@ def coerce(value: Any, annotation: Any) -> Any:
 
 
 def _coerce_enum(value: Any, enum_type: type[enum.Enum]) -> enum.Enum:
+    if isinstance(value, enum_type):
+        return value
     for member in enum_type:
-        if value == member.value or (isinstance(value, str) and value.lower() == member.name.lower()):
+        # By type too: an IntEnum does not take true or 2.0.
+        if type(value) is type(member.value) and value == member.value:
+            return member
+        if isinstance(value, str) and value.lower() == member.name.lower():
             return member
     choices = ", ".join(str(m.value) for m in enum_type)
     raise ValueError(f"expected one of {choices}, got {_describe(value)}")
@@ -313,8 +371,99 @@ def _type_name(annotation: Any) -> str:
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         return " | ".join(str(m.value) for m in annotation)
     names = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
+    inner = typing.get_args(annotation)
+    if origin is list and inner and inner[0] is not Any:
+        return f"array of {_type_name(inner[0])}"
+    if origin is dict and len(inner) == 2 and inner[1] is not Any:
+        return f"object of {_type_name(inner[1])}"
     if origin in names:
         return names[origin]
     if annotation in names:
         return names[annotation]
     return getattr(annotation, "__name__", str(annotation))
+
+
+_SUPPORTED = (
+    "str, int, float, bool, an Enum, a Literal, list[...] or dict[str, ...] of those,"
+    " X | None, a Union of those, or Any"
+)
+_PLAIN_TYPES = (str, int, float, bool)
+
+
+def _unsupported(annotation: Any) -> str:
+    """Why ``annotation`` cannot type a command argument, or "" when it can."""
+    if annotation is Any or annotation is object:
+        return ""
+    origin = typing.get_origin(annotation)
+    if origin is Union or (hasattr(types, "UnionType") and isinstance(annotation, types.UnionType)):
+        for option in typing.get_args(annotation):
+            if option is not type(None) and (problem := _unsupported(option)):
+                return problem
+        return ""
+    if origin is typing.Literal:
+        odd = [
+            a
+            for a in typing.get_args(annotation)
+            if not isinstance(a, (*_PLAIN_TYPES, enum.Enum, type(None)))
+        ]
+        return f"which allows {odd[0]!r}, not a JSON value" if odd else ""
+    if origin is list:
+        args = typing.get_args(annotation)
+        return _unsupported(args[0]) if args else ""
+    if origin is dict:
+        args = typing.get_args(annotation)
+        if args and args[0] not in (str, Any):
+            return "whose keys are not strings (JSON object keys are)"
+        return _unsupported(args[1]) if args else ""
+    if annotation in (*_PLAIN_TYPES, list, dict):
+        return ""
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return ""
+    return "which no JSON value is"
+
+
+def _annotation_text(annotation: Any) -> str:
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+
+
+def _is_context(annotation: Any) -> bool:
+    """Whether ``annotation`` names :class:`CommandContext` (resolved or not)."""
+    if isinstance(annotation, str):
+        return annotation.rpartition(".")[2].strip("'\"") == "CommandContext"
+    return getattr(annotation, "__name__", None) == "CommandContext" and getattr(
+        annotation, "__module__", ""
+    ).startswith("unixsock_asgi")
+
+
+def _resolve(func: Callable[..., Any], name: str, annotation: str, cmd_name: str) -> Any:
+    """Resolve one string annotation (``from __future__ import annotations``) in ``func``'s module."""
+    target: Any = inspect.unwrap(func)
+    while isinstance(target, functools.partial):
+        target = inspect.unwrap(target.func)
+    if not inspect.isfunction(target) and not inspect.ismethod(target):
+        target = type(target).__call__  # a callable object
+    holder = types.SimpleNamespace(__annotations__={name: annotation})
+    try:
+        return typing.get_type_hints(holder, globalns=getattr(target, "__globals__", {}))[name]
+    except Exception as exc:
+        raise TypeError(
+            f"command {cmd_name!r}: the annotation {annotation!r} of argument {name!r} cannot be"
+            f" resolved ({type(exc).__name__}: {exc}); arguments are checked by their types, so the"
+            " names in annotations must exist at run time in the function's module (define it at"
+            " module level, or import it outside TYPE_CHECKING)"
+        ) from None
+
+
+def _help_value(value: Any) -> Any:
+    """A default as ``help`` shows it: itself when it is plain JSON, else its text."""
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return repr(value)
+    return value

@@ -1,6 +1,7 @@
 """Runtime settings: typed values an app declares and operators change live.
 
-App code reads ``settings["name"]`` (or ``settings.name``) on every request;
+App code reads ``settings["name"]`` (or ``settings.name``, for a name that is not
+also a method of :class:`Settings`, such as ``get``) on every request;
 ``set`` validates a new value first and then swaps it in with one dict store,
 so a reader sees the old value or the new one, never a half-applied change.
 """
@@ -8,6 +9,8 @@ so a reader sees the old value or the new one, never a half-applied change.
 from __future__ import annotations
 
 import threading
+import types
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,16 +33,38 @@ class Setting:
     validate: Callable[[Any], None] | None = None
     """Extra check: raise ValueError with a message to refuse a value."""
 
+    def __post_init__(self) -> None:
+        if (self.minimum is not None or self.maximum is not None) and not _numeric(self.type):
+            raise TypeError(
+                f"setting {self.name!r}: minimum and maximum apply to int and float settings,"
+                f" not {_type_name(self.type)}"
+            )
+
     def check(self, value: Any) -> Any:
         """Return ``value`` converted to the setting's type, or raise ValueError."""
         value = coerce(value, self.type)
-        if self.minimum is not None and value < self.minimum:
-            raise ValueError(f"{self.name} must be at least {self.minimum}, got {value!r}")
-        if self.maximum is not None and value > self.maximum:
-            raise ValueError(f"{self.name} must be at most {self.maximum}, got {value!r}")
+        if value is not None:  # None: an optional setting's "unset", with no bounds to check
+            if self.minimum is not None and value < self.minimum:
+                raise ValueError(f"{self.name} must be at least {self.minimum}, got {value!r}")
+            if self.maximum is not None and value > self.maximum:
+                raise ValueError(f"{self.name} must be at most {self.maximum}, got {value!r}")
         if self.validate is not None:
             self.validate(value)
         return value
+
+
+def _numeric(annotation: Any) -> bool:
+    """int, float, or an optional/union of them."""
+    options = (
+        [a for a in typing.get_args(annotation) if a is not type(None)]
+        if _is_union(annotation)
+        else [annotation]
+    )
+    return bool(options) and all(a in (int, float) for a in options)
+
+
+def _is_union(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is typing.Union or isinstance(annotation, types.UnionType)
 
 
 class Settings:
