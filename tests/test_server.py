@@ -1487,3 +1487,55 @@ def test_a_directory_lock_held_by_a_hung_process_delays_binding_but_never_stops_
         assert ping_ok(server.path)
     finally:
         os.close(holder)
+
+
+def test_replies_give_the_few_obvious_non_json_types_their_json_form_and_refuse_the_rest(
+    start_server: ServerFactory,
+) -> None:
+    import dataclasses
+    import datetime
+    import decimal
+    import enum
+    import uuid
+    from pathlib import PurePosixPath
+
+    class Mode(enum.Enum):
+        FAST = "fast"
+
+    @dataclasses.dataclass
+    class Item:
+        id: int
+        tags: set[str]
+
+    moment = datetime.datetime(2024, 5, 6, 7, 8, 9, tzinfo=datetime.timezone.utc)
+    values: dict[str, Any] = {
+        "set": {"b", "a"},
+        "datetime": moment,
+        "date": moment.date(),
+        "enum": Mode.FAST,
+        "decimal": decimal.Decimal("19.99"),
+        "uuid": uuid.UUID(int=1),
+        "path": PurePosixPath("/srv/app"),
+        "dataclass": Item(1, {"x"}),
+    }
+
+    def handler(cmd: str, args: dict[str, Any]) -> Any:
+        return values.get(cmd, b"\x00\x01")
+
+    server = start_server(handler)
+    client = Client(server.path)
+    answers = {name: client.send(name).payload for name in values}  # type: ignore[union-attr]
+    assert answers == {
+        "set": ["a", "b"],
+        "datetime": "2024-05-06T07:08:09+00:00",
+        "date": "2024-05-06",
+        "enum": "fast",
+        "decimal": "19.99",
+        "uuid": "00000000-0000-0000-0000-000000000001",
+        "path": "/srv/app",
+        "dataclass": {"id": 1, "tags": ["x"]},
+    }
+    reply = client.send("bytes")
+    assert reply is not None and reply.error == "reply could not be encoded: TypeError: a bytes is not JSON"
+    assert client.send("enum") == Response.success("fast")  # the connection goes on
+

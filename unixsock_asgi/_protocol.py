@@ -18,10 +18,14 @@ unit-tested and fuzzed on its own (as h11 does for HTTP/1.1).
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import enum
 import json
 import json.encoder
 import math
 import struct
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -199,10 +203,38 @@ _scan_once: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder(  # type: i
 _decode = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite).decode
 
 
+def _reply_default(value: Any) -> Any:
+    """What a reply sends for a value JSON has no form for; anything else is refused.
+
+    The few types with one obvious JSON form: an Enum member as its value, a
+    date or time in ISO 8601, a set as an array (sorted where it sorts), a
+    dataclass as an object, a Decimal, UUID or path as its text. Not ``str()``
+    of anything: a client could not tell a set's repr from a string.
+    """
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (datetime.date, datetime.time)):  # datetime is a date
+        return value.isoformat()
+    if isinstance(value, (set, frozenset)):
+        try:
+            return sorted(value)
+        except TypeError:
+            return list(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    for module, name in (("decimal", "Decimal"), ("uuid", "UUID"), ("pathlib", "PurePath")):
+        # Only if the app imported it: otherwise no value can be one.
+        kind = getattr(sys.modules.get(module), name, None)
+        if kind is not None and isinstance(value, kind):
+            return str(value)
+    raise TypeError(f"a {type(value).__name__} is not JSON")
+
+
 # Built once: json.dumps with options builds a new encoder on every call.
-# Replies send anything JSON cannot represent as its str(); requests refuse it.
-_REPLY_UTF8 = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str).encode
-_REPLY_ASCII = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=str).encode
+_REPLY_UTF8 = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_reply_default
+).encode
+_REPLY_ASCII = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=_reply_default).encode
 _REQUEST_UTF8 = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 _REQUEST_ASCII = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
@@ -568,7 +600,10 @@ class ConnectionProtocol:
         payload = response.payload
         if isinstance(request, Request) and request.go_client and not isinstance(payload, str):
             payload = "" if payload is None else _REPLY_UTF8(payload)
-        resp = {"status": response.status, "error": response.error, "payload": payload}
+        status, error = response.status, response.error
+        if type(status) is not str or type(error) is not str:  # a handler's Response("failure", exc)
+            status, error = str(status), str(error)
+        resp = {"status": status, "error": error, "payload": payload}
         if self.mode == "line":
             if req_id is not None:
                 resp["id"] = req_id
@@ -582,17 +617,16 @@ class ConnectionProtocol:
                     b'{"cmd":',
                     _encode_str(cmd).encode(),
                     b',"response":{"status":',
-                    _encode_str(response.status).encode(),
+                    _encode_str(status).encode(),
                     b',"error":',
-                    _encode_str(response.error).encode(),
+                    _encode_str(error).encode(),
                     b',"payload":',
                     _REPLY_UTF8(payload).encode(),
                     b"}}" if req_id is None else b'},"id":' + _REPLY_UTF8(req_id).encode() + b"}",
                 )
             )
         except (UnicodeEncodeError, TypeError):
-            # A lone surrogate somewhere, or a status/error that is not a str:
-            # encode the whole object (ASCII-escaped if need be, str() for the rest).
+            # A lone surrogate somewhere: encode the whole object, ASCII-escaped.
             obj: dict[str, Any] = {"cmd": cmd, "response": resp}
             if req_id is not None:
                 obj["id"] = req_id
