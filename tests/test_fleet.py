@@ -465,3 +465,16 @@ def test_stale_sockets_are_removed_after_one_wait_for_a_lock_held_elsewhere(sock
         assert time.monotonic() - started < 3.5  # one patience (2 s), not one per socket
     finally:
         os.close(holder)
+
+
+def test_an_overrides_file_others_may_write_is_not_applied(
+    socket_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = Path(overrides_path(str(socket_dir)))
+    path.write_text(json.dumps({"version": 1, "overrides": [{"cmd": "maintenance_on", "args": {}}]}))
+    os.chmod(path, 0o666)
+    with caplog.at_level(logging.WARNING, logger="unixsock_asgi.fleet"):
+        assert load_overrides(str(socket_dir)) == []
+    assert "only a file of this user's or root's that no one else may write is applied" in caplog.text
+    os.chmod(path, 0o644)
+    assert load_overrides(str(socket_dir)) == [{"cmd": "maintenance_on", "args": {}}]

@@ -1539,3 +1539,31 @@ def test_replies_give_the_few_obvious_non_json_types_their_json_form_and_refuse_
     assert reply is not None and reply.error == "reply could not be encoded: TypeError: a bytes is not JSON"
     assert client.send("enum") == Response.success("fast")  # the connection goes on
 
+
+def test_a_directory_other_users_could_change_is_refused(start_server: ServerFactory, tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)  # anyone could swap the socket
+    with pytest.raises(BindError, match=r"writable by other users \(mode 0777\) and not sticky"):
+        start_server(path=str(shared / "app.sock"))
+    os.chmod(shared, 0o1777)  # sticky, as /tmp: others cannot touch this user's files
+    assert ping_ok(start_server(path=str(shared / "app.sock")).path)
+    assert [p.name for p in shared.iterdir()] == ["app.sock"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user takes root")
+def test_a_directory_of_another_user_or_a_symlink_of_one_is_refused(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(BindError, match="is owned by uid 65534, not this user"):
+        start_server(path=str(theirs / "app.sock"))
+    ours = tmp_path / "ours"
+    ours.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(ours)
+    os.lchown(link, 65534, 65534)
+    with pytest.raises(BindError, match="is a symlink owned by uid 65534"):
+        start_server(path=str(link / "app.sock"))

@@ -136,6 +136,17 @@ def load_overrides(directory: str) -> list[dict[str, Any]]:
     path = overrides_path(directory)
     try:
         with open(path, encoding="utf-8") as fh:
+            st = os.fstat(fh.fileno())
+            if st.st_uid not in (os.geteuid(), 0) or st.st_mode & 0o022:
+                # Whoever may write it chooses what every worker runs at startup.
+                logger.warning(
+                    "ignoring overrides file %s: it is owned by uid %d with mode %04o; only a file of"
+                    " this user's or root's that no one else may write is applied",
+                    path,
+                    st.st_uid,
+                    stat.S_IMODE(st.st_mode),
+                )
+                return []
             document = json.load(fh)
     except FileNotFoundError:
         return []

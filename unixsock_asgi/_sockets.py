@@ -117,6 +117,35 @@ def _ensure_parent(parent: str) -> None:
         os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
 
 
+def check_private_directory(directory: str) -> None:
+    """Raise :class:`BindError` unless only this user (or root) can change what ``directory`` holds.
+
+    Another user who could create, rename or remove files in it could swap the
+    control socket for their own (and answer the CLI in its place) or plant an
+    overrides file. Like ssh's StrictModes: the directory (and a symlink to it)
+    must belong to this user or root, and not be writable by group or others
+    unless it is sticky, as ``/tmp`` is.
+    """
+    euid = os.geteuid()
+    try:
+        link = os.lstat(directory)
+        st = os.stat(directory)
+    except OSError as exc:
+        raise BindError(f"cannot inspect socket directory {directory!r}: {exc.strerror}") from None
+    checks = [("a symlink owned by", link)] if stat.S_ISLNK(link.st_mode) else []
+    for what, info in (*checks, ("owned by", st)):
+        if info.st_uid not in (euid, 0):
+            raise BindError(
+                f"socket directory {directory!r} is {what} uid {info.st_uid}, not this user (uid {euid})"
+                " or root: its owner could replace the control socket; use a directory of this user's"
+            )
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise BindError(
+            f"socket directory {directory!r} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o})"
+            " and not sticky: they could replace the control socket; chmod go-w it"
+        )
+
+
 @contextlib.contextmanager
 def directory_lock(directory: str, *, required: bool = True, patience: float = 2.0) -> Iterator[None]:
     """Hold an exclusive flock on ``directory`` (between processes of this host).
@@ -169,6 +198,7 @@ def bind_unix_socket(path: str, *, mode: int = 0o600, backlog: int = 128) -> Bou
         raise BindError(f"socket path {path!r} is longer than the {_SUN_PATH_MAX} bytes UNIX sockets allow")
     parent = os.path.dirname(path)
     _ensure_parent(parent)
+    check_private_directory(parent)
     _check_existing(path)  # fail early, before binding anything
     try:
         tmpdir = tempfile.mkdtemp(prefix=".", dir=parent)
