@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -353,3 +354,172 @@ def test_maintenance_refuses_new_websocket_sessions_and_drain_counts_open_ones(s
         with http.websocket_connect("/ws") as session:  # after maintenance, sessions are taken again
             session.send_text("back")
             assert session.receive_text() == "back"
+
+
+def test_a_command_that_raises_system_exit_fails_and_the_app_serves_on(sock_dir: Path) -> None:
+    commands = Commands()
+
+    @commands.command
+    async def parse(argv: list[str]) -> str:
+        """Parses like argparse does: SystemExit on bad input."""
+        raise SystemExit(2)
+
+    def handler(cmd: str, args: dict[str, Any]) -> Any:
+        raise KeyboardInterrupt
+
+    sock = sock_dir / "c.sock"
+    app = Starlette(
+        routes=[Route("/hello/{name}", _hello)],
+        middleware=[Middleware(ControlSocketMiddleware, path=str(sock), commands=commands, handler=handler)],
+    )
+    with TestClient(app) as http:
+        control = Client(sock)
+        reply = control.send("parse", {"argv": ["--bogus"]})
+        assert reply is not None and reply.error == "SystemExit: 2"
+        reply = control.send("anything")
+        assert reply is not None and reply.error == "KeyboardInterrupt"
+        assert http.get("/hello/x").text == "hi"  # the app's loop runs on
+        assert _payload(control, "ping") == "pong"
+
+
+def test_an_app_command_raising_key_error_names_it(sock_dir: Path) -> None:
+    commands = Commands()
+
+    @commands.command
+    async def price(item: str) -> float:
+        return {"tea": 2.5}[item]
+
+    sock = sock_dir / "c.sock"
+    with TestClient(_starlette(sock, commands=commands)):
+        reply = Client(sock).send("price", {"item": "coffee"})
+        assert reply is not None and reply.error == "KeyError: 'coffee'"
+
+
+def test_ctx_app_state_is_the_apps_state_even_when_empty_at_startup(sock_dir: Path) -> None:
+    commands = Commands()
+
+    @commands.command(readonly=True)
+    async def hits(ctx: Any) -> Any:
+        return getattr(ctx.app_state, "hits", None)
+
+    async def count(request: Request) -> PlainTextResponse:
+        request.app.state.hits = getattr(request.app.state, "hits", 0) + 1
+        return PlainTextResponse("ok")
+
+    sock = sock_dir / "c.sock"
+    app = Starlette(
+        routes=[Route("/", count)],
+        middleware=[Middleware(ControlSocketMiddleware, path=str(sock), commands=commands)],
+    )
+    with TestClient(app) as http:
+        http.get("/")
+        http.get("/")
+        assert _payload(Client(sock), "hits") == 2
+
+
+def test_a_blocking_plain_diagnostic_command_does_not_stall_other_connections(sock_dir: Path) -> None:
+    commands = Commands()
+    release = threading.Event()
+
+    @commands.command(diagnostic=True)
+    def wait_a_while() -> str:
+        release.wait(10)
+        return "done"
+
+    sock = sock_dir / "c.sock"
+    with TestClient(_starlette(sock, commands=commands)):
+        results: list[Any] = []
+        slow = threading.Thread(target=lambda: results.append(Client(sock).send("wait_a_while")))
+        slow.start()
+        try:
+            time.sleep(0.2)  # let it start
+            start = time.monotonic()
+            assert _payload(Client(sock), "ping") == "pong"
+            took = time.monotonic() - start
+        finally:
+            release.set()
+            slow.join(10)
+        assert took < 2, took
+        assert results and results[0].payload == "done"
+
+
+def test_logger_names_from_the_socket_make_no_loggers_unless_set_and_bounded(sock_dir: Path) -> None:
+    def made() -> set[str]:  # besides the ones of registered commands
+        return {n for n in set(logging.root.manager.loggerDict) - known if not n.startswith("unixsock_asgi")}
+
+    known = set(logging.root.manager.loggerDict)
+    sock = sock_dir / "c.sock"
+    with TestClient(_starlette(sock)):
+        control = Client(sock)
+        reply = _payload(control, "get_log_level", logger="usa.never.made.x")
+        assert reply == {
+            "logger": "usa.never.made.x",
+            "level": "NOTSET",
+            "effective": reply["effective"],
+            "exists": False,
+        }
+        reply = control.send("x" * 5000 + "." * 100)  # an unknown command: no logger per name either
+        assert reply is not None and "unknown command" in reply.error
+        assert made() == set()
+        dotted = ".".join(["a"] * 2000)
+        reply = control.send("set_log_level", {"level": "DEBUG", "logger": dotted})
+        assert reply is not None and "not a name to make one under" in reply.error
+        reply = control.send("set_log_level", {"level": "DEBUG", "logger": "usa\nforged line"})
+        assert reply is not None and not reply.ok
+        assert made() == set()
+        _payload(control, "set_log_level", level="DEBUG", logger="usa.made.later")  # a sane name is made
+        assert logging.getLogger("usa.made.later").level == logging.DEBUG
+
+
+def test_app_commands_replacing_built_ins_are_warned_about(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    commands = Commands()
+
+    @commands.command(name="set")
+    def my_set(key: str, value: str) -> str:
+        return key
+
+    with caplog.at_level(logging.WARNING, logger="unixsock_asgi"):
+        ControlSocketMiddleware(
+            _starlette(sock_dir / "c.sock"), path=str(sock_dir / "d.sock"), commands=commands
+        )
+    assert "the app's command(s) 'set' replace the built-in one(s)" in caplog.text
+
+
+def test_help_tells_of_the_go_style_handler(sock_dir: Path) -> None:
+    def handler(cmd: str, args: dict[str, Any]) -> Any:
+        """Answers echo and friends."""
+        return args
+
+    sock = sock_dir / "c.sock"
+    with TestClient(_starlette(sock, handler=handler)):
+        control = Client(sock)
+        listing = _payload(control, "help")
+        assert listing["handler"]["doc"] == "Answers echo and friends."
+        assert "handler" in listing["handler"]["name"]
+        reply = control.send("help", {"command": "echo"})
+        assert reply is not None and "is not a registered command: the app's handler" in reply.error
+
+
+def test_only_persistable_commands_are_applied_from_the_overrides_file(sock_dir: Path) -> None:
+    commands = Commands()
+    ran: list[int] = []
+
+    @commands.command
+    async def restock(quantity: int) -> int:
+        ran.append(quantity)
+        return quantity
+
+    document = {
+        "version": 1,
+        "overrides": [{"cmd": "restock", "args": {"quantity": 99}}, {"cmd": "health_fail", "args": {}}],
+    }
+    (sock_dir / "overrides.json").write_text(json.dumps(document))
+    app = Starlette(
+        routes=[Route("/health", _hello)],
+        middleware=[Middleware(ControlSocketMiddleware, socket_dir=str(sock_dir), commands=commands)],
+    )
+    with TestClient(app) as http:
+        assert http.get("/health").status_code == 503  # health_fail was applied
+    assert ran == []

@@ -4,9 +4,11 @@ control thread, touch only thread-safe state, and answer while the app loop is b
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import platform
+import re
 import socket
 import sys
 import threading
@@ -39,9 +41,22 @@ def ping() -> str:
 def help_(ctx: CommandContext, command: str = "") -> Any:
     """List every command with its arguments and help text (or just ``command``)."""
     commands = [c.to_help() for c in ctx.control.commands if not command or c.name == command]
+    handler = ctx.control.handler
     if command and not commands:
+        if handler is not None:
+            return Response.failure(
+                f"{command!r} is not a registered command: the app's handler {_name_of(handler)} answers it"
+                " (and has no help of its own)"
+            )
         return Response.failure(f"unknown command {command!r}; 'help' lists the commands")
+    if handler is not None and not command:
+        doc = inspect.cleandoc(getattr(handler, "__doc__", None) or "").strip()
+        return {"commands": commands, "handler": {"name": _name_of(handler), "doc": doc}}
     return {"commands": commands}
+
+
+def _name_of(handler: Any) -> str:
+    return str(getattr(handler, "__qualname__", None) or type(handler).__qualname__)
 
 
 def _version(module: str) -> str | None:
@@ -108,8 +123,20 @@ def stats_reset(ctx: CommandContext) -> dict[str, Any]:
 # -- logging ------------------------------------------------------------------
 
 
-def _logger(name: str) -> logging.Logger:
-    return logging.getLogger(name) if name and name != "root" else logging.getLogger()
+def _existing_logger(name: str) -> logging.Logger | None:
+    """The logger called ``name`` if the process has it; never makes one."""
+    if not name or name == "root":
+        return logging.getLogger()
+    found = logging.root.manager.loggerDict.get(name)
+    return found if isinstance(found, logging.Logger) else None
+
+
+# set_log_level may make a logger the app has not made yet (it may make it later),
+# within bounds: a logger lives as long as the process, with one entry per dotted prefix.
+_NEW_LOGGER_NAME = re.compile(r"[A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*){0,15}")
+_NEW_LOGGER_NAME_MAX = 128
+_NEW_LOGGERS_MAX = 256
+_new_loggers: set[str] = set()
 
 
 _MAX_TTL_S = 7 * 86400
@@ -150,7 +177,20 @@ def loggers() -> dict[str, Any]:
 @command(readonly=True, diagnostic=True)
 def get_log_level(logger: str = "") -> dict[str, Any]:
     """The level of ``logger`` (the root logger by default)."""
-    return _describe_logger(_logger(logger))
+    lg = _existing_logger(logger)
+    if lg is not None:
+        return _describe_logger(lg)
+    # Not made yet: it would start at NOTSET and inherit from its nearest existing parent.
+    parent = logger.rpartition(".")[0]
+    while parent and _existing_logger(parent) is None:
+        parent = parent.rpartition(".")[0]
+    inherited = _existing_logger(parent) or logging.getLogger()
+    return {
+        "logger": logger,
+        "level": "NOTSET",
+        "effective": logging.getLevelName(inherited.getEffectiveLevel()),
+        "exists": False,
+    }
 
 
 @command(diagnostic=True)
@@ -165,7 +205,21 @@ def set_log_level(ctx: CommandContext, level: str | int, logger: str = "", ttl: 
         return Response.failure(
             f"ttl must be a positive number of seconds, at most {_MAX_TTL_S} (a week), got {ttl:g}"
         )
-    lg = _logger(logger)
+    lg = _existing_logger(logger)
+    if lg is None:
+        if len(logger) > _NEW_LOGGER_NAME_MAX or not _NEW_LOGGER_NAME.fullmatch(logger):
+            return Response.failure(
+                f"no logger {logger!r} in this process, and that is not a name to make one under"
+                f" (dotted words of letters, digits, _ or -, at most {_NEW_LOGGER_NAME_MAX} characters);"
+                " 'loggers' lists those there are"
+            )
+        if logger not in _new_loggers and len(_new_loggers) >= _NEW_LOGGERS_MAX:
+            return Response.failure(
+                f"no logger {logger!r} in this process, and {_NEW_LOGGERS_MAX} have been made from the"
+                " socket already; 'loggers' lists those there are"
+            )
+        _new_loggers.add(logger)
+        lg = logging.getLogger(logger)
     key = lg.name
     restores = ctx.control.log_restores
     old = lg.level
@@ -189,7 +243,7 @@ def set_log_level(ctx: CommandContext, level: str | int, logger: str = "", ttl: 
             restores.pop(key, None)
             lg.setLevel(original)
             logging.getLogger("unixsock_asgi").info(
-                "log level of %s reverted to %s after %gs", key, logging.getLevelName(original), ttl
+                "log level of %r reverted to %s after %gs", key, logging.getLevelName(original), ttl
             )
 
         restores[key] = (loop.call_later(ttl, restore), original)
@@ -348,3 +402,8 @@ def tasks(ctx: CommandContext) -> dict[str, Any]:
         )
     out.sort(key=lambda t: t["name"])
     return {"tasks": out, "count": len(out)}
+
+
+for _builtin in builtin_commands:
+    _builtin.inline = True  # none of them blocks: they answer on the control loop itself
+del _builtin

@@ -162,7 +162,9 @@ class ControlPlane:
         state = scope.get("state")
         if isinstance(state, dict):
             self.lifespan_state = state
-        self.app_state = getattr(scope.get("app"), "state", None) or getattr(self.app, "state", None)
+        # Not ``or``: Starlette's State has a length, so an empty one is false.
+        app_state = getattr(scope.get("app"), "state", None)
+        self.app_state = app_state if app_state is not None else getattr(self.app, "state", None)
         self.socket_dir = socket_dir
         if socket_dir is not None:
             from ._fleet import remove_stale_sockets
@@ -180,11 +182,14 @@ class ControlPlane:
             await self._apply_overrides(socket_dir)
 
     async def _apply_overrides(self, socket_dir: str) -> None:
-        from ._fleet import load_overrides
+        from ._fleet import PERSISTABLE_COMMANDS, load_overrides
 
         for override in load_overrides(socket_dir):
             cmd, args = override.get("cmd"), override.get("args") or {}
             if not isinstance(cmd, str):
+                continue
+            if cmd not in PERSISTABLE_COMMANDS:  # what --persist writes, and nothing else
+                logger.warning("persisted override %r skipped: not a command that can be persisted", cmd)
                 continue
             response = await self.invoke(cmd, args, PeerCredentials(os.getpid(), os.getuid(), os.getgid()))
             if response.ok:
@@ -214,8 +219,11 @@ class ControlPlane:
         self, cmd: str, args: dict[str, Any], peer: PeerCredentials, request_id: Any = None
     ) -> Response:
         """Run one command by name, on whichever loop it belongs."""
-        ctx = CommandContext(self, peer, logging.getLogger(f"unixsock_asgi.commands.{cmd}"), request_id)
         command = self.commands.get(cmd)
+        # A logger per registered command only: a logger lives as long as the process,
+        # and a name from the socket would make one (and one per dotted prefix) per name.
+        name = "unixsock_asgi.commands" if command is None else f"unixsock_asgi.commands.{command.name}"
+        ctx = CommandContext(self, peer, logging.getLogger(name), request_id)
         if command is None:
             if self.handler is None:
                 return Response.failure(f"unknown command {cmd!r}; 'help' lists the commands")
@@ -226,9 +234,17 @@ class ControlPlane:
         except ArgumentError as exc:
             return Response.failure(str(exc))
         if command.wants_ctx:
-            kwargs["ctx"] = ctx
+            kwargs[command.ctx_param] = ctx
         if command.diagnostic or self.app_loop is None or _on_loop(self.app_loop):
-            result = command.func(**kwargs)
+            server = self.server
+            server_loop = server.loop if server is not None else None
+            if command.inline or command.is_async or server_loop is None or not _on_loop(server_loop):
+                result = command.func(**kwargs)
+            else:
+                # An app's plain diagnostic command may block: on a handler thread, so
+                # that the control loop goes on answering other connections meanwhile.
+                assert server is not None
+                result = await asyncio.wrap_future(server._submit_blocking(command.func, **kwargs))
             if inspect.isawaitable(result):
                 result = await result
             return _as_response(result)
@@ -251,9 +267,13 @@ class ControlPlane:
                 if abandoned:
                     raise asyncio.CancelledError
                 started.append(time.monotonic())
-            result = func(*args, **kwargs)
-            if inspect.isawaitable(result):
-                result = await result
+            try:
+                result = func(*args, **kwargs)
+                if inspect.isawaitable(result):
+                    result = await result
+            except (SystemExit, KeyboardInterrupt) as exc:
+                # Raised out of a task, these would stop the app's loop: the whole server.
+                return Response.failure(_describe(exc))
             return result
 
         future = asyncio.run_coroutine_threadsafe(run(), loop)
@@ -273,8 +293,6 @@ class ControlPlane:
                     " 'stacks' and 'tasks' still answer and show where it is stuck"
                 )
             return Response.failure(f"{cmd!r} timed out after {self.app_timeout:g}s on the app's loop")
-        except KeyError as exc:  # str(KeyError) quotes its message
-            return Response.failure(str(exc.args[0]) if exc.args else "KeyError")
         except Exception as exc:
             return Response.failure(_describe(exc))
 

@@ -95,6 +95,12 @@ class ControlSocketMiddleware:
         registry.include(builtin_commands)
         if commands is not None:
             registry.include(commands)
+            replaced = [c.name for c in commands if c.name in builtin_commands]
+            if replaced:
+                logger.warning(
+                    "the app's command(s) %s replace the built-in one(s) of the same name",
+                    ", ".join(map(repr, replaced)),
+                )
         self.stats = stats if stats is not None else Stats()
         self._route_trees: dict[int, _RouteTree] = {}  # see _route_key
         self.control = ControlPlane(

@@ -406,9 +406,7 @@ class UnixSockServer:
                 try:
                     if resumed is not None:
                         return await resumed
-                    if self._pool is None:
-                        self._pool = _DaemonPool(self.config.handler_threads, "unixsock-handler")
-                    queued.append(self._pool.submit(self.handler, *args))
+                    queued.append(self._submit_blocking(self.handler, *args))
                     result = await asyncio.wrap_future(queued[0])
                     if inspect.isawaitable(result):
                         return await _await(result)
@@ -422,6 +420,14 @@ class UnixSockServer:
             if queued and queued[0].cancelled():
                 raise _NotStarted from None
             raise
+
+    def _submit_blocking(
+        self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[Any]:
+        """Run a plain (maybe blocking) function on a handler thread; from the server's loop."""
+        if self._pool is None:
+            self._pool = _DaemonPool(self.config.handler_threads, "unixsock-handler")
+        return self._pool.submit(fn, *args, **kwargs)
 
     def _raised(self, request: Request, exc: BaseException) -> Response:
         logger.debug("handler for %r raised", request.cmd, exc_info=exc)
