@@ -609,3 +609,50 @@ def test_persisted_overrides_survive_a_show_of_the_file_written_by_another_tool(
     result = _cli("overrides", "show", str(socket_dir))
     assert result.returncode == EXIT_OK
     assert "1. maintenance_on retry_after=30" in result.stdout
+
+
+def test_help_shows_defaults_and_the_go_style_handler() -> None:
+    from unixsock_asgi.cli import render_help
+
+    payload = {
+        "commands": [
+            {
+                "name": "drain",
+                "doc": "Wait.",
+                "args": [
+                    {"name": "timeout", "type": "number", "required": False, "default": 30},
+                    {"name": "logger", "type": "string", "required": False, "default": ""},
+                ],
+            }
+        ],
+        "handler": {"name": "legacy", "doc": "Answers echo. And more."},
+    }
+    assert render_help(payload) == [
+        "drain [timeout=<number, default 30>] [logger=<string>]",
+        f"{'':36}  Wait.",
+        "",
+        "Any other command goes to the app's handler legacy: Answers echo.",
+    ]
+
+
+def test_what_workers_send_is_shown_as_text_never_as_terminal_controls(
+    start_server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from unixsock_asgi import Response
+
+    nasty = "\x1b]0;PWNED\x07\x1b[2J\x1b[31mred\r\x9b31m\u202eevil"
+
+    def handler(cmd: str, args: dict[str, Any]) -> Any:
+        if cmd == "fail":
+            return Response.failure(nasty)
+        return {"text": nasty} if cmd == "obj" else nasty
+
+    server = start_server(handler)
+    for cmd in ("text", "obj", "fail"):
+        status, out, err = run(capsys, "send", server.path, cmd)
+        assert status == (EXIT_FAILED if cmd == "fail" else EXIT_OK)
+        shown = out + err
+        assert "PWNED" in shown and "\\x9b" in shown and "\\u202e" in shown, shown
+        if cmd != "obj":  # (an object is shown as JSON, which escapes C0 controls its own way)
+            assert "\\x1b]0;PWNED\\x07" in shown, shown
+        assert not {"\x1b", "\x07", "\r", "\x9b", "\u202e"} & set(shown), (cmd, shown)

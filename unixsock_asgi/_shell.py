@@ -18,7 +18,15 @@ from typing import Any
 
 from ._fleet import Target, fan_out
 from ._protocol import Close, ProtocolViolation, parse_line
-from .cli import EXIT_FAILED, EXIT_OK, UsageError, failure_summary, render_answers, reply_timeout
+from .cli import (
+    EXIT_FAILED,
+    EXIT_OK,
+    UsageError,
+    failure_summary,
+    render_answers,
+    reply_timeout,
+    terminal_safe,
+)
 
 __all__ = ["CommandCatalog", "completions", "run_shell"]
 
@@ -166,7 +174,7 @@ def run_shell(target: Target, *, timeout: float, history_file: str) -> int:
                 any_failed = True
                 continue
             for text in render_answers(event.cmd, outcome, single_target=not target.is_directory):
-                print(text)
+                print(terminal_safe(text))
             if not outcome.all_ok:
                 print(f"error: {failure_summary(outcome)}", file=sys.stderr)
                 any_failed = True

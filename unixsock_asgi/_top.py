@@ -37,6 +37,7 @@ from .cli import (
     format_count,
     format_duration,
     format_uptime,
+    terminal_safe,
 )
 
 __all__ = ["TopView", "run_top"]
@@ -183,7 +184,7 @@ class TopView:
         total.rss_bytes = _sum("rss_bytes")
         body.append(self._row_text(total, label="TOTAL"))
         limit = max(20, width - 1)
-        return [line[:limit] for line in header + body][: max(height, 1)]
+        return [terminal_safe(line)[:limit] for line in header + body][: max(height, 1)]
 
     @staticmethod
     def _row_text(r: WorkerRow, label: str | None = None) -> str:

@@ -237,8 +237,15 @@ def render_help(payload: Any) -> list[str]:
             continue
         params = []
         for arg in command.get("args") or []:
-            text = f"{arg.get('name')}=<{arg.get('type', 'any')}>"
-            params.append(text if arg.get("required") else f"[{text}]")
+            kind = arg.get("type", "any")
+            default = arg.get("default")
+            if arg.get("required"):
+                params.append(f"{arg.get('name')}=<{kind}>")
+            elif default is None or default == "":
+                params.append(f"[{arg.get('name')}=<{kind}>]")
+            else:
+                shown = default if isinstance(default, str) else json.dumps(default, ensure_ascii=False)
+                params.append(f"[{arg.get('name')}=<{kind}, default {shown}>]")
         first = _doc_summary(command.get("doc")) + (" (read-only)" if command.get("readonly") else "")
         rows.append((f"{command.get('name')} {' '.join(params)}".rstrip(), first))
     width = min(max((len(sig) for sig, _ in rows), default=0), _HELP_SIGNATURE_WIDTH)
@@ -248,6 +255,14 @@ def render_help(payload: Any) -> list[str]:
             lines += [sig, f"{'':{width}}  {doc}".rstrip()]  # long signature: doc on its own line
         else:
             lines.append(f"{sig.ljust(width)}  {doc}".rstrip())
+    handler = payload.get("handler")
+    if isinstance(handler, Mapping):
+        doc = _doc_summary(handler.get("doc"))
+        lines += [
+            "",
+            f"Any other command goes to the app's handler {handler.get('name')}"
+            + (f": {doc}" if doc else "."),
+        ]
     return lines
 
 
@@ -293,7 +308,29 @@ def failure_summary(outcome: FanOutResult) -> str:
     for r in bad:
         reasons.setdefault(f"{r.status}: {r.error or 'no message'}", []).append(os.path.basename(r.socket))
     details = "; ".join(f"{', '.join(sockets)}: {reason}" for reason, sockets in reasons.items())
-    return f"{len(bad)} of {len(outcome.results)} workers did not succeed: {details}"
+    return terminal_safe(f"{len(bad)} of {len(outcome.results)} workers did not succeed: {details}")
+
+
+_UNSAFE = {
+    code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    for code in (
+        *range(0x20),
+        *range(0x7F, 0xA0),  # DEL and the C1 controls (0x9b is a CSI of its own)
+        *range(0x202A, 0x202F),  # bidirectional overrides: text that reads other than it is
+        *range(0x2066, 0x206A),
+    )
+    if code not in (0x09, 0x0A)  # tab and newline lay text out; they do not drive the terminal
+}
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with the characters that drive a terminal shown as escapes.
+
+    What workers send (errors, payload strings, route names, help) is shown as
+    text, never as cursor moves, colours, title changes or a carriage return
+    that overwrites the line.
+    """
+    return text.translate(_UNSAFE)
 
 
 # --------------------------------------------------------------------------- commands
@@ -373,7 +410,7 @@ def _run_fan_out(target: Target, cmd: str, args: Mapping[str, Any], timeout: flo
 
 def _write(lines: Iterable[str], out: TextIO) -> None:
     for line in lines:
-        out.write(line + "\n")
+        out.write(terminal_safe(line) + "\n")
 
 
 def _stale_note(outcome: FanOutResult) -> None:
