@@ -478,3 +478,24 @@ def test_an_overrides_file_others_may_write_is_not_applied(
     assert "only a file of this user's or root's that no one else may write is applied" in caplog.text
     os.chmod(path, 0o644)
     assert load_overrides(str(socket_dir)) == [{"cmd": "maintenance_on", "args": {}}]
+
+
+def test_persisting_gives_up_on_a_directory_lock_held_too_long(socket_dir: Path) -> None:
+    import fcntl
+
+    from unixsock_asgi._sockets import directory_lock
+
+    holder = os.open(socket_dir, os.O_RDONLY)  # another open file: as another process's lock
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        started = time.monotonic()
+        with (
+            pytest.raises(TimeoutError, match=r"stayed locked by another process for 0\.3s"),
+            directory_lock(str(socket_dir), patience=0.3),
+        ):
+            pass
+        assert time.monotonic() - started < 3
+    finally:
+        os.close(holder)
+    persist_override(str(socket_dir), "health_fail", {})  # free again
+    assert load_overrides(str(socket_dir)) == [{"cmd": "health_fail", "args": {}}]

@@ -641,6 +641,11 @@ def _fsync_directory(directory: str) -> None:
         os.close(dir_fd)
 
 
+_OVERRIDES_LOCK_PATIENCE = 10.0
+"""Seconds a rewrite of the overrides file waits for the directory's lock (another writer
+takes milliseconds; anyone who may read the directory can hold it)."""
+
+
 def persist_override(directory: str, cmd: str, args: Mapping[str, Any]) -> list[Any]:
     """Record ``cmd args`` in the directory's overrides file; return the new list.
 
@@ -648,7 +653,7 @@ def persist_override(directory: str, cmd: str, args: Mapping[str, Any]) -> list[
     last, so the file lists overrides in the order to apply them.
     """
     key = override_key(cmd, args)
-    with directory_lock(directory):
+    with directory_lock(directory, patience=_OVERRIDES_LOCK_PATIENCE):
         document = read_overrides_document(directory)
         entries = [e for e in document["overrides"] if _entry_key(e) != key]
         entries.append({"cmd": cmd, "args": dict(args)})
@@ -661,7 +666,7 @@ def clear_overrides(directory: str) -> int:
 
     Running workers keep their current state; only workers started later are affected.
     """
-    with directory_lock(directory):
+    with directory_lock(directory, patience=_OVERRIDES_LOCK_PATIENCE):
         try:
             count = len(read_overrides_document(directory)["overrides"])
         except OverridesFileError:

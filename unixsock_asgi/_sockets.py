@@ -152,9 +152,10 @@ def directory_lock(directory: str, *, required: bool = True, patience: float = 2
 
     Binders of sockets in it take it to check and replace a stale socket as
     one step, and so does the removal of stale sockets; the fleet's overrides
-    file is rewritten under it. Unless ``required``, a directory that cannot be
-    locked (not readable, no flock there, or held for more than ``patience``
-    seconds, by a process that hung, say) is used without the lock.
+    file is rewritten under it. Whoever may read the directory may hold its
+    lock, so it is waited for ``patience`` seconds at most: then, unless
+    ``required``, the directory is used without it (and so is one that cannot
+    be locked: not readable, or no flock there); if ``required``, TimeoutError.
     """
     try:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
@@ -164,20 +165,24 @@ def directory_lock(directory: str, *, required: bool = True, patience: float = 2
         yield
         return
     try:
-        if required:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        else:
-            deadline = time.monotonic() + patience
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        break  # go on without it
-                    time.sleep(0.01)
-                except OSError:
-                    break  # no locks on this file system
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    if required:
+                        raise TimeoutError(
+                            f"{directory} stayed locked by another process for {patience:g}s"
+                            " (another unixsock-asgi writing its overrides, or a process holding it)"
+                        ) from None
+                    break  # go on without it
+                time.sleep(0.01)
+            except OSError:
+                if required:
+                    raise
+                break  # no locks on this file system
         yield
     finally:
         os.close(fd)  # releases the lock, if taken
