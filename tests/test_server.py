@@ -1567,3 +1567,31 @@ def test_a_directory_of_another_user_or_a_symlink_of_one_is_refused(
     os.lchown(link, 65534, 65534)
     with pytest.raises(BindError, match="is a symlink owned by uid 65534"):
         start_server(path=str(link / "app.sock"))
+
+
+def test_a_flood_of_refused_connections_holds_few_descriptors_and_logs_few_lines(
+    start_server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="unixsock_asgi.server")
+    server = start_server(max_connections=2)
+    holders = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
+    flood: list[socket.socket] = []
+    try:
+        for s in holders:
+            s.connect(server.path)
+        wait_until(lambda: server._active == 2)
+        for _ in range(200):  # refused ("busy"), and they never send a byte
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            flood.append(s)
+            s.connect(server.path)
+        wait_until(lambda: server._opening == 0)
+        assert server._refusing <= 16
+        # The others were dropped at once (each refused one waits up to a second to be told why).
+        wait_until(lambda: len(server._connections) <= 2 + 16, timeout=0.5)
+        lines = [r for r in caplog.records if "refused a connection" in r.getMessage()]
+        assert 1 <= len(lines) <= 3, len(lines)  # once a second, with how many were held back
+    finally:
+        for s in holders + flood:
+            s.close()
+    wait_until(lambda: server._active == 0 and server._refusing == 0)
+    assert ping_ok(server.path)

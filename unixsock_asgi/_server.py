@@ -168,6 +168,8 @@ class UnixSockServer:
         self._pool: _DaemonPool | None = None
         self._active = 0
         self._opening = 0  # connections accepted whose transport is not made yet
+        self._refusing = 0  # refused connections waiting to be told why
+        self._refusals_logged = _Throttle(1.0)
         self._lock = threading.Lock()
         self.started_at: float | None = None
 
@@ -306,13 +308,17 @@ class UnixSockServer:
         return peer.uid in (self._uid, 0) or peer.uid in cfg.allowed_uids or peer.gid in cfg.allowed_gids
 
     def _refusal(self, peer: PeerCredentials) -> str | None:
-        """Why this peer may not talk now, or None."""
+        """Why this peer may not talk now, or None (refusals logged once a second at most)."""
         if not self._allowed(peer):
-            audit_logger.warning("refused peer pid=%d uid=%d gid=%d", peer.pid, peer.uid, peer.gid)
+            if (more := self._refusals_logged.allow()) is not None:
+                audit_logger.warning(
+                    "refused peer pid=%d uid=%d gid=%d%s", peer.pid, peer.uid, peer.gid, _more(more)
+                )
             return "permission denied"
         if self._active >= self.config.max_connections:
             refusal = f"busy: {self.config.max_connections} connections already open"
-            logger.warning("refused a connection: %s", refusal)
+            if (more := self._refusals_logged.allow()) is not None:
+                logger.warning("refused a connection: %s%s", refusal, _more(more))
             return refusal
         return None
 
@@ -448,6 +454,33 @@ class UnixSockServer:
 
 class _NotStarted(Exception):
     """A plain handler's call timed out while it waited for a thread: it was taken off the queue."""
+
+
+_REFUSING_MAX = 16
+"""Refused connections waiting (up to a second) to be told why; more are dropped at once."""
+
+
+class _Throttle:
+    """Lets one event a period through, and counts those it held back meanwhile."""
+
+    def __init__(self, period: float) -> None:
+        self._period = period
+        self._next = 0.0
+        self._held = 0
+
+    def allow(self) -> int | None:
+        """None to hold this one back; else how many were held back since the last let through."""
+        now = time.monotonic()
+        if now < self._next:
+            self._held += 1
+            return None
+        self._next = now + self._period
+        held, self._held = self._held, 0
+        return held
+
+
+def _more(held: int) -> str:
+    return f" ({held} more refused since the last such line)" if held else ""
 
 
 class _DaemonPool(concurrent.futures.Executor):
@@ -591,6 +624,7 @@ class _Connection(asyncio.Protocol):
         self._peer = PeerCredentials(0, -1, -1)
         self._refusal: str | None = None
         self._counted = False
+        self._refusing = False  # counted in the server's refused connections waiting
         self._closing = False
         self.task: asyncio.Task[None] | None = None
         self._wake: asyncio.Future[None] | None = None  # the task waits on it for work
@@ -625,7 +659,12 @@ class _Connection(asyncio.Protocol):
             pass
         self._refusal = server._refusal(self._peer)
         if self._refusal is not None:
+            if server._refusing >= _REFUSING_MAX:
+                transport.abort()  # a flood: no reply, and no descriptor held for it
+                return
             # Wait briefly for the first bytes, only to learn which framing to answer in.
+            server._refusing += 1
+            self._refusing = True
             self._write_timer = self._loop.call_later(min(self._timeout, 1.0), self.abort)
             return
         server._active += 1
@@ -668,6 +707,9 @@ class _Connection(asyncio.Protocol):
         if self._counted:
             self._counted = False
             server._active -= 1
+        if self._refusing:
+            self._refusing = False
+            server._refusing -= 1
 
     def pause_writing(self) -> None:
         self._write_paused = True
