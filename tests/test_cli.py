@@ -511,7 +511,8 @@ def test_top_once_prints_one_frame_with_rates(
     lines = out.splitlines()
     assert "\x1b" not in out
     assert lines[0].startswith("unixsock-asgi top")
-    assert all(len(line) < 80 for line in lines) and len(lines) <= 24
+    assert lines[0].endswith("(q quits)")  # into a pipe or a file no line is cut...
+    assert all(len(line) < 80 for line in lines[1:]) and len(lines) <= 24  # ...and the table fits 80
     rows = {line.split()[0]: line.split() for line in lines if line.strip()[:1].isdigit() or "TOTAL" in line}
     assert set(rows) == {str(w.pid) for w in workers} | {"TOTAL"}
     assert float(rows["TOTAL"][1]) > 0  # requests/s from the two samples
@@ -656,3 +657,23 @@ def test_what_workers_send_is_shown_as_text_never_as_terminal_controls(
         if cmd != "obj":  # (an object is shown as JSON, which escapes C0 controls its own way)
             assert "\\x1b]0;PWNED\\x07" in shown, shown
         assert not {"\x1b", "\x07", "\r", "\x9b", "\u202e"} & set(shown), (cmd, shown)
+
+
+def test_persist_reaches_a_worker_that_started_while_the_command_went_out(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import threading
+
+    fleet.start(1)
+    fleet.start(1, reply_delay_s=1.0)  # a slow one keeps the fan-out waiting
+    late: list[ScriptedWorker] = []
+    timer = threading.Timer(0.3, lambda: late.extend(fleet.start(1)))
+    timer.start()
+    try:
+        status, out, err = run(capsys, "send", str(socket_dir), "health_fail", "--persist")
+    finally:
+        timer.join()
+    assert status == EXIT_OK, err
+    assert late and late[0].health_failing, "the worker that started meanwhile missed the command"
+    assert out.startswith("[3 workers "), out
+    assert load_overrides(str(socket_dir)) == [{"cmd": "health_fail", "args": {}}]

@@ -523,3 +523,37 @@ def test_only_persistable_commands_are_applied_from_the_overrides_file(sock_dir:
     with TestClient(app) as http:
         assert http.get("/health").status_code == 503  # health_fail was applied
     assert ran == []
+
+
+def test_loop_lag_shows_a_block_while_it_lasts(sock_dir: Path) -> None:
+    async def block(request: Request) -> PlainTextResponse:
+        time.sleep(1.5)  # blocks the app's loop
+        return PlainTextResponse("done")
+
+    sock = sock_dir / "c.sock"
+    app = Starlette(
+        routes=[Route("/block", block)],
+        middleware=[Middleware(ControlSocketMiddleware, path=str(sock))],
+    )
+    with TestClient(app) as http:
+        blocked = threading.Thread(target=http.get, args=("/block",))
+        blocked.start()
+        try:
+            time.sleep(1.0)
+            process = _payload(Client(sock), "stats", routes=False)["process"]
+        finally:
+            blocked.join(10)
+    assert process["loop_lag_s"] >= 0.4, process  # it read 0 until the loop ran again
+    assert process["loop_lag_max_s"] >= process["loop_lag_s"]
+
+
+def test_uptime_counts_from_the_fork_when_the_middleware_was_made_before_it(sock_dir: Path) -> None:
+    sock = sock_dir / "c.sock"
+    app = ControlSocketMiddleware(Starlette(routes=[Route("/", _hello)]), path=str(sock))
+    app.control.started_at -= 3600  # made an hour ago, in the parent (gunicorn --preload)...
+    app.stats._started_mono -= 3600
+    app.control._pid = -1  # ...which is not this process
+    with TestClient(app):
+        control = Client(sock)
+        assert _payload(control, "stats", routes=False)["uptime_s"] < 60
+        assert _payload(control, "info")["uptime_s"] < 60

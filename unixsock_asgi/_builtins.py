@@ -111,7 +111,17 @@ def info(ctx: CommandContext) -> dict[str, Any]:
 @command(readonly=True, diagnostic=True)
 def stats(ctx: CommandContext, routes: bool = True) -> dict[str, Any]:
     """Request counts by route, status and method; latency histograms; process figures."""
-    return ctx.stats.snapshot(routes=routes)
+    payload = ctx.stats.snapshot(routes=routes)
+    monitor = ctx.control.monitor
+    if monitor.task is not None:
+        # The lag is measured when the loop runs its monitor again: while the loop is
+        # blocked, how long it has been blocked so far is its lag (it was 0 until then).
+        blocked = monitor.blocked_for()
+        process = payload["process"]
+        if blocked > process["loop_lag_s"]:
+            process["loop_lag_s"] = blocked
+            process["loop_lag_max_s"] = max(process["loop_lag_max_s"], blocked)
+    return payload
 
 
 @command(diagnostic=True)

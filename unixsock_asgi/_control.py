@@ -139,6 +139,7 @@ class ControlPlane:
         self.socket_path: str | None = None
         self.socket_dir: str | None = None
         self.started_at = time.time()
+        self._pid = os.getpid()
         self.monitor = _LoopMonitor()
         self.log_restores: dict[str, tuple[asyncio.TimerHandle, int]] = {}
 
@@ -159,6 +160,10 @@ class ControlPlane:
     async def start(self, path: str, socket_dir: str | None, scope: dict[str, Any]) -> None:
         """Bind the control socket and begin serving; runs on the app loop at startup."""
         self.app_loop = asyncio.get_running_loop()
+        if self._pid != os.getpid():  # made before a fork (gunicorn --preload): this process's uptime
+            self._pid = os.getpid()
+            self.started_at = time.time()
+            self.stats.restart_clock()
         state = scope.get("state")
         if isinstance(state, dict):
             self.lifespan_state = state

@@ -304,6 +304,11 @@ class Stats:
         self._route_objects: list[Any] = []  # keeps the ids in _route_names from being reused
         self.reset()
 
+    def restart_clock(self) -> None:
+        """Count uptime from now: for a process forked after these stats were made."""
+        self.started_at = time.time()
+        self._started_mono = time.monotonic()
+
     def reset(self) -> int:
         """Zero every counter; in-flight gauges and the start time are kept.
 

@@ -247,9 +247,12 @@ async def _print_once(target: Target, interval: float, timeout: float, out: Text
     outcome = await _sample(target, timeout)
     rows = view.update(outcome)
     size = shutil.get_terminal_size((80, 24))
-    # On a terminal the frame fits the screen; into a file or a pipe every worker is listed.
-    height = size.lines if out.isatty() else len(rows) + 16
-    for line in view.frame(outcome, rows, width=size.columns, height=height, interval=interval):
+    # On a terminal the frame fits the screen; into a file or a pipe every worker is
+    # listed and no line is cut.
+    tty = out.isatty()
+    height = size.lines if tty else len(rows) + 16
+    width = size.columns if tty else 1000
+    for line in view.frame(outcome, rows, width=width, height=height, interval=interval):
         out.write(line + "\n")
     out.flush()
     if not outcome.results:

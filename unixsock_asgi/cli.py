@@ -438,6 +438,8 @@ def cmd_send(ns: argparse.Namespace) -> int:
     persisted = ""
     if ns.persist:
         persisted = _persist(target.path, ns.cmd, args, outcome)
+        if persisted:
+            _catch_up(target, ns.cmd, args, reply_timeout(args, ns.timeout), outcome)
     if ns.json:
         document: dict[str, Any] = {"results": [r.to_dict() for r in outcome.results]}
         total = aggregate(ns.cmd, outcome)
@@ -456,6 +458,22 @@ def cmd_send(ns: argparse.Namespace) -> int:
     if not outcome.all_ok:
         raise _Failed(failure_summary(outcome))
     return EXIT_OK
+
+
+def _catch_up(
+    target: Target, cmd: str, args: Mapping[str, Any], timeout: float, outcome: FanOutResult
+) -> None:
+    """Send ``cmd`` to the workers that started after the sockets were listed.
+
+    Such a worker read the overrides file before it was rewritten, or after:
+    either way it gets the command (persistable commands may be applied twice).
+    """
+    asked = {r.socket for r in outcome.results} | set(outcome.stale)
+    late = [path for path in target.sockets() if path not in asked]
+    if late:
+        extra = asyncio.run(fan_out(late, cmd, args, timeout=timeout))
+        outcome.results += extra.results
+        outcome.stale += extra.stale
 
 
 def _persist(directory: str, cmd: str, args: Mapping[str, Any], outcome: FanOutResult) -> str:
