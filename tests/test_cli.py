@@ -655,7 +655,7 @@ def test_what_workers_send_is_shown_as_text_never_as_terminal_controls(
         shown = out + err
         assert "PWNED" in shown and "\\x9b" in shown and "\\u202e" in shown, shown
         if cmd != "obj":  # (an object is shown as JSON, which escapes C0 controls its own way)
-            assert "\\x1b]0;PWNED\\x07" in shown, shown
+            assert "\\x1b]0;PWNED\\x07" in shown and "red\\x0d" in shown, shown
         assert not {"\x1b", "\x07", "\r", "\x9b", "\u202e"} & set(shown), (cmd, shown)
 
 
@@ -677,3 +677,18 @@ def test_persist_reaches_a_worker_that_started_while_the_command_went_out(
     assert late and late[0].health_failing, "the worker that started meanwhile missed the command"
     assert out.startswith("[3 workers "), out
     assert load_overrides(str(socket_dir)) == [{"cmd": "health_fail", "args": {}}]
+
+
+def test_overrides_show_says_when_workers_ignore_the_file(
+    socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    persist_override(str(socket_dir), "maintenance_on", {})
+    path = Path(overrides_path(str(socket_dir)))
+    os.chmod(path, 0o666)  # anyone may write it: workers do not apply it
+    status, out, err = run(capsys, "overrides", "show", str(socket_dir))
+    assert status == EXIT_FAILED
+    assert "which workers IGNORE" in out and "maintenance_on" in out
+    assert "no one else may write" in err
+    os.chmod(path, 0o600)
+    status, out, _ = run(capsys, "overrides", "show", str(socket_dir))
+    assert status == EXIT_OK and "applied in this order at startup" in out

@@ -15,6 +15,11 @@ class Color(enum.Enum):
     BLUE = "blue"
 
 
+class Speed(enum.Enum):
+    HALF = 0.5
+    FULL = 1.0
+
+
 class Prio(enum.IntEnum):
     LOW = 1
     HIGH = 2
@@ -211,3 +216,16 @@ def test_help_shows_a_default_json_cannot_carry_as_its_text() -> None:
     assert described["args"][0]["default"] == "inf"
     assert described["args"][1]["default"] == "<class 'object'>"
     json.dumps(described, allow_nan=False)  # strict JSON
+
+
+def test_an_integer_is_a_float_choice_and_a_union_takes_the_exact_type_first() -> None:
+    registry = Commands()
+
+    @registry.command
+    def tune(ratio: Literal[0.5, 1.0] = 1.0, speed: Speed = Speed.FULL, n: bool | int = 0) -> None:
+        return None
+
+    command = registry.get("tune")
+    assert command is not None
+    assert command.bind({"ratio": 1, "speed": 1, "n": 1}) == {"ratio": 1.0, "speed": Speed.FULL, "n": 1}
+    assert command.bind({"n": True}) == {"n": True}

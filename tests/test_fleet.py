@@ -475,7 +475,7 @@ def test_an_overrides_file_others_may_write_is_not_applied(
     os.chmod(path, 0o666)
     with caplog.at_level(logging.WARNING, logger="unixsock_asgi.fleet"):
         assert load_overrides(str(socket_dir)) == []
-    assert "only a file of this user's or root's that no one else may write is applied" in caplog.text
+    assert "only a file of the workers' user or root that no one else may write is applied" in caplog.text
     os.chmod(path, 0o644)
     assert load_overrides(str(socket_dir)) == [{"cmd": "maintenance_on", "args": {}}]
 

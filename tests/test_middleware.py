@@ -499,7 +499,7 @@ def test_help_tells_of_the_go_style_handler(sock_dir: Path) -> None:
         assert listing["handler"]["doc"] == "Answers echo and friends."
         assert "handler" in listing["handler"]["name"]
         reply = control.send("help", {"command": "echo"})
-        assert reply is not None and "is not a registered command: the app's handler" in reply.error
+        assert reply is not None and "is not a registered command; the app's Go-style handler" in reply.error
 
 
 def test_only_persistable_commands_are_applied_from_the_overrides_file(sock_dir: Path) -> None:
@@ -557,3 +557,31 @@ def test_uptime_counts_from_the_fork_when_the_middleware_was_made_before_it(sock
         control = Client(sock)
         assert _payload(control, "stats", routes=False)["uptime_s"] < 60
         assert _payload(control, "info")["uptime_s"] < 60
+
+
+def test_a_socket_directory_others_may_write_is_refused_even_sticky_and_one_inside_is_made(
+    sock_dir: Path,
+) -> None:
+    shared = sock_dir / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # as /tmp, or an emptyDir made sticky: others may add sockets here
+    app = Starlette(middleware=[Middleware(ControlSocketMiddleware, socket_dir=str(shared), strict=True)])
+    with pytest.raises(RuntimeError, match="could add sockets of their own"), TestClient(app):
+        pass
+    inside = shared / "ctl"
+    app = Starlette(middleware=[Middleware(ControlSocketMiddleware, socket_dir=str(inside), strict=True)])
+    with TestClient(app):
+        (sock,) = inside.glob("*.sock")
+        assert _payload(Client(sock), "ping") == "pong"
+    assert oct(inside.stat().st_mode & 0o777) == "0o700"
+
+
+def test_get_log_level_of_a_long_unknown_name_is_refused_at_once(sock_dir: Path) -> None:
+    sock = sock_dir / "c.sock"
+    with TestClient(_starlette(sock)):
+        control = Client(sock, max_message_size=4 << 20)
+        started = time.monotonic()
+        reply = control.send("get_log_level", {"logger": "a." * 200_000})
+        assert reply is not None and reply.error.startswith("no logger 'a.a.a.")
+        assert "(400000 characters) in this process" in reply.error
+        assert time.monotonic() - started < 5

@@ -1595,3 +1595,17 @@ def test_a_flood_of_refused_connections_holds_few_descriptors_and_logs_few_lines
             s.close()
     wait_until(lambda: server._active == 0 and server._refusing == 0)
     assert ping_ok(server.path)
+
+
+def test_a_directory_above_that_others_could_write_is_refused(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared"
+    (shared / "ctl").mkdir(parents=True, mode=0o700)
+    os.chmod(shared, 0o777)  # others could rename ctl away and put their own in its place
+    with pytest.raises(
+        BindError, match=r"directory above the socket directory .* is writable by other users"
+    ):
+        start_server(path=str(shared / "ctl" / "app.sock"))
+    os.chmod(shared, 0o1777)  # sticky: they cannot rename what is not theirs
+    assert ping_ok(start_server(path=str(shared / "ctl" / "app.sock")).path)

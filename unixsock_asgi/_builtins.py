@@ -45,8 +45,8 @@ def help_(ctx: CommandContext, command: str = "") -> Any:
     if command and not commands:
         if handler is not None:
             return Response.failure(
-                f"{command!r} is not a registered command: the app's handler {_name_of(handler)} answers it"
-                " (and has no help of its own)"
+                f"{command!r} is not a registered command; the app's Go-style handler ({_name_of(handler)})"
+                " answers it, and has no help of its own"
             )
         return Response.failure(f"unknown command {command!r}; 'help' lists the commands")
     if handler is not None and not command:
@@ -149,6 +149,15 @@ _NEW_LOGGERS_MAX = 256
 _new_loggers: set[str] = set()
 
 
+def _makeable(name: str) -> bool:
+    """A name a logger may be made under (and described by before it is): bounded."""
+    return len(name) <= _NEW_LOGGER_NAME_MAX and _NEW_LOGGER_NAME.fullmatch(name) is not None
+
+
+def _shown(name: str) -> str:
+    return repr(name) if len(name) <= 80 else f"{name[:60]!r}... ({len(name)} characters)"
+
+
 _MAX_TTL_S = 7 * 86400
 
 
@@ -185,11 +194,15 @@ def loggers() -> dict[str, Any]:
 
 
 @command(readonly=True, diagnostic=True)
-def get_log_level(logger: str = "") -> dict[str, Any]:
+def get_log_level(logger: str = "") -> Any:
     """The level of ``logger`` (the root logger by default)."""
     lg = _existing_logger(logger)
     if lg is not None:
         return _describe_logger(lg)
+    if not _makeable(logger):
+        return Response.failure(
+            f"no logger {_shown(logger)} in this process; 'loggers' lists those there are"
+        )
     # Not made yet: it would start at NOTSET and inherit from its nearest existing parent.
     parent = logger.rpartition(".")[0]
     while parent and _existing_logger(parent) is None:
@@ -217,15 +230,15 @@ def set_log_level(ctx: CommandContext, level: str | int, logger: str = "", ttl: 
         )
     lg = _existing_logger(logger)
     if lg is None:
-        if len(logger) > _NEW_LOGGER_NAME_MAX or not _NEW_LOGGER_NAME.fullmatch(logger):
+        if not _makeable(logger):
             return Response.failure(
-                f"no logger {logger!r} in this process, and that is not a name to make one under"
+                f"no logger {_shown(logger)} in this process, and that is not a name to make one under"
                 f" (dotted words of letters, digits, _ or -, at most {_NEW_LOGGER_NAME_MAX} characters);"
                 " 'loggers' lists those there are"
             )
         if logger not in _new_loggers and len(_new_loggers) >= _NEW_LOGGERS_MAX:
             return Response.failure(
-                f"no logger {logger!r} in this process, and {_NEW_LOGGERS_MAX} have been made from the"
+                f"no logger {_shown(logger)} in this process, and {_NEW_LOGGERS_MAX} have been made from the"
                 " socket already; 'loggers' lists those there are"
             )
         _new_loggers.add(logger)

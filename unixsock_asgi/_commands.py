@@ -251,6 +251,8 @@ def coerce(value: Any, annotation: Any) -> Any:
             and isinstance(value, typing.get_origin(real[0]))
         ):
             return coerce(value, real[0])  # list[X] | None given an array: which item is wrong
+        if type(value) in real:  # bool | int given 1 is the int 1, whatever the order
+            return value
         for option in real:
             try:
                 return coerce(value, option)
@@ -261,9 +263,7 @@ def coerce(value: Any, annotation: Any) -> Any:
         choices = typing.get_args(annotation)
         for choice in choices:
             # By type too: 1 == True == 1.0, but Literal[1] does not take true or 1.0.
-            if type(choice) is type(value) and choice == value:
-                return choice
-            if isinstance(choice, enum.Enum) and type(choice.value) is type(value) and choice.value == value:
+            if _same(choice.value if isinstance(choice, enum.Enum) else choice, value):
                 return choice
         raise ValueError(f"expected one of {', '.join(map(repr, choices))}, got {_describe(value)}")
     if origin is list:
@@ -334,12 +334,19 @@ def _coerce_enum(value: Any, enum_type: type[enum.Enum]) -> enum.Enum:
         return value
     for member in enum_type:
         # By type too: an IntEnum does not take true or 2.0.
-        if type(value) is type(member.value) and value == member.value:
+        if _same(member.value, value):
             return member
         if isinstance(value, str) and value.lower() == member.name.lower():
             return member
     choices = ", ".join(str(m.value) for m in enum_type)
     raise ValueError(f"expected one of {choices}, got {_describe(value)}")
+
+
+def _same(expected: Any, value: Any) -> bool:
+    """``value`` from JSON is ``expected``: equal and of its type, where an integer is a float too."""
+    if type(value) is type(expected) or (type(expected) is float and type(value) is int):
+        return bool(value == expected)
+    return False
 
 
 def _describe(value: Any) -> str:

@@ -173,7 +173,10 @@ class ControlPlane:
         self.socket_dir = socket_dir
         if socket_dir is not None:
             from ._fleet import remove_stale_sockets
+            from ._sockets import ensure_private_directory
 
+            # Before anything is read from it (stale sockets, overrides): only this user may write it.
+            await self.app_loop.run_in_executor(None, ensure_private_directory, socket_dir)
             await self.app_loop.run_in_executor(None, remove_stale_sockets, socket_dir)
         options = dict(self.server_options)
         options.setdefault("handler_timeout", max(330.0, self.app_timeout * 2))

@@ -53,6 +53,7 @@ __all__ = [
     "remove_stale_sockets",
     "render_prometheus",
     "resolve_target",
+    "untrusted_overrides_file",
     "well_formed_override",
     "workers_owner",
     "write_overrides",
@@ -136,16 +137,9 @@ def load_overrides(directory: str) -> list[dict[str, Any]]:
     path = overrides_path(directory)
     try:
         with open(path, encoding="utf-8") as fh:
-            st = os.fstat(fh.fileno())
-            if st.st_uid not in (os.geteuid(), 0) or st.st_mode & 0o022:
-                # Whoever may write it chooses what every worker runs at startup.
-                logger.warning(
-                    "ignoring overrides file %s: it is owned by uid %d with mode %04o; only a file of"
-                    " this user's or root's that no one else may write is applied",
-                    path,
-                    st.st_uid,
-                    stat.S_IMODE(st.st_mode),
-                )
+            problem = untrusted_overrides_file(os.fstat(fh.fileno()), os.geteuid())
+            if problem:
+                logger.warning("ignoring overrides file %s: %s", path, problem)
                 return []
             document = json.load(fh)
     except FileNotFoundError:
@@ -165,6 +159,20 @@ def load_overrides(directory: str) -> list[dict[str, Any]]:
         else:
             result.append(override)
     return result
+
+
+def untrusted_overrides_file(st: os.stat_result, workers_uid: int) -> str:
+    """Why workers running as ``workers_uid`` ignore an overrides file with this stat, or "".
+
+    Whoever may write the file chooses what every worker runs at startup: it
+    must be the workers' user's or root's, and no one else may write it.
+    """
+    if st.st_uid not in (workers_uid, 0) or st.st_mode & 0o022:
+        return (
+            f"it is owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):04o}; only a file of the"
+            " workers' user or root that no one else may write is applied"
+        )
+    return ""
 
 
 def well_formed_override(entry: Any) -> dict[str, Any] | None:

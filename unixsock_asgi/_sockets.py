@@ -20,7 +20,9 @@ __all__ = [
     "BoundSocket",
     "PeerCredentials",
     "bind_unix_socket",
+    "check_private_directory",
     "directory_lock",
+    "ensure_private_directory",
     "peer_credentials",
     "probe",
 ]
@@ -117,33 +119,62 @@ def _ensure_parent(parent: str) -> None:
         os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
 
 
-def check_private_directory(directory: str) -> None:
+def check_private_directory(directory: str, *, shared_ok: bool = True) -> None:
     """Raise :class:`BindError` unless only this user (or root) can change what ``directory`` holds.
 
-    Another user who could create, rename or remove files in it could swap the
-    control socket for their own (and answer the CLI in its place) or plant an
-    overrides file. Like ssh's StrictModes: the directory (and a symlink to it)
-    must belong to this user or root, and not be writable by group or others
-    unless it is sticky, as ``/tmp`` is.
+    Another user who could create, rename or remove files in it, or rename it
+    (write access to a directory above it), could swap the control socket for
+    their own and answer the CLI in its place, or plant an overrides file.
+    Like ssh's StrictModes: the directory, every directory above it, and any
+    symlink among them must belong to this user or root, and none may be
+    writable by group or others unless it is sticky, as ``/tmp`` is. Unless
+    ``shared_ok``, the directory itself must not be writable by others even
+    when sticky: in a socket directory, others could add sockets of their own
+    that the CLI would talk to.
     """
     euid = os.geteuid()
-    try:
-        link = os.lstat(directory)
-        st = os.stat(directory)
-    except OSError as exc:
-        raise BindError(f"cannot inspect socket directory {directory!r}: {exc.strerror}") from None
-    checks = [("a symlink owned by", link)] if stat.S_ISLNK(link.st_mode) else []
-    for what, info in (*checks, ("owned by", st)):
-        if info.st_uid not in (euid, 0):
+    directory = os.path.abspath(directory)
+    above = directory
+    while True:
+        try:
+            link = os.lstat(above)
+            st = os.stat(above)
+        except OSError as exc:
+            raise BindError(f"cannot inspect {above!r}: {exc.strerror}") from None
+        what = "socket directory" if above == directory else "directory above the socket directory"
+        checks = [("a symlink owned by", link)] if stat.S_ISLNK(link.st_mode) else []
+        for kind, info in (*checks, ("owned by", st)):
+            if info.st_uid not in (euid, 0):
+                raise BindError(
+                    f"{what} {above!r} is {kind} uid {info.st_uid}, not this user (uid {euid}) or root:"
+                    " its owner could replace the control socket; use a directory of this user's"
+                )
+        writable = st.st_mode & 0o022
+        sticky = st.st_mode & stat.S_ISVTX
+        mode = f"{stat.S_IMODE(st.st_mode):04o}"
+        if writable and not sticky:
             raise BindError(
-                f"socket directory {directory!r} is {what} uid {info.st_uid}, not this user (uid {euid})"
-                " or root: its owner could replace the control socket; use a directory of this user's"
+                f"{what} {above!r} is writable by other users (mode {mode}) and not sticky: they could"
+                " replace the control socket (or rename the directory that holds it); make it"
+                " writable by its owner only (chmod go-w), or sticky (chmod +t) if it must be shared,"
+                " or put the sockets in a directory of this user's"
             )
-    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-        raise BindError(
-            f"socket directory {directory!r} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o})"
-            " and not sticky: they could replace the control socket; chmod go-w it"
-        )
+        if writable and above == directory and not shared_ok:
+            raise BindError(
+                f"socket directory {directory!r} is writable by other users (mode {mode}): they could"
+                " add sockets of their own, which the CLI would talk to; use a directory only this"
+                " user can write (a missing one is created 0700, inside a shared one too)"
+            )
+        parent = os.path.dirname(above)
+        if parent == above:
+            return
+        above = parent
+
+
+def ensure_private_directory(directory: str) -> None:
+    """Create ``directory`` (0700, and any missing above it) unless it exists; then check it strictly."""
+    _ensure_parent(os.path.abspath(directory))
+    check_private_directory(directory, shared_ok=False)
 
 
 @contextlib.contextmanager

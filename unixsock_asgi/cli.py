@@ -52,7 +52,9 @@ from ._fleet import (
     remove_stale_sockets,
     render_prometheus,
     resolve_target,
+    untrusted_overrides_file,
     well_formed_override,
+    workers_owner,
 )
 from ._protocol import _parse_value
 
@@ -273,7 +275,8 @@ def _payload_lines(payload: Any) -> list[str]:
     if payload is None:
         return []
     if isinstance(payload, str):
-        return payload.splitlines() or [""]
+        # On newlines only: splitlines() also breaks at \r, \f and the like, which are shown as escapes.
+        return payload.removesuffix("\n").split("\n")
     return json.dumps(payload, indent=2, sort_keys=True, default=str, ensure_ascii=False).splitlines()
 
 
@@ -598,7 +601,17 @@ def cmd_overrides(ns: argparse.Namespace) -> int:
     if not entries:
         print(f"no overrides in {target.path}: workers start with their configured defaults")
         return EXIT_OK
-    print(f"{len(entries)} override(s) in {overrides_path(target.path)}, applied in this order at startup:")
+    path = overrides_path(target.path)
+    try:
+        problem = untrusted_overrides_file(os.stat(path), workers_owner(target.path)[0])
+    except OSError:
+        problem = ""
+    if problem:
+        print(f"{len(entries)} override(s) in {path}, which workers IGNORE: {problem}")
+        for i, entry in enumerate(entries, 1):
+            print(f"{i:3d}. {json.dumps(entry, sort_keys=True, default=str)}")
+        raise _Failed(f"workers ignore {path}: {problem}")
+    print(f"{len(entries)} override(s) in {path}, applied in this order at startup:")
     for i, entry in enumerate(entries, 1):
         override = well_formed_override(entry)
         if override is None:
