@@ -641,7 +641,7 @@ def test_what_workers_send_is_shown_as_text_never_as_terminal_controls(
 ) -> None:
     from unixsock_asgi import Response
 
-    nasty = "\x1b]0;PWNED\x07\x1b[2J\x1b[31mred\r\x9b31m\u202eevil"
+    nasty = "\x1b]0;PWNED\x07\x1b[2J\x1b[31mred\r\x9b31m\u202eevil\x85\u2028end"
 
     def handler(cmd: str, args: dict[str, Any]) -> Any:
         if cmd == "fail":
@@ -656,7 +656,7 @@ def test_what_workers_send_is_shown_as_text_never_as_terminal_controls(
         assert "PWNED" in shown and "\\x9b" in shown and "\\u202e" in shown, shown
         if cmd != "obj":  # (an object is shown as JSON, which escapes C0 controls its own way)
             assert "\\x1b]0;PWNED\\x07" in shown and "red\\x0d" in shown, shown
-        assert not {"\x1b", "\x07", "\r", "\x9b", "\u202e"} & set(shown), (cmd, shown)
+        assert not {"\x1b", "\x07", "\r", "\x9b", "\u202e", "\x85", "\u2028"} & set(shown), (cmd, shown)
 
 
 def test_persist_reaches_a_worker_that_started_while_the_command_went_out(
@@ -689,6 +689,8 @@ def test_overrides_show_says_when_workers_ignore_the_file(
     assert status == EXIT_FAILED
     assert "which workers IGNORE" in out and "maintenance_on" in out
     assert "no one else may write" in err
+    status, out, err = run(capsys, "overrides", "show", str(socket_dir), "--json")
+    assert status == EXIT_FAILED and "no one else may write" in json.loads(out)["ignored_by_workers"]
     os.chmod(path, 0o600)
     status, out, _ = run(capsys, "overrides", "show", str(socket_dir))
     assert status == EXIT_OK and "applied in this order at startup" in out

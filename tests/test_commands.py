@@ -222,10 +222,18 @@ def test_an_integer_is_a_float_choice_and_a_union_takes_the_exact_type_first() -
     registry = Commands()
 
     @registry.command
-    def tune(ratio: Literal[0.5, 1.0] = 1.0, speed: Speed = Speed.FULL, n: bool | int = 0) -> None:
+    def tune(
+        ratio: Literal[0.5, 1.0] = 1.0,  # type: ignore[valid-type]  # (floats in a Literal: not for type checkers)
+        speed: Speed = Speed.FULL,
+        n: bool | int = 0,
+        color: Color | str = "",
+        exact: Literal[1.0, 1] = 1,  # type: ignore[valid-type]
+    ) -> None:
         return None
 
     command = registry.get("tune")
     assert command is not None
-    assert command.bind({"ratio": 1, "speed": 1, "n": 1}) == {"ratio": 1.0, "speed": Speed.FULL, "n": 1}
-    assert command.bind({"n": True}) == {"n": True}
+    bound = command.bind({"ratio": 1, "speed": 1, "n": 1, "color": "red", "exact": 1})
+    assert bound == {"ratio": 1.0, "speed": Speed.FULL, "n": 1, "color": Color.RED, "exact": 1}
+    assert type(bound["n"]) is int and type(bound["exact"]) is int
+    assert command.bind({"n": True, "color": "RED"}) == {"n": True, "color": "RED"}

@@ -1609,3 +1609,28 @@ def test_a_directory_above_that_others_could_write_is_refused(
         start_server(path=str(shared / "ctl" / "app.sock"))
     os.chmod(shared, 0o1777)  # sticky: they cannot rename what is not theirs
     assert ping_ok(start_server(path=str(shared / "ctl" / "app.sock")).path)
+
+
+def test_the_directories_a_symlink_leads_through_are_checked_too(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    from unixsock_asgi._sockets import ensure_private_directory
+
+    shared = tmp_path / "shared"
+    (shared / "ctl").mkdir(parents=True, mode=0o700)
+    os.chmod(shared, 0o777)  # others could rename ctl away...
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    (mine / "link").symlink_to(shared / "ctl")  # ...however it is reached
+    with pytest.raises(BindError, match=r"directory above the socket directory .*shared' is writable"):
+        ensure_private_directory(str(mine / "link"))
+    with pytest.raises(BindError, match=r"shared' is writable by other users"):
+        start_server(path=str(mine / "link" / "app.sock"))
+    (mine / "up").symlink_to(shared / "ctl")
+    with pytest.raises(BindError, match=r"shared' is writable by other users"):
+        ensure_private_directory(str(mine / "up" / ".." / "new"))  # .. after a symlink: where it leads
+    with pytest.raises(BindError, match=r"shared' is writable by other users"):
+        ensure_private_directory(str(shared / "made"))
+    assert sorted(p.name for p in shared.iterdir()) == ["ctl"]  # nothing made in a directory refused
+    os.chmod(shared, 0o1777)
+    assert ensure_private_directory(str(mine / "up" / ".." / "new")) == str(shared / "new")

@@ -201,7 +201,9 @@ def get_log_level(logger: str = "") -> Any:
         return _describe_logger(lg)
     if not _makeable(logger):
         return Response.failure(
-            f"no logger {_shown(logger)} in this process; 'loggers' lists those there are"
+            f"no logger {_shown(logger)} in this process, and none could be made under that name"
+            f" (dotted words of letters, digits, _ or -, at most {_NEW_LOGGER_NAME_MAX} characters);"
+            " 'loggers' lists those there are"
         )
     # Not made yet: it would start at NOTSET and inherit from its nearest existing parent.
     parent = logger.rpartition(".")[0]

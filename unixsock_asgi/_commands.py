@@ -231,11 +231,15 @@ _TRUE = frozenset({"true", "yes", "on", "1"})
 _FALSE = frozenset({"false", "no", "off", "0"})
 
 
-def coerce(value: Any, annotation: Any) -> Any:
+def coerce(value: Any, annotation: Any, *, strict: bool = False) -> Any:
     """Check ``value`` against ``annotation``; convert where it is lossless.
 
-    Strings that spell booleans (``on``/``off``...) become bools and integral
-    numbers are accepted as floats; anything else of the wrong type raises.
+    Strings that spell booleans (``on``/``off``...) and the numbers 1 and 0
+    become bools, integral numbers are accepted as floats, and an Enum member
+    is found by its name too; anything else of the wrong type raises.
+    ``strict`` leaves out those conversions: a Union tries every option
+    strictly, in order, before it converts, so that ``bool | int`` given 1
+    is the int and ``Color | str`` given ``"red"`` is the member.
     """
     if annotation is Any or annotation is _MISSING:
         return value
@@ -251,20 +255,20 @@ def coerce(value: Any, annotation: Any) -> Any:
             and isinstance(value, typing.get_origin(real[0]))
         ):
             return coerce(value, real[0])  # list[X] | None given an array: which item is wrong
-        if type(value) in real:  # bool | int given 1 is the int 1, whatever the order
-            return value
-        for option in real:
-            try:
-                return coerce(value, option)
-            except (TypeError, ValueError):
-                continue
+        for strictly in (True, False):
+            for option in real:
+                try:
+                    return coerce(value, option, strict=strictly)
+                except (TypeError, ValueError):
+                    continue
         raise ValueError(f"expected {_type_name(annotation)}, got {_describe(value)}")
     if origin is typing.Literal:
         choices = typing.get_args(annotation)
-        for choice in choices:
-            # By type too: 1 == True == 1.0, but Literal[1] does not take true or 1.0.
-            if _same(choice.value if isinstance(choice, enum.Enum) else choice, value):
-                return choice
+        for strictly in (True, False) if not strict else (True,):
+            for choice in choices:
+                # By type too: 1 == True == 1.0, but Literal[1] does not take true or 1.0.
+                if _same(choice.value if isinstance(choice, enum.Enum) else choice, value, strictly):
+                    return choice
         raise ValueError(f"expected one of {', '.join(map(repr, choices))}, got {_describe(value)}")
     if origin is list:
         if not isinstance(value, list):
@@ -289,10 +293,12 @@ def coerce(value: Any, annotation: Any) -> Any:
                 raise ValueError(f"key {key!r}: {exc}") from None
         return out
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        return _coerce_enum(value, annotation)
+        return _coerce_enum(value, annotation, strict)
     if annotation is bool:
         if isinstance(value, bool):
             return value
+        if strict:
+            raise ValueError(f"expected true or false, got {_describe(value)}")
         if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
             return value.lower() in _TRUE
         if type(value) is int and value in (0, 1):  # x=1 on a command line is a number
@@ -303,6 +309,8 @@ def coerce(value: Any, annotation: Any) -> Any:
             return value
         raise ValueError(f"expected an integer, got {_describe(value)}")
     if annotation is float:
+        if strict and type(value) is int:
+            raise ValueError(f"expected a number, got {_describe(value)}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             try:
                 number = float(value)
@@ -329,22 +337,24 @@ def coerce(value: Any, annotation: Any) -> Any:
     return value
 
 
-def _coerce_enum(value: Any, enum_type: type[enum.Enum]) -> enum.Enum:
+def _coerce_enum(value: Any, enum_type: type[enum.Enum], strict: bool = False) -> enum.Enum:
     if isinstance(value, enum_type):
         return value
     for member in enum_type:
         # By type too: an IntEnum does not take true or 2.0.
-        if _same(member.value, value):
+        if _same(member.value, value, strict):
             return member
-        if isinstance(value, str) and value.lower() == member.name.lower():
-            return member
+    if not strict and isinstance(value, str):
+        for member in enum_type:
+            if value.lower() == member.name.lower():
+                return member
     choices = ", ".join(str(m.value) for m in enum_type)
     raise ValueError(f"expected one of {choices}, got {_describe(value)}")
 
 
-def _same(expected: Any, value: Any) -> bool:
-    """``value`` from JSON is ``expected``: equal and of its type, where an integer is a float too."""
-    if type(value) is type(expected) or (type(expected) is float and type(value) is int):
+def _same(expected: Any, value: Any, strict: bool = False) -> bool:
+    """``value`` from JSON is ``expected``: equal and of its type (unless ``strict``, an integer is a float too)."""
+    if type(value) is type(expected) or (not strict and type(expected) is float and type(value) is int):
         return bool(value == expected)
     return False
 

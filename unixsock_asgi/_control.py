@@ -170,14 +170,16 @@ class ControlPlane:
         # Not ``or``: Starlette's State has a length, so an empty one is false.
         app_state = getattr(scope.get("app"), "state", None)
         self.app_state = app_state if app_state is not None else getattr(self.app, "state", None)
-        self.socket_dir = socket_dir
         if socket_dir is not None:
             from ._fleet import remove_stale_sockets
             from ._sockets import ensure_private_directory
 
-            # Before anything is read from it (stale sockets, overrides): only this user may write it.
-            await self.app_loop.run_in_executor(None, ensure_private_directory, socket_dir)
+            # Before anything is read from it (stale sockets, overrides): only this user may
+            # write it. Used by its real path from then on, the one that was checked.
+            socket_dir = await self.app_loop.run_in_executor(None, ensure_private_directory, socket_dir)
+            path = os.path.join(socket_dir, os.path.basename(path))
             await self.app_loop.run_in_executor(None, remove_stale_sockets, socket_dir)
+        self.socket_dir = socket_dir
         options = dict(self.server_options)
         options.setdefault("handler_timeout", max(330.0, self.app_timeout * 2))
         config = ServerConfig(path=path, **options)

@@ -132,8 +132,22 @@ def check_private_directory(directory: str, *, shared_ok: bool = True) -> None:
     when sticky: in a socket directory, others could add sockets of their own
     that the CLI would talk to.
     """
+    # The path as written (a symlink on it must be this user's or root's) and where it
+    # leads, which is what the kernel uses: its every directory.
+    written, real = _physical(directory), os.path.realpath(directory)
+    if written != real:
+        _check_chain(written, shared_ok)
+    _check_chain(real, shared_ok)
+
+
+def _physical(path: str) -> str:
+    """``path`` made absolute; with a ``..`` in it, resolved as the kernel resolves it (after
+    a symlink, ``..`` leads to the parent of where it points, not back to where it was written)."""
+    return os.path.realpath(path) if ".." in path.split(os.sep) else os.path.abspath(path)
+
+
+def _check_chain(directory: str, shared_ok: bool) -> None:
     euid = os.geteuid()
-    directory = os.path.abspath(directory)
     above = directory
     while True:
         try:
@@ -171,10 +185,19 @@ def check_private_directory(directory: str, *, shared_ok: bool = True) -> None:
         above = parent
 
 
-def ensure_private_directory(directory: str) -> None:
-    """Create ``directory`` (0700, and any missing above it) unless it exists; then check it strictly."""
-    _ensure_parent(os.path.abspath(directory))
+def ensure_private_directory(directory: str) -> str:
+    """Create ``directory`` (0700, and any missing above it) unless it exists, check it strictly,
+    and return its real path (symlinks and ``..`` resolved), the one to use from then on.
+
+    What exists above it is checked before anything is created in it.
+    """
+    existing = os.path.realpath(directory)
+    while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    check_private_directory(existing)  # where the missing ones would be made
+    _ensure_parent(os.path.realpath(directory))
     check_private_directory(directory, shared_ok=False)
+    return os.path.realpath(directory)
 
 
 @contextlib.contextmanager
@@ -229,7 +252,7 @@ def bind_unix_socket(path: str, *, mode: int = 0o600, backlog: int = 128) -> Bou
     server answers on is refused with that server's pid; a stale socket that
     nothing answers is replaced.
     """
-    path = os.path.abspath(path)
+    path = os.path.join(_physical(os.path.dirname(path) or "."), os.path.basename(path))
     if len(os.fsencode(path)) > _SUN_PATH_MAX:
         raise BindError(f"socket path {path!r} is longer than the {_SUN_PATH_MAX} bytes UNIX sockets allow")
     parent = os.path.dirname(path)

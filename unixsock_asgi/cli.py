@@ -277,7 +277,8 @@ def _payload_lines(payload: Any) -> list[str]:
     if isinstance(payload, str):
         # On newlines only: splitlines() also breaks at \r, \f and the like, which are shown as escapes.
         return payload.removesuffix("\n").split("\n")
-    return json.dumps(payload, indent=2, sort_keys=True, default=str, ensure_ascii=False).splitlines()
+    # On newlines only: JSON escapes its own, and splitlines() would also break at \x85 or \u2028.
+    return json.dumps(payload, indent=2, sort_keys=True, default=str, ensure_ascii=False).split("\n")
 
 
 def render_answers(cmd: str, outcome: FanOutResult, *, single_target: bool) -> list[str]:
@@ -321,6 +322,8 @@ _UNSAFE = {
         *range(0x7F, 0xA0),  # DEL and the C1 controls (0x9b is a CSI of its own)
         *range(0x202A, 0x202F),  # bidirectional overrides: text that reads other than it is
         *range(0x2066, 0x206A),
+        0x2028,  # line and paragraph separators: a line break to some terminals
+        0x2029,
     )
     if code not in (0x09, 0x0A)  # tab and newline lay text out; they do not drive the terminal
 }
@@ -594,18 +597,22 @@ def cmd_overrides(ns: argparse.Namespace) -> int:
         document = read_overrides_document(target.path)
     except OverridesFileError as exc:
         raise _Failed(str(exc)) from None
-    if ns.json:
-        print(json.dumps(document, indent=2, sort_keys=True))
-        return EXIT_OK
-    entries = document["overrides"]
-    if not entries:
-        print(f"no overrides in {target.path}: workers start with their configured defaults")
-        return EXIT_OK
     path = overrides_path(target.path)
     try:
         problem = untrusted_overrides_file(os.stat(path), workers_owner(target.path)[0])
     except OSError:
         problem = ""
+    if ns.json:
+        if problem:
+            document = {**document, "ignored_by_workers": problem}
+        print(json.dumps(document, indent=2, sort_keys=True))
+        if problem:
+            raise _Failed(f"workers ignore {path}: {problem}")
+        return EXIT_OK
+    entries = document["overrides"]
+    if not entries:
+        print(f"no overrides in {target.path}: workers start with their configured defaults")
+        return EXIT_OK
     if problem:
         print(f"{len(entries)} override(s) in {path}, which workers IGNORE: {problem}")
         for i, entry in enumerate(entries, 1):
