@@ -147,6 +147,7 @@ _NEW_LOGGER_NAME = re.compile(r"[A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*){0,15}")
 _NEW_LOGGER_NAME_MAX = 128
 _NEW_LOGGERS_MAX = 256
 _new_loggers: set[str] = set()
+_NAME_RULE = f"dotted words of letters, digits, _ or -, at most {_NEW_LOGGER_NAME_MAX} characters"
 
 
 def _makeable(name: str) -> bool:
@@ -202,8 +203,7 @@ def get_log_level(logger: str = "") -> Any:
     if not _makeable(logger):
         return Response.failure(
             f"no logger {_shown(logger)} in this process, and none could be made under that name"
-            f" (dotted words of letters, digits, _ or -, at most {_NEW_LOGGER_NAME_MAX} characters);"
-            " 'loggers' lists those there are"
+            f" ({_NAME_RULE}); 'loggers' lists those there are"
         )
     # Not made yet: it would start at NOTSET and inherit from its nearest existing parent.
     parent = logger.rpartition(".")[0]
@@ -235,8 +235,7 @@ def set_log_level(ctx: CommandContext, level: str | int, logger: str = "", ttl: 
         if not _makeable(logger):
             return Response.failure(
                 f"no logger {_shown(logger)} in this process, and that is not a name to make one under"
-                f" (dotted words of letters, digits, _ or -, at most {_NEW_LOGGER_NAME_MAX} characters);"
-                " 'loggers' lists those there are"
+                f" ({_NAME_RULE}); 'loggers' lists those there are"
             )
         if logger not in _new_loggers and len(_new_loggers) >= _NEW_LOGGERS_MAX:
             return Response.failure(
