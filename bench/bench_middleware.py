@@ -40,6 +40,7 @@ import http.client
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import platform
 import pstats
@@ -850,6 +851,34 @@ def verdict(met: bool) -> str:
     return "MET" if met else "MISSED"
 
 
+def median_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval for the median of ``values``.
+
+    The order statistics ``x(k)`` and ``x(n+1-k)`` with the largest ``k``
+    for which the binomial(n, 1/2) probability of fewer than ``k`` is at most
+    half of ``1 - level``: nothing is assumed of the noise but that rounds
+    are independent. With few values it is the whole range.
+    """
+    ordered = sorted(values)
+    n = len(ordered)
+    k, below = 1, 0.0
+    while k < n // 2 + 1:
+        below += math.comb(n, k - 1) / 2**n  # P(fewer than k of n below the median)
+        if below + math.comb(n, k) / 2**n > (1 - level) / 2:
+            break
+        k += 1
+    return ordered[k - 1], ordered[n - k]
+
+
+def bounded_verdict(low: float, high: float, *, at_most: float) -> str:
+    """MET when the whole interval is within the target, MISSED when none of it is, else undecided."""
+    if high <= at_most:
+        return "MET"
+    if low > at_most:
+        return "MISSED"
+    return "NOT DECIDED (the target is inside the 95% interval)"
+
+
 def in_process_table(cases: list[InProcessCase], framework: str, rounds: int, batch: int) -> Table:
     """ns/request per variant, and what it adds over the bare app and the no-op middleware."""
     table = Table(
@@ -862,7 +891,9 @@ def in_process_table(cases: list[InProcessCase], framework: str, rounds: int, ba
         noop = by_key["noop", case.n_routes].ns_per_request
         mine = case.ns_per_request
         # Paired per round: a variant and its reference were timed in the same round.
-        added_bare = statistics.median(m - b for m, b in zip(mine, bare, strict=True))
+        paired = [m - b for m, b in zip(mine, bare, strict=True)]
+        added_bare = statistics.median(paired)
+        low, high = median_interval(paired)
         added_noop = statistics.median(m - n for m, n in zip(mine, noop, strict=True))
         ratio = statistics.median(b / m for m, b in zip(mine, bare, strict=True))
         table.rows.append(
@@ -878,7 +909,8 @@ def in_process_table(cases: list[InProcessCase], framework: str, rounds: int, ba
         if case.variant == "ours":
             table.notes.append(
                 f"target <= {ADDED_NS_TARGET:,} ns added per request at {case.n_routes} routes: "
-                f"{added_bare:+,.0f} ns, {verdict(added_bare <= ADDED_NS_TARGET)}"
+                f"{added_bare:+,.0f} ns (95% interval {low:+,.0f} to {high:+,.0f}), "
+                f"{bounded_verdict(low, high, at_most=ADDED_NS_TARGET)}"
             )
     table.notes += [
         f"each round times a batch of {batch:,} requests per variant, in {SLICES} slices the variants "
@@ -977,9 +1009,11 @@ def side_by_side_table(
                 ]
             )
             if server.variant == "ours":
+                low, high = median_interval(ratios)
                 table.notes.append(
                     f"target >= {RPS_RATIO_TARGET:.0%} of the bare app's req/s at {server.n_routes} routes: "
-                    f"{ratio:.1%}, {verdict(ratio >= RPS_RATIO_TARGET)}"
+                    f"{ratio:.1%} (95% interval {low:.1%} to {high:.1%}), "
+                    f"{bounded_verdict(-high, -low, at_most=-RPS_RATIO_TARGET)}"
                 )
     table.notes += [
         f"each round loads a variant and the bare app at the same time for {duration:g} s, both servers pinned "
@@ -1042,7 +1076,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (about two minutes)")
     parser.add_argument("--framework", choices=("starlette", "fastapi"), default="starlette")
     parser.add_argument("--routes", type=int, nargs="+", default=[5, 100], help="route counts in-process")
-    parser.add_argument("--rounds", type=int, help="in-process rounds (default 15, quick 5)")
+    parser.add_argument("--rounds", type=int, help="in-process rounds (default 21, quick 5)")
     parser.add_argument("--batch", type=int, help="requests per in-process batch (default 2000, quick 1000)")
     parser.add_argument("--uvicorn-routes", type=int, nargs="*", default=[5, 100], help="route counts")
     parser.add_argument("--uvicorn-rounds", type=int, help="rounds under uvicorn (default 3, quick 2)")
@@ -1066,7 +1100,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--loadgen-worker", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quick = args.quick
-    args.rounds = args.rounds or (5 if quick else 15)
+    args.rounds = args.rounds or (5 if quick else 21)
     args.batch = args.batch or (1000 if quick else 2000)
     args.uvicorn_rounds = args.uvicorn_rounds or (2 if quick else 3)
     args.side_by_side_rounds = args.side_by_side_rounds or (2 if quick else 8)

@@ -1,0 +1,59 @@
+"""The benchmark's verdicts: a target is met or missed only beyond the noise of the rounds."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    path = Path(__file__).resolve().parent.parent / "bench" / "bench_middleware.py"
+    spec = importlib.util.spec_from_file_location("bench_middleware_under_test", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module
+
+
+@pytest.mark.parametrize(
+    ("n", "ranks"),
+    # The order statistics of the textbook 95% interval for a median.
+    [(5, (1, 5)), (8, (1, 8)), (9, (2, 8)), (15, (4, 12)), (21, (6, 16)), (31, (10, 22))],
+)
+def test_median_interval_takes_the_textbook_order_statistics(
+    bench: ModuleType, n: int, ranks: tuple[int, int]
+) -> None:
+    values = [float(v) for v in range(n, 0, -1)]  # unsorted on purpose
+    assert bench.median_interval(values) == ranks
+
+
+def test_median_interval_covers_the_median_about_95_percent_of_the_time(bench: ModuleType) -> None:
+    rnd = random.Random(7)
+    trials = 4000
+    covered = 0
+    for _ in range(trials):
+        low, high = bench.median_interval([rnd.gauss(0.0, 1.0) for _ in range(21)])
+        covered += low <= 0.0 <= high
+    assert 0.94 <= covered / trials <= 0.985
+
+
+def test_a_target_inside_the_interval_is_not_decided(bench: ModuleType) -> None:
+    verdict = bench.bounded_verdict
+    assert verdict(2500.0, 2990.0, at_most=3000.0) == "MET"
+    assert verdict(3010.0, 3500.0, at_most=3000.0) == "MISSED"
+    assert verdict(2900.0, 3100.0, at_most=3000.0).startswith("NOT DECIDED")
+    # A ratio that must stay above 0.97 is checked as its negation.
+    assert verdict(-0.99, -0.975, at_most=-0.97) == "MET"
+    assert verdict(-0.965, -0.95, at_most=-0.97) == "MISSED"
