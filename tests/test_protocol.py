@@ -648,3 +648,11 @@ def test_an_unterminated_single_quote_is_refused() -> None:
     assert isinstance(violation, ProtocolViolation) and violation.error == "unterminated string"
     empty = parse_line("set '' x=1")  # an empty word is still a word, and not key=value
     assert isinstance(empty, ProtocolViolation) and empty.error == "argument '' is not key=value"
+
+
+def test_a_byte_order_mark_before_a_line_is_dropped() -> None:
+    # What a file saved by a Windows editor starts with, piped through socat.
+    bom = "\ufeff".encode()
+    events = ConnectionProtocol().receive_data(bom + b"ping\n" + bom + b'{"cmd": "stats"}\n' + bom + b"\n")
+    assert [(e.cmd, e.args) for e in events if isinstance(e, Request)] == [("ping", {}), ("stats", {})]
+    assert all(isinstance(e, Request) for e in events)

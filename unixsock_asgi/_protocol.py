@@ -573,7 +573,8 @@ class ConnectionProtocol:
             if len(raw) > self.max_message_size:
                 return [*events, *self._fatal(self._too_long(len(raw)))]
             try:
-                line = raw.decode()
+                # A byte order mark (a file a Windows editor saved, piped in) is dropped.
+                line = raw.decode("utf-8-sig")
             except UnicodeDecodeError as exc:
                 events.append(ProtocolViolation(f"line is not valid UTF-8: {exc}"))
                 continue
