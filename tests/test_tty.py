@@ -194,6 +194,20 @@ def test_the_shell_says_which_workers_do_not_answer(spawn: Spawn, fleet: Fleet, 
     assert _wait_exit(child) == 0
 
 
+def test_the_shell_prompts_soon_whatever_a_hung_worker_does(
+    spawn: Spawn, fleet: Fleet, socket_dir: Path
+) -> None:
+    fleet.start(1)
+    fleet.start(1, reply_delay_s=20.0)  # stopped, say: answers nothing
+    started = time.monotonic()
+    child = spawn("shell", str(socket_dir), "--history-file", "")  # the default --timeout, 10 s
+    child.expect(r"2 worker\(s\), 1 not answering, at ")
+    assert time.monotonic() - started < 8  # the 3 s the first help is given, and start-up
+    child.expect(r"> ")
+    child.send("quit\r")
+    assert _wait_exit(child) == 0
+
+
 def test_top_quits_at_once_while_a_hung_worker_is_being_asked(
     spawn: Spawn, fleet: Fleet, socket_dir: Path
 ) -> None:

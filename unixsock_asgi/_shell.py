@@ -116,12 +116,18 @@ def _save_history(readline: Any, history_file: str) -> None:
         pass
 
 
+_CATALOG_TIMEOUT = 3.0
+"""Seconds the shell waits for the workers' ``help`` before its first prompt."""
+
+
 def run_shell(target: Target, *, timeout: float, history_file: str) -> int:
     """Read commands until ``quit``/EOF and run each on every live worker of ``target``."""
     sockets = target.sockets()
     if not sockets:
         raise UsageError(f"nothing to talk to: no worker sockets (*.sock) in {target.path}")
-    answers = asyncio.run(fan_out(sockets, "help", {}, timeout=timeout))
+    # help answers on the control thread even while an app loop is blocked: a
+    # worker silent for this long (stopped, say) is "not answering", not waited for.
+    answers = asyncio.run(fan_out(sockets, "help", {}, timeout=min(timeout, _CATALOG_TIMEOUT)))
     if not answers.results:
         raise UsageError(f"nothing to talk to: no live worker at {target.path}")
     catalog = CommandCatalog.from_help([r.payload for r in answers.successes])
