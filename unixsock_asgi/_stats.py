@@ -20,8 +20,10 @@ import resource
 import sys
 import threading
 import time
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Mapping
+from itertools import accumulate
+from operator import itemgetter
 from typing import Any
 
 __all__ = [
@@ -65,6 +67,7 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"
 _METHOD_KEYS = (*sorted(_METHODS), "OTHER")
 _ROUTE_NAMES_LIMIT = 10000  # distinct route objects remembered (an app has a fixed set)
 _QUANTILES = (("p50_s", 0.5), ("p90_s", 0.9), ("p99_s", 0.99))
+_QUANTILE_LEVELS = tuple(q for _, q in _QUANTILES)
 
 
 def _bucket(value: float) -> int:
@@ -106,8 +109,8 @@ class LatencyHistogram:
         if seconds > self.max:
             self.max = seconds
 
-    def record_many(self, values: list[float]) -> None:
-        """Add many observations; sorts ``values`` in place.
+    def record_many(self, values: list[float], also: LatencyHistogram | None = None) -> None:
+        """Add many observations (to ``also`` too, when given); sorts ``values`` in place.
 
         Sorted, the values of one bucket are a run found by bisection: the
         work is one step per bucket the values fall in, not one per value.
@@ -117,6 +120,7 @@ class LatencyHistogram:
         values.sort()
         n = len(values)
         buckets = self.buckets
+        other = also.buckets if also is not None else None
         pos = 0
         while pos < n:
             i = _bucket(values[pos])
@@ -126,11 +130,19 @@ class LatencyHistogram:
                 # disagree: the logarithm (what record() uses) decides.
                 end = bisect_right(values, i, pos + 1, n, key=_bucket)
             buckets[i] = buckets.get(i, 0) + end - pos
+            if other is not None:
+                other[i] = other.get(i, 0) + end - pos
             pos = end
+        total = sum(values)
         self.count += n
-        self.sum += sum(values)
+        self.sum += total
         if values[-1] > self.max:
             self.max = values[-1]
+        if also is not None:
+            also.count += n
+            also.sum += total
+            if values[-1] > also.max:
+                also.max = values[-1]
 
     def merge(self, other: LatencyHistogram) -> None:
         """Add another histogram's counts to this one."""
@@ -147,20 +159,30 @@ class LatencyHistogram:
         it, the quantile of merged histograms always lies between the workers'
         own (an interpolated rank can put the fleet's p99 above every worker's).
         """
-        total = sum(self.buckets.values())
-        if total == 0:
-            return None
-        rank = max(1, math.ceil(q * total))
-        seen = 0
-        for i in sorted(self.buckets):
-            seen += self.buckets[i]
-            if seen >= rank:
-                return min(_bucket_value(i), self.max) if self.max else _bucket_value(i)
-        return _bucket_value(max(self.buckets))  # pragma: no cover - rank < total
+        return self._quantiles((q,))[0]
+
+    def _quantiles(
+        self, qs: tuple[float, ...], items: list[tuple[int, int]] | None = None
+    ) -> list[float | None]:
+        """:meth:`quantile` of each of ``qs``; ``items`` are the buckets' sorted items, if at hand."""
+        if items is None:
+            items = sorted(self.buckets.items())
+        cumulative = list(accumulate(map(itemgetter(1), items)))
+        total = cumulative[-1] if cumulative else 0
+        if total <= 0:
+            return [None] * len(qs)
+        found: list[float | None] = []
+        for q in qs:
+            # The first bucket whose running count reaches the rank.
+            at = min(bisect_left(cumulative, max(1, math.ceil(q * total))), len(items) - 1)
+            value = _bucket_value(items[at][0])
+            found.append(min(value, self.max) if self.max else value)
+        return found
 
     def to_payload(self) -> dict[str, Any]:
         """JSON form: counts by bucket index plus the figures derived from them."""
         buckets = dict(self.buckets)  # atomic copy; recording may go on meanwhile
+        items = sorted(buckets.items())
         hist = LatencyHistogram()
         hist.buckets = buckets
         hist.count = sum(buckets.values())
@@ -170,10 +192,10 @@ class LatencyHistogram:
             "sum_s": self.sum,
             "max_s": self.max,
             "gamma": GAMMA,
-            "buckets": sorted([i, c] for i, c in buckets.items()),
+            "buckets": list(map(list, items)),
         }
-        for key, q in _QUANTILES:
-            payload[key] = hist.quantile(q)
+        for (key, _), value in zip(_QUANTILES, hist._quantiles(_QUANTILE_LEVELS, items), strict=True):
+            payload[key] = value
         return payload
 
     @classmethod
@@ -216,11 +238,11 @@ class RouteStats:
         self.unbucketed: list[float] = []
         """Latencies counted but not yet put in the histogram's buckets (see Stats)."""
 
-    def bucket_latencies(self) -> None:
-        """Put the waiting latencies into the histogram."""
+    def bucket_latencies(self, total: LatencyHistogram | None = None) -> None:
+        """Put the waiting latencies into the histogram (and into ``total``'s)."""
         if self.unbucketed:
             values, self.unbucketed = self.unbucketed, []
-            self.latency.record_many(values)
+            self.latency.record_many(values, total)
 
     def to_payload(self) -> dict[str, Any]:
         return {
@@ -298,6 +320,7 @@ class Stats:
         # while that thread is counting.
         self._lock = threading.RLock()
         self._routes: dict[str, RouteStats] = {}
+        self._total = RouteStats()  # every route's counters added up (its ``unbucketed`` stays empty)
         self._unbucketed = 0
         self._counting = False  # counting is under way on this thread (re-entry would split it)
         self._route_names: dict[int, str] = {}
@@ -316,9 +339,10 @@ class Stats:
         """
         with self._lock:
             self._count_live()
-            before = sum(rs.requests for rs in self._routes.values())
+            before = self._total.requests
             self.reset_at = time.time()
             self._routes = {}
+            self._total = RouteStats()
             self._unbucketed = 0
             self.websockets_total = 0
             return before
@@ -427,8 +451,10 @@ class Stats:
         self._bucket_all()
 
     def _bucket_all(self) -> None:
+        total = self._total.latency
         for rs in self._routes.values():
-            rs.bucket_latencies()
+            if rs.unbucketed:
+                rs.bucket_latencies(total)
         self._unbucketed = 0
 
     def _bucket_if_many(self) -> None:
@@ -486,17 +512,18 @@ class Stats:
             if rs is None:
                 rs = self._routes[name] = RouteStats()
         n = len(seconds)
-        rs.requests += n
-        rs.by_status[status_class] += n
-        counts = rs.by_method
-        counts[method if method in counts else "OTHER"] += n
-        if raised:
-            rs.exceptions += n
+        method_key = method if method in _METHODS else "OTHER"
+        for counted in (rs, self._total):  # the route's counters, and the process totals
+            counted.requests += n
+            counted.by_status[status_class] += n
+            counted.by_method[method_key] += n
+            if raised:
+                counted.exceptions += n
         waiting = rs.unbucketed
         waiting.extend(seconds)
         if len(waiting) >= BUCKET_EVERY:
             self._unbucketed -= len(waiting) - n
-            rs.bucket_latencies()
+            rs.bucket_latencies(self._total.latency)
         else:
             self._unbucketed += n
 
@@ -517,27 +544,24 @@ class Stats:
     def snapshot(self, *, routes: bool = True) -> dict[str, Any]:
         """The stable ``stats`` payload (keys documented in README)."""
         now = time.time()
+        # The totals are kept as routes are counted, so that a snapshot
+        # without routes (what ``top`` and ``ls`` ask for) costs the same
+        # whatever the number of routes.
         with self._lock:  # what is live is counted, and nothing counted while copying
             self._settle()
-            route_payloads = {name: rs.to_payload() for name, rs in self._routes.items()}
-        by_status: dict[str, int] = {}
-        by_method: dict[str, int] = {}
-        for rp in route_payloads.values():
-            for key, n in rp["by_status"].items():
-                by_status[key] = by_status.get(key, 0) + n
-            for key, n in rp["by_method"].items():
-                by_method[key] = by_method.get(key, 0) + n
+            totals = self._total.to_payload()
+            route_payloads = {name: rs.to_payload() for name, rs in self._routes.items()} if routes else {}
         payload: dict[str, Any] = {
             "pid": os.getpid(),
             "uptime_s": time.monotonic() - self._started_mono,
             "started_at": self.started_at,
             "since_reset_s": now - self.reset_at,
-            "requests_total": sum(rp["requests"] for rp in route_payloads.values()),
+            "requests_total": totals["requests"],
             "in_flight": self.in_flight,
-            "exceptions_total": sum(rp["exceptions"] for rp in route_payloads.values()),
-            "by_status": by_status,
-            "by_method": by_method,
-            "latency": merge_histograms(rp["latency"] for rp in route_payloads.values()),
+            "exceptions_total": totals["exceptions"],
+            "by_status": totals["by_status"],
+            "by_method": totals["by_method"],
+            "latency": totals["latency"],
             "websockets": {"active": self.websockets_active, "total": self.websockets_total},
             "process": {
                 **process_figures(),
