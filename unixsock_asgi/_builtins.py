@@ -357,24 +357,54 @@ def maintenance_off(ctx: CommandContext) -> dict[str, Any]:
 
 
 @command(diagnostic=True)
-async def drain(ctx: CommandContext, timeout: float = 30.0) -> Any:
-    """Wait until no request is in flight (at most ``timeout`` seconds, max 300).
-    Run ``health_fail`` first so that no new requests arrive."""
+async def drain(ctx: CommandContext, timeout: float = 30.0, quiet: float = 1.0) -> Any:
+    """Wait until no request is in flight and none has started for ``quiet`` seconds
+    (at most ``timeout`` seconds, max 300; ``quiet`` is capped at ``timeout``, 0 checks
+    in-flight alone). Run ``health_fail`` first: while the load balancer still sends
+    requests, the drain waits, and fails at ``timeout`` saying they still arrive."""
     if not 0 <= timeout <= 300:
         return Response.failure(f"timeout must be between 0 and 300 seconds, got {timeout:g}")
+    if not 0 <= quiet <= 300:
+        return Response.failure(f"quiet must be between 0 and 300 seconds, got {quiet:g}")
+    quiet = min(quiet, timeout)
     stats = ctx.stats
     start = time.monotonic()
     deadline = start + timeout
-    while stats.in_flight > 0 and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
-    waited = time.monotonic() - start
-    if stats.in_flight > 0:
-        return Response.failure(
-            f"still {stats.in_flight} request(s) in flight after {waited:.1f}s",
-            payload={"drained": False, "in_flight": stats.in_flight, "waited_s": waited},
-        )
+    # The gate's own answers (503s of health_fail and maintenance) do not count as
+    # started: only requests that reach the app keep the drain waiting.
+    seen = stats.started
+    arrived = 0
+    last_arrival = start
+    while True:
+        now = time.monotonic()
+        started = stats.started
+        if started != seen:
+            arrived += started - seen
+            seen, last_arrival = started, now
+        in_flight = stats.in_flight
+        if in_flight == 0 and now - last_arrival >= quiet:
+            break
+        if now >= deadline:
+            waited = now - start
+            payload = {"drained": False, "in_flight": in_flight, "waited_s": waited, "arrived": arrived}
+            if in_flight:
+                return Response.failure(
+                    f"still {in_flight} request(s) in flight after {waited:.1f}s", payload=payload
+                )
+            return Response.failure(
+                f"requests still arrive: {arrived} started in {waited:.1f}s, the last {now - last_arrival:.1f}s ago"
+                " (is the load balancer still sending? health_fail first)",
+                payload=payload,
+            )
+        await asyncio.sleep(min(0.02, max(0.0, deadline - now)))
     # Websocket sessions are long-lived and not waited for; how many are open is said.
-    return {"drained": True, "in_flight": 0, "waited_s": waited, "websockets_active": stats.websockets_active}
+    return {
+        "drained": True,
+        "in_flight": 0,
+        "waited_s": time.monotonic() - start,
+        "arrived": arrived,
+        "websockets_active": stats.websockets_active,
+    }
 
 
 # -- where is it stuck? ---------------------------------------------------------

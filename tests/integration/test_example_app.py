@@ -153,6 +153,41 @@ def test_health_fail_and_maintenance_change_responses(start_server: StartServer,
     assert drained["drained"] is True and drained["in_flight"] == 0
 
 
+def test_drain_waits_while_requests_still_arrive_and_answers_once_they_stop(
+    start_server: StartServer, short_dir: Path
+) -> None:
+    server, control = _example(start_server, short_dir / "s")
+    stop = threading.Event()
+    sent = 0
+
+    def keep_sending() -> None:  # a load balancer that has not noticed health_fail yet
+        nonlocal sent
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            while not stop.is_set() and sent < 100_000:
+                http.get("/items/1")
+                sent += 1
+
+    _payload(control, "health_fail")
+    sender = threading.Thread(target=keep_sending)
+    sender.start()
+    try:
+        wait_for(lambda: sent > 5, 10, "the first requests")
+        # Between two requests nothing is in flight; the drain must not call that drained.
+        still = control.send("drain", {"timeout": 1.5, "quiet": 0.5})
+        assert still is not None and not still.ok
+        assert "requests still arrive" in still.error or "in flight" in still.error, still.error
+        assert still.payload["drained"] is False and still.payload["arrived"] > 0
+    finally:
+        stop.set()
+        sender.join(15)
+    assert not sender.is_alive()
+    drained = _payload(control, "drain", timeout=5, quiet=0.3)
+    assert drained["drained"] is True and drained["in_flight"] == 0
+    assert drained["waited_s"] >= 0.3 and drained["arrived"] == 0
+    gated = _payload(control, "stats")["routes"]["/items/{item_id}"]["requests"]
+    assert gated == sent  # what the drain waited for was counted, request by request
+
+
 def test_ping_and_stacks_answer_while_a_route_blocks_the_loop(
     start_server: StartServer, short_dir: Path
 ) -> None:
