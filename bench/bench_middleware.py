@@ -851,27 +851,33 @@ def verdict(met: bool) -> str:
     return "MET" if met else "MISSED"
 
 
-def median_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
-    """A distribution-free confidence interval for the median of ``values``.
+def median_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """A distribution-free confidence interval for the median of ``values``, and its coverage.
 
     The order statistics ``x(k)`` and ``x(n+1-k)`` with the largest ``k``
     for which the binomial(n, 1/2) probability of fewer than ``k`` is at most
     half of ``1 - level``: nothing is assumed of the noise but that rounds
-    are independent. With few values it is the whole range.
+    are independent. The coverage returned is the interval's exact one; with
+    fewer than six values even the whole range covers less than 95 %.
     """
     ordered = sorted(values)
     n = len(ordered)
+    if n == 0:
+        raise ValueError("no values")
     k, below = 1, 0.0
     while k < n // 2 + 1:
         below += math.comb(n, k - 1) / 2**n  # P(fewer than k of n below the median)
         if below + math.comb(n, k) / 2**n > (1 - level) / 2:
             break
         k += 1
-    return ordered[k - 1], ordered[n - k]
+    outside = sum(math.comb(n, j) for j in range(k)) / 2**n  # P(fewer than k below), one side
+    return ordered[k - 1], ordered[n - k], 1 - 2 * outside
 
 
-def bounded_verdict(low: float, high: float, *, at_most: float) -> str:
+def bounded_verdict(low: float, high: float, *, at_most: float, coverage: float = 1.0) -> str:
     """MET when the whole interval is within the target, MISSED when none of it is, else undecided."""
+    if coverage < 0.95:
+        return f"NOT DECIDED (too few rounds: the range covers the median {coverage:.0%} of the time)"
     if high <= at_most:
         return "MET"
     if low > at_most:
@@ -893,7 +899,7 @@ def in_process_table(cases: list[InProcessCase], framework: str, rounds: int, ba
         # Paired per round: a variant and its reference were timed in the same round.
         paired = [m - b for m, b in zip(mine, bare, strict=True)]
         added_bare = statistics.median(paired)
-        low, high = median_interval(paired)
+        low, high, coverage = median_interval(paired)
         added_noop = statistics.median(m - n for m, n in zip(mine, noop, strict=True))
         ratio = statistics.median(b / m for m, b in zip(mine, bare, strict=True))
         table.rows.append(
@@ -910,7 +916,7 @@ def in_process_table(cases: list[InProcessCase], framework: str, rounds: int, ba
             table.notes.append(
                 f"target <= {ADDED_NS_TARGET:,} ns added per request at {case.n_routes} routes: "
                 f"{added_bare:+,.0f} ns (95% interval {low:+,.0f} to {high:+,.0f}), "
-                f"{bounded_verdict(low, high, at_most=ADDED_NS_TARGET)}"
+                f"{bounded_verdict(low, high, at_most=ADDED_NS_TARGET, coverage=coverage)}"
             )
     table.notes += [
         f"each round times a batch of {batch:,} requests per variant, in {SLICES} slices the variants "
@@ -1009,11 +1015,11 @@ def side_by_side_table(
                 ]
             )
             if server.variant == "ours":
-                low, high = median_interval(ratios)
+                low, high, coverage = median_interval(ratios)
                 table.notes.append(
                     f"target >= {RPS_RATIO_TARGET:.0%} of the bare app's req/s at {server.n_routes} routes: "
                     f"{ratio:.1%} (95% interval {low:.1%} to {high:.1%}), "
-                    f"{bounded_verdict(-high, -low, at_most=-RPS_RATIO_TARGET)}"
+                    f"{bounded_verdict(-high, -low, at_most=-RPS_RATIO_TARGET, coverage=coverage)}"
                 )
     table.notes += [
         f"each round loads a variant and the bare app at the same time for {duration:g} s, both servers pinned "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import random
 import sys
 from pathlib import Path
@@ -36,7 +37,12 @@ def test_median_interval_takes_the_textbook_order_statistics(
     bench: ModuleType, n: int, ranks: tuple[int, int]
 ) -> None:
     values = [float(v) for v in range(n, 0, -1)]  # unsorted on purpose
-    assert bench.median_interval(values) == ranks
+    low, high, coverage = bench.median_interval(values)
+    assert (low, high) == ranks
+    # Exact: 1 - 2 P(Binomial(n, 1/2) < k); below 95% only where even the range is.
+    k = ranks[0]
+    assert coverage == pytest.approx(1 - 2 * sum(math.comb(n, j) for j in range(k)) / 2**n)
+    assert (coverage >= 0.95) == (n >= 6)
 
 
 def test_median_interval_covers_the_median_about_95_percent_of_the_time(bench: ModuleType) -> None:
@@ -44,7 +50,7 @@ def test_median_interval_covers_the_median_about_95_percent_of_the_time(bench: M
     trials = 4000
     covered = 0
     for _ in range(trials):
-        low, high = bench.median_interval([rnd.gauss(0.0, 1.0) for _ in range(21)])
+        low, high, _ = bench.median_interval([rnd.gauss(0.0, 1.0) for _ in range(21)])
         covered += low <= 0.0 <= high
     assert 0.94 <= covered / trials <= 0.985
 
@@ -57,3 +63,7 @@ def test_a_target_inside_the_interval_is_not_decided(bench: ModuleType) -> None:
     # A ratio that must stay above 0.97 is checked as its negation.
     assert verdict(-0.99, -0.975, at_most=-0.97) == "MET"
     assert verdict(-0.965, -0.95, at_most=-0.97) == "MISSED"
+    # Two rounds' range covers the median half of the time: nothing is decided on it.
+    assert verdict(2500.0, 2600.0, at_most=3000.0, coverage=0.5).startswith("NOT DECIDED (too few rounds")
+    with pytest.raises(ValueError):
+        bench.median_interval([])

@@ -16,7 +16,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from unixsock_asgi._fleet import load_overrides, overrides_path, persist_override
 from unixsock_asgi._shell import CommandCatalog, completions
-from unixsock_asgi.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, format_args, main, parse_command_args
+from unixsock_asgi.cli import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    format_args,
+    main,
+    parse_command_args,
+    reply_timeout,
+)
 
 from .fleet_workers import HELP, Fleet, ScriptedWorker, fleet, make_stale_socket, socket_dir
 
@@ -694,3 +702,11 @@ def test_overrides_show_says_when_workers_ignore_the_file(
     os.chmod(path, 0o600)
     status, out, _ = run(capsys, "overrides", "show", str(socket_dir))
     assert status == EXIT_OK and "applied in this order at startup" in out
+
+
+def test_the_wait_for_a_reply_adds_the_commands_own_timeout_or_quiet() -> None:
+    assert reply_timeout({}, 10.0) == 10.0
+    assert reply_timeout({"timeout": 30}, 10.0) == 40.0
+    assert reply_timeout({"quiet": 12}, 10.0) == 22.0  # drain quiet=12 answers after 12 s at least
+    assert reply_timeout({"timeout": 5, "quiet": 12.5}, 10.0) == 22.5
+    assert reply_timeout({"timeout": True, "quiet": "x"}, 10.0) == 10.0

@@ -609,6 +609,37 @@ def test_a_snapshot_taken_while_a_batch_is_counted_loses_nothing() -> None:
     assert snap["latency"]["count"] == LIVE_LIMIT + 2
 
 
+def test_a_reset_from_a_signal_handler_while_a_group_is_counted_keeps_the_totals_whole() -> None:
+    app, stats = _middleware_app()
+    _serve(app, "/items/1", 1)
+    stats.flush()  # counted; its latency waits to be bucketed
+    resets: list[int] = []
+
+    class Interrupting(list):  # type: ignore[type-arg]
+        def extend(self, values: Any) -> None:
+            super().extend(values)
+            if not resets:  # as a signal handler on the app's thread would, before the bucketing
+                resets.append(stats.reset())
+
+    route = stats._routes["/items/{id}"]
+    route.unbucketed = Interrupting(route.unbucketed)
+    _serve(app, "/items/1", LIVE_LIMIT + 1)  # the app's thread counts the full group, and buckets it
+    assert resets  # the reset ran inside the counting (that group may be lost: documented)
+    _serve(app, "/items/1", 10)
+    snap = stats.snapshot()
+    assert snap["latency"]["count"] == snap["requests_total"]
+    assert snap["requests_total"] == sum(r["requests"] for r in snap["routes"].values())
+    assert snap["latency"]["count"] == sum(r["latency"]["count"] for r in snap["routes"].values())
+
+
+def test_bucket_counts_below_one_in_a_payload_add_nothing() -> None:
+    # A payload from another process is not trusted to be well formed.
+    payload = {"gamma": GAMMA, "buckets": [[-349, 28], [-123, -5], [-100, 0], [184, 5]], "max_s": 0.0}
+    hist = LatencyHistogram.from_payload(payload)
+    assert hist.buckets == {-349: 28, 184: 5} and hist.count == 33
+    assert hist.quantile(0.9) == hist.quantile(1.0)  # the 30th of 33 values is in the top bucket
+
+
 def test_a_status_equal_to_an_int_counts_as_it_whatever_came_first(caplog: pytest.LogCaptureFixture) -> None:
     pairs: list[tuple[Any, Any]] = [(200.0, 200), (200, 200.0), (HTTPStatus.OK, 200), (200.5, 200)]
     counted = []

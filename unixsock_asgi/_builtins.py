@@ -377,11 +377,13 @@ async def drain(ctx: CommandContext, timeout: float = 30.0, quiet: float = 1.0) 
     last_arrival = start
     while True:
         now = time.monotonic()
+        # In flight first: a request that starts and ends between the two
+        # reads is then seen by the count of requests started.
+        in_flight = stats.in_flight
         started = stats.started
         if started != seen:
             arrived += started - seen
             seen, last_arrival = started, now
-        in_flight = stats.in_flight
         if in_flight == 0 and now - last_arrival >= quiet:
             break
         if now >= deadline:
@@ -393,7 +395,8 @@ async def drain(ctx: CommandContext, timeout: float = 30.0, quiet: float = 1.0) 
                 )
             return Response.failure(
                 f"requests still arrive: {arrived} started in {waited:.1f}s, the last {now - last_arrival:.1f}s ago"
-                " (is the load balancer still sending? health_fail first)",
+                " (is the load balancer still sending? health_fail first; quiet=0 waits for"
+                " in-flight requests alone, if what arrives is probes)",
                 payload=payload,
             )
         await asyncio.sleep(min(0.02, max(0.0, deadline - now)))

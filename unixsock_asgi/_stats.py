@@ -206,7 +206,8 @@ class LatencyHistogram:
             raise ValueError(f"histogram uses gamma {gamma}, this version uses {GAMMA}")
         hist = cls()
         for i, c in payload.get("buckets", []):
-            hist.buckets[int(i)] = hist.buckets.get(int(i), 0) + int(c)
+            if int(c) > 0:  # a count below one (a malformed payload) adds nothing
+                hist.buckets[int(i)] = hist.buckets.get(int(i), 0) + int(c)
         hist.count = sum(hist.buckets.values())
         hist.sum = float(payload.get("sum_s", 0.0))
         hist.max = float(payload.get("max_s", 0.0))
@@ -294,8 +295,8 @@ class Stats:
     list up to its current length and remembers how far it got. Latencies
     wait in a list per route and are put in buckets ``BUCKET_EVERY`` at a
     time, sorted, one step per bucket (all of them when ``UNBUCKETED_LIMIT``
-    wait). Only per-route counters are kept; process totals are derived in
-    snapshots.
+    wait). The process totals are added up as the routes are counted, so
+    that a snapshot without routes costs the same whatever their number.
 
     A snapshot or reset made by a signal handler on the app's thread while
     that thread is counting sees the counters as they stand: a group may be
@@ -513,7 +514,10 @@ class Stats:
                 rs = self._routes[name] = RouteStats()
         n = len(seconds)
         method_key = method if method in _METHODS else "OTHER"
-        for counted in (rs, self._total):  # the route's counters, and the process totals
+        # Read once: a reset by a signal handler meanwhile must not get this
+        # route's latencies into its fresh totals without the requests.
+        total = self._total
+        for counted in (rs, total):  # the route's counters, and the process totals
             counted.requests += n
             counted.by_status[status_class] += n
             counted.by_method[method_key] += n
@@ -522,8 +526,8 @@ class Stats:
         waiting = rs.unbucketed
         waiting.extend(seconds)
         if len(waiting) >= BUCKET_EVERY:
-            self._unbucketed -= len(waiting) - n
-            rs.bucket_latencies(self._total.latency)
+            self._unbucketed = max(0, self._unbucketed - (len(waiting) - n))
+            rs.bucket_latencies(total.latency)
         else:
             self._unbucketed += n
 

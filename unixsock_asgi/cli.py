@@ -354,12 +354,15 @@ def parse_command_args(pairs: Iterable[str]) -> dict[str, Any]:
 
 
 def reply_timeout(args: Mapping[str, Any], timeout: float) -> float:
-    """How long to wait for a reply: ``timeout``, plus the command's own ``timeout`` argument
-    (``drain timeout=30`` may take 30 s before it answers)."""
-    own = args.get("timeout")
-    if isinstance(own, (int, float)) and not isinstance(own, bool) and 0 < own < math.inf:
-        return timeout + own
-    return timeout
+    """How long to wait for a reply: ``timeout``, plus the longest of the command's own
+    ``timeout`` and ``quiet`` arguments (``drain timeout=30`` may take 30 s before it
+    answers, ``drain quiet=12`` at least 12 s)."""
+    own = [
+        value
+        for value in (args.get("timeout"), args.get("quiet"))
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+    ]
+    return timeout + max(own, default=0)
 
 
 def _positive_seconds(text: str) -> float:
@@ -664,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
             default=default,
             metavar="S",
             help=f"seconds to wait for each worker (default {default:g}; a command's own"
-            " timeout=... argument is added)",
+            " timeout=... or quiet=... argument is added)",
         )
 
     p = sub.add_parser("send", help="run a command on one worker or on every worker in a directory")
