@@ -9,6 +9,7 @@ import math
 import random
 import threading
 import time
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 from unittest.mock import ANY
@@ -588,20 +589,36 @@ def test_same_routes_under_two_mounts_and_prefixes_made_without_mounts() -> None
     assert routes["/raw/shop/items/{id}"]["requests"] == 3
 
 
-def test_a_snapshot_taken_while_a_batch_is_counted_loses_nothing() -> None:
+def _interrupt_counting(
+    action: Callable[[Stats], int], *, after_extend: bool
+) -> tuple[Any, Stats, list[int]]:
+    """An app whose next counting of ``/items/{id}`` runs ``action`` once, halfway through.
+
+    As a signal handler on the app's thread would: while the group's
+    latencies are put aside (before or after), before they are bucketed.
+    Returns the app, its stats and what ``action`` returned.
+    """
     app, stats = _middleware_app()
     _serve(app, "/items/1", 1)
     stats.flush()  # counted; its latency waits to be bucketed
-    taken: list[int] = []
+    results: list[int] = []
 
     class Interrupting(list):  # type: ignore[type-arg]
         def extend(self, values: Any) -> None:
-            # As a signal handler on the app's thread would, in the middle of counting.
-            taken.append(stats.snapshot()["requests_total"])
-            super().extend(values)
+            if after_extend:
+                super().extend(values)
+            if not results:
+                results.append(action(stats))
+            if not after_extend:
+                super().extend(values)
 
     route = stats._routes["/items/{id}"]
     route.unbucketed = Interrupting(route.unbucketed)
+    return app, stats, results
+
+
+def test_a_snapshot_taken_while_a_batch_is_counted_loses_nothing() -> None:
+    app, stats, taken = _interrupt_counting(lambda s: s.snapshot()["requests_total"], after_extend=False)
     _serve(app, "/items/1", LIVE_LIMIT + 1)  # the app's thread counts the full group
     assert taken  # the snapshot ran inside the counting
     snap = stats.snapshot()
@@ -610,19 +627,7 @@ def test_a_snapshot_taken_while_a_batch_is_counted_loses_nothing() -> None:
 
 
 def test_a_reset_from_a_signal_handler_while_a_group_is_counted_keeps_the_totals_whole() -> None:
-    app, stats = _middleware_app()
-    _serve(app, "/items/1", 1)
-    stats.flush()  # counted; its latency waits to be bucketed
-    resets: list[int] = []
-
-    class Interrupting(list):  # type: ignore[type-arg]
-        def extend(self, values: Any) -> None:
-            super().extend(values)
-            if not resets:  # as a signal handler on the app's thread would, before the bucketing
-                resets.append(stats.reset())
-
-    route = stats._routes["/items/{id}"]
-    route.unbucketed = Interrupting(route.unbucketed)
+    app, stats, resets = _interrupt_counting(Stats.reset, after_extend=True)
     _serve(app, "/items/1", LIVE_LIMIT + 1)  # the app's thread counts the full group, and buckets it
     assert resets  # the reset ran inside the counting (that group may be lost: documented)
     _serve(app, "/items/1", 10)
