@@ -348,7 +348,7 @@ def test_invalid_json_line_is_not_fatal() -> None:
         ("set url=http://x/?a=b", {"url": "http://x/?a=b"}),
         ("set empty=", {"empty": ""}),
         ("set   a=1\t b=2  ", {"a": 1, "b": 2}),
-        ("set n=" + "[" * 5000, {"n": "[" * 5000}),
+        ("set n=" + "[" * 5000 + "]" * 5000, {"n": "[" * 5000 + "]" * 5000}),  # too deep for JSON: plain text
     ],
 )
 def test_key_value_lines(line: str, args: dict[str, Any]) -> None:
@@ -370,6 +370,9 @@ def test_bare_command_line() -> None:
         ("set level", "argument 'level' is not key=value"),
         ("set =5", "argument '=5' is not key=value"),
         ('set a="open', "unterminated string"),
+        # Without the check, "b=2" went into a's value, a string '{"x": 1 b=2'.
+        ('set a={"x": 1 b=2', "unclosed '{' or '[' (quote a plain-text value: key='...')"),
+        ("set a=[1, 2 b=2", "unclosed '{' or '[' (quote a plain-text value: key='...')"),
     ],
 )
 def test_bad_key_value_lines(line: str, message: str) -> None:

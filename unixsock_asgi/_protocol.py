@@ -457,6 +457,9 @@ def _split_words(text: str) -> list[str] | ProtocolViolation:
         current.append(ch)
     if quote or single:
         return ProtocolViolation("unterminated string")
+    if depth:
+        # Everything after it would have become part of one value, silently.
+        return ProtocolViolation("unclosed '{' or '[' (quote a plain-text value: key='...')")
     if current or quoted:
         words.append("".join(current))
     if not words:
