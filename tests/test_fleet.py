@@ -10,6 +10,7 @@ import random
 import stat
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from unixsock_asgi import UnixSockServer
 from unixsock_asgi._fleet import (
+    FanOutResult,
     OverrideError,
     OverridesFileError,
     aggregate_stats,
@@ -346,6 +349,34 @@ def test_fan_out_reports_stale_sockets_apart_from_results(fleet: Fleet, socket_d
     assert [r.pid for r in outcome.results] == [live.pid]
     assert outcome.stale == [str(stale)]
     assert outcome.all_ok
+
+
+def test_a_worker_that_exits_while_asked_counts_as_gone_not_as_an_error(
+    start_server: Callable[..., UnixSockServer], sock_path: str
+) -> None:
+    # A worker shutting down (a deploy, --max-requests) ends the connections it
+    # holds: that is a worker gone, not an error that makes the CLI exit 1.
+    entered, release = threading.Event(), threading.Event()
+
+    def handler(cmd: str, args: dict[str, Any]) -> str:
+        entered.set()
+        release.wait(5)
+        return "too late"
+
+    server = start_server(handler)
+
+    async def ask_while_it_stops() -> FanOutResult:
+        asking = asyncio.ensure_future(fan_out([sock_path], "slow", timeout=5.0))
+        assert await asyncio.to_thread(entered.wait, 5)
+        await asyncio.to_thread(server.stop)
+        return await asking
+
+    try:
+        outcome = asyncio.run(ask_while_it_stops())
+    finally:
+        release.set()
+    assert outcome.results == []
+    assert outcome.stale == [sock_path]
 
 
 def test_fan_out_runs_concurrently(fleet: Fleet) -> None:

@@ -314,7 +314,13 @@ async def ask_worker(path: str, cmd: str, args: Mapping[str, Any], timeout: floa
         else:
             result.error = str(exc)
     except TransportError as exc:
-        result.error = str(exc)
+        if _nothing_listens(path):
+            # Reset or closed as its process shut down (a deploy, a recycled
+            # worker): gone, like a stale socket, not an error.
+            result.status = STATUS_STALE
+            result.error = "its process exited while it was asked"
+        else:
+            result.error = str(exc)
     else:
         assert response is not None  # respond=True
         result.status = response.status

@@ -280,6 +280,9 @@ class UnixSockServer:
     async def _shut_down(self, loop: asyncio.AbstractEventLoop, server: asyncio.AbstractServer) -> None:
         """Stop accepting, end every connection, close the listener; about a second at most."""
         assert self._bound is not None
+        # No new client finds the socket: one that tries now is told nothing
+        # is there, rather than connecting to be reset a moment later.
+        self._bound.unlink_if_ours()
         # Stop accepting first but keep the server open until the connections
         # accepted so far have their transports: asyncio cannot give one a
         # transport once its server is closed, and leaves its socket open.
