@@ -593,12 +593,33 @@ def test_response_ok_and_raise_for_status() -> None:
         (b'{"cmd": "echo", "args": {"x": NaN}}', "NaN is not JSON"),
         (b'{"cmd": "echo", "args": {"x": -Infinity}}', "-Infinity is not JSON"),
         (b'{"cmd": "echo", "args": {"x": 1e999}}', "number out of range"),
+        (b'{"cmd": "echo", "args": {"x": 2' + b"0" * 308 + b"}}", "number out of range"),
+        (b'{"cmd": "echo", "args": {"x": -2' + b"0" * 308 + b"}}", "number out of range"),
     ],
 )
 def test_nan_and_infinity_are_not_json(body: bytes, message: str) -> None:
     violation = only_violation(ConnectionProtocol().receive_data(raw_frame(body)))
     assert message in violation.error and not violation.fatal
     assert parse_line("echo x=NaN") == Request("echo", {"x": "NaN"}, close=False)  # a string, then
+
+
+def test_integers_beyond_a_double_are_refused_both_ways() -> None:
+    # 309 digits still fit (up to about 1.8e308): the check is of the value, not of the length.
+    (fits,) = ConnectionProtocol().receive_data(frame({"cmd": "echo", "args": {"x": 10**308}}))
+    assert isinstance(fits, Request) and fits.args == {"x": 10**308}
+    assert parse_line("echo x=2" + "0" * 308) == Request("echo", {"x": "2" + "0" * 308}, close=False)
+    assert parse_line('{"cmd": "echo", "args": {"x": 2' + "0" * 308 + "}}") == ProtocolViolation(
+        "invalid JSON: number out of range: 200000000000... (309 characters)", cmd=""
+    )
+    with pytest.raises(ValueError, match="number out of range"):
+        encode_frame({"cmd": "set", "args": {"value": 10**400}})
+    with pytest.raises(ValueError, match="number out of range"):
+        ConnectionProtocol().encode_reply(None, Response.success({"n": [-(10**400)]}))
+    digits = "9" * 400  # only text: sent as it is
+    reply = frame_reply(ConnectionProtocol().encode_reply(None, Response.success(digits)))
+    assert reply["response"]["payload"] == digits
+    with pytest.raises(ValueError, match="number out of range"):  # a Go client gets the payload's JSON text
+        ConnectionProtocol().encode_reply(Request("n", go_client=True), Response.success({"n": 10**400}))
 
 
 def test_nan_is_never_encoded() -> None:

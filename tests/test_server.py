@@ -1295,12 +1295,19 @@ def test_replies_json_cannot_carry_become_failures(
     start_server: ServerFactory, connect_raw: RawConnector, server_errors: list[logging.LogRecord]
 ) -> None:
     def handler(cmd: str, args: dict[str, Any]) -> Any:
-        return {"nan": float("nan"), "huge": "x" * (17 << 20)}.get(cmd, "pong")
+        replies = {"nan": float("nan"), "huge": "x" * (17 << 20), "10**400": 10**400, "digits": "7" * 400}
+        return replies.get(cmd, "pong")
 
     server = start_server(handler)
     sock = connect_raw(server.path)
     send_frame(sock, {"cmd": "nan", "close": False})
     assert "reply could not be encoded" in recv_response(sock)["error"]
+    # Go's float64 and JavaScript cannot read it; digits in a string are only text.
+    send_frame(sock, {"cmd": "10**400", "close": False})
+    reply = recv_response(sock)
+    assert reply["status"] == "failure" and "number out of range" in reply["error"]
+    send_frame(sock, {"cmd": "digits", "close": False})
+    assert recv_response(sock) == {"status": "success", "error": "", "payload": "7" * 400}
     send_frame(sock, {"cmd": "huge", "close": False})
     reply = recv_response(sock)
     assert reply["status"] == "failure" and "exceeds the protocol's" in reply["error"]

@@ -160,19 +160,22 @@ class Close:
 Event = Request | ProtocolViolation | Close
 
 
-def _loads(text: bytes | str) -> Any:
+def _loads(text: bytes | str, *, request: bool = False) -> Any:
     """Parse JSON; every failure is a ValueError.
 
     Bytes must be UTF-8 (``json.loads`` would also guess UTF-16/32 and let
     encoded lone surrogates through), and nesting too deep to parse is
-    reported rather than raised as RecursionError.
+    reported rather than raised as RecursionError. A ``request`` may not
+    hold an integer beyond a double either (a reply may: checking every
+    integer of a large stats reply would take longer than parsing it).
     """
     if isinstance(text, bytes):
         text = text.decode()
+    scan_once, decode = (_scan_request, _decode_request) if request else (_scan_once, _decode)
     try:
         # The decoder's scanner alone, without json.loads' two regex passes:
         # a message that is exactly one JSON value (the usual case) is done here.
-        obj, end = _scan_once(text, 0)
+        obj, end = scan_once(text, 0)
         if end == len(text):
             return obj
     except StopIteration:
@@ -180,7 +183,7 @@ def _loads(text: bytes | str) -> Any:
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
     try:
-        return _decode(text)
+        return decode(text)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
 
@@ -196,11 +199,46 @@ def _finite(text: str) -> float:
     return value
 
 
-# Strict JSON, as Go's encoding/json and jq read it: no NaN or Infinity either way.
+_DOUBLE_DIGITS = 309
+"""Digits of the smallest integers beyond a double (``2e308``); shorter ones always fit."""
+
+
+def _int_in_range(text: str) -> int:
+    value = int(text)
+    if len(text) >= _DOUBLE_DIGITS:
+        try:
+            float(value)
+        except OverflowError:
+            raise ValueError(f"number out of range: {text[:12]}... ({len(text)} characters)") from None
+    return value
+
+
+# Strict JSON, as Go's encoding/json and jq read it: no NaN or Infinity either
+# way, and no integer beyond a double (Go's float64, JavaScript) in a request.
 _scan_once: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder(  # type: ignore[attr-defined]
     parse_constant=_no_constant, parse_float=_finite
 ).scan_once
 _decode = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite).decode
+_scan_request: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder(  # type: ignore[attr-defined]
+    parse_constant=_no_constant, parse_float=_finite, parse_int=_int_in_range
+).scan_once
+_decode_request = json.JSONDecoder(
+    parse_constant=_no_constant, parse_float=_finite, parse_int=_int_in_range
+).decode
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_LONGEST_FITTING = b"0" * _DOUBLE_DIGITS
+
+
+def _no_huge_integer(body: bytes) -> bytes:
+    """Refuse a body with an integer beyond a double; return it otherwise.
+
+    Such an integer is a run of at least 309 digits. One C pass tells that a
+    body has no such run (almost every body); one that has is parsed, to
+    tell a number from digits in a string.
+    """
+    if len(body) >= _DOUBLE_DIGITS and _LONGEST_FITTING in body.translate(_DIGITS_AS_ZERO):
+        _loads(body, request=True)
+    return body
 
 
 def _reply_default(value: Any) -> Any:
@@ -249,16 +287,18 @@ def _reply_json(obj: Any) -> bytes:
     one, but not encodable as UTF-8) is sent with ASCII escapes instead.
     """
     try:
-        return _REPLY_UTF8(obj).encode()
+        body = _REPLY_UTF8(obj).encode()
     except UnicodeEncodeError:
-        return _REPLY_ASCII(obj).encode()
+        body = _REPLY_ASCII(obj).encode()
+    return _no_huge_integer(body)
 
 
 def _request_json(obj: Any) -> bytes:
     try:
-        return _REQUEST_UTF8(obj).encode()
+        body = _REQUEST_UTF8(obj).encode()
     except UnicodeEncodeError:
-        return _REQUEST_ASCII(obj).encode()
+        body = _REQUEST_ASCII(obj).encode()
+    return _no_huge_integer(body)
 
 
 def encode_frame(obj: Any) -> bytes:
@@ -364,7 +404,7 @@ def _json_type(value: Any) -> str:
 
 def _parse_value(text: str) -> Any:
     try:
-        return _loads(text)
+        return _loads(text, request=True)
     except ValueError:
         return text
 
@@ -380,7 +420,7 @@ def parse_line(line: str) -> Request | ProtocolViolation | Close:
     text = line.strip()
     if text.startswith("{"):
         try:
-            obj = _loads(text)
+            obj = _loads(text, request=True)
         except ValueError as exc:
             return ProtocolViolation(f"invalid JSON: {exc}")
         if isinstance(obj, dict):
@@ -550,7 +590,7 @@ class ConnectionProtocol:
             pos += expect
             expect = -1
             try:
-                obj = _loads(body)
+                obj = _loads(body, request=True)
             except ValueError as exc:  # UnicodeDecodeError is a ValueError
                 events.append(ProtocolViolation(f"invalid JSON: {exc}"))
                 continue
@@ -603,7 +643,7 @@ class ConnectionProtocol:
         req_id = request.id if request is not None else None
         payload = response.payload
         if isinstance(request, Request) and request.go_client and not isinstance(payload, str):
-            payload = "" if payload is None else _REPLY_UTF8(payload)
+            payload = "" if payload is None else _no_huge_integer(_REPLY_UTF8(payload).encode()).decode()
         status, error = response.status, response.error
         if type(status) is not str or type(error) is not str:  # a handler's Response("failure", exc)
             status, error = str(status), str(error)
@@ -635,6 +675,8 @@ class ConnectionProtocol:
             if req_id is not None:
                 obj["id"] = req_id
             body = _reply_json(obj)
+        else:
+            _no_huge_integer(body)
         if len(body) > HARD_MAX_MESSAGE_SIZE:
             raise ValueError(f"a reply of {len(body)} bytes exceeds the protocol's {HARD_MAX_MESSAGE_SIZE}")
         return _HEADER.pack(len(body)) + b":" + body
