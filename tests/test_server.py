@@ -1641,3 +1641,25 @@ def test_the_directories_a_symlink_leads_through_are_checked_too(
     assert sorted(p.name for p in shared.iterdir()) == ["ctl"]  # nothing made in a directory refused
     os.chmod(shared, 0o1777)
     assert ensure_private_directory(str(mine / "up" / ".." / "new")) == str(shared / "new")
+
+
+def test_a_process_that_exits_without_stopping_its_server_leaves_no_socket_file(tmp_path: Path) -> None:
+    # As under uvicorn after a second Ctrl-C, which skips the lifespan's shutdown.
+    # A child forked meanwhile exits first, and must leave its parent's socket alone.
+    code = f"""
+import os, sys
+from unixsock_asgi import Client, UnixSockServer
+server = UnixSockServer({str(tmp_path / "c.sock")!r}, lambda cmd, args: "pong").start()
+child = os.fork()
+if child == 0:
+    sys.exit(0)  # runs the exit handlers, as the parent will
+os.waitpid(child, 0)
+print(Client(server.path).send("ping").payload, os.path.exists(server.path), flush=True)
+sys.exit(0)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["pong", "True"]  # still there after the child's exit
+    assert list(tmp_path.iterdir()) == []

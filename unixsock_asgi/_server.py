@@ -18,6 +18,7 @@ read it, with no task wake-up and no extra turn of the loop.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import concurrent.futures
 import contextvars
@@ -160,6 +161,7 @@ class UnixSockServer:
         self._handler_ctx = _takes_context(handler)
         self._uid = os.getuid()
         self._bound: BoundSocket | None = None
+        self._pid = 0  # the process that bound it
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -213,6 +215,8 @@ class UnixSockServer:
                 self._bound.sock.close()
                 raise failure[0]
             self.started_at = time.time()
+            self._pid = os.getpid()
+            atexit.register(self._remove_at_exit)
             logger.debug("serving on %s", self._bound.path)
             return self
 
@@ -230,11 +234,19 @@ class UnixSockServer:
                     pass  # the loop already finished
             thread.join(timeout)
             self._thread = None
+            atexit.unregister(self._remove_at_exit)
             if self._bound is not None:
                 self._bound.unlink_if_ours()
             if self._pool is not None:
                 self._pool.shutdown(wait=False)
                 self._pool = None
+
+    def _remove_at_exit(self) -> None:
+        # The process exits without stop(): uvicorn's second Ctrl-C, say, skips
+        # the lifespan's shutdown. Leave no socket file behind, but a child
+        # forked meanwhile leaves its parent's alone.
+        if self._bound is not None and os.getpid() == self._pid:
+            self._bound.unlink_if_ours()
 
     def __enter__(self) -> UnixSockServer:
         return self.start()
