@@ -527,6 +527,20 @@ def test_top_once_prints_one_frame_with_rates(
     assert rows["TOTAL"][2] == "20"  # 2 workers x 2 samples x 5 requests
 
 
+def test_top_once_waits_for_a_hung_worker_once(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (quick,) = fleet.start(1)
+    (hung,) = fleet.start(1, reply_delay_s=10.0)
+    started = time.monotonic()
+    status, out, err = run(capsys, "top", str(socket_dir), "--once", "--interval", "0.1", "--timeout", "1")
+    assert time.monotonic() - started < 1.9  # its two samples waited 2 s for it
+    assert status == EXIT_FAILED
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()[:1].isdigit()}
+    assert rows[str(hung.pid)][1] == "TIMEOUT" and str(quick.pid) in rows
+    assert "timeout: no reply within 1s" in one_line(err)
+
+
 def test_top_once_into_a_file_lists_every_worker(
     fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

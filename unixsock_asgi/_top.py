@@ -26,7 +26,7 @@ from collections.abc import Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from ._fleet import FanOutResult, Target, fan_out
+from ._fleet import STATUS_TIMEOUT, FanOutResult, Target, fan_out
 from ._stats import LatencyHistogram
 from .cli import (
     EXIT_FAILED,
@@ -244,7 +244,12 @@ async def _print_once(target: Target, interval: float, timeout: float, out: Text
         raise UsageError(f"nothing to talk to: no live worker in {target.path}")
     view.update(first)
     await asyncio.sleep(interval)
-    outcome = await _sample(target, timeout)
+    # A worker that did not answer has had its --timeout: it is not waited for twice.
+    silent = {r.socket: r for r in first.results if r.status == STATUS_TIMEOUT}
+    outcome = await fan_out(
+        [path for path in target.sockets() if path not in silent], "stats", {"routes": False}, timeout=timeout
+    )
+    outcome.results += silent.values()
     rows = view.update(outcome)
     size = shutil.get_terminal_size((80, 24))
     # On a terminal the frame fits the screen; into a file or a pipe every worker is
