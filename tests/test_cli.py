@@ -382,9 +382,10 @@ def test_a_rejected_command_is_not_persisted(
     fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     fleet.start(2)
-    status, _, _ = run(capsys, "send", str(socket_dir), "set_log_level", "level=LOUD", "--persist")
+    status, _, err = run(capsys, "send", str(socket_dir), "set_log_level", "level=LOUD", "--persist")
     assert status == EXIT_FAILED
     assert not Path(overrides_path(str(socket_dir))).exists()
+    assert "not persisted: 2 worker(s) refused it; workers started later will not apply it" in err
 
 
 @pytest.mark.parametrize(

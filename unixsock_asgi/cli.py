@@ -444,9 +444,9 @@ def cmd_send(ns: argparse.Namespace) -> int:
         except OverrideError as exc:
             raise UsageError(f"--persist: {exc}") from None
     outcome = _run_fan_out(target, ns.cmd, args, reply_timeout(args, ns.timeout))
-    persisted = ""
+    persisted = not_persisted = ""
     if ns.persist:
-        persisted = _persist(target.path, ns.cmd, args, outcome)
+        persisted, not_persisted = _persist(target.path, ns.cmd, args, outcome)
         if persisted:
             _catch_up(target, ns.cmd, args, reply_timeout(args, ns.timeout), outcome)
     if ns.json:
@@ -464,6 +464,8 @@ def cmd_send(ns: argparse.Namespace) -> int:
     _stale_note(outcome)
     if persisted:
         print(f"persisted to {persisted}: workers started later apply it", file=sys.stderr)
+    elif not_persisted:
+        print(f"not persisted: {not_persisted}", file=sys.stderr)
     if not outcome.all_ok:
         raise _Failed(failure_summary(outcome))
     return EXIT_OK
@@ -485,18 +487,19 @@ def _catch_up(
         outcome.stale += extra.stale
 
 
-def _persist(directory: str, cmd: str, args: Mapping[str, Any], outcome: FanOutResult) -> str:
+def _persist(directory: str, cmd: str, args: Mapping[str, Any], outcome: FanOutResult) -> tuple[str, str]:
+    """Make the command durable: the overrides file written, or why not."""
     rejected = [r for r in outcome.results if r.status not in ("success", "timeout", STATUS_ERROR)]
     if rejected:
         # A worker that refuses the command means bad arguments: do not make them durable.
-        return ""
+        return "", f"{len(rejected)} worker(s) refused it; workers started later will not apply it"
     if not outcome.successes:
-        return ""
+        return "", "no worker applied it"
     try:
         persist_override(directory, cmd, args)
     except (OverridesFileError, OSError) as exc:
         raise _Failed(f"applied, but not persisted: {exc}") from None
-    return overrides_path(directory)
+    return overrides_path(directory), ""
 
 
 def cmd_ls(ns: argparse.Namespace) -> int:
