@@ -119,7 +119,7 @@ def _ensure_parent(parent: str) -> None:
         os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
 
 
-def check_private_directory(directory: str, *, shared_ok: bool = True) -> None:
+def check_private_directory(directory: str, *, shared_ok: bool = True, socket_dir: bool = True) -> None:
     """Raise :class:`BindError` unless only this user (or root) can change what ``directory`` holds.
 
     Another user who could create, rename or remove files in it, or rename it
@@ -130,14 +130,15 @@ def check_private_directory(directory: str, *, shared_ok: bool = True) -> None:
     writable by group or others unless it is sticky, as ``/tmp`` is. Unless
     ``shared_ok``, the directory itself must not be writable by others even
     when sticky: in a socket directory, others could add sockets of their own
-    that the CLI would talk to.
+    that the CLI would talk to. ``socket_dir=False``: ``directory`` is where
+    a missing socket directory will be made, and messages call it so.
     """
     # The path as written (a symlink on it must be this user's or root's) and where it
     # leads, which is what the kernel uses: its every directory.
     written, real = _physical(directory), os.path.realpath(directory)
     if written != real:
-        _check_chain(written, shared_ok)
-    _check_chain(real, shared_ok)
+        _check_chain(written, shared_ok, socket_dir)
+    _check_chain(real, shared_ok, socket_dir)
 
 
 def _physical(path: str) -> str:
@@ -146,7 +147,7 @@ def _physical(path: str) -> str:
     return os.path.realpath(path) if ".." in path.split(os.sep) else os.path.abspath(path)
 
 
-def _check_chain(directory: str, shared_ok: bool) -> None:
+def _check_chain(directory: str, shared_ok: bool, socket_dir: bool) -> None:
     euid = os.geteuid()
     above = directory
     while True:
@@ -155,7 +156,11 @@ def _check_chain(directory: str, shared_ok: bool) -> None:
             st = os.stat(above)
         except OSError as exc:
             raise BindError(f"cannot inspect {above!r}: {exc.strerror}") from None
-        what = "socket directory" if above == directory else "directory above the socket directory"
+        what = (
+            "socket directory"
+            if above == directory and socket_dir
+            else "directory above the socket directory"
+        )
         checks = [("a symlink owned by", link)] if stat.S_ISLNK(link.st_mode) else []
         for kind, info in (*checks, ("owned by", st)):
             if info.st_uid not in (euid, 0):
@@ -167,10 +172,12 @@ def _check_chain(directory: str, shared_ok: bool) -> None:
         sticky = st.st_mode & stat.S_ISVTX
         mode = f"{stat.S_IMODE(st.st_mode):04o}"
         if writable and not sticky:
+            # Sticky is enough above the sockets, not where they are (see shared_ok).
+            shared = ", or sticky (chmod +t) if it must be shared," if above != directory or shared_ok else ""
             raise BindError(
                 f"{what} {above!r} is writable by other users (mode {mode}) and not sticky: they could"
                 " replace the control socket (or rename the directory that holds it); make it"
-                " writable by its owner only (chmod go-w), or sticky (chmod +t) if it must be shared,"
+                f" writable by its owner only (chmod go-w){shared or ','}"
                 " or put the sockets in a directory of this user's"
             )
         if writable and above == directory and not shared_ok:
@@ -194,7 +201,8 @@ def ensure_private_directory(directory: str) -> str:
     existing = os.path.realpath(directory)
     while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
         existing = os.path.dirname(existing)
-    check_private_directory(existing)  # where the missing ones would be made
+    itself = existing == os.path.realpath(directory)  # else where the missing ones will be made
+    check_private_directory(existing, shared_ok=not itself, socket_dir=itself)
     _ensure_parent(os.path.realpath(directory))
     check_private_directory(directory, shared_ok=False)
     return os.path.realpath(directory)
