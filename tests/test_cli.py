@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -540,6 +541,20 @@ def test_top_once_waits_for_a_hung_worker_once(
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()[:1].isdigit()}
     assert rows[str(hung.pid)][1] == "TIMEOUT" and str(quick.pid) in rows
     assert "timeout: no reply within 1s" in one_line(err)
+
+
+def test_top_names_a_socket_without_a_pid_in_full(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet.start(1)
+    with socket.socket(socket.AF_UNIX) as silent:  # listens, never answers
+        silent.bind(str(socket_dir / "nginx-http.sock"))
+        silent.listen()
+        status, out, err = run(
+            capsys, "top", str(socket_dir), "--once", "--interval", "0.1", "--timeout", "0.5"
+        )
+    assert status == EXIT_FAILED, (out, err)
+    assert "nginx-h TIMEOUT  nginx-http.sock" in out
 
 
 def test_top_once_into_a_file_lists_every_worker(

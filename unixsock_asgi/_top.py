@@ -190,7 +190,9 @@ class TopView:
     def _row_text(r: WorkerRow, label: str | None = None) -> str:
         name = label or (str(r.pid) if r.pid is not None else os.path.basename(r.socket)[:7])
         if r.status != "success":
-            return f"{name:>7} {r.status.upper():>7}"
+            # No pid to show: the socket's whole name, after the cut one.
+            whole = f"  {os.path.basename(r.socket)}" if label is None and r.pid is None else ""
+            return f"{name:>7} {r.status.upper():>7}{whole}"
         rate = "-" if r.requests_per_s is None else f"{r.requests_per_s:.1f}"
         return (
             f"{name:>7} {rate:>7} {format_count(r.requests):>8} {format_count(r.in_flight):>4}"
