@@ -8,13 +8,16 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from unixsock_asgi import UnixSockServer
 from unixsock_asgi._fleet import load_overrides, overrides_path, persist_override
 from unixsock_asgi._shell import CommandCatalog, completions
 from unixsock_asgi.cli import (
@@ -527,6 +530,37 @@ def test_top_once_prints_one_frame_with_rates(
     assert set(rows) == {str(w.pid) for w in workers} | {"TOTAL"}
     assert float(rows["TOTAL"][1]) > 0  # requests/s from the two samples
     assert rows["TOTAL"][2] == "20"  # 2 workers x 2 samples x 5 requests
+
+
+def test_a_worker_that_exits_while_asked_is_named_as_such(
+    start_server: Callable[..., UnixSockServer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def handler(cmd: str, args: dict[str, Any]) -> str:
+        entered.set()
+        release.wait(5)
+        return "too late"
+
+    path = str(tmp_path / "app-1.sock")
+    server = start_server(handler, path=path)
+
+    def stop_once_it_runs() -> None:
+        entered.wait(5)
+        server.stop()
+
+    stopper = threading.Thread(target=stop_once_it_runs)
+    stopper.start()
+    try:
+        status, out, err = run(capsys, "send", path, "restock", "--timeout", "5")
+    finally:
+        release.set()
+        stopper.join(10)
+    assert status == EXIT_USAGE and out == ""
+    assert one_line(err) == (
+        "unixsock-asgi: error: nothing to talk to: 1 worker(s) exited while asked"
+        " (the command may have run there): app-1.sock; no live worker answered"
+    )
 
 
 def test_top_once_waits_for_a_hung_worker_once(

@@ -355,7 +355,7 @@ def test_a_worker_that_exits_while_asked_counts_as_gone_not_as_an_error(
     start_server: Callable[..., UnixSockServer], sock_path: str
 ) -> None:
     # A worker shutting down (a deploy, --max-requests) ends the connections it
-    # holds: that is a worker gone, not an error that makes the CLI exit 1.
+    # holds: that is a worker gone, not an error; but the command may have run.
     entered, release = threading.Event(), threading.Event()
 
     def handler(cmd: str, args: dict[str, Any]) -> str:
@@ -375,8 +375,7 @@ def test_a_worker_that_exits_while_asked_counts_as_gone_not_as_an_error(
         outcome = asyncio.run(ask_while_it_stops())
     finally:
         release.set()
-    assert outcome.results == []
-    assert outcome.stale == [sock_path]
+    assert (outcome.results, outcome.stale, outcome.gone) == ([], [], [sock_path])
 
 
 def test_fan_out_runs_concurrently(fleet: Fleet) -> None:

@@ -244,6 +244,8 @@ STATUS_ERROR = "error"
 """Talking to the worker failed (permission denied, protocol error, connection reset)."""
 STATUS_STALE = "stale"
 """Nothing listens on the socket any more: its process is gone."""
+STATUS_GONE = "gone"
+"""The worker's process exited while it was asked: the command may have run there."""
 
 MAX_CONCURRENT_WORKERS = 256
 """Workers asked at once; keeps file descriptors bounded on very large hosts."""
@@ -278,10 +280,12 @@ class WorkerResult:
 
 @dataclass
 class FanOutResult:
-    """Answers of every live worker, and the stale sockets that were skipped."""
+    """Answers of every live worker, the stale sockets that were skipped, and the workers that exited
+    while they were asked (a deploy, a recycled worker: gone, not failed, but the command may have run)."""
 
     results: list[WorkerResult] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)
+    gone: list[str] = field(default_factory=list)
 
     @property
     def all_ok(self) -> bool:
@@ -316,9 +320,9 @@ async def ask_worker(path: str, cmd: str, args: Mapping[str, Any], timeout: floa
     except TransportError as exc:
         if _nothing_listens(path):
             # Reset or closed as its process shut down (a deploy, a recycled
-            # worker): gone, like a stale socket, not an error.
-            result.status = STATUS_STALE
-            result.error = "its process exited while it was asked"
+            # worker): gone, not an error; but the command may have run.
+            result.status = STATUS_GONE
+            result.error = "its process exited while it was asked (the command may have run there)"
         else:
             result.error = str(exc)
     else:
@@ -348,7 +352,8 @@ async def fan_out(
 
     Each worker gets its own ``timeout``; one that does not answer costs at
     most that and never holds back the others. Sockets that nothing listens on
-    any more are reported in ``stale`` rather than as failures.
+    any more are reported in ``stale`` rather than as failures, and workers
+    that exited while asked in ``gone``.
     """
     limit = asyncio.Semaphore(MAX_CONCURRENT_WORKERS)
 
@@ -361,6 +366,8 @@ async def fan_out(
     for answer in answers:
         if answer.status == STATUS_STALE:
             outcome.stale.append(answer.socket)
+        elif answer.status == STATUS_GONE:
+            outcome.gone.append(answer.socket)
         else:
             outcome.results.append(answer)
     return outcome

@@ -403,7 +403,9 @@ def _ask(
     outcome = asyncio.run(fan_out(sockets, cmd, args, timeout=timeout))
     if outcome.results:
         return outcome, None
-    if target.is_directory:
+    if outcome.gone:
+        message = f"{_gone_text(outcome)}; no live worker answered"
+    elif target.is_directory:
         message = f"{len(outcome.stale)} socket(s) in {target.path}, no live worker"
     else:
         message = f"nothing listens on {target.path} (its process is gone)"
@@ -422,6 +424,11 @@ def _write(lines: Iterable[str], out: TextIO) -> None:
         out.write(terminal_safe(line) + "\n")
 
 
+def _gone_text(outcome: FanOutResult) -> str:
+    names = ", ".join(os.path.basename(p) for p in outcome.gone)
+    return f"{len(outcome.gone)} worker(s) exited while asked (the command may have run there): {names}"
+
+
 def _stale_note(outcome: FanOutResult) -> None:
     if outcome.stale:
         names = ", ".join(os.path.basename(p) for p in outcome.stale)
@@ -429,6 +436,8 @@ def _stale_note(outcome: FanOutResult) -> None:
             f"note: skipped {len(outcome.stale)} stale socket(s) (nothing listens there): {names}",
             file=sys.stderr,
         )
+    if outcome.gone and outcome.results:  # else the error says so
+        print(f"note: {_gone_text(outcome)}", file=sys.stderr)
 
 
 def cmd_send(ns: argparse.Namespace) -> int:
@@ -456,6 +465,8 @@ def cmd_send(ns: argparse.Namespace) -> int:
             document["total"] = total
         if outcome.stale:
             document["stale"] = outcome.stale
+        if outcome.gone:
+            document["gone"] = outcome.gone
         if ns.persist:
             document["persisted"] = persisted
         print(json.dumps(document, indent=2, sort_keys=True, default=str))
@@ -479,12 +490,13 @@ def _catch_up(
     Such a worker read the overrides file before it was rewritten, or after:
     either way it gets the command (persistable commands may be applied twice).
     """
-    asked = {r.socket for r in outcome.results} | set(outcome.stale)
+    asked = {r.socket for r in outcome.results} | set(outcome.stale) | set(outcome.gone)
     late = [path for path in target.sockets() if path not in asked]
     if late:
         extra = asyncio.run(fan_out(late, cmd, args, timeout=timeout))
         outcome.results += extra.results
         outcome.stale += extra.stale
+        outcome.gone += extra.gone
 
 
 def _persist(directory: str, cmd: str, args: Mapping[str, Any], outcome: FanOutResult) -> tuple[str, str]:
@@ -525,7 +537,7 @@ def cmd_ls(ns: argparse.Namespace) -> int:
                     "in_flight": snap.get("in_flight"),
                 }
             )
-        document = {"workers": workers, "stale": outcome.stale, "removed": removed}
+        document = {"workers": workers, "stale": outcome.stale, "gone": outcome.gone, "removed": removed}
         print(json.dumps(document, indent=2, sort_keys=True))
     else:
         rows = [["SOCKET", "PID", "UPTIME", "REQUESTS", "IN-FLT", "STATE"]]
@@ -545,6 +557,8 @@ def cmd_ls(ns: argparse.Namespace) -> int:
         for path in outcome.stale:
             state = "STALE: removed" if path in removed else "STALE: nothing listens (process gone)"
             rows.append([os.path.basename(path), "-", "-", "-", "-", state])
+        for path in outcome.gone:
+            rows.append([os.path.basename(path), "-", "-", "-", "-", "GONE: exited while asked"])
         _write(table(rows, align="lrrrrl"), sys.stdout)
     if not outcome.results:
         raise UsageError(f"nothing to talk to: no live worker in {target.path}")
