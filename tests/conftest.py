@@ -90,6 +90,39 @@ def start_server(sock_path: str) -> Iterator[ServerFactory]:
 
 
 @pytest.fixture
+def exiting_server(start_server: Callable[..., UnixSockServer]) -> Iterator[Callable[[str], str]]:
+    """Start a server at a path that stops while it answers its first command: a worker exiting
+    while it is asked (a deploy, ``--max-requests``). Returns the socket path."""
+    release = threading.Event()
+    stoppers: list[threading.Thread] = []
+
+    def start(path: str) -> str:
+        entered = threading.Event()
+
+        def handler(cmd: str, args: dict[str, Any]) -> str:
+            entered.set()
+            release.wait(5)
+            return "too late"
+
+        server = start_server(handler, path=path)
+
+        def stop_once_it_runs() -> None:
+            entered.wait(5)
+            server.stop()
+
+        stoppers.append(threading.Thread(target=stop_once_it_runs))
+        stoppers[-1].start()
+        return server.path
+
+    try:
+        yield start
+    finally:
+        release.set()
+        for stopper in stoppers:
+            stopper.join(10)
+
+
+@pytest.fixture
 def connect_raw() -> Iterator[RawConnector]:
     """Open raw AF_UNIX stream sockets (``connect_raw(path, timeout=5.0)``); all are closed afterwards."""
     opened: list[socket.socket] = []

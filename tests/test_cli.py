@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from unixsock_asgi import UnixSockServer
 from unixsock_asgi._fleet import load_overrides, overrides_path, persist_override
 from unixsock_asgi._shell import CommandCatalog, completions
 from unixsock_asgi.cli import (
@@ -533,29 +532,10 @@ def test_top_once_prints_one_frame_with_rates(
 
 
 def test_a_worker_that_exits_while_asked_is_named_as_such(
-    start_server: Callable[..., UnixSockServer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    exiting_server: Callable[[str], str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    entered, release = threading.Event(), threading.Event()
-
-    def handler(cmd: str, args: dict[str, Any]) -> str:
-        entered.set()
-        release.wait(5)
-        return "too late"
-
-    path = str(tmp_path / "app-1.sock")
-    server = start_server(handler, path=path)
-
-    def stop_once_it_runs() -> None:
-        entered.wait(5)
-        server.stop()
-
-    stopper = threading.Thread(target=stop_once_it_runs)
-    stopper.start()
-    try:
-        status, out, err = run(capsys, "send", path, "restock", "--timeout", "5")
-    finally:
-        release.set()
-        stopper.join(10)
+    path = exiting_server(str(tmp_path / "app-1.sock"))
+    status, out, err = run(capsys, "send", path, "restock", "--timeout", "5")
     assert status == EXIT_USAGE and out == ""
     assert one_line(err) == (
         "unixsock-asgi: error: nothing to talk to: 1 worker(s) exited while asked"
@@ -734,7 +714,6 @@ def test_what_workers_send_is_shown_as_text_never_as_terminal_controls(
 def test_persist_reaches_a_worker_that_started_while_the_command_went_out(
     fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import threading
 
     fleet.start(1)
     fleet.start(1, reply_delay_s=1.0)  # a slow one keeps the fan-out waiting

@@ -19,9 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from unixsock_asgi import UnixSockServer
 from unixsock_asgi._fleet import (
-    FanOutResult,
     OverrideError,
     OverridesFileError,
     aggregate_stats,
@@ -352,29 +350,12 @@ def test_fan_out_reports_stale_sockets_apart_from_results(fleet: Fleet, socket_d
 
 
 def test_a_worker_that_exits_while_asked_counts_as_gone_not_as_an_error(
-    start_server: Callable[..., UnixSockServer], sock_path: str
+    exiting_server: Callable[[str], str], sock_path: str
 ) -> None:
     # A worker shutting down (a deploy, --max-requests) ends the connections it
     # holds: that is a worker gone, not an error; but the command may have run.
-    entered, release = threading.Event(), threading.Event()
-
-    def handler(cmd: str, args: dict[str, Any]) -> str:
-        entered.set()
-        release.wait(5)
-        return "too late"
-
-    server = start_server(handler)
-
-    async def ask_while_it_stops() -> FanOutResult:
-        asking = asyncio.ensure_future(fan_out([sock_path], "slow", timeout=5.0))
-        assert await asyncio.to_thread(entered.wait, 5)
-        await asyncio.to_thread(server.stop)
-        return await asking
-
-    try:
-        outcome = asyncio.run(ask_while_it_stops())
-    finally:
-        release.set()
+    exiting_server(sock_path)
+    outcome = asyncio.run(fan_out([sock_path], "slow", timeout=5.0))
     assert (outcome.results, outcome.stale, outcome.gone) == ([], [], [sock_path])
 
 
