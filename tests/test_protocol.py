@@ -620,6 +620,13 @@ def test_integers_beyond_a_double_are_refused_both_ways() -> None:
     assert reply["response"]["payload"] == digits
     with pytest.raises(ValueError, match="number out of range"):  # a Go client gets the payload's JSON text
         ConnectionProtocol().encode_reply(Request("n", go_client=True), Response.success({"n": 10**400}))
+    (text,) = ConnectionProtocol().receive_data(frame({"cmd": "echo", "args": {"x": digits, "y": -1}}))
+    assert isinstance(text, Request) and text.args == {"x": digits, "y": -1}
+    # A lone surrogate (a file name's undecodable byte) still reaches a Go client, ASCII-escaped.
+    go = frame_reply(
+        ConnectionProtocol().encode_reply(Request("f", go_client=True), Response.success(["\udcff"]))
+    )
+    assert go["response"]["payload"] == '["\udcff"]'
 
 
 def test_nan_is_never_encoded() -> None:

@@ -24,6 +24,7 @@ import enum
 import json
 import json.encoder
 import math
+import re
 import struct
 import sys
 from collections.abc import Callable
@@ -166,12 +167,14 @@ def _loads(text: bytes | str, *, request: bool = False) -> Any:
     Bytes must be UTF-8 (``json.loads`` would also guess UTF-16/32 and let
     encoded lone surrogates through), and nesting too deep to parse is
     reported rather than raised as RecursionError. A ``request`` may not
-    hold an integer beyond a double either (a reply may: checking every
-    integer of a large stats reply would take longer than parsing it).
+    hold an integer beyond a double either (a reply may: see
+    :func:`_no_huge_integer` for what is sent).
     """
+    strict = request and _long_digit_run(text)
     if isinstance(text, bytes):
         text = text.decode()
-    scan_once, decode = (_scan_request, _decode_request) if request else (_scan_once, _decode)
+    # Integers are checked one by one (a Python call each) only where one may be too big.
+    scan_once, decode = (_scan_request, _decode_request) if strict else (_scan_once, _decode)
     try:
         # The decoder's scanner alone, without json.loads' two regex passes:
         # a message that is exactly one JSON value (the usual case) is done here.
@@ -200,7 +203,21 @@ def _finite(text: str) -> float:
 
 
 _DOUBLE_DIGITS = 309
-"""Digits of the smallest integers beyond a double (``2e308``); shorter ones always fit."""
+"""Digits of the smallest integers beyond a double (about ``1.8e308``); shorter ones always fit."""
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_LONGEST_FITTING = b"0" * _DOUBLE_DIGITS
+
+
+def _long_digit_run(data: bytes | str) -> bool:
+    """True if ``data`` has a run of 309 digits or more, where an integer beyond a double would be.
+
+    One C pass: almost every message has none and is spared any further check.
+    """
+    if len(data) < _DOUBLE_DIGITS:
+        return False
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")  # a lone surrogate is no digit
+    return _LONGEST_FITTING in data.translate(_DIGITS_AS_ZERO)
 
 
 def _int_in_range(text: str) -> int:
@@ -225,20 +242,17 @@ _scan_request: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder(  # type
 _decode_request = json.JSONDecoder(
     parse_constant=_no_constant, parse_float=_finite, parse_int=_int_in_range
 ).decode
-_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
-_LONGEST_FITTING = b"0" * _DOUBLE_DIGITS
+# A JSON string (skipped whole: digits in it are text) or a run of digits outside one.
+_STRING_OR_DIGITS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[0-9]{309,}')
 
 
-def _no_huge_integer(body: bytes) -> bytes:
-    """Refuse a body with an integer beyond a double; return it otherwise.
-
-    Such an integer is a run of at least 309 digits. One C pass tells that a
-    body has no such run (almost every body); one that has is parsed, to
-    tell a number from digits in a string.
-    """
-    if len(body) >= _DOUBLE_DIGITS and _LONGEST_FITTING in body.translate(_DIGITS_AS_ZERO):
-        _loads(body, request=True)
-    return body
+def _no_huge_integer(text: str) -> str:
+    """Refuse JSON text (as our encoders write it) with an integer beyond a double; return it otherwise."""
+    if _long_digit_run(text):
+        for match in _STRING_OR_DIGITS.finditer(text):
+            if match[0][0] != '"':
+                _int_in_range(match[0])
+    return text
 
 
 def _reply_default(value: Any) -> Any:
@@ -286,19 +300,19 @@ def _reply_json(obj: Any) -> bytes:
     Text with a lone surrogate (valid as a JSON escape, so a request can carry
     one, but not encodable as UTF-8) is sent with ASCII escapes instead.
     """
+    text = _no_huge_integer(_REPLY_UTF8(obj))
     try:
-        body = _REPLY_UTF8(obj).encode()
+        return text.encode()
     except UnicodeEncodeError:
-        body = _REPLY_ASCII(obj).encode()
-    return _no_huge_integer(body)
+        return _REPLY_ASCII(obj).encode()
 
 
 def _request_json(obj: Any) -> bytes:
+    text = _no_huge_integer(_REQUEST_UTF8(obj))
     try:
-        body = _REQUEST_UTF8(obj).encode()
+        return text.encode()
     except UnicodeEncodeError:
-        body = _REQUEST_ASCII(obj).encode()
-    return _no_huge_integer(body)
+        return _REQUEST_ASCII(obj).encode()
 
 
 def encode_frame(obj: Any) -> bytes:
@@ -643,7 +657,7 @@ class ConnectionProtocol:
         req_id = request.id if request is not None else None
         payload = response.payload
         if isinstance(request, Request) and request.go_client and not isinstance(payload, str):
-            payload = "" if payload is None else _no_huge_integer(_REPLY_UTF8(payload).encode()).decode()
+            payload = "" if payload is None else _no_huge_integer(_REPLY_UTF8(payload))
         status, error = response.status, response.error
         if type(status) is not str or type(error) is not str:  # a handler's Response("failure", exc)
             status, error = str(status), str(error)
@@ -665,8 +679,10 @@ class ConnectionProtocol:
                     b',"error":',
                     _encode_str(error).encode(),
                     b',"payload":',
-                    _REPLY_UTF8(payload).encode(),
-                    b"}}" if req_id is None else b'},"id":' + _REPLY_UTF8(req_id).encode() + b"}",
+                    _no_huge_integer(_REPLY_UTF8(payload)).encode(),
+                    b"}}"
+                    if req_id is None
+                    else b'},"id":' + _no_huge_integer(_REPLY_UTF8(req_id)).encode() + b"}",
                 )
             )
         except (UnicodeEncodeError, TypeError):
@@ -675,8 +691,6 @@ class ConnectionProtocol:
             if req_id is not None:
                 obj["id"] = req_id
             body = _reply_json(obj)
-        else:
-            _no_huge_integer(body)
         if len(body) > HARD_MAX_MESSAGE_SIZE:
             raise ValueError(f"a reply of {len(body)} bytes exceeds the protocol's {HARD_MAX_MESSAGE_SIZE}")
         return _HEADER.pack(len(body)) + b":" + body
