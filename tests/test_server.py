@@ -1650,16 +1650,52 @@ def test_a_process_that_exits_without_stopping_its_server_leaves_no_socket_file(
 import os, sys
 from unixsock_asgi import Client, UnixSockServer
 server = UnixSockServer({str(tmp_path / "c.sock")!r}, lambda cmd, args: "pong").start()
-child = os.fork()
-if child == 0:
-    sys.exit(0)  # runs the exit handlers, as the parent will
-os.waitpid(child, 0)
-print(Client(server.path).send("ping").payload, os.path.exists(server.path), flush=True)
+for child_stops in (False, True):
+    child = os.fork()
+    if child == 0:
+        if child_stops:
+            server.stop()  # as a with-block left in the child would
+        sys.exit(0)  # runs the exit handlers, as the parent will
+    os.waitpid(child, 0)
+    print(Client(server.path).send("ping").payload, os.path.exists(server.path), flush=True)
 sys.exit(0)
 """
     done = subprocess.run(
         [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=30
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["pong", "True"]  # still there after the child's exit
+    assert done.stdout.split() == ["pong", "True"] * 2  # still there after each child's exit
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stopping_server_removes_its_socket_file_before_it_ends_connections(
+    start_server: ServerFactory, connect_raw: RawConnector, sock_path: str
+) -> None:
+    # A client that comes meanwhile is told nothing is there, rather than connecting
+    # to be reset; and once the listener is closed, the inode number may be a new
+    # server's at this path, which must be left alone.
+    entered = threading.Event()
+
+    async def handler(cmd: str, args: dict[str, Any]) -> str:
+        entered.set()
+        try:
+            await asyncio.sleep(3)
+        except asyncio.CancelledError:  # its connection ended: it lingers, and the server waits 1 s
+            await asyncio.sleep(1.5)
+        return "late"
+
+    server = start_server(handler)
+    send_frame(connect_raw(server.path), {"cmd": "slow", "close": False})
+    assert entered.wait(5)
+    stopping = threading.Thread(target=server.stop)
+    started = time.monotonic()
+    stopping.start()
+    for _ in range(1000):
+        if not os.path.exists(sock_path):
+            break
+        time.sleep(0.005)
+    gone_after = time.monotonic() - started
+    assert gone_after < 0.6  # not after the second spent waiting for the handler
+    successor = start_server(path=sock_path)  # a new server at that path while the old one stops
+    stopping.join(10)
+    assert os.path.exists(sock_path) and ping_ok(successor.path)  # left alone, whatever its inode

@@ -162,6 +162,7 @@ class UnixSockServer:
         self._uid = os.getuid()
         self._bound: BoundSocket | None = None
         self._pid = 0  # the process that bound it
+        self._released = False  # its socket file was let go: never unlink at that path again
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -201,6 +202,7 @@ class UnixSockServer:
             if self._thread is not None:
                 raise RuntimeError("server already started")
             self._bound = bind_unix_socket(self.config.path, mode=self.config.socket_mode)
+            self._released = False
             ready = threading.Event()
             failure: list[BaseException] = []
             self._thread = threading.Thread(
@@ -226,6 +228,12 @@ class UnixSockServer:
             thread, loop = self._thread, self._loop
             if thread is None or loop is None:
                 return
+            if os.getpid() != self._pid:
+                # A child forked from the process that serves: the server and its
+                # socket are the parent's, and its thread does not run here.
+                self._thread = None
+                atexit.unregister(self._remove_at_exit)
+                return
             stopping = self._stopping
             if stopping is not None and not loop.is_closed():
                 try:
@@ -235,7 +243,7 @@ class UnixSockServer:
             thread.join(timeout)
             self._thread = None
             atexit.unregister(self._remove_at_exit)
-            if self._bound is not None:
+            if self._bound is not None and not self._released:
                 self._bound.unlink_if_ours()
             if self._pool is not None:
                 self._pool.shutdown(wait=False)
@@ -245,7 +253,7 @@ class UnixSockServer:
         # The process exits without stop(): uvicorn's second Ctrl-C, say, skips
         # the lifespan's shutdown. Leave no socket file behind, but a child
         # forked meanwhile leaves its parent's alone.
-        if self._bound is not None and os.getpid() == self._pid:
+        if self._bound is not None and os.getpid() == self._pid and not self._released:
             self._bound.unlink_if_ours()
 
     def __enter__(self) -> UnixSockServer:
@@ -293,8 +301,11 @@ class UnixSockServer:
         """Stop accepting, end every connection, close the listener; about a second at most."""
         assert self._bound is not None
         # No new client finds the socket: one that tries now is told nothing
-        # is there, rather than connecting to be reset a moment later.
+        # is there, rather than connecting to be reset a moment later. Once
+        # the listener is closed its inode number may go to a new server's
+        # socket at this path: nothing here unlinks at the path after this.
         self._bound.unlink_if_ours()
+        self._released = True
         # Stop accepting first but keep the server open until the connections
         # accepted so far have their transports: asyncio cannot give one a
         # transport once its server is closed, and leaves its socket open.
