@@ -3,32 +3,86 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shlex
+import socket
 import sys
 
 from . import SOCKET_NAME, default_socket_dir
+
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be from 1 to 65535, got {value}")
+    return value
+
+
+def _problem(host: str, port: int, socket_dir: str) -> str | None:
+    """Why the app could not serve as the banner will say, found before anything starts."""
+    if os.path.lexists(socket_dir) and not os.path.isdir(socket_dir):
+        return f"--socket-dir {socket_dir}: not a directory"
+    try:
+        os.makedirs(socket_dir, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        return f"--socket-dir {socket_dir}: {exc.strerror}"
+    if not os.access(socket_dir, os.W_OK | os.X_OK):
+        return f"--socket-dir {socket_dir}: this user cannot write it"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return f"--host {host}: {exc}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds it
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"port {port} on {host} is in use (another copy running?); pick one with --port"
+            return f"cannot serve on {host}:{port}: {exc.strerror}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m example_app", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1", help="address to serve HTTP on (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default: 1)")
+    parser.add_argument("--port", type=_port, default=8000, help="HTTP port (default: %(default)s)")
+    parser.add_argument(
+        "--workers", type=_at_least_one, default=1, help="uvicorn worker processes (default: 1)"
+    )
     parser.add_argument(
         "--socket-dir",
         default=default_socket_dir(),
         help="directory of the control sockets, one per worker (default: %(default)s)",
     )
-    parser.add_argument("--log-level", default="info", help="uvicorn's log level (default: %(default)s)")
+    parser.add_argument("--log-level", default="info", choices=_LOG_LEVELS, help="uvicorn's log level")
     parser.add_argument(
-        "--limit-max-requests", type=int, default=None, help="recycle a worker after this many requests"
+        "--limit-max-requests",
+        type=_at_least_one,
+        default=None,
+        help="end a worker after this many requests: with --workers 2 or more uvicorn starts a"
+        " fresh one (a new control socket); with one worker the server exits",
     )
     args = parser.parse_args(argv)
 
+    socket_dir = os.path.abspath(args.socket_dir)
+    problem = _problem(args.host, args.port, socket_dir)
+    if problem is not None:
+        parser.exit(2, f"{parser.prog}: {problem}\n")
+
     import uvicorn
 
-    socket_dir = os.path.abspath(args.socket_dir)
     os.environ["EXAMPLE_APP_SOCKET_DIR"] = socket_dir  # read by every worker process
     quoted = shlex.quote(socket_dir)
     print(
@@ -36,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         f"example_app: control sockets: {socket_dir}/{SOCKET_NAME}-<pid>.sock (one per worker)\n"
         f"example_app: try  unixsock-asgi send {quoted} stats\n"
         f"example_app:  or  unixsock-asgi top {quoted}\n"
-        f"example_app:  or  socat - UNIX-CONNECT:$(ls {quoted}/*.sock | head -n1)   # then type: help",
+        f'example_app:  or  socat - "UNIX-CONNECT:$(ls {quoted}/*.sock | head -n1)"   # then type: help',
         flush=True,
     )
     uvicorn.run(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator
@@ -56,16 +57,18 @@ async def restock(ctx: CommandContext, item_id: int, quantity: int) -> dict[str,
         raise ValueError(f"quantity must be positive, got {quantity}")
     catalog: dict[int, dict[str, Any]] = ctx.state["catalog"]
     if item_id not in catalog:
-        raise KeyError(f"no item {item_id}; items: {sorted(catalog)}")
+        raise ValueError(f"no item {item_id}; items: {sorted(catalog)}")
     catalog[item_id]["stock"] += quantity
-    ctx.app_state.render_cache.pop(item_id, None)
+    cache: dict[tuple[int, int, bool], dict[str, Any]] = ctx.app_state.render_cache
+    for key in [key for key in cache if key[0] == item_id]:
+        del cache[key]  # its stock changed
     return {"item_id": item_id, "stock": catalog[item_id]["stock"]}
 
 
 @commands.command
 def flush_cache(ctx: CommandContext) -> dict[str, int]:
-    """Drop every cached item rendering, so the next requests render afresh."""
-    cache: dict[int, Any] = ctx.app_state.render_cache
+    """Drop every cached item rendering (they are kept per item and settings)."""
+    cache: dict[tuple[int, int, bool], Any] = ctx.app_state.render_cache
     dropped = len(cache)
     cache.clear()
     return {"dropped": dropped}
@@ -88,17 +91,21 @@ async def list_items(request: Request) -> JSONResponse:
 
 
 async def get_item(request: Request) -> JSONResponse:
-    item_id: int = request.path_params["item_id"]
+    text: str = request.path_params["item_id"]
+    # Item ids are small numbers: anything else is no item (int() of 5,000 digits would raise).
+    item_id = int(text) if text.isascii() and text.isdigit() and len(text) <= 9 else None
     item = request.state.catalog.get(item_id)
-    if item is None:
-        return JSONResponse({"error": f"no item {item_id}"}, status_code=404)
-    cache: dict[int, dict[str, Any]] = request.app.state.render_cache
-    body = cache.get(item_id)
+    if item_id is None or item is None:
+        return JSONResponse({"error": f"no item {text[:40]}"}, status_code=404)
+    # Rendered once per item and settings: a `set` shows on the next request.
+    key = (item_id, settings["discount_percent"], settings["show_stock"])
+    cache: dict[tuple[int, int, bool], dict[str, Any]] = request.app.state.render_cache
+    body = cache.get(key)
     if body is None:
         body = {"id": item_id, "name": item["name"], "price": _price(item)}
-        if settings["show_stock"]:
+        if key[2]:
             body["stock"] = item["stock"]
-        cache[item_id] = body
+        cache[key] = body
     log.debug("served item %d to %s", item_id, request.client.host if request.client else "?")
     return JSONResponse(body)
 
@@ -115,7 +122,12 @@ async def slow(request: Request) -> JSONResponse:
 
 async def block(request: Request) -> JSONResponse:
     """Blocks the event loop on purpose (at most 10 s): what ``stacks`` is for."""
-    seconds = min(float(request.query_params.get("seconds", "1")), 10.0)
+    try:
+        seconds = float(request.query_params.get("seconds", "1"))
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds <= 10:
+        return JSONResponse({"error": "seconds must be a number from 0 to 10"}, status_code=400)
     time.sleep(seconds)
     return JSONResponse({"blocked_s": seconds})
 
@@ -149,7 +161,7 @@ app = Starlette(
     routes=[
         Route("/", index),
         Route("/items", list_items),
-        Route("/items/{item_id:int}", get_item),
+        Route("/items/{item_id}", get_item),
         Route("/health", health),
         Route("/slow", slow),
         Route("/block", block),

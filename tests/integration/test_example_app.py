@@ -39,7 +39,13 @@ def test_stats_count_exactly_what_was_sent_per_route_template(
     start_server: StartServer, short_dir: Path
 ) -> None:
     server, control = _example(start_server, short_dir / "s")
-    paths = ["/items/1"] * 7 + ["/items/2"] * 3 + ["/items/99"] * 2 + ["/"] * 5 + ["/fail"] * 2
+    paths = (
+        ["/items/1"] * 7
+        + ["/items/2"] * 3
+        + ["/items/99", "/items/" + "9" * 5000]
+        + ["/"] * 5
+        + ["/fail"] * 2
+    )
     paths += [f"/no/such/page/{i}" for i in range(4)]
 
     def get(path: str) -> int:
@@ -117,10 +123,12 @@ def test_set_changes_the_apps_behaviour_on_the_next_request(
 
     assert httpx.get(server.url + "/items/1").json()["price"] == 25.0  # now cached
     _payload(control, "set", name="discount_percent", value=50)
-    assert httpx.get(server.url + "/items/3").json()["price"] == 4.25  # rendered afresh
-    assert httpx.get(server.url + "/items/1").json()["price"] == 25.0  # still the cached rendering
-    assert _payload(control, "flush_cache")["dropped"] == 2
-    assert httpx.get(server.url + "/items/1").json()["price"] == 12.5
+    assert httpx.get(server.url + "/items/1").json()["price"] == 12.5  # cached per settings too
+    _payload(control, "set", name="show_stock", value=False)
+    assert httpx.get(server.url + "/items/1").json() == {"id": 1, "name": "teapot", "price": 12.5}
+    _payload(control, "set", name="show_stock", value=True)
+    assert httpx.get(server.url + "/items/1").json()["stock"] == 3
+    assert _payload(control, "flush_cache")["dropped"] == 3
 
     assert httpx.get(server.url + "/items/2").json()["stock"] == 0
     assert _payload(control, "restock", item_id=2, quantity=4) == {"item_id": 2, "stock": 4}
@@ -131,6 +139,21 @@ def test_set_changes_the_apps_behaviour_on_the_next_request(
     bad = control.send("restock", {"item_id": "two", "quantity": 1})
     assert bad is not None and "argument 'item_id'" in bad.error and "expected an integer" in bad.error
     assert _payload(control, "get", name="discount_percent")["value"] == 50
+
+
+def test_odd_item_ids_and_block_arguments_are_client_errors(
+    start_server: StartServer, short_dir: Path
+) -> None:
+    server, _ = _example(start_server, short_dir / "s")
+    with httpx.Client(base_url=server.url) as http:
+        for item in ("abc", "-1", "\u00fc", "1.5", "9" * 5000):  # 5,000 digits: int() alone would raise
+            response = http.get(f"/items/{item}")
+            assert response.status_code == 404 and response.json()["error"].startswith("no item "), item
+        for seconds in ("abc", "-1", "nan", "11"):
+            response = http.get("/block", params={"seconds": seconds})
+            assert response.status_code == 400, seconds
+            assert response.json() == {"error": "seconds must be a number from 0 to 10"}
+    assert "Traceback" not in server.log()
 
 
 def test_health_fail_and_maintenance_change_responses(start_server: StartServer, short_dir: Path) -> None:
@@ -231,7 +254,15 @@ def test_socket_is_removed_after_shutdown(start_server: StartServer, short_dir: 
 def test_unusable_socket_dir_leaves_the_app_serving(start_server: StartServer, short_dir: Path) -> None:
     blocker = short_dir / "a-file"
     blocker.write_text("not a directory")
-    server = start_server("-m", "example_app", "--port", "{port}", "--socket-dir", str(blocker / "sub"))
+    # The app under plain uvicorn: ``python -m example_app`` checks --socket-dir before it starts.
+    server = start_server(
+        "-m",
+        "uvicorn",
+        "example_app.app:app",
+        "--port",
+        "{port}",
+        env={"EXAMPLE_APP_SOCKET_DIR": str(blocker / "sub")},
+    )
     assert httpx.get(server.url + "/items/1").json()["name"] == "teapot"
     assert "could not start" in server.log() and "serves on without it" in server.log()
     assert blocker.read_text() == "not a directory"

@@ -1,0 +1,54 @@
+"""``python -m example_app``: what it refuses before anything starts (no server is started here)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from example_app.__main__ import main
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--workers", "0"], "argument --workers: must be 1 or more, got 0"),
+        (["--port", "70000"], "argument --port: must be from 1 to 65535, got 70000"),
+        (["--port", "0"], "argument --port: must be from 1 to 65535, got 0"),  # the banner could not say it
+        (["--log-level", "loud"], "argument --log-level: invalid choice: 'loud'"),
+        (["--limit-max-requests", "-3"], "argument --limit-max-requests: must be 1 or more"),
+    ],
+)
+def test_bad_options_are_usage_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_unusable_socket_dir_or_a_taken_port_is_refused_before_the_banner(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for argv, message in [
+            (["--socket-dir", str(afile)], f"--socket-dir {afile}: not a directory"),
+            (["--socket-dir", str(afile / "sub")], "Not a directory"),
+            (["--socket-dir", str(tmp_path / "ctl"), "--port", port], f"port {port} on 127.0.0.1 is in use"),
+        ]:
+            with pytest.raises(SystemExit) as exited:
+                main(argv)
+            out, err = capsys.readouterr()
+            assert exited.value.code == 2 and message in err, err
+            assert out == ""  # no banner with commands that could not work
+    assert (tmp_path / "ctl").is_dir()  # made 0700, as the app would make it
+    assert (tmp_path / "ctl").stat().st_mode & 0o777 == 0o700
