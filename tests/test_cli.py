@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from unixsock_asgi import UnixSockServer
 from unixsock_asgi._fleet import load_overrides, overrides_path, persist_override
 from unixsock_asgi._shell import CommandCatalog, completions
 from unixsock_asgi.cli import (
@@ -585,11 +586,21 @@ def test_top_once_into_a_file_lists_every_worker(
 def test_help_lists_each_command_with_the_first_sentence_of_its_doc() -> None:
     from unixsock_asgi.cli import render_help
 
-    doc = (
-        "Set ``logger``'s level (root by default). With ``ttl``\n    seconds, the level comes back.\n\nMore."
-    )
-    lines = render_help({"commands": [{"name": "set_log_level", "doc": doc, "args": []}]})
-    assert lines == ["set_log_level  Set ``logger``'s level (root by default)."]
+    doc = "Set ``logger``'s level (root by default). With ``ttl``\nseconds, the level comes back.\n\nMore."
+    level = {"name": "level", "type": "str", "required": True}
+    listed = [{"name": "set_log_level", "doc": doc, "args": [level]}, {"name": "ping", "doc": "Pong."}]
+    assert render_help({"commands": listed}) == [
+        "set_log_level level=<str>  Set `logger`'s level (root by default).",
+        "ping                       Pong.",
+    ]
+    # help command=set_log_level: the one command, with its whole doc.
+    assert render_help({"commands": listed[:1]}) == [
+        "set_log_level level=<str>",
+        "  Set `logger`'s level (root by default). With `ttl`",
+        "  seconds, the level comes back.",
+        "",
+        "  More.",
+    ]
 
 
 # --------------------------------------------------------------------------- shell, not on a tty
@@ -629,6 +640,18 @@ def test_shell_from_a_pipe_exits_1_when_a_command_failed(fleet: Fleet, socket_di
     result = _cli("shell", str(socket_dir), stdin="set_log_level level=LOUD\nping\n")
     assert result.returncode == EXIT_FAILED
     assert "pong" in result.stdout and "unknown level" in result.stdout
+
+
+def test_shell_help_takes_a_command_name(start_server: Callable[..., UnixSockServer], tmp_path: Path) -> None:
+    def handler(cmd: str, args: dict[str, Any]) -> Any:
+        if cmd == "help":  # like the built-in: every command, or just args["command"]
+            return {"commands": [c for c in HELP["commands"] if args.get("command", c["name"]) == c["name"]]}
+        return "pong"
+
+    path = start_server(handler, path=str(tmp_path / "app-1.sock")).path
+    result = _cli("shell", path, stdin="help stats\n")  # was: argument 'stats' is not key=value
+    assert result.returncode == EXIT_OK, result.stderr
+    assert result.stdout.splitlines() == ["stats [routes=<boolean, default true>]", "  Request counts."]
 
 
 # --------------------------------------------------------------------------- entry points

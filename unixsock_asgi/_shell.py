@@ -152,8 +152,11 @@ def run_shell(target: Target, *, timeout: float, history_file: str) -> int:
             except KeyboardInterrupt:
                 print("^C")
                 continue
-            if not line.strip():
+            words = line.split()
+            if not words:
                 continue
+            if len(words) == 2 and words[0] == "help" and "=" not in words[1]:
+                line = f"help command={words[1]}"  # as a shell's help takes a name
             event = parse_line(line)
             if isinstance(event, Close):
                 break

@@ -223,33 +223,32 @@ def render_stats(outcome: FanOutResult, total: Mapping[str, Any]) -> list[str]:
 
 def _doc_summary(doc: Any) -> str:
     """The first sentence of a docstring, however its lines were wrapped."""
-    paragraph = " ".join(str(doc or "").strip().split("\n\n", 1)[0].split())
+    paragraph = " ".join(_plain(doc).strip().split("\n\n", 1)[0].split())
     end = paragraph.find(". ")
     return paragraph if end < 0 else paragraph[: end + 1]
 
 
+def _plain(doc: Any) -> str:
+    """A docstring as a terminal shows it: reST's ````code```` as `code`."""
+    return str(doc or "").replace("``", "`")
+
+
 def render_help(payload: Any) -> list[str]:
-    """A worker's ``help`` payload as a command list: signature, then the first line of its doc."""
+    """A worker's ``help`` payload as a command list: signature, then the first sentence of its doc.
+
+    The help of one command (``help command=NAME``) shows its whole doc.
+    """
     commands = payload.get("commands") if isinstance(payload, Mapping) else None
     if not isinstance(commands, list):
         return _payload_lines(payload)
-    rows = []
-    for command in commands:
-        if not isinstance(command, Mapping):
-            continue
-        params = []
-        for arg in command.get("args") or []:
-            kind = arg.get("type", "any")
-            default = arg.get("default")
-            if arg.get("required"):
-                params.append(f"{arg.get('name')}=<{kind}>")
-            elif default is None or default == "":
-                params.append(f"[{arg.get('name')}=<{kind}>]")
-            else:
-                shown = default if isinstance(default, str) else json.dumps(default, ensure_ascii=False)
-                params.append(f"[{arg.get('name')}=<{kind}, default {shown}>]")
-        first = _doc_summary(command.get("doc")) + (" (read-only)" if command.get("readonly") else "")
-        rows.append((f"{command.get('name')} {' '.join(params)}".rstrip(), first))
+    commands = [c for c in commands if isinstance(c, Mapping)]
+    if len(commands) == 1 and not payload.get("handler"):
+        doc = _plain(commands[0].get("doc")).strip()  # cleaned by the worker (inspect.getdoc)
+        return [_help_signature(commands[0]), *(f"  {line}".rstrip() for line in doc.splitlines())]
+    rows = [
+        (_help_signature(c), _doc_summary(c.get("doc")) + (" (read-only)" if c.get("readonly") else ""))
+        for c in commands
+    ]
     width = min(max((len(sig) for sig, _ in rows), default=0), _HELP_SIGNATURE_WIDTH)
     lines: list[str] = []
     for sig, doc in rows:
@@ -266,6 +265,21 @@ def render_help(payload: Any) -> list[str]:
             + (f": {doc}" if doc else "."),
         ]
     return lines
+
+
+def _help_signature(command: Mapping[str, Any]) -> str:
+    params = []
+    for arg in command.get("args") or []:
+        kind = arg.get("type", "any")
+        default = arg.get("default")
+        if arg.get("required"):
+            params.append(f"{arg.get('name')}=<{kind}>")
+        elif default is None or default == "":
+            params.append(f"[{arg.get('name')}=<{kind}>]")
+        else:
+            shown = default if isinstance(default, str) else json.dumps(default, ensure_ascii=False)
+            params.append(f"[{arg.get('name')}=<{kind}, default {shown}>]")
+    return f"{command.get('name')} {' '.join(params)}".rstrip()
 
 
 _HELP_SIGNATURE_WIDTH = 36
