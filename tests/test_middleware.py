@@ -595,6 +595,25 @@ def test_a_socket_directory_others_may_write_is_refused_even_sticky_and_one_insi
         pass
 
 
+def test_read_only_commands_are_audited_at_debug_and_changes_at_info(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from unixsock_asgi import Setting, Settings
+
+    caplog.set_level(logging.DEBUG, logger="unixsock_asgi.audit")
+    sock = sock_dir / "c.sock"
+    with TestClient(_starlette(sock, settings=Settings(Setting("delay_s", float, 0.2)))):
+        control = Client(sock)
+        _payload(control, "stats", routes=False)  # what top polls
+        _payload(control, "set", name="delay_s", value=0.5)
+    audited = [r for r in caplog.records if r.name == "unixsock_asgi.audit"]
+    levels = [(r.getMessage().split("cmd=")[1].split()[0], r.levelname) for r in audited]
+    assert [entry for entry in levels if entry[0] in ("stats", "set")] == [
+        ("stats", "DEBUG"),
+        ("set", "INFO"),
+    ]
+
+
 def test_get_log_level_of_a_long_unknown_name_is_refused_at_once(sock_dir: Path) -> None:
     sock = sock_dir / "c.sock"
     with TestClient(_starlette(sock)):

@@ -1140,6 +1140,22 @@ def test_audit_log_records_peer_and_outcome(
     assert "cmd=fail status=failure" in fail[0]
 
 
+def test_quiet_commands_are_audited_at_debug_unless_they_fail(
+    start_server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What tools poll (top: stats every refresh from every worker) must not bury the app's log.
+    caplog.set_level(logging.DEBUG, logger="unixsock_asgi.audit")
+    server = start_server(quiet_commands=frozenset({"ping", "fail"}))
+    for cmd in ("ping", "fail", "echo"):
+        Client(server.path).send(cmd)
+    levels = {
+        r.getMessage().split("cmd=")[1].split()[0]: r.levelname
+        for r in caplog.records
+        if r.name == "unixsock_asgi.audit"
+    }
+    assert levels == {"ping": "DEBUG", "fail": "INFO", "echo": "INFO"}
+
+
 # -- peers of another uid --------------------------------------------------
 
 

@@ -182,6 +182,8 @@ class ControlPlane:
         self.socket_dir = socket_dir
         options = dict(self.server_options)
         options.setdefault("handler_timeout", max(330.0, self.app_timeout * 2))
+        # What changes something stays at INFO in the audit log; what only reads (and is polled) not.
+        options.setdefault("quiet_commands", frozenset(c.name for c in self.commands if c.readonly))
         config = ServerConfig(path=path, **options)
         server = UnixSockServer(handler=self.dispatch, config=config)
         await self.app_loop.run_in_executor(None, server.start)

@@ -81,6 +81,9 @@ class ServerConfig:
     """File mode of the socket; widen it (0o660) together with ``allowed_gids``."""
     handler_threads: int = 4
     """Threads that run plain (non-async) handlers."""
+    quiet_commands: frozenset[str] = frozenset()
+    """Commands whose successes the audit log records at DEBUG, not INFO: read-only ones
+    that tools poll (``top`` asks every worker for ``stats`` each refresh)."""
 
 
 @dataclass
@@ -466,8 +469,11 @@ class UnixSockServer:
         return Response.failure(_describe(exc))
 
     def _audit(self, request: Request, peer: PeerCredentials, response: Response, start: float) -> None:
-        if audit_logger.isEnabledFor(logging.INFO):
-            audit_logger.info(
+        quiet = response.status == STATUS_OK and request.cmd in self.config.quiet_commands
+        level = logging.DEBUG if quiet else logging.INFO
+        if audit_logger.isEnabledFor(level):
+            audit_logger.log(
+                level,
                 "peer pid=%d uid=%d cmd=%s status=%s duration_ms=%.2f",
                 peer.pid,
                 peer.uid,
