@@ -54,6 +54,21 @@ def _problem(host: str, port: int, socket_dir: str) -> str | None:
     return None
 
 
+def _live_sockets(socket_dir: str) -> list[str]:
+    """The sockets in ``socket_dir`` that something answers on (another run of the app, say)."""
+    live = []
+    for name in sorted(os.listdir(socket_dir)):
+        if name.endswith(".sock"):
+            with socket.socket(socket.AF_UNIX) as probe:
+                probe.settimeout(0.5)
+                try:
+                    probe.connect(os.path.join(socket_dir, name))
+                except OSError:
+                    continue  # stale (the app removes it) or not a socket
+                live.append(name)
+    return live
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m example_app", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1", help="address to serve HTTP on (default: %(default)s)")
@@ -80,6 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     problem = _problem(args.host, args.port, socket_dir)
     if problem is not None:
         parser.exit(2, f"{parser.prog}: {problem}\n")
+
+    live = _live_sockets(socket_dir)
+    if live:
+        print(
+            f"example_app: note: {socket_dir} already has {len(live)} live socket(s) ({', '.join(live)}):"
+            " the CLI will count them with this run's workers (--socket-dir keeps runs apart)",
+            flush=True,
+        )
 
     import uvicorn
 

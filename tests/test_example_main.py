@@ -52,3 +52,15 @@ def test_an_unusable_socket_dir_or_a_taken_port_is_refused_before_the_banner(
             assert out == ""  # no banner with commands that could not work
     assert (tmp_path / "ctl").is_dir()  # made 0700, as the app would make it
     assert (tmp_path / "ctl").stat().st_mode & 0o777 == 0o700
+
+
+def test_live_sockets_of_another_run_are_pointed_out(tmp_path: Path) -> None:
+    from example_app.__main__ import _live_sockets
+
+    with socket.socket(socket.AF_UNIX) as other_run:
+        other_run.bind(str(tmp_path / "example_app-1.sock"))
+        other_run.listen()
+        with socket.socket(socket.AF_UNIX) as stale:
+            stale.bind(str(tmp_path / "example_app-2.sock"))  # bound, never listening: refused
+        (tmp_path / "notes.sock").write_text("")  # not a socket
+        assert _live_sockets(str(tmp_path)) == ["example_app-1.sock"]
