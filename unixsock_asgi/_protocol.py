@@ -242,17 +242,21 @@ _scan_request: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder(  # type
 _decode_request = json.JSONDecoder(
     parse_constant=_no_constant, parse_float=_finite, parse_int=_int_in_range
 ).decode
-# A JSON string (skipped whole: digits in it are text) or a run of digits outside one.
-_STRING_OR_DIGITS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[0-9]{309,}')
+_STRING = re.compile(rb'"[^"]*"')
+_LONG_DIGITS = re.compile(rb"(?<![0-9])[0-9]{309,}")
 
 
-def _no_huge_integer(text: str) -> str:
-    """Refuse JSON text (as our encoders write it) with an integer beyond a double; return it otherwise."""
-    if _long_digit_run(text):
-        for match in _STRING_OR_DIGITS.finditer(text):
-            if match[0][0] != '"':
-                _int_in_range(match[0])
-    return text
+def _no_huge_integer(body: bytes) -> bytes:
+    """Refuse JSON (as our encoders write it) with an integer beyond a double; return it otherwise.
+
+    Digits in strings are text: with escaped backslashes and quotes taken out,
+    each string is one ``"..."`` to blank. Every step is linear in the body.
+    """
+    if _long_digit_run(body):
+        outside = _STRING.sub(b'""', body.replace(b"\\\\", b"").replace(b'\\"', b""))
+        for match in _LONG_DIGITS.finditer(outside):
+            _int_in_range(match[0].decode())
+    return body
 
 
 def _reply_default(value: Any) -> Any:
@@ -300,19 +304,19 @@ def _reply_json(obj: Any) -> bytes:
     Text with a lone surrogate (valid as a JSON escape, so a request can carry
     one, but not encodable as UTF-8) is sent with ASCII escapes instead.
     """
-    text = _no_huge_integer(_REPLY_UTF8(obj))
     try:
-        return text.encode()
+        body = _REPLY_UTF8(obj).encode()
     except UnicodeEncodeError:
-        return _REPLY_ASCII(obj).encode()
+        body = _REPLY_ASCII(obj).encode()
+    return _no_huge_integer(body)
 
 
 def _request_json(obj: Any) -> bytes:
-    text = _no_huge_integer(_REQUEST_UTF8(obj))
     try:
-        return text.encode()
+        body = _REQUEST_UTF8(obj).encode()
     except UnicodeEncodeError:
-        return _REQUEST_ASCII(obj).encode()
+        body = _REQUEST_ASCII(obj).encode()
+    return _no_huge_integer(body)
 
 
 def encode_frame(obj: Any) -> bytes:
@@ -657,7 +661,11 @@ class ConnectionProtocol:
         req_id = request.id if request is not None else None
         payload = response.payload
         if isinstance(request, Request) and request.go_client and not isinstance(payload, str):
-            payload = "" if payload is None else _no_huge_integer(_REPLY_UTF8(payload))
+            if payload is not None:
+                payload = _REPLY_UTF8(payload)
+                _no_huge_integer(payload.encode("utf-8", "surrogatepass"))
+            else:
+                payload = ""
         status, error = response.status, response.error
         if type(status) is not str or type(error) is not str:  # a handler's Response("failure", exc)
             status, error = str(status), str(error)
@@ -679,10 +687,10 @@ class ConnectionProtocol:
                     b',"error":',
                     _encode_str(error).encode(),
                     b',"payload":',
-                    _no_huge_integer(_REPLY_UTF8(payload)).encode(),
+                    _no_huge_integer(_REPLY_UTF8(payload).encode()),
                     b"}}"
                     if req_id is None
-                    else b'},"id":' + _no_huge_integer(_REPLY_UTF8(req_id)).encode() + b"}",
+                    else b'},"id":' + _no_huge_integer(_REPLY_UTF8(req_id).encode()) + b"}",
                 )
             )
         except (UnicodeEncodeError, TypeError):
