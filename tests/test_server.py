@@ -1671,16 +1671,17 @@ for child_stops in (False, True):
     if child == 0:
         if child_stops:
             server.stop()  # as a with-block left in the child would
+            assert server._bound.sock.fileno() == -1  # its copy of the listener is closed
         sys.exit(0)  # runs the exit handlers, as the parent will
-    os.waitpid(child, 0)
-    print(Client(server.path).send("ping").payload, os.path.exists(server.path), flush=True)
+    _, status = os.waitpid(child, 0)
+    print(Client(server.path).send("ping").payload, os.path.exists(server.path), status, flush=True)
 sys.exit(0)
 """
     done = subprocess.run(
         [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=30
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["pong", "True"] * 2  # still there after each child's exit
+    assert done.stdout.split() == ["pong", "True", "0"] * 2  # still there after each child's exit
     assert list(tmp_path.iterdir()) == []
 
 

@@ -233,9 +233,13 @@ class UnixSockServer:
                 return
             if os.getpid() != self._pid:
                 # A child forked from the process that serves: the server and its
-                # socket are the parent's, and its thread does not run here.
+                # socket are the parent's, and its thread does not run here. Only
+                # the child's copy of the listener is closed (else connects would
+                # still succeed once the parent is gone, and never be answered).
                 self._thread = None
                 atexit.unregister(self._remove_at_exit)
+                if self._bound is not None:
+                    self._bound.sock.close()
                 return
             stopping = self._stopping
             if stopping is not None and not loop.is_closed():
