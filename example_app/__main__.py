@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import ipaddress
 import os
 import shlex
 import socket
@@ -29,24 +30,33 @@ def _port(text: str) -> int:
 
 
 def _problem(host: str, port: int, socket_dir: str) -> str | None:
-    """Why the app could not serve as the banner will say, found before anything starts."""
-    if os.path.lexists(socket_dir) and not os.path.isdir(socket_dir):
-        return f"--socket-dir {socket_dir}: not a directory"
+    """Why the app could not serve as the banner will say, found before anything starts.
+
+    Only what is plain to see: the middleware makes a missing socket directory
+    itself (0700, with any missing above it) and says why if it cannot.
+    """
+    existing = socket_dir
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"--socket-dir {socket_dir}: {existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"--socket-dir {socket_dir}: this user cannot write {existing}"
+    if existing == socket_dir and os.stat(socket_dir).st_mode & 0o022:
+        return (
+            f"--socket-dir {socket_dir}: other users may write it (they could add sockets the CLI"
+            " would talk to); name a directory of your own, or a new one inside it"
+        )
     try:
-        os.makedirs(socket_dir, mode=0o700, exist_ok=True)
-    except OSError as exc:
-        return f"--socket-dir {socket_dir}: {exc.strerror}"
-    if not os.access(socket_dir, os.W_OK | os.X_OK):
-        return f"--socket-dir {socket_dir}: this user cannot write it"
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        return f"--host {host}: {exc}"
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None  # a name: uvicorn binds what it resolves to, and says so if it cannot
+    with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds it
+        if ip.version == 6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         try:
-            probe.bind(address)
+            probe.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 return f"port {port} on {host} is in use (another copy running?); pick one with --port"
@@ -96,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:
         parser.exit(2, f"{parser.prog}: {problem}\n")
 
-    live = _live_sockets(socket_dir)
+    live = _live_sockets(socket_dir) if os.path.isdir(socket_dir) else []
     if live:
         print(
             f"example_app: note: {socket_dir} already has {len(live)} live socket(s) ({', '.join(live)}):"

@@ -74,8 +74,7 @@ def flush_cache(ctx: CommandContext) -> dict[str, int]:
     return {"dropped": dropped}
 
 
-def _price(item: dict[str, Any]) -> float:
-    discount: int = settings["discount_percent"]
+def _price(item: dict[str, Any], discount: int) -> float:
     return round(float(item["price"]) * (100 - discount) / 100, 2)
 
 
@@ -85,8 +84,13 @@ async def index(request: Request) -> JSONResponse:
 
 async def list_items(request: Request) -> JSONResponse:
     catalog = request.state.catalog
+    discount: int = settings["discount_percent"]  # read once: a `set` may come meanwhile
     return JSONResponse(
-        {"items": [{"id": i["id"], "name": i["name"], "price": _price(i)} for i in catalog.values()]}
+        {
+            "items": [
+                {"id": i["id"], "name": i["name"], "price": _price(i, discount)} for i in catalog.values()
+            ]
+        }
     )
 
 
@@ -97,12 +101,13 @@ async def get_item(request: Request) -> JSONResponse:
     item = request.state.catalog.get(item_id)
     if item_id is None or item is None:
         return JSONResponse({"error": f"no item {text[:40]}"}, status_code=404)
-    # Rendered once per item and settings: a `set` shows on the next request.
+    # Rendered once per item and settings: a `set` shows on the next request. Each
+    # setting is read once (a `set` may come meanwhile), and the key is what is rendered.
     key = (item_id, settings["discount_percent"], settings["show_stock"])
     cache: dict[tuple[int, int, bool], dict[str, Any]] = request.app.state.render_cache
     body = cache.get(key)
     if body is None:
-        body = {"id": item_id, "name": item["name"], "price": _price(item)}
+        body = {"id": item_id, "name": item["name"], "price": _price(item, key[1])}
         if key[2]:
             body["stock"] = item["stock"]
         cache[key] = body
