@@ -91,15 +91,17 @@ def start_server(sock_path: str) -> Iterator[ServerFactory]:
 
 @pytest.fixture
 def exiting_server(start_server: Callable[..., UnixSockServer]) -> Iterator[Callable[[str], str]]:
-    """Start a server at a path that stops while it answers its first command: a worker exiting
-    while it is asked (a deploy, ``--max-requests``). Returns the socket path."""
+    """Start a server at a path that stops while it answers its first command (but ``help``): a
+    worker exiting while it is asked (a deploy, ``--max-requests``). Returns the socket path."""
     release = threading.Event()
     stoppers: list[threading.Thread] = []
 
     def start(path: str) -> str:
         entered = threading.Event()
 
-        def handler(cmd: str, args: dict[str, Any]) -> str:
+        def handler(cmd: str, args: dict[str, Any]) -> Any:
+            if cmd == "help":  # what the shell asks first, for completion
+                return {"commands": []}
             entered.set()
             release.wait(5)
             return "too late"

@@ -537,10 +537,17 @@ def test_a_worker_that_exits_while_asked_is_named_as_such(
 ) -> None:
     path = exiting_server(str(tmp_path / "app-1.sock"))
     status, out, err = run(capsys, "send", path, "restock", "--timeout", "5")
-    assert status == EXIT_USAGE and out == ""
+    # Not 2 (nothing to talk to, which a script may take as "try again"): it may have run.
+    assert status == EXIT_FAILED and out == ""
     assert one_line(err) == (
-        "unixsock-asgi: error: nothing to talk to: 1 worker(s) exited while asked"
+        "unixsock-asgi: 1 worker(s) exited while asked"
         " (the command may have run there): app-1.sock; no live worker answered"
+    )
+    second = exiting_server(str(tmp_path / "app-2.sock"))
+    result = _cli("shell", second, stdin="restock\n")
+    assert result.returncode == EXIT_FAILED
+    assert (
+        "error: 1 worker(s) exited while asked (the command may have run there): app-2.sock" in result.stderr
     )
 
 
@@ -593,6 +600,10 @@ def test_help_lists_each_command_with_the_first_sentence_of_its_doc() -> None:
         "set_log_level level=<str>  Set `logger`'s level (root by default).",
         "ping                       Pong.",
     ]
+    # Another program's help, in another shape: shown as far as it goes.
+    odd = [{"name": "a", "args": ["n", 3]}, {"name": "b", "args": "n"}, "c"]
+    assert render_help({"commands": odd}) == ["a", "b"]
+    assert CommandCatalog.from_help([{"commands": odd}]).commands == {"a": [], "b": []}
     # help command=set_log_level: the one command, with its whole doc.
     assert render_help({"commands": listed[:1]}) == [
         "set_log_level level=<str>",

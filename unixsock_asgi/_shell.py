@@ -23,8 +23,10 @@ from .cli import (
     EXIT_OK,
     UsageError,
     failure_summary,
+    gone_text,
     render_answers,
     reply_timeout,
+    stale_note,
     terminal_safe,
 )
 
@@ -49,7 +51,8 @@ class CommandCatalog:
                 if not isinstance(command, Mapping) or not isinstance(command.get("name"), str):
                     continue
                 known = catalog.commands.setdefault(command["name"], [])
-                for arg in command.get("args") or []:
+                args = command.get("args")
+                for arg in args if isinstance(args, list) else []:
                     name = arg.get("name") if isinstance(arg, Mapping) else None
                     if isinstance(name, str) and name not in known:
                         known.append(name)
@@ -179,11 +182,13 @@ def run_shell(target: Target, *, timeout: float, history_file: str) -> int:
                 any_failed = True
                 continue
             if not outcome.results:
-                print(f"error: no live worker at {target.path}", file=sys.stderr)
+                nobody = gone_text(outcome) if outcome.gone else f"no live worker at {target.path}"
+                print(f"error: {nobody}", file=sys.stderr)
                 any_failed = True
                 continue
             for text in render_answers(event.cmd, outcome, single_target=not target.is_directory):
                 print(terminal_safe(text))
+            stale_note(outcome)
             if not outcome.all_ok:
                 print(f"error: {failure_summary(outcome)}", file=sys.stderr)
                 any_failed = True

@@ -269,7 +269,10 @@ def render_help(payload: Any) -> list[str]:
 
 def _help_signature(command: Mapping[str, Any]) -> str:
     params = []
-    for arg in command.get("args") or []:
+    args = command.get("args")
+    for arg in args if isinstance(args, list) else []:
+        if not isinstance(arg, Mapping):
+            continue  # another program's help, in another shape
         kind = arg.get("type", "any")
         default = arg.get("default")
         if arg.get("required"):
@@ -409,7 +412,7 @@ def _resolve(path: str, *, directory_only: bool = False) -> Target:
 
 def _ask(
     target: Target, cmd: str, args: Mapping[str, Any], timeout: float
-) -> tuple[FanOutResult, UsageError | None]:
+) -> tuple[FanOutResult, UsageError | _Failed | None]:
     """Every worker's answer, and what to say when no worker answered at all."""
     sockets = target.sockets()
     if not sockets:
@@ -418,8 +421,9 @@ def _ask(
     if outcome.results:
         return outcome, None
     if outcome.gone:
-        message = f"{_gone_text(outcome)}; no live worker answered"
-    elif target.is_directory:
+        # Not "nothing to talk to" (2): it was asked, and may have run the command.
+        return outcome, _Failed(f"{gone_text(outcome)}; no live worker answered")
+    if target.is_directory:
         message = f"{len(outcome.stale)} socket(s) in {target.path}, no live worker"
     else:
         message = f"nothing listens on {target.path} (its process is gone)"
@@ -438,12 +442,12 @@ def _write(lines: Iterable[str], out: TextIO) -> None:
         out.write(terminal_safe(line) + "\n")
 
 
-def _gone_text(outcome: FanOutResult) -> str:
+def gone_text(outcome: FanOutResult) -> str:
     names = ", ".join(os.path.basename(p) for p in outcome.gone)
     return f"{len(outcome.gone)} worker(s) exited while asked (the command may have run there): {names}"
 
 
-def _stale_note(outcome: FanOutResult) -> None:
+def stale_note(outcome: FanOutResult) -> None:
     if outcome.stale:
         names = ", ".join(os.path.basename(p) for p in outcome.stale)
         print(
@@ -451,7 +455,7 @@ def _stale_note(outcome: FanOutResult) -> None:
             file=sys.stderr,
         )
     if outcome.gone and outcome.results:  # else the error says so
-        print(f"note: {_gone_text(outcome)}", file=sys.stderr)
+        print(f"note: {gone_text(outcome)}", file=sys.stderr)
 
 
 def cmd_send(ns: argparse.Namespace) -> int:
@@ -486,7 +490,7 @@ def cmd_send(ns: argparse.Namespace) -> int:
         print(json.dumps(document, indent=2, sort_keys=True, default=str))
     else:
         _write(render_answers(ns.cmd, outcome, single_target=not target.is_directory), sys.stdout)
-    _stale_note(outcome)
+    stale_note(outcome)
     if persisted:
         print(f"persisted to {persisted}: workers started later apply it", file=sys.stderr)
     elif not_persisted:
