@@ -22,7 +22,7 @@ import sys
 import termios
 import time
 import tty
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import Container, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -218,8 +218,9 @@ def _decorate(lines: list[str], colour: bool) -> list[str]:
     return out
 
 
-async def _sample(target: Target, timeout: float) -> FanOutResult:
-    return await fan_out(target.sockets(), "stats", {"routes": False}, timeout=timeout)
+async def _sample(target: Target, timeout: float, skip: Container[str] = ()) -> FanOutResult:
+    sockets = [path for path in target.sockets() if path not in skip]
+    return await fan_out(sockets, "stats", {"routes": False}, timeout=timeout)
 
 
 def _label(target: Target) -> str:
@@ -248,9 +249,7 @@ async def _print_once(target: Target, interval: float, timeout: float, out: Text
     await asyncio.sleep(interval)
     # A worker that did not answer has had its --timeout: it is not waited for twice.
     silent = {r.socket: r for r in first.results if r.status == STATUS_TIMEOUT}
-    outcome = await fan_out(
-        [path for path in target.sockets() if path not in silent], "stats", {"routes": False}, timeout=timeout
-    )
+    outcome = await _sample(target, timeout, skip=silent)
     outcome.results += silent.values()
     rows = view.update(outcome)
     size = shutil.get_terminal_size((80, 24))
