@@ -680,6 +680,37 @@ def test_fastapi_include_prefixes_under_a_mount_with_a_path_parameter() -> None:
     assert stats.snapshot()["requests_total"] == 4
 
 
+def test_a_catch_all_exception_handler_answers_outside_what_add_middleware_adds() -> None:
+    """Starlette runs ``exception_handler(Exception)`` in its ServerErrorMiddleware, outside
+    ``add_middleware``'s: README says how each form counts what such a handler answers."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    def app_with_handler() -> FastAPI:
+        api = FastAPI()
+
+        @api.exception_handler(Exception)
+        async def catch_all(request: Any, exc: Exception) -> JSONResponse:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+
+        @api.get("/crash")
+        async def crash() -> None:
+            raise RuntimeError("crash")
+
+        return api
+
+    inside, outside = Stats(), Stats()
+    added = app_with_handler()
+    added.add_middleware(ControlSocketMiddleware, path="/nonexistent/unused.sock", stats=inside)
+    wrapped = ControlSocketMiddleware(app_with_handler(), path="/nonexistent/unused.sock", stats=outside)
+    for app in (added, wrapped):
+        with pytest.raises(RuntimeError, match="crash"):  # re-raised after the 400, for the server's log
+            _serve(app, "/crash", 1)
+    assert inside.snapshot()["routes"]["/crash"]["by_status"] == {"5xx": 1}  # the 400 went out around it
+    assert outside.snapshot()["routes"]["/crash"]["by_status"] == {"4xx": 1}
+    assert inside.snapshot()["exceptions_total"] == outside.snapshot()["exceptions_total"] == 1
+
+
 def test_fastapi_plain_routes_count_under_their_templates_not_unmatched() -> None:
     """FastAPI's router sets ``scope["route"]`` for its own routes only: /docs and add_route() set none."""
     from fastapi import APIRouter, FastAPI
