@@ -461,6 +461,7 @@ def test_logger_names_from_the_socket_make_no_loggers_unless_set_and_bounded(soc
             "level": "NOTSET",
             "effective": reply["effective"],
             "exists": False,
+            "did_you_mean": [],
         }
         reply = control.send("x" * 5000 + "." * 100)  # an unknown command: no logger per name either
         assert reply is not None and "unknown command" in reply.error
@@ -471,8 +472,28 @@ def test_logger_names_from_the_socket_make_no_loggers_unless_set_and_bounded(soc
         reply = control.send("set_log_level", {"level": "DEBUG", "logger": "usa\nforged line"})
         assert reply is not None and not reply.ok
         assert made() == set()
-        _payload(control, "set_log_level", level="DEBUG", logger="usa.made.later")  # a sane name is made
+        # A sane name is made.
+        reply = _payload(control, "set_log_level", level="DEBUG", logger="usa.made.later")
+        assert reply["made"] is True
         assert logging.getLogger("usa.made.later").level == logging.DEBUG
+
+
+def test_set_log_level_on_a_name_close_to_an_existing_logger_asks_for_create(sock_dir: Path) -> None:
+    # An operator's typo (uvicorn.acess) must not quietly make a logger nobody logs to.
+    logging.getLogger("usa.typo.access")
+    sock = sock_dir / "c.sock"
+    with TestClient(_starlette(sock)):
+        control = Client(sock)
+        reply = control.send("set_log_level", {"level": "DEBUG", "logger": "usa.typo.acess"})
+        assert reply is not None and not reply.ok
+        assert "did you mean 'usa.typo.access'?" in reply.error and "create=true" in reply.error
+        assert "usa.typo.acess" not in logging.root.manager.loggerDict
+        looked = _payload(control, "get_log_level", logger="usa.typo.acess")
+        assert looked["exists"] is False and looked["did_you_mean"] == ["usa.typo.access"]
+        reply = _payload(control, "set_log_level", level="DEBUG", logger="usa.typo.acess", create=True)
+        assert reply["made"] is True and logging.getLogger("usa.typo.acess").level == logging.DEBUG
+        reply = _payload(control, "set_log_level", level="INFO", logger="usa.typo.access")
+        assert reply["made"] is False and reply["old"] == "NOTSET" and reply["new"] == "INFO"
 
 
 def test_app_commands_replacing_built_ins_are_warned_about(

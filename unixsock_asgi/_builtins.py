@@ -4,6 +4,7 @@ control thread, touch only thread-safe state, and answer while the app loop is b
 from __future__ import annotations
 
 import asyncio
+import difflib
 import inspect
 import logging
 import os
@@ -155,6 +156,12 @@ def _makeable(name: str) -> bool:
     return len(name) <= _NEW_LOGGER_NAME_MAX and _NEW_LOGGER_NAME.fullmatch(name) is not None
 
 
+def _near_loggers(name: str) -> list[str]:
+    """Existing loggers whose names are close to ``name``: what a typo meant."""
+    names = [n for n, lg in list(logging.root.manager.loggerDict.items()) if isinstance(lg, logging.Logger)]
+    return difflib.get_close_matches(name, names, n=3, cutoff=0.8)
+
+
 def _shown(name: str) -> str:
     return repr(name) if len(name) <= 80 else f"{name[:60]!r}... ({len(name)} characters)"
 
@@ -215,13 +222,18 @@ def get_log_level(logger: str = "") -> Any:
         "level": "NOTSET",
         "effective": logging.getLevelName(inherited.getEffectiveLevel()),
         "exists": False,
+        "did_you_mean": _near_loggers(logger),
     }
 
 
 @command(diagnostic=True)
-def set_log_level(ctx: CommandContext, level: str | int, logger: str = "", ttl: float | None = None) -> Any:
+def set_log_level(
+    ctx: CommandContext, level: str | int, logger: str = "", ttl: float | None = None, create: bool = False
+) -> Any:
     """Set ``logger``'s level (root by default; uvicorn's loggers too). With ``ttl``
-    seconds, the level before the change comes back afterwards."""
+    seconds, the level before the change comes back afterwards. A logger the
+    process has not made yet is made, unless its name is close to one it has
+    (a typo): then ``create=true`` makes it anyway."""
     try:
         number = _level_number(level)
     except ValueError as exc:
@@ -231,6 +243,7 @@ def set_log_level(ctx: CommandContext, level: str | int, logger: str = "", ttl: 
             f"ttl must be a positive number of seconds, at most {_MAX_TTL_S} (a week), got {ttl:g}"
         )
     lg = _existing_logger(logger)
+    made = False
     if lg is None:
         if not _makeable(logger):
             return Response.failure(
@@ -242,8 +255,15 @@ def set_log_level(ctx: CommandContext, level: str | int, logger: str = "", ttl: 
                 f"no logger {_shown(logger)} in this process, and {_NEW_LOGGERS_MAX} have been made from the"
                 " socket already; 'loggers' lists those there are"
             )
+        near = _near_loggers(logger)
+        if near and not create:
+            return Response.failure(
+                f"no logger {_shown(logger)} in this process; did you mean {' or '.join(map(repr, near))}?"
+                " (create=true makes it anyway, for code that makes it later)"
+            )
         _new_loggers.add(logger)
         lg = logging.getLogger(logger)
+        made = True
     key = lg.name
     restores = ctx.control.log_restores
     old = lg.level
@@ -259,6 +279,7 @@ def set_log_level(ctx: CommandContext, level: str | int, logger: str = "", ttl: 
         "new": logging.getLevelName(number),
         "ttl": ttl,
         "reverts_to": None,
+        "made": made,
     }
     if ttl is not None:
         loop = asyncio.get_running_loop()
