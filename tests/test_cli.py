@@ -289,6 +289,15 @@ def test_a_failure_answer_exits_1_naming_the_workers(
     assert line.startswith("unixsock-asgi: 2 of 2 workers did not succeed:") and "failure" in line
 
 
+def test_a_failure_of_the_one_socket_asked_is_said_once_on_stderr(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (worker,) = fleet.start(1)
+    status, out, err = run(capsys, "send", str(worker.path), "set_log_level", "level=LOUD")
+    assert status == EXIT_FAILED and out == ""
+    assert one_line(err).startswith("unixsock-asgi: failure: unknown level 'LOUD'")
+
+
 def test_a_hung_worker_exits_1_within_the_timeout_and_others_are_printed(
     fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

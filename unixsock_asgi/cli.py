@@ -316,15 +316,19 @@ def render_answers(cmd: str, outcome: FanOutResult, *, single_target: bool) -> l
             pids = " ".join(_worker_label(m) for m in members)
             head = f"[{who} {pids}] {first.status}"
             lines.append(f"{head}: {first.error}" if first.error else head)
-        elif first.error:
-            lines.append(f"{first.status}: {first.error}")
+        # else one socket asked, and a failure is said once, on stderr (failure_summary)
         lines += body
     return lines
 
 
-def failure_summary(outcome: FanOutResult) -> str:
-    """One line naming the workers that did not answer success, and why (same reasons grouped)."""
+def failure_summary(outcome: FanOutResult, *, single_target: bool = False) -> str:
+    """One line naming the workers that did not answer success, and why (same reasons grouped).
+
+    One socket asked (``single_target``) is not named: the operator just did.
+    """
     bad = [r for r in outcome.results if not r.ok]
+    if single_target and len(outcome.results) == 1 and bad:
+        return terminal_safe(f"{bad[0].status}: {bad[0].error or 'no message'}")
     reasons: dict[str, list[str]] = {}
     for r in bad:
         reasons.setdefault(f"{r.status}: {r.error or 'no message'}", []).append(os.path.basename(r.socket))
@@ -496,7 +500,7 @@ def cmd_send(ns: argparse.Namespace) -> int:
     elif not_persisted:
         print(f"not persisted: {not_persisted}", file=sys.stderr)
     if not outcome.all_ok:
-        raise _Failed(failure_summary(outcome))
+        raise _Failed(failure_summary(outcome, single_target=not target.is_directory))
     return EXIT_OK
 
 
