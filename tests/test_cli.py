@@ -662,6 +662,14 @@ def test_shell_from_a_pipe_exits_1_when_a_command_failed(fleet: Fleet, socket_di
     assert "pong" in result.stdout and "unknown level" in result.stdout
 
 
+def test_shell_on_one_socket_says_a_failure_once_on_stderr(fleet: Fleet) -> None:
+    (worker,) = fleet.start(1)
+    result = _cli("shell", str(worker.path), stdin="set_log_level level=LOUD\nping\n")
+    assert result.returncode == EXIT_FAILED
+    assert result.stdout.splitlines() == ["pong"]
+    assert result.stderr.splitlines() == ["failure: unknown level 'LOUD'"]
+
+
 def test_shell_help_takes_a_command_name(start_server: Callable[..., UnixSockServer], tmp_path: Path) -> None:
     def handler(cmd: str, args: dict[str, Any]) -> Any:
         if cmd == "help":  # like the built-in: every command, or just args["command"]

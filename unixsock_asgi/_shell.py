@@ -186,11 +186,13 @@ def run_shell(target: Target, *, timeout: float, history_file: str) -> int:
                 print(f"error: {nobody}", file=sys.stderr)
                 any_failed = True
                 continue
-            for text in render_answers(event.cmd, outcome, single_target=not target.is_directory):
+            single = not target.is_directory
+            for text in render_answers(event.cmd, outcome, single_target=single):
                 print(terminal_safe(text))
             stale_note(outcome)
             if not outcome.all_ok:
-                print(f"error: {failure_summary(outcome)}", file=sys.stderr)
+                summary = failure_summary(outcome, single_target=single)
+                print(summary if single else f"error: {summary}", file=sys.stderr)
                 any_failed = True
             if event.cmd == "help" and outcome.successes:
                 catalog.commands.update(
