@@ -8,6 +8,7 @@ from typing import Any, Literal
 import pytest
 
 from unixsock_asgi import ArgumentError, CommandContext, Commands
+from unixsock_asgi._protocol import Request, parse_line
 
 
 class Color(enum.Enum):
@@ -96,6 +97,28 @@ def test_ill_typed_arguments_name_the_argument_and_say_why(args: dict[str, Any],
     with pytest.raises(ArgumentError) as info:
         command.bind(args)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "hint"),
+    [
+        ("123", """(to send the text 123, quote it: '"123"')"""),
+        ("true", """(to send the text true, quote it: '"true"')"""),
+        ("null", """(to send the text null, quote it: '"null"')"""),
+        ("1.50", """(quote a number to send it as text: '"1.50"')"""),
+    ],
+)
+def test_a_command_line_literal_for_a_string_says_how_to_quote_it(value: str, hint: str) -> None:
+    command = commands.get("typed")
+    assert command is not None
+    typed = parse_line(f"typed name={value} count=1")
+    assert isinstance(typed, Request)
+    with pytest.raises(ArgumentError) as info:
+        command.bind(typed.args)
+    assert str(info.value).endswith(hint)
+    quoted = parse_line(f"""typed name='"{value}"' count=1""")  # as the hint says
+    assert isinstance(quoted, Request)
+    assert command.bind(quoted.args)["name"] == value
 
 
 def test_help_lists_arguments_with_types_defaults_and_flags() -> None:

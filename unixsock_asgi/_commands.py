@@ -323,7 +323,7 @@ def coerce(value: Any, annotation: Any, *, strict: bool = False) -> Any:
     if annotation is str:
         if isinstance(value, str):
             return value
-        raise ValueError(f"expected a string, got {_describe(value)}")
+        raise ValueError(f"expected a string, got {_describe(value)}{_as_text_hint(value)}")
     if annotation in (list, dict):
         if isinstance(value, annotation):
             return value
@@ -357,6 +357,16 @@ def _same(expected: Any, value: Any, strict: bool = False) -> bool:
     if type(value) is type(expected) or (not strict and type(expected) is float and type(value) is int):
         return bool(value == expected)
     return False
+
+
+def _as_text_hint(value: Any) -> str:
+    """How to send as text what a command line read as a JSON literal (``value=123``)."""
+    if isinstance(value, float):
+        return """ (quote a number to send it as text: '"1.50"')"""
+    if value is None or isinstance(value, (bool, int)):
+        text = json.dumps(value)
+        return f""" (to send the text {text}, quote it: '"{text}"')"""
+    return ""
 
 
 def _describe(value: Any) -> str:
