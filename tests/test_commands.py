@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 from typing import Any, Literal
 
 import pytest
@@ -177,6 +178,58 @@ def test_annotations_that_cannot_be_resolved_or_checked_are_refused_at_registrat
         with pytest.raises(TypeError, match=r"argument 'value' is annotated .*arguments are JSON values"):
             registry.add(handler, name="h")
     assert "h" not in registry and "pick" not in registry
+
+
+def test_signatures_no_call_could_fit_are_refused_at_registration() -> None:
+    registry = Commands()
+
+    def posonly(a: int, /) -> int:
+        return a
+
+    with pytest.raises(TypeError, match=r"argument 'a' is positional-only"):
+        registry.add(posonly)
+
+    import datetime
+
+    class Odd(enum.Enum):
+        PAIR = (1, 2)
+        DAY = datetime.date(2020, 1, 1)
+
+    def pick(x: Any) -> str:
+        return "x"
+
+    pick.__annotations__ = {"x": Odd}  # (a local class: its name would not resolve)
+    with pytest.raises(TypeError, match=r"member PAIR has the value \(1, 2\), not a JSON value"):
+        registry.add(pick)
+
+    def scale(a: int, b: int) -> int:
+        return a * b
+
+    with pytest.raises(TypeError, match=r"has no __name__ to name a command by: pass name="):
+        registry.add(functools.partial(scale, b=2))
+    registry.add(functools.partial(scale, b=2), name="double")
+    assert registry.get("double") is not None
+    with pytest.raises(TypeError, match=r"a command is a function, not int 42"):
+        registry.add(42)  # type: ignore[arg-type]
+    assert [c.name for c in registry] == ["double"]
+
+
+def test_a_second_function_under_a_taken_name_is_refused() -> None:
+    registry = Commands()
+
+    @registry.command
+    def restock() -> str:
+        return "first"
+
+    registry.add(restock)  # the same function again: harmless
+    with pytest.raises(ValueError, match=r"'restock' is registered already \(by .*restock\); pass name="):
+
+        @registry.command(name="restock")
+        def restock_again() -> str:
+            return "second"
+
+    command = registry.get("restock")
+    assert command is not None and command.func is restock
 
 
 def test_context_goes_to_a_parameter_annotated_with_it_whatever_its_name() -> None:

@@ -165,7 +165,17 @@ class Commands:
         diagnostic: bool = False,
     ) -> Command:
         """Register ``func`` (the non-decorator form of :meth:`command`)."""
-        cmd_name = name or func.__name__
+        cmd_name = name or getattr(func, "__name__", None)
+        if not callable(func):
+            raise TypeError(f"a command is a function, not {type(func).__name__} {func!r}")
+        if not isinstance(cmd_name, str) or not cmd_name:
+            raise TypeError(f"{func!r} has no __name__ to name a command by: pass name=")
+        existing = self._commands.get(cmd_name)
+        if existing is not None and existing.func is not func:
+            raise ValueError(
+                f"command {cmd_name!r} is registered already (by {_func_name(existing.func)});"
+                " pass name= to register another under a different name"
+            )
         sig = inspect.signature(func)
         try:
             hints = typing.get_type_hints(func)
@@ -176,6 +186,11 @@ class Commands:
         for p in sig.parameters.values():
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 raise TypeError(f"command {cmd_name!r}: *args/**kwargs are not supported")
+            if p.kind is p.POSITIONAL_ONLY:
+                raise TypeError(
+                    f"command {cmd_name!r}: argument {p.name!r} is positional-only;"
+                    " arguments are given by name (drop the '/')"
+                )
             annotation = hints.get(p.name, p.annotation)
             if p.name == "ctx" or _is_context(annotation):
                 if ctx_param is not None:
@@ -445,8 +460,13 @@ def _unsupported(annotation: Any) -> str:
     if annotation in (*_PLAIN_TYPES, list, dict):
         return ""
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        return ""
+        odd = [m for m in annotation if not isinstance(m.value, (*_PLAIN_TYPES, type(None)))]
+        return f"whose member {odd[0].name} has the value {odd[0].value!r}, not a JSON value" if odd else ""
     return "which no JSON value is"
+
+
+def _func_name(func: Callable[..., Any]) -> str:
+    return f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', repr(func))}"
 
 
 def _annotation_text(annotation: Any) -> str:
