@@ -505,11 +505,37 @@ def test_app_commands_replacing_built_ins_are_warned_about(
     def my_set(key: str, value: str) -> str:
         return key
 
-    with caplog.at_level(logging.WARNING, logger="unixsock_asgi"):
-        ControlSocketMiddleware(
-            _starlette(sock_dir / "c.sock"), path=str(sock_dir / "d.sock"), commands=commands
-        )
-    assert "the app's command(s) 'set' replace the built-in one(s)" in caplog.text
+    app = ControlSocketMiddleware(Starlette(), path=str(sock_dir / "d.sock"), commands=commands)
+
+    @commands.command(name="ping")  # after wrapping: still warned of, at startup
+    def my_ping() -> str:
+        return "mine"
+
+    with caplog.at_level(logging.WARNING, logger="unixsock_asgi"), TestClient(app):
+        assert Client(sock_dir / "d.sock").send("ping").payload == "mine"  # type: ignore[union-attr]
+    assert "the app's command(s) 'ping', 'set' replace the built-in one(s)" in caplog.text
+
+
+def test_commands_registered_after_wrapping_or_startup_are_found(sock_dir: Path) -> None:
+    commands = Commands()
+    app = ControlSocketMiddleware(Starlette(), path=str(sock_dir / "c.sock"), commands=commands)
+
+    @commands.command
+    def early() -> str:
+        """Registered after wrapping, before startup."""
+        return "early"
+
+    with TestClient(app):
+
+        @commands.command(readonly=True)
+        def late() -> str:
+            """Registered while the server runs."""
+            return "late"
+
+        control = Client(sock_dir / "c.sock")
+        assert _payload(control, "early") == "early" and _payload(control, "late") == "late"
+        listed = {c["name"] for c in _payload(control, "help")["commands"]}
+        assert {"early", "late", "ping", "stats"} <= listed
 
 
 def test_help_tells_of_the_go_style_handler(sock_dir: Path) -> None:

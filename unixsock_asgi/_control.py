@@ -19,12 +19,12 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import _compat
-from ._commands import ArgumentError, Commands
+from ._commands import ArgumentError, Command, Commands
 from ._protocol import Response
 from ._server import RequestContext, ServerConfig, UnixSockServer, _describe, _takes_context
 from ._settings import Settings
@@ -100,6 +100,28 @@ class _LoopMonitor:
         return max(0.0, time.monotonic() - self.last_tick - self.interval)
 
 
+class AllCommands:
+    """The app's commands over the built-ins, looked up live: a command the app
+    registers after wrapping (or after startup) is found too."""
+
+    def __init__(self, app_commands: Commands | None, builtins: Commands) -> None:
+        self.app_commands = app_commands
+        self.builtins = builtins
+
+    def get(self, name: str) -> Command | None:
+        found = self.app_commands.get(name) if self.app_commands is not None else None
+        return found if found is not None else self.builtins.get(name)
+
+    def replaced(self) -> list[str]:
+        """Names of built-ins the app's commands replace."""
+        return [c.name for c in self.app_commands or () if c.name in self.builtins]
+
+    def __iter__(self) -> Iterator[Command]:
+        merged = {c.name: c for c in self.builtins}
+        merged.update((c.name, c) for c in self.app_commands or ())
+        return iter(sorted(merged.values(), key=lambda c: c.name))
+
+
 class ControlPlane:
     """One worker's control plane. Created by the middleware; started in its lifespan."""
 
@@ -107,7 +129,7 @@ class ControlPlane:
         self,
         app: Any,
         *,
-        commands: Commands,
+        commands: AllCommands,
         settings: Settings,
         stats: Stats,
         handler: Callable[..., Any] | None,
@@ -180,6 +202,12 @@ class ControlPlane:
             path = os.path.join(socket_dir, os.path.basename(path))
             await self.app_loop.run_in_executor(None, remove_stale_sockets, socket_dir)
         self.socket_dir = socket_dir
+        replaced = self.commands.replaced()
+        if replaced:
+            logger.warning(
+                "the app's command(s) %s replace the built-in one(s) of the same name",
+                ", ".join(map(repr, replaced)),
+            )
         options = dict(self.server_options)
         options.setdefault("handler_timeout", max(330.0, self.app_timeout * 2))
         # What changes something stays at INFO in the audit log; what only reads (and is polled) not.

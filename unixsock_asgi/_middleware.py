@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 from ._builtins import builtin_commands
 from ._commands import Commands
-from ._control import ControlPlane
+from ._control import AllCommands, ControlPlane
 from ._settings import Settings
 from ._stats import LIVE_LIMIT, UNMATCHED, Stats
 
@@ -91,16 +91,8 @@ class ControlSocketMiddleware:
         self.socket_dir = socket_dir
         self.name = name
         self.strict = strict
-        registry = Commands()
-        registry.include(builtin_commands)
-        if commands is not None:
-            registry.include(commands)
-            replaced = [c.name for c in commands if c.name in builtin_commands]
-            if replaced:
-                logger.warning(
-                    "the app's command(s) %s replace the built-in one(s) of the same name",
-                    ", ".join(map(repr, replaced)),
-                )
+        # Looked up live (commands registered after this count); replaced built-ins are warned of at startup.
+        registry = AllCommands(commands, builtin_commands)
         self.stats = stats if stats is not None else Stats()
         self._route_trees: dict[int, _RouteTree] = {}  # see _route_key
         self.control = ControlPlane(
