@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from unixsock_asgi import CommandContext, Commands, ControlSocketMiddleware, Setting, Settings
+from unixsock_asgi import CommandContext, Commands, ControlSocketMiddleware, Response, Setting, Settings
 
 from . import SOCKET_NAME, default_socket_dir
 
@@ -51,13 +51,14 @@ _CATALOG = {
 
 
 @commands.command
-async def restock(ctx: CommandContext, item_id: int, quantity: int) -> dict[str, Any]:
+async def restock(ctx: CommandContext, item_id: int, quantity: int) -> dict[str, Any] | Response:
     """Add ``quantity`` units of an item to the live catalog (runs on the app's loop)."""
+    # An expected failure is a reply; an exception would be logged with its traceback, as a bug.
     if quantity <= 0:
-        raise ValueError(f"quantity must be positive, got {quantity}")
+        return Response.failure(f"quantity must be positive, got {quantity}")
     catalog: dict[int, dict[str, Any]] = ctx.state["catalog"]
     if item_id not in catalog:
-        raise ValueError(f"no item {item_id}; items: {sorted(catalog)}")
+        return Response.failure(f"no item {item_id}; items: {sorted(catalog)}")
     catalog[item_id]["stock"] += quantity
     cache: dict[tuple[int, int, bool], dict[str, Any]] = ctx.app_state.render_cache
     for key in [key for key in cache if key[0] == item_id]:

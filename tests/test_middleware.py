@@ -282,6 +282,48 @@ def test_a_command_reported_as_not_started_never_runs_later(sock_dir: Path) -> N
     assert calls == [1]
 
 
+def test_a_command_past_app_timeout_says_whether_it_may_still_finish(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    commands = Commands()
+    done: list[str] = []
+
+    @commands.command
+    def plain_slow() -> str:
+        time.sleep(0.6)  # cannot be stopped
+        done.append("plain")
+        return "plain"
+
+    @commands.command
+    async def async_slow() -> str:
+        await asyncio.sleep(0.6)  # cancelled at app_timeout
+        done.append("async")
+        return "async"
+
+    @commands.command
+    def broken() -> None:
+        {}["missing"]  # a bug in a command
+
+    sock = sock_dir / "c.sock"
+    app = Starlette(
+        middleware=[Middleware(ControlSocketMiddleware, path=str(sock), commands=commands, app_timeout=0.3)]
+    )
+    with TestClient(app), caplog.at_level(logging.WARNING, logger="unixsock_asgi"):
+        control = Client(sock)
+        reply = control.send("plain_slow")
+        assert reply is not None and not reply.ok
+        assert "'plain_slow' did not finish within 0.3s" in reply.error and "may yet finish" in reply.error
+        reply = control.send("async_slow")
+        assert reply is not None and not reply.ok
+        assert reply.error == "'async_slow' did not finish within 0.3s on the app's loop and was cancelled"
+        time.sleep(0.8)
+        assert done == ["plain"]  # as each reply said
+        reply = control.send("broken")
+        assert reply is not None and reply.error == "KeyError: 'missing'"
+    raised = [r for r in caplog.records if r.getMessage() == "command 'broken' raised KeyError: 'missing'"]
+    assert len(raised) == 1 and raised[0].levelno == logging.WARNING and raised[0].exc_info is not None
+
+
 def test_an_app_that_ignores_the_lifespan_scope_still_gets_a_control_socket(sock_dir: Path) -> None:
     async def returns(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":

@@ -301,6 +301,7 @@ class ControlPlane:
         handshake = threading.Lock()
         started: list[float] = []
         abandoned: list[bool] = []
+        awaiting: list[bool] = []  # a plain function's body is done; what it returned is awaited
 
         async def run() -> Any:
             with handshake:
@@ -310,10 +311,11 @@ class ControlPlane:
             try:
                 result = func(*args, **kwargs)
                 if inspect.isawaitable(result):
+                    awaiting.append(True)
                     result = await result
             except (SystemExit, KeyboardInterrupt) as exc:
                 # Raised out of a task, these would stop the app's loop: the whole server.
-                return Response.failure(_describe(exc))
+                return _raised(cmd, exc)
             return result
 
         future = asyncio.run_coroutine_threadsafe(run(), loop)
@@ -332,9 +334,23 @@ class ControlPlane:
                     f" {cmd!r} did not start within {self.app_timeout:g}s;"
                     " 'stacks' and 'tasks' still answer and show where it is stuck"
                 )
-            return Response.failure(f"{cmd!r} timed out after {self.app_timeout:g}s on the app's loop")
+            if not awaiting:  # a plain function is running the app's loop: nothing can stop it
+                return Response.failure(
+                    f"{cmd!r} did not finish within {self.app_timeout:g}s on the app's loop and is still"
+                    " running (a plain function cannot be stopped): it may yet finish, so check before"
+                    " sending it again"
+                )
+            return Response.failure(
+                f"{cmd!r} did not finish within {self.app_timeout:g}s on the app's loop and was cancelled"
+            )
         except Exception as exc:
-            return Response.failure(_describe(exc))
+            return _raised(cmd, exc)
+
+
+def _raised(cmd: str, exc: BaseException) -> Response:
+    # The reply has only its last line: the traceback is for whoever fixes the handler.
+    logger.warning("command %r raised %s", cmd, _describe(exc), exc_info=exc)
+    return Response.failure(_describe(exc))
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:

@@ -469,7 +469,8 @@ class UnixSockServer:
         return self._pool.submit(fn, *args, **kwargs)
 
     def _raised(self, request: Request, exc: BaseException) -> Response:
-        logger.debug("handler for %r raised", request.cmd, exc_info=exc)
+        # The reply has only its last line: the traceback is for whoever fixes the handler.
+        logger.warning("command %r raised %s", request.cmd, _describe(exc), exc_info=exc)
         return Response.failure(_describe(exc))
 
     def _audit(self, request: Request, peer: PeerCredentials, response: Response, start: float) -> None:
