@@ -302,7 +302,8 @@ def test_a_command_past_app_timeout_says_whether_it_may_still_finish(
 
     @commands.command
     def broken() -> None:
-        {}["missing"]  # a bug in a command
+        stock: dict[str, int] = {}
+        stock["missing"] += 1  # a bug in a command
 
     sock = sock_dir / "c.sock"
     app = Starlette(
