@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import socket
@@ -19,6 +20,7 @@ from unixsock_asgi import (
     Client,
     CommandFailed,
     ConnectError,
+    ControlSocketMiddleware,
     ProtocolError,
     RequestContext,
     Response,
@@ -143,11 +145,22 @@ def test_reply_above_the_clients_limit_is_a_protocol_error(
 ) -> None:
     server = start_server(tracker)
     client = Client(server.path, max_message_size=1000)
-    with pytest.raises(ProtocolError, match="exceeds the limit of 1000 bytes"):
+    with pytest.raises(ProtocolError, match="exceeds the limit of 1000 bytes") as info:
         client.send("big", {"size": 5000})
+    assert str(info.value).endswith(
+        "(this client's max_message_size: raise it with options() or max_message_size=)"
+    )
     response = client.send("big", {"size": 500})
     assert response is not None
     assert response.payload == "x" * 500
+
+
+def test_clients_wait_longer_than_the_middleware_waits_for_the_app_loop() -> None:
+    # So that, on defaults, "the app's event loop appears blocked" reaches the caller
+    # rather than the client giving up first (the two were both 5 s).
+    app_timeout = inspect.signature(ControlSocketMiddleware).parameters["app_timeout"].default
+    for twin in (Client, AsyncClient):
+        assert twin("/nowhere.sock").timeout == 10.0 > app_timeout
 
 
 def test_large_reply_arrives_whole(start_server: ServerFactory, tracker: ConnectionTracker) -> None:

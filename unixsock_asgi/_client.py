@@ -49,7 +49,7 @@ class _BaseClient:
     def __init__(
         self,
         path: str | os.PathLike[str],
-        timeout: float | None = 5.0,
+        timeout: float | None = 10.0,
         max_message_size: int = 1 << 20,
         *,
         respond: bool = True,
@@ -89,7 +89,10 @@ class _BaseClient:
         try:
             return read_frame_header(header, self.max_message_size)
         except ValueError as exc:
-            raise ProtocolError(f"{self.path}: {exc}") from None
+            hint = ""
+            if "exceeds the limit" in str(exc) and self.max_message_size < HARD_MAX_MESSAGE_SIZE:
+                hint = " (this client's max_message_size: raise it with options() or max_message_size=)"
+            raise ProtocolError(f"{self.path}: a reply {exc}{hint}") from None
 
     def _decode(self, body: bytes) -> Response:
         try:
@@ -122,7 +125,7 @@ class Client(_BaseClient):
     def __init__(
         self,
         path: str | os.PathLike[str],
-        timeout: float | None = 5.0,
+        timeout: float | None = 10.0,
         max_message_size: int = 1 << 20,
         *,
         respond: bool = True,
@@ -275,7 +278,7 @@ class AsyncClient(_BaseClient):
     def __init__(
         self,
         path: str | os.PathLike[str],
-        timeout: float | None = 5.0,
+        timeout: float | None = 10.0,
         max_message_size: int = 1 << 20,
         *,
         respond: bool = True,
