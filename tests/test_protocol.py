@@ -653,6 +653,11 @@ def test_a_refused_request_keeps_what_it_said_of_respond_close_and_cmd() -> None
 def test_a_reply_past_the_hard_limit_is_not_encoded() -> None:
     with pytest.raises(ValueError, match="exceeds the protocol's"):
         ConnectionProtocol().encode_reply(None, Response.success("x" * HARD_MAX_MESSAGE_SIZE))
+    line_mode = ConnectionProtocol()
+    request = only_request(line_mode.receive_data(b"huge\n"))
+    with pytest.raises(ValueError, match="exceeds the protocol's"):  # a line too: the same bound
+        line_mode.encode_reply(request, Response.success("x" * HARD_MAX_MESSAGE_SIZE))
+    assert line_mode.encode_reply(request, Response.success("x" * 100)).endswith(b'"' + b"x" * 100 + b'"}\n')
 
 
 @pytest.mark.parametrize(

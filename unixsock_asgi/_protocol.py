@@ -673,7 +673,12 @@ class ConnectionProtocol:
         if self.mode == "line":
             if req_id is not None:
                 resp["id"] = req_id
-            return _reply_json(resp) + b"\n"
+            line = _reply_json(resp)
+            if len(line) > HARD_MAX_MESSAGE_SIZE:  # as for a frame: a client reading lines needs a bound too
+                raise ValueError(
+                    f"a reply of {len(line)} bytes exceeds the protocol's {HARD_MAX_MESSAGE_SIZE}"
+                )
+            return line + b"\n"
         cmd = request.cmd if request is not None else ""
         try:
             # The reply object assembled from its encoded parts: a quarter of
