@@ -675,6 +675,38 @@ def test_excess_connections_are_told_busy_and_closed(
     wait_until(lambda: ping_ok(server.path))
 
 
+def test_a_peer_that_hangs_up_during_a_long_handler_frees_its_slot(
+    start_server: ServerFactory, connect_raw: RawConnector
+) -> None:
+    # drain timeout=300 from a script that is then killed must not hold a slot for 300 s.
+    cancelled: list[str] = []
+
+    async def handler(cmd: str, args: dict[str, Any]) -> Any:
+        if cmd == "wait":
+            try:
+                await asyncio.sleep(args["s"])
+            except asyncio.CancelledError:
+                cancelled.append(args["tag"])
+                raise
+            return "waited"
+        return "pong"
+
+    server = start_server(handler, max_connections=2, handler_timeout=60)
+    gone, half = connect_raw(server.path), connect_raw(server.path)
+    send_frame(gone, {"cmd": "wait", "args": {"s": 60, "tag": "gone"}})
+    send_frame(half, {"cmd": "wait", "args": {"s": 1.5, "tag": "half"}})
+    half.shutdown(socket.SHUT_WR)  # a half-close still reads its reply
+    time.sleep(0.2)
+    assert "busy" in Client(server.path).send("ping").error  # type: ignore[union-attr]
+    gone.close()
+    started = time.monotonic()
+    wait_until(lambda: cancelled == ["gone"], timeout=5)
+    assert time.monotonic() - started < 2.5  # checked every second while the handler runs
+    assert recv_response(half) == {"status": "success", "error": "", "payload": "waited"}
+    assert cancelled == ["gone"]
+    assert ping_ok(server.path)
+
+
 # -- binding ---------------------------------------------------------------
 
 

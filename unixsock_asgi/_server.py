@@ -27,6 +27,7 @@ import logging
 import os
 import queue
 import re
+import select
 import sys
 import threading
 import time
@@ -632,6 +633,23 @@ if sys.version_info >= (3, 11):
     _leave_task = getattr(asyncio.tasks, "_leave_task", None)
 
 
+_HANGUP_CHECK_S = 1.0
+"""How often a connection whose handler is running checks that its peer is still there."""
+
+
+def _peer_hung_up(transport: asyncio.Transport | None) -> bool:
+    """Whether the peer closed its end altogether (POLLHUP; a half-close sets only POLLRDHUP)."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or not hasattr(select, "poll"):
+        return False
+    try:
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLHUP)
+        return any(events & select.POLLHUP for _, events in poller.poll(0))
+    except (OSError, ValueError):  # closed meanwhile
+        return False
+
+
 class _Connection(asyncio.Protocol):
     """One client connection, served from the event loop's callbacks.
 
@@ -678,6 +696,7 @@ class _Connection(asyncio.Protocol):
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._in_message = False  # the read deadline is that of a message begun earlier
         self._write_backlog = 0  # bytes waiting to go out when the write timer was set
+        self._hangup_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------
 
@@ -732,7 +751,7 @@ class _Connection(asyncio.Protocol):
         self._closing = True
         self._lost = True
         self._deadline = None
-        for timer in (self._deadline_timer, self._write_timer, self._close_timer):
+        for timer in (self._deadline_timer, self._write_timer, self._close_timer, self._hangup_timer):
             if timer is not None:
                 timer.cancel()
         if self.task is not None and not self.task.done():
@@ -816,6 +835,20 @@ class _Connection(asyncio.Protocol):
         self._backlog.extend(rest)
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
+        if self._hangup_timer is None:
+            self._hangup_timer = self._loop.call_later(_HANGUP_CHECK_S, self._check_hangup)
+
+    def _check_hangup(self) -> None:
+        """While a handler runs, nothing is read: notice a peer that has gone (not one that only
+        half-closed, which still reads its replies), so that its handler stops and its slot frees."""
+        self._hangup_timer = None
+        if not self._busy or self._closing:
+            return
+        if _peer_hung_up(self._transport):
+            logger.debug("peer hung up while its request ran: cancelling it")
+            self.abort()
+            return
+        self._hangup_timer = self._loop.call_later(_HANGUP_CHECK_S, self._check_hangup)
 
     async def _work(self) -> None:
         """The connection's task: answers what ``data_received`` could not."""
