@@ -325,6 +325,42 @@ def test_a_command_past_app_timeout_says_whether_it_may_still_finish(
     assert len(raised) == 1 and raised[0].levelno == logging.WARNING and raised[0].exc_info is not None
 
 
+def test_tasks_and_stacks_show_at_most_limit_and_count_the_rest(sock_dir: Path) -> None:
+    async def idle(gate: asyncio.Event) -> None:
+        await gate.wait()
+
+    async def odd_one_out(gate: asyncio.Event) -> None:
+        await gate.wait()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        gate = asyncio.Event()
+        spawned = [asyncio.create_task(idle(gate)) for _ in range(3000)]
+        spawned.append(asyncio.create_task(odd_one_out(gate)))
+        yield
+        gate.set()
+        await asyncio.gather(*spawned)
+
+    sock = sock_dir / "c.sock"
+    app = Starlette(lifespan=lifespan, middleware=[Middleware(ControlSocketMiddleware, path=str(sock))])
+    with TestClient(app):
+        control = Client(sock)
+        listed = _payload(control, "tasks", limit=5)
+        assert len(listed["tasks"]) == 5 and listed["count"] >= 3001
+        assert listed["omitted"] == listed["count"] - 5
+        by_coro = listed["by_coro"]
+        assert by_coro[idle.__qualname__] == 3000 and by_coro[odd_one_out.__qualname__] == 1
+        assert odd_one_out.__qualname__ in {t["coro"] for t in listed["tasks"]}  # not hidden by the 3,000
+        assert any("in idle" in frame for t in listed["tasks"] for frame in t["stack"])
+        assert len(_payload(control, "tasks")["tasks"]) == 100  # the default
+        threads = _payload(control, "stacks", limit=1)
+        assert [t["app_loop"] for t in threads["threads"]] == [True] and threads["count"] >= 2
+        assert threads["omitted"] == threads["count"] - 1
+        for cmd in ("tasks", "stacks"):
+            reply = control.send(cmd, {"limit": -1})
+            assert reply is not None and reply.error == "limit must be between 0 and 10000, got -1"
+
+
 def test_an_app_that_ignores_the_lifespan_scope_still_gets_a_control_socket(sock_dir: Path) -> None:
     async def returns(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":

@@ -438,48 +438,83 @@ def _frames(frames: list[traceback.FrameSummary]) -> list[str]:
     return [f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}" for f in frames]
 
 
+_SHOWN_MAX = 10_000
+
+
+def _shown_limit(limit: int) -> str | None:
+    if not 0 <= limit <= _SHOWN_MAX:
+        return f"limit must be between 0 and {_SHOWN_MAX}, got {limit}"
+    return None
+
+
 @command(readonly=True, diagnostic=True)
-def stacks(ctx: CommandContext) -> dict[str, Any]:
-    """Every thread's current stack, innermost frame last; the app loop's thread is marked."""
+def stacks(ctx: CommandContext, limit: int = 100) -> Any:
+    """Every thread's current stack, innermost frame last; the app loop's thread is
+    marked and comes first. At most ``limit`` threads are shown; ``count`` says how many there are."""
+    if problem := _shown_limit(limit):
+        return Response.failure(problem)
     names = {t.ident: t.name for t in threading.enumerate()}
     loop_thread = getattr(ctx.control, "app_thread_id", None)
-    threads = []
-    for ident, frame in sys._current_frames().items():
-        threads.append(
-            {
-                "thread_id": ident,
-                "name": names.get(ident, "?"),
-                "app_loop": ident == loop_thread,
-                "stack": _frames(traceback.extract_stack(frame, limit=_STACK_LIMIT)),
-            }
-        )
-    threads.sort(key=lambda t: (not t["app_loop"], t["name"]))
-    return {"threads": threads}
+    frames = sys._current_frames()
+    # Chosen before any stack is walked: the walk (and reading the source lines) is the cost.
+    chosen = sorted(frames, key=lambda ident: (ident != loop_thread, names.get(ident, "?"), ident))[:limit]
+    threads = [
+        {
+            "thread_id": ident,
+            "name": names.get(ident, "?"),
+            "app_loop": ident == loop_thread,
+            "stack": _frames(traceback.extract_stack(frames[ident], limit=_STACK_LIMIT)),
+        }
+        for ident in chosen
+    ]
+    return {"threads": threads, "count": len(frames), "omitted": len(frames) - len(threads)}
 
 
 @command(readonly=True, diagnostic=True)
-def tasks(ctx: CommandContext) -> dict[str, Any]:
-    """The app loop's asyncio tasks with the frames they are suspended in."""
+def tasks(ctx: CommandContext, limit: int = 100) -> Any:
+    """The app loop's asyncio tasks with the frames they are suspended in. At most
+    ``limit`` are shown, taken in turn from each coroutine in ``by_coro`` (every task counted there)."""
+    if problem := _shown_limit(limit):
+        return Response.failure(problem)
     loop = ctx.loop
     if loop is None:
-        return {"tasks": []}
-    out = []
-    for task in list(asyncio.all_tasks(loop)):
+        return {"tasks": [], "count": 0, "by_coro": {}, "omitted": 0}
+    groups: dict[str, list[asyncio.Task[Any]]] = {}
+    everything = list(asyncio.all_tasks(loop))
+    for task in everything:
+        coro = task.get_coro()
+        groups.setdefault(getattr(coro, "__qualname__", type(coro).__name__), []).append(task)
+    # Each coroutine's tasks in turn, the most numerous first: 10,000 idle handlers
+    # do not hide the one task that differs.
+    ordered = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    chosen: list[tuple[str, asyncio.Task[Any]]] = []
+    depth = 0
+    while len(chosen) < limit and any(depth < len(members) for _, members in ordered):
+        for qualname, members in ordered:
+            if depth < len(members) and len(chosen) < limit:
+                chosen.append((qualname, members[depth]))
+        depth += 1
+    out: list[dict[str, Any]] = []
+    for qualname, task in chosen:
         try:
             frames = task.get_stack(limit=_STACK_LIMIT)
         except RuntimeError:  # the task changed under us; skip its frames
             frames = []
-        coro = task.get_coro()
         out.append(
             {
                 "name": task.get_name(),
-                "coro": getattr(coro, "__qualname__", repr(coro)),
+                "coro": qualname,
                 "done": task.done(),
                 "stack": [f"{f.f_code.co_filename}:{f.f_lineno} in {f.f_code.co_name}" for f in frames],
             }
         )
     out.sort(key=lambda t: t["name"])
-    return {"tasks": out, "count": len(out)}
+    return {
+        "tasks": out,
+        "count": len(everything),
+        "by_coro": {qualname: len(members) for qualname, members in ordered},
+        "omitted": len(everything) - len(out),
+    }
 
 
 for _builtin in builtin_commands:
