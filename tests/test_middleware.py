@@ -24,7 +24,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
 
-from unixsock_asgi import Client, Commands, ControlSocketMiddleware, Response
+from unixsock_asgi import Client, Commands, ControlSocketMiddleware, Response, Setting, Settings
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -359,6 +359,19 @@ def test_tasks_and_stacks_show_at_most_limit_and_count_the_rest(sock_dir: Path) 
         for cmd in ("tasks", "stacks"):
             reply = control.send(cmd, {"limit": -1})
             assert reply is not None and reply.error == "limit must be between 0 and 10000, got -1"
+
+
+def test_set_logs_a_big_value_shortened(sock_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    sock = sock_dir / "c.sock"
+    with TestClient(_starlette(sock, settings=Settings(Setting("motd", str, "hi")))):
+        with caplog.at_level(logging.INFO, logger="unixsock_asgi"):
+            reply = _payload(Client(sock), "set", name="motd", value="x" * 100_000)
+        assert reply["new"] == "x" * 100_000  # the reply has it whole
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("setting motd")]
+    assert line.startswith("setting motd changed from 'hi' to 'xxx") and line.endswith(
+        "... (100002 characters)"
+    )
+    assert len(line) < 250
 
 
 def test_an_app_that_ignores_the_lifespan_scope_still_gets_a_control_socket(sock_dir: Path) -> None:

@@ -314,6 +314,12 @@ def get_(ctx: CommandContext, name: str) -> Any:
         return Response.failure(str(exc.args[0]))
 
 
+def _logged(value: Any) -> str:
+    """A value as a log line shows it: bounded, so that big values sent in a loop cannot fill the disk."""
+    text = repr(value)
+    return text if len(text) <= 200 else f"{text[:160]}... ({len(text)} characters)"
+
+
 @command(name="set", diagnostic=True)
 def set_(ctx: CommandContext, name: str, value: Any) -> Any:
     """Validate and apply a new value for setting ``name``; returns old and new."""
@@ -323,7 +329,7 @@ def set_(ctx: CommandContext, name: str, value: Any) -> Any:
         return Response.failure(str(exc.args[0]))
     except (TypeError, ValueError) as exc:
         return Response.failure(f"setting {name!r}: {exc}")
-    ctx.logger.info("setting %s changed from %r to %r", name, old, new)
+    ctx.logger.info("setting %s changed from %s to %s", name, _logged(old), _logged(new))
     return {"name": name, "old": old, "new": new}
 
 
