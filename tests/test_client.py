@@ -11,6 +11,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -153,6 +154,36 @@ def test_reply_above_the_clients_limit_is_a_protocol_error(
     response = client.send("big", {"size": 500})
     assert response is not None
     assert response.payload == "x" * 500
+
+
+def test_a_connection_dropped_unanswered_says_what_that_may_mean(tmp_path: Path) -> None:
+    # What a server flooded past max_connections (and its refusal queue) does: RST, no reply.
+    path = str(tmp_path / "full.sock")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+        listener.listen()
+
+        def drop(count: int) -> None:
+            for _ in range(count):
+                conn, _ = listener.accept()
+                conn.recv(1)  # the request has arrived; the rest stays unread
+                conn.close()  # closed with unread data: the client reads ECONNRESET
+
+        dropper = threading.Thread(target=drop, args=(2,))
+        dropper.start()
+        try:
+            with pytest.raises(TransportError, match=r"it may have its max_connections open") as info:
+                Client(path).send("ping")
+            assert "Connection reset by peer" in str(info.value)
+
+            async def ask() -> None:
+                async with AsyncClient(path) as client:
+                    await client.send("ping")
+
+            with pytest.raises(TransportError, match=r"it may have its max_connections open"):
+                asyncio.run(ask())
+        finally:
+            dropper.join(10)
 
 
 def test_clients_wait_longer_than_the_middleware_waits_for_the_app_loop() -> None:

@@ -38,9 +38,18 @@ def _connect_error(path: str, exc: OSError) -> ConnectError:
         hint = "permission denied; check the socket's owner, group and mode"
     elif exc.errno in (errno.ENOTSOCK, errno.ECONNREFUSED):
         hint = "that path is not a listening socket"
+    elif exc.errno == errno.EAGAIN:  # a UNIX socket's listen backlog is full
+        hint = "the server has too many connections waiting to be accepted; try again"
     else:
         hint = exc.strerror or str(exc)
     return ConnectError(f"cannot connect to {path}: {hint}")
+
+
+def _transport_error(path: str, exc: OSError) -> TransportError:
+    text = exc.strerror or str(exc)
+    if isinstance(exc, ConnectionResetError):
+        text += " (the server dropped the connection unanswered: it may have its max_connections open)"
+    return TransportError(f"{path}: {text}")
 
 
 class _BaseClient:
@@ -202,7 +211,7 @@ class Client(_BaseClient):
             raise
         except OSError as exc:
             self.close()
-            raise TransportError(f"{self.path}: {exc.strerror or exc}") from None
+            raise _transport_error(self.path, exc) from None
         finally:
             if close or not finished:
                 self.close()
@@ -352,7 +361,7 @@ class AsyncClient(_BaseClient):
             raise
         except OSError as exc:
             await self.aclose()
-            raise TransportError(f"{self.path}: {exc.strerror or exc}") from None
+            raise _transport_error(self.path, exc) from None
         finally:
             if not finished:
                 self._drop()  # at once: a cancelled task may not get to await anything more
