@@ -586,6 +586,10 @@ def test_set_log_level_on_a_name_close_to_an_existing_logger_asks_for_create(soc
         assert reply["made"] is True and logging.getLogger("usa.typo.acess").level == logging.DEBUG
         reply = _payload(control, "set_log_level", level="INFO", logger="usa.typo.access")
         assert reply["made"] is False and reply["old"] == "NOTSET" and reply["new"] == "INFO"
+        # A parent or a child of an existing logger is no typo, however close its name.
+        logging.getLogger("usa.kin.pool")
+        for kin in ("usa.kin", "usa.kin.pool.Pool"):
+            assert _payload(control, "set_log_level", level="DEBUG", logger=kin)["made"] is True
 
 
 def test_app_commands_replacing_built_ins_are_warned_about(

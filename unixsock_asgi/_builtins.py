@@ -157,8 +157,19 @@ def _makeable(name: str) -> bool:
 
 
 def _near_loggers(name: str) -> list[str]:
-    """Existing loggers whose names are close to ``name``: what a typo meant."""
-    names = [n for n, lg in list(logging.root.manager.loggerDict.items()) if isinstance(lg, logging.Logger)]
+    """Existing loggers whose names are close to ``name``: what a typo meant.
+
+    Not a logger's parent or child: ``sqlalchemy`` when only ``sqlalchemy.pool``
+    exists, or ``sqlalchemy.engine.Engine`` before the engine is made, is no typo.
+    """
+    known = list(logging.root.manager.loggerDict.items())
+    if any(n == name for n, _ in known):  # a placeholder: the parent of loggers that exist
+        return []
+    names = [
+        n
+        for n, lg in known
+        if isinstance(lg, logging.Logger) and not n.startswith(name + ".") and not name.startswith(n + ".")
+    ]
     return difflib.get_close_matches(name, names, n=3, cutoff=0.8)
 
 
