@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import functools
+from collections.abc import Callable
 from typing import Any, Literal
 
 import pytest
@@ -230,6 +231,18 @@ def test_a_second_function_under_a_taken_name_is_refused() -> None:
 
     command = registry.get("restock")
     assert command is not None and command.func is restock
+
+    def define() -> Callable[[], str]:
+        def flush() -> str:  # the same code each time, as importlib.reload makes it again
+            return "flushed"
+
+        return flush
+
+    first, reloaded = define(), define()
+    registry.add(first)
+    registry.add(reloaded)  # a reload replaces its own command
+    command = registry.get("flush")
+    assert command is not None and command.func is reloaded
 
 
 def test_context_goes_to_a_parameter_annotated_with_it_whatever_its_name() -> None:

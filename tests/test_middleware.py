@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -316,7 +317,9 @@ def test_a_command_past_app_timeout_says_whether_it_may_still_finish(
         assert "'plain_slow' did not finish within 0.3s" in reply.error and "may yet finish" in reply.error
         reply = control.send("async_slow")
         assert reply is not None and not reply.ok
-        assert reply.error == "'async_slow' did not finish within 0.3s on the app's loop and was cancelled"
+        assert reply.error.startswith(
+            "'async_slow' did not finish within 0.3s on the app's loop and is cancelled"
+        )
         time.sleep(0.8)
         assert done == ["plain"]  # as each reply said
         reply = control.send("broken")
@@ -356,6 +359,9 @@ def test_tasks_and_stacks_show_at_most_limit_and_count_the_rest(sock_dir: Path) 
         threads = _payload(control, "stacks", limit=1)
         assert [t["app_loop"] for t in threads["threads"]] == [True] and threads["count"] >= 2
         assert threads["omitted"] == threads["count"] - 1
+        assert listed["coroutines"] >= 2
+        everything = _payload(control, "tasks", limit=10_000)
+        assert len(everything["tasks"]) == everything["count"] and everything["omitted"] == 0
         for cmd in ("tasks", "stacks"):
             reply = control.send(cmd, {"limit": -1})
             assert reply is not None and reply.error == "limit must be between 0 and 10000, got -1"
@@ -670,6 +676,41 @@ def test_only_persistable_commands_are_applied_from_the_overrides_file(sock_dir:
     with TestClient(app) as http:
         assert http.get("/health").status_code == 503  # health_fail was applied
     assert ran == []
+
+
+def test_a_command_on_the_app_loop_runs_on_when_its_client_hangs_up(sock_dir: Path) -> None:
+    commands = Commands()
+    done: list[str] = []
+
+    @commands.command
+    async def reindex() -> str:
+        await asyncio.sleep(1.6)  # past the server's hang-up check
+        done.append("reindexed")
+        return "ok"
+
+    sock = sock_dir / "c.sock"
+    app = Starlette(middleware=[Middleware(ControlSocketMiddleware, path=str(sock), commands=commands)])
+    with TestClient(app):
+        with socket.socket(socket.AF_UNIX) as raw:
+            raw.connect(str(sock))
+            raw.sendall(b"reindex\n")  # as from socat, which gives up after 0.5 s
+            time.sleep(0.3)
+        deadline = time.monotonic() + 5
+        while not done and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert done == ["reindexed"]
+
+
+def test_a_persisted_log_level_applies_to_a_logger_not_made_yet_beside_a_close_name(sock_dir: Path) -> None:
+    logging.getLogger("usa.replay.jobz")  # close to the persisted name, which is not made yet
+    document = {
+        "version": 1,
+        "overrides": [{"cmd": "set_log_level", "args": {"level": "DEBUG", "logger": "usa.replay.jobs"}}],
+    }
+    (sock_dir / "overrides.json").write_text(json.dumps(document))
+    app = Starlette(middleware=[Middleware(ControlSocketMiddleware, socket_dir=str(sock_dir))])
+    with TestClient(app):
+        assert logging.getLogger("usa.replay.jobs").level == logging.DEBUG
 
 
 def test_loop_lag_shows_a_block_while_it_lasts(sock_dir: Path) -> None:

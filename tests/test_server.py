@@ -707,6 +707,39 @@ def test_a_peer_that_hangs_up_during_a_long_handler_frees_its_slot(
     assert ping_ok(server.path)
 
 
+def test_a_handler_that_raises_is_logged_with_its_traceback(
+    start_server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    def handler(cmd: str, args: dict[str, Any]) -> Any:
+        if cmd == "exit":
+            raise SystemExit(3)  # argparse in a handler, say
+        stock: dict[str, int] = {}
+        return stock["missing"]
+
+    server = start_server(handler)
+    with caplog.at_level(logging.WARNING, logger="unixsock_asgi"):
+        assert Client(server.path).send("boom").error == "KeyError: 'missing'"  # type: ignore[union-attr]
+        assert Client(server.path).send("exit").error == "SystemExit: 3"  # type: ignore[union-attr]
+    logged = {r.getMessage(): r for r in caplog.records if r.getMessage().startswith("command ")}
+    assert set(logged) == {"command 'boom' raised KeyError: 'missing'", "command 'exit' raised SystemExit: 3"}
+    assert all(r.levelno == logging.WARNING and r.exc_info for r in logged.values())
+
+
+def test_a_fire_and_forget_request_runs_to_its_end_after_its_client_leaves(
+    start_server: ServerFactory,
+) -> None:
+    done: list[str] = []
+
+    async def handler(cmd: str, args: dict[str, Any]) -> Any:
+        await asyncio.sleep(1.6)  # past the hang-up check
+        done.append(cmd)
+        return "done"
+
+    server = start_server(handler, handler_timeout=60)
+    assert Client(server.path, respond=False).send("reindex") is None  # and the client closes
+    wait_until(lambda: done == ["reindex"], timeout=5)
+
+
 # -- binding ---------------------------------------------------------------
 
 

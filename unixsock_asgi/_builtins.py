@@ -456,6 +456,7 @@ def _frames(frames: list[traceback.FrameSummary]) -> list[str]:
 
 
 _SHOWN_MAX = 10_000
+_BY_CORO_MAX = 100  # the most numerous; ``coroutines`` counts them all
 
 
 def _shown_limit(limit: int) -> str | None:
@@ -490,12 +491,13 @@ def stacks(ctx: CommandContext, limit: int = 100) -> Any:
 @command(readonly=True, diagnostic=True)
 def tasks(ctx: CommandContext, limit: int = 100) -> Any:
     """The app loop's asyncio tasks with the frames they are suspended in. At most
-    ``limit`` are shown, taken in turn from each coroutine in ``by_coro`` (every task counted there)."""
+    ``limit`` are shown, taken in turn from each coroutine; ``by_coro`` counts the tasks of
+    the 100 most numerous."""
     if problem := _shown_limit(limit):
         return Response.failure(problem)
     loop = ctx.loop
     if loop is None:
-        return {"tasks": [], "count": 0, "by_coro": {}, "omitted": 0}
+        return {"tasks": [], "count": 0, "by_coro": {}, "coroutines": 0, "omitted": 0}
     groups: dict[str, list[asyncio.Task[Any]]] = {}
     everything = list(asyncio.all_tasks(loop))
     for task in everything:
@@ -505,12 +507,12 @@ def tasks(ctx: CommandContext, limit: int = 100) -> Any:
     # do not hide the one task that differs.
     ordered = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
     chosen: list[tuple[str, asyncio.Task[Any]]] = []
-    depth = 0
-    while len(chosen) < limit and any(depth < len(members) for _, members in ordered):
-        for qualname, members in ordered:
-            if depth < len(members) and len(chosen) < limit:
-                chosen.append((qualname, members[depth]))
+    depth, live = 0, ordered
+    while live and len(chosen) < limit:  # one step per task chosen or coroutine dropped
+        for qualname, members in live[: limit - len(chosen)]:
+            chosen.append((qualname, members[depth]))
         depth += 1
+        live = [group for group in live if len(group[1]) > depth]
     out: list[dict[str, Any]] = []
     for qualname, task in chosen:
         try:
@@ -529,7 +531,8 @@ def tasks(ctx: CommandContext, limit: int = 100) -> Any:
     return {
         "tasks": out,
         "count": len(everything),
-        "by_coro": {qualname: len(members) for qualname, members in ordered},
+        "by_coro": {qualname: len(members) for qualname, members in ordered[:_BY_CORO_MAX]},
+        "coroutines": len(ordered),
         "omitted": len(everything) - len(out),
     }
 

@@ -38,8 +38,6 @@ def _connect_error(path: str, exc: OSError) -> ConnectError:
         hint = "permission denied; check the socket's owner, group and mode"
     elif exc.errno in (errno.ENOTSOCK, errno.ECONNREFUSED):
         hint = "that path is not a listening socket"
-    elif exc.errno == errno.EAGAIN:  # a UNIX socket's listen backlog is full
-        hint = "the server has too many connections waiting to be accepted; try again"
     else:
         hint = exc.strerror or str(exc)
     return ConnectError(f"cannot connect to {path}: {hint}")
@@ -48,7 +46,7 @@ def _connect_error(path: str, exc: OSError) -> ConnectError:
 def _transport_error(path: str, exc: OSError) -> TransportError:
     text = exc.strerror or str(exc)
     if isinstance(exc, ConnectionResetError):
-        text += " (the server dropped the connection unanswered: it may have its max_connections open)"
+        text += " (the server dropped the connection unanswered: it may be flooded, with its max_connections open)"
     return TransportError(f"{path}: {text}")
 
 

@@ -231,6 +231,10 @@ class ControlPlane:
             if cmd not in PERSISTABLE_COMMANDS:  # what --persist writes, and nothing else
                 logger.warning("persisted override %r skipped: not a command that can be persisted", cmd)
                 continue
+            if cmd == "set_log_level" and isinstance(args, dict):
+                # It worked when persisted; this worker may not have made the logger yet
+                # while a close name exists: no did-you-mean at startup.
+                args = {**args, "create": True}
             response = await self.invoke(cmd, args, PeerCredentials(os.getpid(), os.getuid(), os.getgid()))
             if response.ok:
                 logger.info("applied persisted override %s %s", cmd, args)
@@ -321,7 +325,9 @@ class ControlPlane:
         future = asyncio.run_coroutine_threadsafe(run(), loop)
         try:
             async with _compat.timeout(self.app_timeout):
-                return await asyncio.wrap_future(future)
+                # Shielded: a client that hangs up does not stop a command on the app's
+                # loop (only app_timeout does, below); it runs on, its reply unsent.
+                return await asyncio.shield(asyncio.wrap_future(future))
         except TimeoutError:
             future.cancel()
             with handshake:
@@ -341,7 +347,8 @@ class ControlPlane:
                     " sending it again"
                 )
             return Response.failure(
-                f"{cmd!r} did not finish within {self.app_timeout:g}s on the app's loop and was cancelled"
+                f"{cmd!r} did not finish within {self.app_timeout:g}s on the app's loop and is cancelled"
+                " at its next await (if it blocks the loop instead, it runs on to its end)"
             )
         except Exception as exc:
             return _raised(cmd, exc)

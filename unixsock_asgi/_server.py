@@ -633,6 +633,9 @@ if sys.version_info >= (3, 11):
     _leave_task = getattr(asyncio.tasks, "_leave_task", None)
 
 
+# On Linux a UNIX socket polls POLLHUP only once its peer closed both ways (a
+# half-close is POLLRDHUP); BSD kernels (macOS) report a half-close as POLLHUP too.
+_POLLHUP_IS_HANGUP = sys.platform.startswith("linux") and hasattr(select, "poll")
 _HANGUP_CHECK_S = 1.0
 """How often a connection whose handler is running checks that its peer is still there."""
 
@@ -640,7 +643,7 @@ _HANGUP_CHECK_S = 1.0
 def _peer_hung_up(transport: asyncio.Transport | None) -> bool:
     """Whether the peer closed its end altogether (POLLHUP; a half-close sets only POLLRDHUP)."""
     sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None or not hasattr(select, "poll"):
+    if sock is None or not _POLLHUP_IS_HANGUP:
         return False
     try:
         poller = select.poll()
@@ -697,6 +700,7 @@ class _Connection(asyncio.Protocol):
         self._in_message = False  # the read deadline is that of a message begun earlier
         self._write_backlog = 0  # bytes waiting to go out when the write timer was set
         self._hangup_timer: asyncio.TimerHandle | None = None
+        self._running: Request | None = None  # the request whose handler the task is running
 
     # -- asyncio.Protocol ----------------------------------------------------
 
@@ -832,6 +836,7 @@ class _Connection(asyncio.Protocol):
         self._transport.pause_reading()
         if request is not None:
             self._held = (request, outcome)
+            self._running = request
         self._backlog.extend(rest)
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
@@ -844,7 +849,9 @@ class _Connection(asyncio.Protocol):
         self._hangup_timer = None
         if not self._busy or self._closing:
             return
-        if _peer_hung_up(self._transport):
+        running = self._running
+        # A request sent with respond=false is fire-and-forget: its client need not wait.
+        if (running is None or running.respond) and _peer_hung_up(self._transport):
             logger.debug("peer hung up while its request ran: cancelling it")
             self.abort()
             return
@@ -892,6 +899,7 @@ class _Connection(asyncio.Protocol):
         held, self._held = self._held, None
         if held is not None:
             request, started = held
+            self._running = request
             begun = server._begin(request, self._peer, mode) if started is None else started
             response = begun if isinstance(begun, Response) else await begun
             if not self._answer(request, response):
@@ -904,6 +912,7 @@ class _Connection(asyncio.Protocol):
                 self._writable = None
             event = backlog.popleft()
             if isinstance(event, Request):
+                self._running = event
                 begun = server._begin(event, self._peer, mode)
                 response = begun if isinstance(begun, Response) else await begun
                 if not self._answer(event, response):
