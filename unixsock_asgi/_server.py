@@ -643,7 +643,7 @@ _HANGUP_CHECK_S = 1.0
 def _peer_hung_up(transport: asyncio.Transport | None) -> bool:
     """Whether the peer closed its end altogether (POLLHUP; a half-close sets only POLLRDHUP)."""
     sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None or not _POLLHUP_IS_HANGUP:
+    if sock is None:
         return False
     try:
         poller = select.poll()
@@ -840,7 +840,7 @@ class _Connection(asyncio.Protocol):
         self._backlog.extend(rest)
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
-        if self._hangup_timer is None:
+        if self._hangup_timer is None and _POLLHUP_IS_HANGUP:
             self._hangup_timer = self._loop.call_later(_HANGUP_CHECK_S, self._check_hangup)
 
     def _check_hangup(self) -> None:
