@@ -720,9 +720,14 @@ def test_a_handler_that_raises_is_logged_with_its_traceback(
     with caplog.at_level(logging.WARNING, logger="unixsock_asgi"):
         assert Client(server.path).send("boom").error == "KeyError: 'missing'"  # type: ignore[union-attr]
         assert Client(server.path).send("exit").error == "SystemExit: 3"  # type: ignore[union-attr]
-    logged = {r.getMessage(): r for r in caplog.records if r.getMessage().startswith("command ")}
+    logged = {
+        r.getMessage().split("\n")[0]: r for r in caplog.records if r.getMessage().startswith("command ")
+    }
     assert set(logged) == {"command 'boom' raised KeyError: 'missing'", "command 'exit' raised SystemExit: 3"}
-    assert all(r.levelno == logging.WARNING and r.exc_info for r in logged.values())
+    assert all(r.levelno == logging.WARNING for r in logged.values())
+    boom = logged["command 'boom' raised KeyError: 'missing'"].getMessage().split("\n")
+    assert boom[1] == "Traceback (most recent call last):" and boom[-1] == "KeyError: 'missing'"
+    assert '    return stock["missing"]' in boom  # the line that raised
 
 
 def test_a_fire_and_forget_request_runs_to_its_end_after_its_client_leaves(

@@ -26,7 +26,7 @@ from typing import Any
 from . import _compat
 from ._commands import ArgumentError, Command, Commands
 from ._protocol import Response
-from ._server import RequestContext, ServerConfig, UnixSockServer, _describe, _takes_context
+from ._server import RequestContext, ServerConfig, UnixSockServer, _describe, _takes_context, log_raised
 from ._settings import Settings
 from ._sockets import PeerCredentials
 from ._stats import Stats
@@ -355,8 +355,7 @@ class ControlPlane:
 
 
 def _raised(cmd: str, exc: BaseException) -> Response:
-    # The reply has only its last line: the traceback is for whoever fixes the handler.
-    logger.warning("command %r raised %s", cmd, _describe(exc), exc_info=exc)
+    log_raised(cmd, exc)
     return Response.failure(_describe(exc))
 
 

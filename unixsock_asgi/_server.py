@@ -31,6 +31,7 @@ import select
 import sys
 import threading
 import time
+import traceback
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass, field
@@ -470,8 +471,7 @@ class UnixSockServer:
         return self._pool.submit(fn, *args, **kwargs)
 
     def _raised(self, request: Request, exc: BaseException) -> Response:
-        # The reply has only its last line: the traceback is for whoever fixes the handler.
-        logger.warning("command %r raised %s", request.cmd, _describe(exc), exc_info=exc)
+        log_raised(request.cmd, exc)
         return Response.failure(_describe(exc))
 
     def _audit(self, request: Request, peer: PeerCredentials, response: Response, start: float) -> None:
@@ -631,6 +631,25 @@ _leave_task: Callable[[asyncio.AbstractEventLoop, asyncio.Task[Any]], None] | No
 if sys.version_info >= (3, 11):
     _enter_task = getattr(asyncio.tasks, "_enter_task", None)
     _leave_task = getattr(asyncio.tasks, "_leave_task", None)
+
+
+def log_raised(cmd: str, exc: BaseException) -> None:
+    """Log a handler's exception with its traceback (the reply has only its last line)."""
+    logger.warning("command %r raised %s\n%s", cmd, _describe(exc), _traceback_text(exc))
+
+
+def _traceback_text(exc: BaseException) -> str:
+    """A traceback without the carets Python 3.11 places by parsing source lines with ``ast``:
+    that parser's depth counter is shared by all threads (CPython gh-106905), and a
+    handler's exception is logged on the control thread while the app's may parse too,
+    which can leave every later ``compile()`` in the process failing with SystemError."""
+    lines = ["Traceback (most recent call last):\n"]
+    for frame in traceback.extract_tb(exc.__traceback__):
+        lines.append(f'  File "{frame.filename}", line {frame.lineno}, in {frame.name}\n')
+        if frame.line:
+            lines.append(f"    {frame.line.strip()}\n")
+    lines += traceback.format_exception_only(type(exc), exc)
+    return "".join(lines).rstrip("\n")
 
 
 # On Linux a UNIX socket polls POLLHUP only once its peer closed both ways (a
