@@ -623,7 +623,9 @@ def test_app_commands_replacing_built_ins_are_warned_about(
     assert "the app's command(s) 'ping', 'set' replace the built-in one(s)" in caplog.text
 
 
-def test_commands_registered_after_wrapping_or_startup_are_found(sock_dir: Path) -> None:
+def test_commands_registered_after_wrapping_or_startup_are_found(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     commands = Commands()
     app = ControlSocketMiddleware(Starlette(), path=str(sock_dir / "c.sock"), commands=commands)
 
@@ -640,9 +642,19 @@ def test_commands_registered_after_wrapping_or_startup_are_found(sock_dir: Path)
             return "late"
 
         control = Client(sock_dir / "c.sock")
-        assert _payload(control, "early") == "early" and _payload(control, "late") == "late"
+        with caplog.at_level(logging.DEBUG, logger="unixsock_asgi.audit"):
+            assert _payload(control, "early") == "early" and _payload(control, "late") == "late"
         listed = {c["name"] for c in _payload(control, "help")["commands"]}
         assert {"early", "late", "ping", "stats"} <= listed
+    audited = {
+        r.getMessage().split("cmd=")[1].split()[0]: r.levelno
+        for r in caplog.records
+        if "cmd=" in r.getMessage()
+    }
+    assert audited == {
+        "early": logging.INFO,
+        "late": logging.DEBUG,
+    }  # read-only: audited as such, though late
 
 
 def test_help_tells_of_the_go_style_handler(sock_dir: Path) -> None:

@@ -122,6 +122,17 @@ class AllCommands:
         return iter(sorted(merged.values(), key=lambda c: c.name))
 
 
+class _ReadOnlyNames:
+    """The names of the read-only commands, looked up live (``ServerConfig.quiet_commands``)."""
+
+    def __init__(self, commands: AllCommands) -> None:
+        self.commands = commands
+
+    def __contains__(self, name: object) -> bool:
+        command = self.commands.get(name) if isinstance(name, str) else None
+        return command is not None and command.readonly
+
+
 class ControlPlane:
     """One worker's control plane. Created by the middleware; started in its lifespan."""
 
@@ -211,7 +222,7 @@ class ControlPlane:
         options = dict(self.server_options)
         options.setdefault("handler_timeout", max(330.0, self.app_timeout * 2))
         # What changes something stays at INFO in the audit log; what only reads (and is polled) not.
-        options.setdefault("quiet_commands", frozenset(c.name for c in self.commands if c.readonly))
+        options.setdefault("quiet_commands", _ReadOnlyNames(self.commands))
         config = ServerConfig(path=path, **options)
         server = UnixSockServer(handler=self.dispatch, config=config)
         await self.app_loop.run_in_executor(None, server.start)

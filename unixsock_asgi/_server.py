@@ -33,7 +33,7 @@ import threading
 import time
 import traceback
 import types
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Container, Coroutine, Generator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -83,7 +83,7 @@ class ServerConfig:
     """File mode of the socket; widen it (0o660) together with ``allowed_gids``."""
     handler_threads: int = 4
     """Threads that run plain (non-async) handlers."""
-    quiet_commands: frozenset[str] = frozenset()
+    quiet_commands: Container[str] = frozenset()
     """Commands whose successes the audit log records at DEBUG, not INFO: read-only ones
     that tools poll (``top`` asks every worker for ``stats`` each refresh)."""
 
