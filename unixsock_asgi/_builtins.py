@@ -163,7 +163,7 @@ def _near_loggers(name: str) -> list[str]:
     exists, or ``sqlalchemy.engine.Engine`` before the engine is made, is no typo.
     """
     known = list(logging.root.manager.loggerDict.items())
-    if any(n == name for n, _ in known):  # a placeholder: the parent of loggers that exist
+    if name in dict(known):  # a placeholder: the parent of loggers that exist
         return []
     names = [
         n

@@ -97,7 +97,8 @@ class _BaseClient:
             return read_frame_header(header, self.max_message_size)
         except ValueError as exc:
             hint = ""
-            if "exceeds the limit" in str(exc) and self.max_message_size < HARD_MAX_MESSAGE_SIZE:
+            announced = int.from_bytes(header[:4], "big")
+            if self.max_message_size < announced <= HARD_MAX_MESSAGE_SIZE:  # the server may send it
                 hint = " (this client's max_message_size: raise it with options() or max_message_size=)"
             raise ProtocolError(f"{self.path}: a reply {exc}{hint}") from None
 

@@ -171,9 +171,8 @@ class Commands:
         if not isinstance(cmd_name, str) or not cmd_name:
             raise TypeError(f"{func!r} has no __name__ to name a command by: pass name=")
         existing = self._commands.get(cmd_name)
-        if existing is not None and _func_name(existing.func) != _func_name(
-            func
-        ):  # (the same, reloaded: fine)
+        # The same function registered again (a module reloaded, say) replaces itself.
+        if existing is not None and _func_name(existing.func) != _func_name(func):
             raise ValueError(
                 f"command {cmd_name!r} is registered already (by {_func_name(existing.func)});"
                 " pass name= to register another under a different name"

@@ -26,7 +26,7 @@ from typing import Any
 from . import _compat
 from ._commands import ArgumentError, Command, Commands
 from ._protocol import Response
-from ._server import RequestContext, ServerConfig, UnixSockServer, _describe, _takes_context, log_raised
+from ._server import RequestContext, ServerConfig, UnixSockServer, _takes_context, raised_failure
 from ._settings import Settings
 from ._sockets import PeerCredentials
 from ._stats import Stats
@@ -330,7 +330,7 @@ class ControlPlane:
                     result = await result
             except (SystemExit, KeyboardInterrupt) as exc:
                 # Raised out of a task, these would stop the app's loop: the whole server.
-                return _raised(cmd, exc)
+                return raised_failure(cmd, exc)
             return result
 
         future = asyncio.run_coroutine_threadsafe(run(), loop)
@@ -362,12 +362,7 @@ class ControlPlane:
                 " at its next await (if it blocks the loop instead, it runs on to its end)"
             )
         except Exception as exc:
-            return _raised(cmd, exc)
-
-
-def _raised(cmd: str, exc: BaseException) -> Response:
-    log_raised(cmd, exc)
-    return Response.failure(_describe(exc))
+            return raised_failure(cmd, exc)
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:

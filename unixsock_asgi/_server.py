@@ -471,8 +471,7 @@ class UnixSockServer:
         return self._pool.submit(fn, *args, **kwargs)
 
     def _raised(self, request: Request, exc: BaseException) -> Response:
-        log_raised(request.cmd, exc)
-        return Response.failure(_describe(exc))
+        return raised_failure(request.cmd, exc)
 
     def _audit(self, request: Request, peer: PeerCredentials, response: Response, start: float) -> None:
         quiet = response.status == STATUS_OK and request.cmd in self.config.quiet_commands
@@ -633,9 +632,10 @@ if sys.version_info >= (3, 11):
     _leave_task = getattr(asyncio.tasks, "_leave_task", None)
 
 
-def log_raised(cmd: str, exc: BaseException) -> None:
-    """Log a handler's exception with its traceback (the reply has only its last line)."""
+def raised_failure(cmd: str, exc: BaseException) -> Response:
+    """The reply to a handler that raised (its last line); its traceback goes to the log."""
     logger.warning("command %r raised %s\n%s", cmd, _describe(exc), _traceback_text(exc))
+    return Response.failure(_describe(exc))
 
 
 def _traceback_text(exc: BaseException) -> str:
