@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -804,3 +804,62 @@ def test_the_wait_for_a_reply_adds_the_commands_own_timeout_or_quiet() -> None:
     assert reply_timeout({"quiet": 12}, 10.0) == 22.0  # drain quiet=12 answers after 12 s at least
     assert reply_timeout({"timeout": 5, "quiet": 12.5}, 10.0) == 22.5
     assert reply_timeout({"timeout": True, "quiet": "x"}, 10.0) == 10.0
+
+
+# --------------------------------------------------------------------------- other servers of the protocol
+
+
+@pytest.fixture
+def foreign_worker(socket_dir: Path) -> Iterator[Path]:
+    """A server of the wire protocol that is not a unixsock-asgi worker: its ``stats`` is its own."""
+
+    def handler(cmd: str, args: dict[str, Any]) -> Any:
+        return json.dumps({"cmd": cmd, "args": args}) if cmd == "stats" else "pong"
+
+    path = socket_dir / "svc-51000.sock"
+    server = UnixSockServer(str(path), handler)
+    server.start()
+    try:
+        yield path
+    finally:
+        server.stop()
+
+
+def test_send_stats_to_another_kind_of_server_prints_its_answer(
+    foreign_worker: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = run(capsys, "send", str(foreign_worker), "stats", "verbose=true")
+    assert (status, err) == (EXIT_OK, "")
+    assert out == '{"cmd": "stats", "args": {"verbose": true}}\n'  # not an empty table
+
+
+def test_views_built_on_stats_name_a_server_whose_stats_is_not_ours(
+    fleet: Fleet, foreign_worker: Path, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (worker,) = fleet.start(1)
+    worker.record(("/", 200, 0.01))
+    expected = "svc-51000.sock: error: its answer to 'stats' is not a unixsock-asgi stats snapshot"
+
+    status, out, err = run(capsys, "ls", str(socket_dir))
+    assert status == EXIT_FAILED
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert rows[worker.path.name].split()[1:6] == [str(worker.pid), "0s", "1", "0", "live"]
+    assert "ERROR: its answer to 'stats' is not" in rows["svc-51000.sock"]
+    assert expected in one_line(err)
+
+    status, out, err = run(capsys, "metrics", str(socket_dir))
+    assert status == EXIT_FAILED and expected in one_line(err)
+    samples = {
+        s.name: s.value for f in text_string_to_metric_families(out) for s in f.samples if not s.labels
+    }
+    # Neither a worker with no requests nor silently left out of both counts.
+    assert (samples["asgi_workers"], samples["asgi_workers_unreachable"]) == (1, 1)
+
+    status, out, err = run(capsys, "top", str(socket_dir), "--once", "--interval", "0.1")
+    assert status == EXIT_FAILED and expected in one_line(err)
+    assert "  51000   ERROR\n" in out and "workers 1 live, 1 not answering" in out
+
+    status, out, err = run(capsys, "send", str(socket_dir), "stats", "--json")
+    assert status == EXIT_OK, err
+    document = json.loads(out)
+    assert document["total"]["workers"] == 1 and document["total"]["requests_total"] == 1

@@ -45,7 +45,9 @@ __all__ = [
     "check_can_persist",
     "clear_overrides",
     "fan_out",
+    "is_stats_snapshot",
     "load_overrides",
+    "mark_foreign_stats",
     "override_key",
     "overrides_path",
     "persist_override",
@@ -373,6 +375,31 @@ async def fan_out(
     return outcome
 
 
+def is_stats_snapshot(payload: Any) -> bool:
+    """Whether an answer to ``stats`` is a unixsock-asgi worker's snapshot.
+
+    Other servers of the wire protocol (the Go library's, an app's own
+    handler) may answer ``stats`` with anything: a string, another object.
+    """
+    requests_total = payload.get("requests_total") if isinstance(payload, Mapping) else None
+    return isinstance(requests_total, int) and not isinstance(requests_total, bool)
+
+
+FOREIGN_STATS = "its answer to 'stats' is not a unixsock-asgi stats snapshot (another kind of server?)"
+
+
+def mark_foreign_stats(outcome: FanOutResult) -> FanOutResult:
+    """Turn successes whose payload is not a stats snapshot into errors, for the views built on stats.
+
+    ``ls``, ``top`` and ``metrics`` would otherwise show such a worker as
+    live with no figures, and count it neither as a worker nor as unreachable.
+    """
+    for result in outcome.results:
+        if result.ok and not is_stats_snapshot(result.payload):
+            result.status, result.error = STATUS_ERROR, FOREIGN_STATS
+    return outcome
+
+
 # --------------------------------------------------------------------------- aggregation
 
 
@@ -414,7 +441,7 @@ def aggregate_stats(snapshots: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     (in-flight requests, RSS, file descriptors, threads, CPU time, active
     websockets) are summed; event-loop lag is the worst worker's.
     """
-    snapshots = [s for s in snapshots if isinstance(s, Mapping)]
+    snapshots = [s for s in snapshots if is_stats_snapshot(s)]
     by_status: dict[str, int] = {}
     by_method: dict[str, int] = {}
     routes: dict[str, dict[str, Any]] = {}

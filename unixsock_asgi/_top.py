@@ -26,7 +26,7 @@ from collections.abc import Container, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from ._fleet import STATUS_TIMEOUT, FanOutResult, Target, fan_out
+from ._fleet import STATUS_TIMEOUT, FanOutResult, Target, fan_out, mark_foreign_stats
 from ._stats import LatencyHistogram
 from .cli import (
     EXIT_FAILED,
@@ -220,7 +220,7 @@ def _decorate(lines: list[str], colour: bool) -> list[str]:
 
 async def _sample(target: Target, timeout: float, skip: Container[str] = ()) -> FanOutResult:
     sockets = [path for path in target.sockets() if path not in skip]
-    return await fan_out(sockets, "stats", {"routes": False}, timeout=timeout)
+    return mark_foreign_stats(await fan_out(sockets, "stats", {"routes": False}, timeout=timeout))
 
 
 def _label(target: Target) -> str:

@@ -45,6 +45,8 @@ from ._fleet import (
     check_can_persist,
     clear_overrides,
     fan_out,
+    is_stats_snapshot,
+    mark_foreign_stats,
     override_key,
     overrides_path,
     persist_override,
@@ -300,7 +302,7 @@ def _payload_lines(payload: Any) -> list[str]:
 
 def render_answers(cmd: str, outcome: FanOutResult, *, single_target: bool) -> list[str]:
     """Human output of any command: identical answers are grouped, each group shown once."""
-    if cmd == "stats" and outcome.successes:
+    if cmd == "stats" and any(is_stats_snapshot(r.payload) for r in outcome.successes):
         total = aggregate(cmd, outcome)
         return render_stats(outcome, total)
     groups: dict[str, list[WorkerResult]] = {}
@@ -542,7 +544,7 @@ def cmd_ls(ns: argparse.Namespace) -> int:
     sockets = target.sockets()
     if not sockets:
         raise UsageError(f"nothing to talk to: no worker sockets (*.sock) in {target.path}")
-    outcome = asyncio.run(fan_out(sockets, "stats", _WITHOUT_ROUTES, timeout=ns.timeout))
+    outcome = mark_foreign_stats(asyncio.run(fan_out(sockets, "stats", _WITHOUT_ROUTES, timeout=ns.timeout)))
     removed = remove_stale_sockets(target.path) if ns.remove_stale and target.is_directory else []
     if ns.json:
         workers = []
@@ -596,6 +598,7 @@ def cmd_metrics(ns: argparse.Namespace) -> int:
     # fires instead of the last file being served on and on.
     try:
         outcome, down = _ask(_resolve(ns.target), "stats", {}, ns.timeout)
+        mark_foreign_stats(outcome)
     except UsageError as exc:
         outcome, down = FanOutResult(), exc
     text = render_prometheus(outcome, prefix=ns.prefix)
