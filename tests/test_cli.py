@@ -188,6 +188,16 @@ def test_usage_errors_exit_2_with_one_line(
     assert not [p.name for p in socket_dir.iterdir() if p.name.startswith(".metrics")]
 
 
+def test_a_missing_command_names_only_what_is_missing(capsys: pytest.CaptureFixture[str]) -> None:
+    status, _, err = run(capsys, "send")
+    assert (status, one_line(err)) == (
+        EXIT_USAGE,
+        "unixsock-asgi: error: send: the following arguments are required: TARGET, CMD (see --help)",
+    )
+    status, _, err = run(capsys, "send", "/tmp")
+    assert one_line(err).endswith("the following arguments are required: CMD (see --help)")
+
+
 def test_a_directory_the_operator_may_not_list_exits_2_with_one_line(socket_dir: Path, fleet: Fleet) -> None:
     fleet.start(1)
     os.chmod(socket_dir, 0o700)

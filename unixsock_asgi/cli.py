@@ -702,27 +702,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
     sub.required = True
 
-    def with_timeout(p: argparse.ArgumentParser, default: float = DEFAULT_TIMEOUT) -> None:
+    def with_timeout(
+        p: argparse.ArgumentParser, default: float = DEFAULT_TIMEOUT, *, runs: bool = False
+    ) -> None:
+        added = "; a command's own timeout=... or quiet=... argument is added" if runs else ""
         p.add_argument(
             "--timeout",
             type=_positive_seconds,
             default=default,
             metavar="S",
-            help=f"seconds to wait for each worker (default {default:g}; a command's own"
-            " timeout=... or quiet=... argument is added)",
+            help=f"seconds to wait for each worker (default {default:g}{added})",
         )
 
     p = sub.add_parser("send", help="run a command on one worker or on every worker in a directory")
     p.add_argument("target", metavar="TARGET", help="socket file or socket directory")
     p.add_argument("cmd", metavar="CMD", help="command name (try 'help')")
-    p.add_argument("args", nargs="*", metavar="key=value", help="arguments; values are JSON if they parse")
+    # A default makes argparse see it as optional (else a missing CMD is said to be "key=value" too).
+    p.add_argument(
+        "args", nargs="*", default=[], metavar="key=value", help="arguments; values are JSON if they parse"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object with every result")
     p.add_argument(
         "--persist",
         action="store_true",
         help="also record the change in DIR/overrides.json so that workers started later apply it",
     )
-    with_timeout(p)
+    with_timeout(p, runs=True)
     p.set_defaults(func=cmd_send)
 
     p = sub.add_parser("ls", help="list the workers of a socket directory")
@@ -740,7 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="readline history file (default ~/.unixsock_asgi_history; '' for none)",
     )
-    with_timeout(p)
+    with_timeout(p, runs=True)
     p.set_defaults(func=cmd_shell)
 
     p = sub.add_parser("top", help="live view of every worker (q quits)")
