@@ -11,6 +11,7 @@ import socket
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -824,3 +825,38 @@ def test_get_log_level_of_a_long_unknown_name_is_refused_at_once(sock_dir: Path)
         assert reply is not None and reply.error.startswith("no logger 'a.a.a.")
         assert "(400000 characters) in this process" in reply.error
         assert time.monotonic() - started < 5
+
+
+def test_client_gone_takes_one_step_of_receive_and_leaves_no_trace() -> None:
+    from unixsock_asgi._middleware import _client_gone
+
+    get = {"type": "http", "headers": [(b"host", b"t")]}
+
+    async def main() -> None:
+        async def gone() -> dict[str, Any]:
+            return {"type": "http.disconnect"}
+
+        async def body() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"x", "more_body": True}
+
+        event = asyncio.Event()
+
+        async def waits() -> dict[str, Any]:  # a client still there, its body all read (uvicorn)
+            await event.wait()
+            return {"type": "http.disconnect"}
+
+        async def fails() -> dict[str, Any]:
+            raise RuntimeError("receive after the response")
+
+        assert _client_gone(get, gone) is True
+        assert _client_gone(get, body) is False
+        assert _client_gone(get, fails) is False
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "coroutine was never awaited"
+            assert _client_gone(get, waits) is False
+        assert not event._waiters  # the abandoned wait left nothing behind
+        # A client waiting for "100 Continue" is not asked: a first receive() would send it.
+        expect = {"type": "http", "headers": [(b"Expect", b"100-continue")]}
+        assert _client_gone(expect, gone) is False
+
+    asyncio.run(main())

@@ -8,12 +8,13 @@ at shutdown, in a ``try/finally`` so that it never outlives the app.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any, NamedTuple
 
 from ._builtins import builtin_commands
@@ -22,7 +23,7 @@ from ._control import AllCommands, ControlPlane
 from ._settings import Settings
 from ._stats import LIVE_LIMIT, UNMATCHED, Stats
 
-__all__ = ["ControlSocketMiddleware"]
+__all__ = ["CLIENT_CLOSED_REQUEST", "ControlSocketMiddleware"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -33,6 +34,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 logger = logging.getLogger("unixsock_asgi")
 
 _MAINTENANCE = "<maintenance>"
+CLIENT_CLOSED_REQUEST = 499
+"""Status counted for a request whose client went away before any response started
+(nginx's "client closed request"): servers send nothing then, so it is no 500."""
 _perf_counter = time.perf_counter
 
 
@@ -135,7 +139,7 @@ class ControlSocketMiddleware:
         if self.control.gate and await self._gated(scope, send):
             return
         root_path = scope.get("root_path", "")
-        status = 500  # if the app fails before starting a response
+        status: Any = None  # until the app starts a response
 
         def send_with_status(message: Message) -> Awaitable[None]:
             # Not async: it hands back send's own awaitable, so that the app's
@@ -154,6 +158,8 @@ class ControlSocketMiddleware:
             failed = False
         finally:
             seconds = _perf_counter() - start
+            if status is None:  # no response started: the server answers 500, unless the client is gone
+                status = CLIENT_CLOSED_REQUEST if _client_gone(scope, receive) else 500
             # Stats.add(), inline: the route template is looked up when the
             # group is counted; a Starlette route (or FastAPI route context,
             # or None) is grouped by its id and kept in its group.
@@ -327,6 +333,35 @@ class ControlSocketMiddleware:
             return error
         logger.info("control socket listening on %s", self.control.socket_path)
         return None
+
+
+def _client_gone(scope: Scope, receive: Receive) -> bool:
+    """Whether the client of a request that ended with no response started has gone away.
+
+    One step of ``receive()``, never awaited further: a server answers
+    ``http.disconnect`` at once when the client is gone (uvicorn, hypercorn);
+    anything else (a body chunk, or a wait for one) means the client may still
+    be there, and the step is dropped. Not asked when the client waits for
+    "100 Continue", which a first ``receive()`` would send it.
+    """
+    try:
+        if any(name.lower() == b"expect" for name, _ in scope.get("headers", ())):
+            return False
+        steps = receive().__await__()
+    except Exception:
+        return False
+    try:
+        next(steps)
+    except StopIteration as done:
+        message = done.value
+        return isinstance(message, Mapping) and message.get("type") == "http.disconnect"
+    except Exception:  # a receive() that fails once the app has returned: no answer either way
+        return False
+    close = getattr(steps, "close", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            close()
+    return False
 
 
 _MAX_MOUNT_DEPTH = 16

@@ -76,6 +76,26 @@ async def raw_files(scope: Any, receive: Any, send: Any) -> None:
 
 app.mount("/static", raw_files)
 
+
+async def long_poll(scope: Any, receive: Any, send: Any) -> None:
+    """Waits for the client to go away, and answers nothing (a raw long poll)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def no_answer(scope: Any, receive: Any, send: Any) -> None:
+    """Returns without a response, the client still there: the server answers 500."""
+
+
+app.mount("/longpoll", long_poll)
+app.mount("/no-answer", no_answer)
+
+
+@app.post("/upload")
+async def upload(request: Request) -> dict[str, int]:
+    return {"bytes": len(await request.body())}  # ClientDisconnect when the upload is aborted
+
+
 app.add_middleware(
     ControlSocketMiddleware,
     path=os.environ.get("UNIXSOCK_TEST_SOCKET", "/tmp/unixsock-test-{pid}.sock"),

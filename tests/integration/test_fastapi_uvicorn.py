@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +104,37 @@ def test_lifespan_off_means_no_control_socket(start_server: StartServer, short_d
     server = start_server(*_uvicorn("--lifespan", "off"), env={"UNIXSOCK_TEST_SOCKET": str(sock)})
     assert httpx.get(server.url + "/block").status_code == 200
     assert not sock.exists()
+
+
+def test_a_client_that_goes_away_before_any_response_is_no_server_error(
+    start_server: StartServer, short_dir: Path
+) -> None:
+    sock = short_dir / "c-{pid}.sock"
+    server = start_server(*_uvicorn(), env={"UNIXSOCK_TEST_SOCKET": str(sock)})
+    control = Client(str(sock).replace("{pid}", str(server.proc.pid)))
+    reset_stats(control.path)
+    port = int(server.url.rsplit(":", 1)[1])
+    for request in (
+        b"GET /longpoll/events HTTP/1.1\r\nHost: t\r\n\r\n",
+        b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000,
+    ):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            conn.sendall(request)
+            time.sleep(0.3)  # the app is waiting for the client
+    with httpx.Client(base_url=server.url) as http:
+        assert http.get("/no-answer/x").status_code == 500  # uvicorn's, the client still there
+
+    def counted() -> bool:
+        stats = _payload(control, "stats")
+        return bool(stats["requests_total"] == 3 and stats["in_flight"] == 0)
+
+    wait_for(counted, 10, "three requests counted")
+    routes = _payload(control, "stats")["routes"]
+    assert {name: (r["by_status"], r["exceptions"]) for name, r in routes.items()} == {
+        "/longpoll/{path}": ({"4xx": 1}, 0),  # 499: nothing was sent
+        "/upload": ({"4xx": 1}, 1),  # 499, and the app raised ClientDisconnect
+        "/no-answer/{path}": ({"5xx": 1}, 0),
+    }
+    # The server's own account: one 500, the one a client received; none for the aborted ones.
+    sent_500 = [line for line in server.log().splitlines() if '" 500 ' in line]
+    assert len(sent_500) == 1 and '"GET /no-answer/x HTTP/1.1" 500' in sent_500[0], sent_500
