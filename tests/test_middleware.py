@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -11,8 +12,7 @@ import socket
 import tempfile
 import threading
 import time
-import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -827,36 +827,67 @@ def test_get_log_level_of_a_long_unknown_name_is_refused_at_once(sock_dir: Path)
         assert time.monotonic() - started < 5
 
 
-def test_client_gone_takes_one_step_of_receive_and_leaves_no_trace() -> None:
-    from unixsock_asgi._middleware import _client_gone
+def test_a_request_told_the_client_has_gone_before_responding_counts_499(sock_dir: Path) -> None:
+    async def upload(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(str(len(await request.body())))  # ClientDisconnect when aborted
 
-    get = {"type": "http", "headers": [(b"host", b"t")]}
+    async def poll(request: Request) -> PlainTextResponse:
+        while not await request.is_disconnected():  # what a long poll does, answered when it can
+            await asyncio.sleep(0)
+        return PlainTextResponse("too late")
+
+    async def silent(scope: Any, receive: Any, send: Any) -> None:
+        """Returns without a response and without reading: the server answers 500."""
+
+    # Wrapped by hand: Starlette's ServerErrorMiddleware is inside and sends a 500 for
+    # ClientDisconnect, which the gone client never gets.
+    app = ControlSocketMiddleware(
+        Starlette(
+            routes=[
+                Route("/upload", upload, methods=["POST"]),
+                Route("/poll", poll),
+                Mount("/silent", silent),
+            ]
+        ),
+        path=str(sock_dir / "c.sock"),
+    )
+
+    async def call(path: str, method: str, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+        queue = list(messages)
+
+        async def receive() -> dict[str, Any]:
+            return queue.pop(0) if queue else {"type": "http.disconnect"}
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            sent.append(dict(message))
+
+        scope = {
+            "type": "http",
+            "method": method,
+            "path": path,
+            "root_path": "",
+            "headers": [],
+            "query_string": b"",
+        }
+        with contextlib.suppress(Exception):
+            await app(scope, receive, send)
+        return sent
 
     async def main() -> None:
-        async def gone() -> dict[str, Any]:
-            return {"type": "http.disconnect"}
-
-        async def body() -> dict[str, Any]:
-            return {"type": "http.request", "body": b"x", "more_body": True}
-
-        event = asyncio.Event()
-
-        async def waits() -> dict[str, Any]:  # a client still there, its body all read (uvicorn)
-            await event.wait()
-            return {"type": "http.disconnect"}
-
-        async def fails() -> dict[str, Any]:
-            raise RuntimeError("receive after the response")
-
-        assert _client_gone(get, gone) is True
-        assert _client_gone(get, body) is False
-        assert _client_gone(get, fails) is False
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # no "coroutine was never awaited"
-            assert _client_gone(get, waits) is False
-        assert not event._waiters  # the abandoned wait left nothing behind
-        # A client waiting for "100 Continue" is not asked: a first receive() would send it.
-        expect = {"type": "http", "headers": [(b"Expect", b"100-continue")]}
-        assert _client_gone(expect, gone) is False
+        chunk = {"type": "http.request", "body": b"x" * 10, "more_body": True}
+        await call("/upload", "POST", [chunk])  # the client goes after one chunk
+        await call("/poll", "GET", [{"type": "http.request", "body": b"", "more_body": False}] * 3)
+        await call("/silent/x", "GET", [])
+        done = {"type": "http.request", "body": b"abc", "more_body": False}
+        assert (await call("/upload", "POST", [done]))[0]["status"] == 200
 
     asyncio.run(main())
+    routes = app.stats.snapshot()["routes"]
+    assert {name: (r["by_status"], r["exceptions"]) for name, r in routes.items()} == {
+        "/upload": ({"2xx": 1, "4xx": 1}, 1),  # 499 and the app's ClientDisconnect; then one that finished
+        "/poll": ({"4xx": 1}, 0),  # 499: its "too late" 200 reached nobody
+        "/silent/{path}": ({"5xx": 1}, 0),
+    }
+    statuses = app.stats.snapshot(routes=False)["by_status"]
+    assert statuses == {"2xx": 1, "4xx": 2, "5xx": 1}

@@ -8,13 +8,12 @@ at shutdown, in a ``try/finally`` so that it never outlives the app.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, NamedTuple
 
 from ._builtins import builtin_commands
@@ -23,7 +22,7 @@ from ._control import AllCommands, ControlPlane
 from ._settings import Settings
 from ._stats import LIVE_LIMIT, UNMATCHED, Stats
 
-__all__ = ["CLIENT_CLOSED_REQUEST", "ControlSocketMiddleware"]
+__all__ = ["ControlSocketMiddleware"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -35,8 +34,9 @@ logger = logging.getLogger("unixsock_asgi")
 
 _MAINTENANCE = "<maintenance>"
 CLIENT_CLOSED_REQUEST = 499
-"""Status counted for a request whose client went away before any response started
-(nginx's "client closed request"): servers send nothing then, so it is no 500."""
+"""Status counted for a request whose app was told the client had gone (``http.disconnect``)
+before it started a response (nginx's "client closed request"): what the app
+sends then reaches nobody, and the server sends nothing either."""
 _perf_counter = time.perf_counter
 
 
@@ -134,32 +134,40 @@ class ControlSocketMiddleware:
         if scope["type"] != "http":
             await self._not_http(scope, receive, send)
             return
-        # The per-request hot path, kept in this one frame: a closure to learn
+        # The per-request hot path, kept in this one frame: closures to learn
         # the status, the clock read twice, one append to the request's group.
         if self.control.gate and await self._gated(scope, send):
             return
         root_path = scope.get("root_path", "")
-        status: Any = None  # until the app starts a response
+        status: Any = None  # until the app starts a response (or is told the client has gone)
 
         def send_with_status(message: Message) -> Awaitable[None]:
             # Not async: it hands back send's own awaitable, so that the app's
             # ``await send(...)`` costs no extra coroutine.
             nonlocal status
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.start" and status is None:
                 status = message["status"]
             return send(message)
+
+        async def receive_watching() -> Message:
+            # Only when the app reads: most GET handlers never call it.
+            nonlocal status
+            message = await receive()
+            if message["type"] == "http.disconnect" and status is None:
+                status = CLIENT_CLOSED_REQUEST  # whatever the app sends next, nobody gets it
+            return message
 
         stats = self.stats
         stats.started += 1  # in flight until added
         start = _perf_counter()
         failed = True
         try:
-            await self.app(scope, receive, send_with_status)
+            await self.app(scope, receive_watching, send_with_status)
             failed = False
         finally:
             seconds = _perf_counter() - start
-            if status is None:  # no response started: the server answers 500, unless the client is gone
-                status = CLIENT_CLOSED_REQUEST if _client_gone(scope, receive) else 500
+            if status is None:  # no response started: the server answers 500
+                status = 500
             # Stats.add(), inline: the route template is looked up when the
             # group is counted; a Starlette route (or FastAPI route context,
             # or None) is grouped by its id and kept in its group.
@@ -333,35 +341,6 @@ class ControlSocketMiddleware:
             return error
         logger.info("control socket listening on %s", self.control.socket_path)
         return None
-
-
-def _client_gone(scope: Scope, receive: Receive) -> bool:
-    """Whether the client of a request that ended with no response started has gone away.
-
-    One step of ``receive()``, never awaited further: a server answers
-    ``http.disconnect`` at once when the client is gone (uvicorn, hypercorn);
-    anything else (a body chunk, or a wait for one) means the client may still
-    be there, and the step is dropped. Not asked when the client waits for
-    "100 Continue", which a first ``receive()`` would send it.
-    """
-    try:
-        if any(name.lower() == b"expect" for name, _ in scope.get("headers", ())):
-            return False
-        steps = receive().__await__()
-    except Exception:
-        return False
-    try:
-        next(steps)
-    except StopIteration as done:
-        message = done.value
-        return isinstance(message, Mapping) and message.get("type") == "http.disconnect"
-    except Exception:  # a receive() that fails once the app has returned: no answer either way
-        return False
-    close = getattr(steps, "close", None)
-    if close is not None:
-        with contextlib.suppress(Exception):
-            close()
-    return False
 
 
 _MAX_MOUNT_DEPTH = 16
