@@ -510,3 +510,53 @@ def test_persisting_gives_up_on_a_directory_lock_held_too_long(socket_dir: Path)
         os.close(holder)
     persist_override(str(socket_dir), "health_fail", {})  # free again
     assert load_overrides(str(socket_dir)) == [{"cmd": "health_fail", "args": {}}]
+
+
+def test_an_overrides_file_that_is_a_link_or_a_fifo_is_neither_followed_nor_waited_for(
+    socket_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    elsewhere = socket_dir.parent / f"{socket_dir.name}-elsewhere.json"
+    elsewhere.write_text(
+        json.dumps({"version": 1, "overrides": [{"cmd": "secret", "args": {"token": "s3"}}]})
+    )
+    path = Path(overrides_path(str(socket_dir)))
+    try:
+        path.symlink_to(elsewhere)
+        with caplog.at_level(logging.WARNING, logger="unixsock_asgi.fleet"):
+            assert load_overrides(str(socket_dir)) == []
+        assert "symbolic link" in caplog.text
+        with pytest.raises(OverridesFileError, match="symbolic link"):
+            read_overrides_document(str(socket_dir))
+        with pytest.raises(OverridesFileError):
+            persist_override(str(socket_dir), "health_fail", {})
+        assert (
+            "secret" in elsewhere.read_text() and path.is_symlink()
+        )  # neither read into nor written through
+        path.unlink()
+
+        os.mkfifo(path)  # its open would wait for a writer
+        started = time.monotonic()
+        assert load_overrides(str(socket_dir)) == []
+        with pytest.raises(OverridesFileError, match="not a regular file"):
+            read_overrides_document(str(socket_dir))
+        assert time.monotonic() - started < 1
+        assert clear_overrides(str(socket_dir)) == 0 and not path.exists()  # the way out
+    finally:
+        elsewhere.unlink()
+
+
+@needs_root
+def test_root_persists_with_the_rights_of_the_directorys_owner(socket_dir: Path) -> None:
+    os.chown(socket_dir, _NOBODY, _NOBODY)  # the workers' user's directory: they may swap what is in it
+    path = Path(overrides_path(str(socket_dir)))
+    path.write_text(json.dumps({"version": 1, "overrides": [{"cmd": "root_only", "args": {"token": "s3"}}]}))
+    os.chmod(path, 0o600)  # root's file: nobody may read it, so neither does root on nobody's behalf
+    with pytest.raises(OverridesFileError, match="permission denied"):
+        persist_override(str(socket_dir), "health_fail", {})
+    assert os.geteuid() == 0 and os.getegid() == 0  # given back
+    assert "root_only" in path.read_text() and path.stat().st_uid == 0
+    path.unlink()
+    persist_override(str(socket_dir), "health_fail", {})
+    st_file = path.stat()
+    assert (st_file.st_uid, st_file.st_gid, stat.S_IMODE(st_file.st_mode)) == (_NOBODY, _NOBODY, 0o600)
+    assert clear_overrides(str(socket_dir)) == 1

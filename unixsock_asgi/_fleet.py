@@ -12,23 +12,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import errno
 import json
 import logging
 import math
 import os
 import re
 import stat
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 from . import _compat
 from ._client import AsyncClient
-from ._exceptions import ConnectError, TimeoutException, TransportError
+from ._exceptions import BindError, ConnectError, TimeoutException, TransportError
 from ._protocol import HARD_MAX_MESSAGE_SIZE, STATUS_OK
-from ._sockets import directory_lock, probe
+from ._sockets import check_private_directory, directory_lock, probe
 from ._stats import merge_histograms
 
 __all__ = [
@@ -138,14 +138,15 @@ def load_overrides(directory: str) -> list[dict[str, Any]]:
     """
     path = overrides_path(directory)
     try:
-        with open(path, encoding="utf-8") as fh:
+        fh = _open_overrides_file(directory)
+        if fh is None:
+            return []
+        with fh:
             problem = untrusted_overrides_file(os.fstat(fh.fileno()), os.geteuid())
             if problem:
                 logger.warning("ignoring overrides file %s: %s", path, problem)
                 return []
             document = json.load(fh)
-    except FileNotFoundError:
-        return []
     except (OSError, ValueError) as exc:
         logger.warning("ignoring overrides file %s: %s", path, exc)
         return []
@@ -161,6 +162,70 @@ def load_overrides(directory: str) -> list[dict[str, Any]]:
         else:
             result.append(override)
     return result
+
+
+def _open_overrides_file(directory: str, dir_fd: int | None = None) -> TextIO | None:
+    """The overrides file opened for reading, None when there is none.
+
+    Never through a symbolic link (root would read where the directory's
+    owner points it) and never a FIFO or device (whose open or read blocks):
+    a regular file only. With ``dir_fd``, relative to that open directory.
+    """
+    name = OVERRIDES_FILENAME if dir_fd is not None else overrides_path(directory)
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "it is a symbolic link, which is not followed") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "it is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, encoding="utf-8")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+@contextlib.contextmanager
+def _socket_directory(directory: str) -> Iterator[int]:
+    """The socket directory opened once, to work in relative to it; as root, with its owner's rights.
+
+    The directory's owner (the workers' user) may swap it, or a directory
+    above it, for a link at any moment. Done through the descriptor with that
+    user's rights, whatever root does there is what the user could do anyway:
+    no file of root's is read, written or handed over. A directory of root's
+    must be one nobody else can redirect (see ``check_private_directory``).
+    """
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(dir_fd)
+        if os.geteuid() != 0:
+            yield dir_fd
+            return
+        if st.st_uid == 0:
+            try:
+                check_private_directory(directory, shared_ok=False)
+            except BindError as exc:
+                raise OverridesFileError(f"{directory}: not touched as root: {exc}") from None
+            yield dir_fd
+            return
+        groups, egid = os.getgroups(), os.getegid()
+        os.setgroups([st.st_gid])
+        os.setegid(st.st_gid)
+        os.seteuid(st.st_uid)
+        try:
+            yield dir_fd
+        finally:
+            os.seteuid(0)
+            os.setegid(egid)
+            os.setgroups(groups)
+    finally:
+        os.close(dir_fd)
 
 
 def untrusted_overrides_file(st: os.stat_result, workers_uid: int) -> str:
@@ -590,18 +655,23 @@ def _entry_key(entry: Any) -> tuple[str, ...]:
     return ("entry", json.dumps(entry, sort_keys=True, default=str))  # hand-edited: keep it
 
 
-def read_overrides_document(directory: str) -> dict[str, Any]:
+def read_overrides_document(directory: str, dir_fd: int | None = None) -> dict[str, Any]:
     """The whole overrides document; an empty one when there is no file.
 
     Unlike :func:`load_overrides` this raises :class:`OverridesFileError` on a
     corrupt file, so that a rewrite never silently drops what was in it.
+    Without ``dir_fd`` it opens the directory itself (see ``_socket_directory``).
     """
+    if dir_fd is None:
+        with _socket_directory(directory) as opened:
+            return read_overrides_document(directory, opened)
     path = overrides_path(directory)
     try:
-        with open(path, encoding="utf-8") as fh:
+        fh = _open_overrides_file(directory, dir_fd)
+        if fh is None:
+            return {"version": OVERRIDES_FORMAT_VERSION, "overrides": []}
+        with fh:
             document = json.load(fh)
-    except FileNotFoundError:
-        return {"version": OVERRIDES_FORMAT_VERSION, "overrides": []}
     except PermissionError:
         raise OverridesFileError(f"{path}: permission denied (run as the workers' user or root)") from None
     except (OSError, ValueError) as exc:
@@ -644,7 +714,7 @@ def check_can_persist(directory: str) -> None:
         )
 
 
-def write_overrides(directory: str, entries: Sequence[Any]) -> None:
+def write_overrides(directory: str, entries: Sequence[Any], dir_fd: int | None = None) -> None:
     """Replace the overrides file atomically: a 0600 temp file in the same directory, then rename.
 
     A worker starting meanwhile reads either the old file or the new one,
@@ -657,36 +727,30 @@ def write_overrides(directory: str, entries: Sequence[Any]) -> None:
         # A hand-edited entry that workers skip is kept as it is, for the operator to see and fix.
         "overrides": [well_formed_override(e) or e for e in entries],
     }
-    fd, tmp_path = tempfile.mkstemp(prefix=".overrides.", suffix=".tmp", dir=directory)
+    if dir_fd is None:
+        with _socket_directory(directory) as opened:
+            write_overrides(directory, entries, opened)
+        return
+    tmp_name = f".overrides.{os.getpid()}.{time.monotonic_ns()}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp_name, flags, 0o600, dir_fd=dir_fd)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             os.fchmod(fh.fileno(), 0o600)
-            if os.geteuid() == 0:
+            if os.geteuid() == 0:  # root's own directory (see _socket_directory)
                 uid, gid = workers_owner(directory)
                 os.fchown(fh.fileno(), uid, gid)
             json.dump(document, fh, indent=2, sort_keys=True)
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp_path, overrides_path(directory))
+        os.replace(tmp_name, OVERRIDES_FILENAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp_path)
+            os.unlink(tmp_name, dir_fd=dir_fd)
         raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: str) -> None:
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
+    with contextlib.suppress(OSError):
         os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 _OVERRIDES_LOCK_PATIENCE = 10.0
@@ -701,11 +765,11 @@ def persist_override(directory: str, cmd: str, args: Mapping[str, Any]) -> list[
     last, so the file lists overrides in the order to apply them.
     """
     key = override_key(cmd, args)
-    with directory_lock(directory, patience=_OVERRIDES_LOCK_PATIENCE):
-        document = read_overrides_document(directory)
+    with _socket_directory(directory) as dir_fd, directory_lock(directory, patience=_OVERRIDES_LOCK_PATIENCE):
+        document = read_overrides_document(directory, dir_fd)
         entries = [e for e in document["overrides"] if _entry_key(e) != key]
         entries.append({"cmd": cmd, "args": dict(args)})
-        write_overrides(directory, entries)
+        write_overrides(directory, entries, dir_fd)
     return entries
 
 
@@ -714,16 +778,17 @@ def clear_overrides(directory: str) -> int:
 
     Running workers keep their current state; only workers started later are affected.
     """
-    with directory_lock(directory, patience=_OVERRIDES_LOCK_PATIENCE):
+    with _socket_directory(directory) as dir_fd, directory_lock(directory, patience=_OVERRIDES_LOCK_PATIENCE):
         try:
-            count = len(read_overrides_document(directory)["overrides"])
-        except OverridesFileError:
-            count = 0  # clearing is the way out of a corrupt file
+            count = len(read_overrides_document(directory, dir_fd)["overrides"])
+        except (OverridesFileError, OSError):
+            count = 0  # clearing is the way out of a corrupt file (or a link, a FIFO)
         try:
-            os.unlink(overrides_path(directory))
+            os.unlink(OVERRIDES_FILENAME, dir_fd=dir_fd)
         except FileNotFoundError:
             return 0
-    _fsync_directory(directory)
+        with contextlib.suppress(OSError):
+            os.fsync(dir_fd)
     return count
 
 

@@ -635,16 +635,19 @@ def cmd_overrides(ns: argparse.Namespace) -> int:
     """``overrides show DIR`` / ``overrides clear DIR``."""
     target = _resolve(ns.directory, directory_only=True)
     if ns.action == "clear":
-        count = clear_overrides(target.path)
+        try:
+            count = clear_overrides(target.path)
+        except (OverridesFileError, OSError) as exc:
+            raise _Failed(f"cannot clear the overrides of {target.path}: {exc}") from None
         print(f"cleared {count} override(s) in {target.path}; running workers keep their current state")
         return EXIT_OK
     try:
         document = read_overrides_document(target.path)
-    except OverridesFileError as exc:
+    except (OverridesFileError, OSError) as exc:
         raise _Failed(str(exc)) from None
     path = overrides_path(target.path)
     try:
-        problem = untrusted_overrides_file(os.stat(path), workers_owner(target.path)[0])
+        problem = untrusted_overrides_file(os.lstat(path), workers_owner(target.path)[0])
     except OSError:
         problem = ""
     if ns.json:
