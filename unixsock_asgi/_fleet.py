@@ -215,12 +215,12 @@ def _socket_directory(directory: str) -> Iterator[int]:
             yield dir_fd
             return
         groups, egid = os.getgroups(), os.getegid()
-        os.setgroups([st.st_gid])
-        os.setegid(st.st_gid)
-        os.seteuid(st.st_uid)
         try:
+            os.setgroups([st.st_gid])
+            os.setegid(st.st_gid)
+            os.seteuid(st.st_uid)
             yield dir_fd
-        finally:
+        finally:  # given back however far the drop went
             os.seteuid(0)
             os.setegid(egid)
             os.setgroups(groups)
