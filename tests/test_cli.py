@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import signal
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -873,3 +877,88 @@ def test_views_built_on_stats_name_a_server_whose_stats_is_not_ours(
     assert status == EXIT_OK, err
     document = json.loads(out)
     assert document["total"]["workers"] == 1 and document["total"]["requests_total"] == 1
+
+
+# --------------------------------------------------------------------------- whom the CLI talks to
+
+_NOBODY = 65534
+
+
+def _listen_as_nobody(path: Path) -> tuple[int, int]:
+    """Fork a listener on ``path`` running as nobody; it writes to a pipe how many bytes each
+    connection sent it. Returns (pid, read end of that pipe)."""
+    counts_r, counts_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: another local user's server
+        try:
+            os.close(counts_r)
+            os.close(ready_r)
+            os.setgroups([])
+            os.setgid(_NOBODY)
+            os.setuid(_NOBODY)
+            with socket.socket(socket.AF_UNIX) as server:
+                server.bind(str(path))
+                server.listen()
+                os.write(ready_w, b"r")
+                server.settimeout(20)
+                for _ in range(10):
+                    conn, _ = server.accept()
+                    got = 0
+                    with conn:
+                        conn.settimeout(3)
+                        with contextlib.suppress(OSError):
+                            while chunk := conn.recv(65536):
+                                got += len(chunk)
+                    os.write(counts_w, f"{got}\n".encode())
+        finally:
+            os._exit(0)
+    os.close(counts_w)
+    os.close(ready_w)
+    with os.fdopen(ready_r, "rb") as ready:
+        assert ready.read(1) == b"r"
+    return pid, counts_r
+
+
+def _stop(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a server of another user needs root")
+def test_the_cli_sends_nothing_to_another_users_socket_it_could_have_squatted(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    shared = Path(tempfile.mkdtemp(prefix="usa-squat-"))  # in /tmp: anyone could have made it
+    base = Path(tempfile.mkdtemp(prefix="usa-run-"))  # root's, like /run
+    private = base / "app"
+    try:
+        os.chmod(base, 0o755)
+        private.mkdir(mode=0o700)
+        for directory in (shared, private):
+            os.chown(directory, _NOBODY, _NOBODY)
+
+        pid, counts = _listen_as_nobody(shared / "app-1.sock")
+        try:
+            status, out, err = run(
+                capsys, "send", str(shared / "app-1.sock"), "set", "name=token", "value=s3cr3t"
+            )
+            assert status == EXIT_FAILED and out == ""
+            assert "not asked: uid 65534 serves this socket" in one_line(err)
+            with os.fdopen(counts, "rb") as sent:
+                assert sent.readline() == b"0\n"  # connected, checked, nothing sent
+        finally:
+            _stop(pid)
+
+        pid, counts = _listen_as_nobody(private / "app-1.sock")
+        try:  # the workers' own directory in root's: talked to (this listener never answers)
+            status, _, err = run(capsys, "send", str(private), "ping", "--timeout", "1")
+            assert status == EXIT_FAILED and "timeout: no reply within 1s" in one_line(err)
+            with os.fdopen(counts, "rb") as sent:
+                assert int(sent.readline()) > 0
+        finally:
+            _stop(pid)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)

@@ -28,7 +28,7 @@ from . import _compat
 from ._client import AsyncClient
 from ._exceptions import BindError, ConnectError, TimeoutException, TransportError
 from ._protocol import HARD_MAX_MESSAGE_SIZE, STATUS_OK
-from ._sockets import check_private_directory, directory_lock, probe
+from ._sockets import check_private_directory, directory_lock, peer_credentials, probe
 from ._stats import merge_histograms
 
 __all__ = [
@@ -56,6 +56,7 @@ __all__ = [
     "render_prometheus",
     "resolve_target",
     "untrusted_overrides_file",
+    "untrusted_peer",
     "well_formed_override",
     "workers_owner",
     "write_overrides",
@@ -365,11 +366,53 @@ class FanOutResult:
         return [r for r in self.results if r.ok]
 
 
+def untrusted_peer(path: str, peer_uid: int) -> str:
+    """Why the CLI sends nothing to the server of ``path`` running as ``peer_uid``, or "".
+
+    A server of this user or root is trusted; one of another user only when
+    the directory holding the socket is that user's and sits in one that only
+    root (or this user) could have made it in. Otherwise it could be anyone's
+    who took the path first in a shared directory such as ``/tmp``.
+    """
+    if peer_uid in (os.geteuid(), 0):
+        return ""
+    directory = os.path.dirname(os.path.realpath(path))
+    try:
+        owner = os.stat(directory).st_uid
+        check_private_directory(os.path.dirname(directory), shared_ok=False, socket_dir=False)
+    except (OSError, BindError):
+        owner = None
+    if owner == peer_uid:
+        return ""
+    return (
+        f"not asked: uid {peer_uid} serves this socket, and {directory} is not a directory only that"
+        f" user could have made (it is another's, or in one others may write); to talk to it anyway,"
+        f" run as that user (sudo -u '#{peer_uid}' ...)"
+    )
+
+
+class _UntrustedPeer(Exception):
+    """The socket's server is not one the CLI sends commands to (see :func:`untrusted_peer`)."""
+
+
+class _OperatorClient(AsyncClient):
+    """The CLI's client: the peer's credentials are checked before anything is sent."""
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await super()._connect()
+        sock = writer.get_extra_info("socket")
+        problem = untrusted_peer(str(self.path), peer_credentials(sock).uid) if sock is not None else ""
+        if problem:
+            writer.close()
+            raise _UntrustedPeer(problem)
+        return reader, writer
+
+
 async def ask_worker(path: str, cmd: str, args: Mapping[str, Any], timeout: float) -> WorkerResult:
     """Send one command to one socket; never raises, never takes much longer than ``timeout``."""
     started = time.monotonic()
     # Our own workers: a stats reply with many routes may pass the client's 1 MiB default.
-    client = AsyncClient(path, timeout=timeout, max_message_size=HARD_MAX_MESSAGE_SIZE)
+    client = _OperatorClient(path, timeout=timeout, max_message_size=HARD_MAX_MESSAGE_SIZE)
     result = WorkerResult(path, pid_from_socket_name(path), STATUS_ERROR)
     try:
         # One deadline for connect + write + read: the client bounds each step on its own.
@@ -378,6 +421,8 @@ async def ask_worker(path: str, cmd: str, args: Mapping[str, Any], timeout: floa
     except (TimeoutError, TimeoutException):
         result.status = STATUS_TIMEOUT
         result.error = f"no reply within {timeout:g}s"
+    except _UntrustedPeer as exc:
+        result.error = str(exc)
     except ConnectError as exc:
         if _nothing_listens(path):
             result.status = STATUS_STALE
