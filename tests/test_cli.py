@@ -911,6 +911,8 @@ def _listen_as_nobody(path: Path) -> tuple[int, int]:
                             while chunk := conn.recv(65536):
                                 got += len(chunk)
                     os.write(counts_w, f"{got}\n".encode())
+        except BaseException as exc:  # said on stderr, where pytest shows it
+            os.write(2, f"listener as nobody: {exc!r}\n".encode())
         finally:
             os._exit(0)
     os.close(counts_w)
@@ -926,39 +928,59 @@ def _stop(pid: int) -> None:
     os.waitpid(pid, 0)
 
 
+def _bytes_sent_to_nobody(
+    capsys: pytest.CaptureFixture[str], listen_at: Path, target: Path
+) -> tuple[int, str, int]:
+    """Run ``send TARGET set ...`` against a listener of nobody's; (status, stderr, bytes it received)."""
+    pid, counts = _listen_as_nobody(listen_at)
+    try:
+        status, out, err = run(
+            capsys, "send", str(target), "set", "name=token", "value=s3cr3t", "--timeout", "1"
+        )
+        assert out == ""  # one socket asked: its failure is said on stderr
+        with os.fdopen(counts, "rb") as sent:
+            return status, one_line(err), int(sent.readline())
+    finally:
+        _stop(pid)
+        listen_at.unlink()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="a server of another user needs root")
 def test_the_cli_sends_nothing_to_another_users_socket_it_could_have_squatted(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     shared = Path(tempfile.mkdtemp(prefix="usa-squat-"))  # in /tmp: anyone could have made it
     base = Path(tempfile.mkdtemp(prefix="usa-run-"))  # root's, like /run
-    private = base / "app"
+    link = Path(tempfile.mkdtemp(prefix="usa-link-")) / "app"
+    private, home = base / "app", base / "home"
     try:
         os.chmod(base, 0o755)
         private.mkdir(mode=0o700)
-        for directory in (shared, private):
+        home.mkdir(mode=0o755)
+        (home / "run").mkdir(mode=0o700)
+        for directory in (shared, private, home, home / "run"):
             os.chown(directory, _NOBODY, _NOBODY)
+        os.chmod(link.parent, 0o1777)  # a /tmp of its own
+        link.symlink_to(private)
+        os.lchown(link, _NOBODY, _NOBODY)  # nobody's link, in a directory anyone may write
 
-        pid, counts = _listen_as_nobody(shared / "app-1.sock")
-        try:
-            status, out, err = run(
-                capsys, "send", str(shared / "app-1.sock"), "set", "name=token", "value=s3cr3t"
+        status, err, sent = _bytes_sent_to_nobody(capsys, shared / "app-1.sock", shared / "app-1.sock")
+        assert status == EXIT_FAILED and sent == 0  # connected, checked, nothing sent
+        assert f"not asked: uid 65534 serves this socket, and {shared} belongs to uid 65534, in /tmp," in err
+
+        # The same through nobody's symlink to nobody's own directory in root's.
+        status, err, sent = _bytes_sent_to_nobody(capsys, private / "app-1.sock", link / "app-1.sock")
+        assert status == EXIT_FAILED and sent == 0
+        assert f"{link} belongs to uid 65534, in {link.parent}, where any user may make names" in err
+
+        # The workers' own directory in root's, or in their user's (/run/user/N): talked to.
+        for directory in (private, home / "run"):
+            status, err, sent = _bytes_sent_to_nobody(
+                capsys, directory / "app-1.sock", directory / "app-1.sock"
             )
-            assert status == EXIT_FAILED and out == ""
-            assert "not asked: uid 65534 serves this socket" in one_line(err)
-            with os.fdopen(counts, "rb") as sent:
-                assert sent.readline() == b"0\n"  # connected, checked, nothing sent
-        finally:
-            _stop(pid)
-
-        pid, counts = _listen_as_nobody(private / "app-1.sock")
-        try:  # the workers' own directory in root's: talked to (this listener never answers)
-            status, _, err = run(capsys, "send", str(private), "ping", "--timeout", "1")
-            assert status == EXIT_FAILED and "timeout: no reply within 1s" in one_line(err)
-            with os.fdopen(counts, "rb") as sent:
-                assert int(sent.readline()) > 0
-        finally:
-            _stop(pid)
+            assert status == EXIT_FAILED and "timeout: no reply within 1s" in err  # it never answers
+            assert sent > 0
     finally:
         shutil.rmtree(shared, ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(link.parent, ignore_errors=True)

@@ -370,25 +370,44 @@ def untrusted_peer(path: str, peer_uid: int) -> str:
     """Why the CLI sends nothing to the server of ``path`` running as ``peer_uid``, or "".
 
     A server of this user or root is trusted; one of another user only when
-    the directory holding the socket is that user's and sits in one that only
-    root (or this user) could have made it in. Otherwise it could be anyone's
-    who took the path first in a shared directory such as ``/tmp``.
+    nobody but root, this user or that one could have put the socket there:
+    along the path as written (its symlinks included) and as resolved, each
+    entry belongs to one of them and sits in a directory others may not write,
+    or, in one they may write that is sticky (``/tmp``), belongs to root or
+    this user (there anyone could have taken the name first).
     """
     if peer_uid in (os.geteuid(), 0):
         return ""
-    directory = os.path.dirname(os.path.realpath(path))
-    try:
-        owner = os.stat(directory).st_uid
-        check_private_directory(os.path.dirname(directory), shared_ok=False, socket_dir=False)
-    except (OSError, BindError):
-        owner = None
-    if owner == peer_uid:
-        return ""
-    return (
-        f"not asked: uid {peer_uid} serves this socket, and {directory} is not a directory only that"
-        f" user could have made (it is another's, or in one others may write); to talk to it anyway,"
-        f" run as that user (sudo -u '#{peer_uid}' ...)"
-    )
+    for candidate in (os.path.abspath(path), os.path.realpath(path)):
+        try:
+            why = _who_could_have_made(candidate, peer_uid)
+        except OSError as exc:
+            why = f"{exc.filename or candidate} cannot be inspected ({exc.strerror})"
+        if why:
+            return (
+                f"not asked: uid {peer_uid} serves this socket, and {why}; to talk to it anyway,"
+                f" run as that user (sudo -u '#{peer_uid}' ...)"
+            )
+    return ""
+
+
+def _who_could_have_made(path: str, peer_uid: int) -> str:
+    """Why others than root, this user and ``peer_uid`` could have made an entry of ``path``, or ""."""
+    euid = os.geteuid()
+    current = path
+    while True:
+        parent = os.path.dirname(current)
+        st = os.lstat(current)
+        if parent == current:
+            return "" if st.st_uid == 0 else f"{current} belongs to uid {st.st_uid}"
+        parent_mode = os.stat(parent).st_mode
+        shared = bool(parent_mode & 0o022)
+        if shared and not parent_mode & stat.S_ISVTX:
+            return f"{parent} is writable by others"
+        if st.st_uid not in ((0, euid) if shared else (0, euid, peer_uid)):
+            where = f", in {parent}, where any user may make names" if shared else ""
+            return f"{current} belongs to uid {st.st_uid}{where}"
+        current = parent
 
 
 class _UntrustedPeer(Exception):
