@@ -28,7 +28,7 @@ from . import _compat
 from ._client import AsyncClient
 from ._exceptions import BindError, ConnectError, TimeoutException, TransportError
 from ._protocol import HARD_MAX_MESSAGE_SIZE, STATUS_OK
-from ._sockets import check_private_directory, directory_lock, peer_credentials, probe
+from ._sockets import _physical, check_private_directory, directory_lock, peer_credentials, probe
 from ._stats import merge_histograms
 
 __all__ = [
@@ -378,7 +378,8 @@ def untrusted_peer(path: str, peer_uid: int) -> str:
     """
     if peer_uid in (os.geteuid(), 0):
         return ""
-    for candidate in (os.path.abspath(path), os.path.realpath(path)):
+    # As written (a '..' resolved as the kernel does, after a symlink) and as resolved.
+    for candidate in (_physical(path), os.path.realpath(path)):
         try:
             why = _who_could_have_made(candidate, peer_uid)
         except OSError as exc:
