@@ -22,7 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from unixsock_asgi import UnixSockServer
-from unixsock_asgi._fleet import load_overrides, overrides_path, persist_override
+from unixsock_asgi._fleet import FOREIGN_STATS, load_overrides, overrides_path, persist_override
 from unixsock_asgi._shell import CommandCatalog, completions
 from unixsock_asgi.cli import (
     EXIT_FAILED,
@@ -877,6 +877,15 @@ def test_views_built_on_stats_name_a_server_whose_stats_is_not_ours(
     assert status == EXIT_OK, err
     document = json.loads(out)
     assert document["total"]["workers"] == 1 and document["total"]["requests_total"] == 1
+
+    # The table counts our worker; the other server's row says so, and its answer follows.
+    status, out, err = run(capsys, "send", str(socket_dir), "stats")
+    assert (status, err) == (EXIT_OK, "")
+    cells = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    assert cells["51000"] == ["51000", "OTHER"]
+    assert cells["TOTAL(1)"][2] == "1"
+    assert f"svc-51000.sock: {FOREIGN_STATS}; it answered:" in out
+    assert out.rstrip().endswith('{"cmd": "stats", "args": {}}')
 
 
 # --------------------------------------------------------------------------- whom the CLI talks to

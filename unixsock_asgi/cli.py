@@ -34,6 +34,7 @@ from typing import Any, NoReturn, TextIO
 
 from . import __version__
 from ._fleet import (
+    FOREIGN_STATS,
     STATUS_ERROR,
     FanOutResult,
     OverrideError,
@@ -197,11 +198,22 @@ _STATS_HEADER = ["WORKER", "UPTIME", "REQUESTS", "IN-FLT", "5XX", "EXC", "P50", 
 def render_stats(outcome: FanOutResult, total: Mapping[str, Any]) -> list[str]:
     """The ``stats`` answers as a table: a row per worker, then the fleet total, then routes."""
     rows = [_STATS_HEADER]
+    foreign: list[
+        str
+    ] = []  # servers of the protocol whose 'stats' is their own: their answers, after the table
     for r in sorted(outcome.results, key=lambda r: (r.pid or 0, r.socket)):
-        if r.ok and isinstance(r.payload, Mapping):
+        if r.ok and is_stats_snapshot(r.payload):
             rows.append(_stats_row(_worker_label(r), r.payload))
-        else:
-            rows.append([_worker_label(r), r.status.upper(), *[""] * (len(_STATS_HEADER) - 2)])
+            continue
+        rows.append(
+            [_worker_label(r), "OTHER" if r.ok else r.status.upper(), *[""] * (len(_STATS_HEADER) - 2)]
+        )
+        if r.ok:
+            foreign += [
+                "",
+                f"{os.path.basename(r.socket)}: {FOREIGN_STATS}; it answered:",
+                *_payload_lines(r.payload),
+            ]
     rows.append(_stats_row(f"TOTAL({total.get('workers', 0)})", total))
     lines = table(rows)
     routes = total.get("routes")
@@ -220,7 +232,7 @@ def render_stats(outcome: FanOutResult, total: Mapping[str, Any]) -> list[str]:
                 ]
             )
         lines += ["", *table(route_rows)]
-    return lines
+    return lines + foreign
 
 
 def _doc_summary(doc: Any) -> str:
