@@ -982,6 +982,14 @@ def test_the_cli_sends_nothing_to_another_users_socket_it_could_have_squatted(
         assert status == EXIT_FAILED and sent == 0
         assert f"{link} belongs to uid 65534, in {link.parent}, where any user may make names" in err
 
+        # A '..' on the way changes nothing: nobody's link is still met.
+        (private / "x").mkdir()
+        status, err, sent = _bytes_sent_to_nobody(
+            capsys, private / "app-1.sock", link / "x" / ".." / "app-1.sock"
+        )
+        assert status == EXIT_FAILED and sent == 0
+        assert f"{link} belongs to uid 65534, in {link.parent}, where any user may make names" in err
+
         # The workers' own directory in root's, or in their user's (/run/user/N): talked to.
         for directory in (private, home / "run"):
             status, err, sent = _bytes_sent_to_nobody(

@@ -29,10 +29,12 @@ from unixsock_asgi._fleet import (
     load_overrides,
     override_key,
     overrides_path,
+    path_lookups,
     persist_override,
     read_overrides_document,
     remove_stale_sockets,
     render_prometheus,
+    untrusted_peer,
 )
 from unixsock_asgi._stats import Stats
 
@@ -438,6 +440,113 @@ def test_overrides_directory_stays_clean(socket_dir: Path) -> None:
 
 _NOBODY = 65534
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="creating files of another user needs root")
+
+
+_THIRD = 65533  # a user neither the operator nor the server runs as
+
+
+@pytest.fixture
+def lookup_tree(tmp_path: Path) -> Path:
+    """A small filesystem: root's ``run`` holding the workers' (nobody's) ``shop``, nobody's home,
+    a sticky ``tmp`` anyone may write, a group-writable ``shared`` and a third user's directory."""
+    base = tmp_path / "fs"
+    for name, mode, uid in [
+        ("", 0o755, 0),
+        ("run", 0o755, 0),
+        ("run/shop", 0o750, _NOBODY),
+        ("home", 0o755, 0),
+        ("home/nobody", 0o755, _NOBODY),
+        ("home/nobody/d", 0o755, _NOBODY),
+        ("home/nobody/d/x", 0o755, _NOBODY),
+        ("tmp", 0o1777, 0),
+        ("shared", 0o2775, 0),
+        ("third", 0o755, _THIRD),
+    ]:
+        (base / name).mkdir(exist_ok=True)
+        os.chmod(base / name, mode)  # mkdir's mode passes the umask
+        os.chown(base / name, uid, uid)
+    os.chmod(tmp_path, 0o755)  # pytest's own is 0700: fine for root, but this is the tree's way in
+    for name in ("run/shop", "home/nobody/d", "third", "tmp"):
+        (base / name / "app-1.sock").touch()  # the lookups only lstat: a file stands in for a socket
+        os.chown(base / name / "app-1.sock", _NOBODY, _NOBODY)
+
+    def link(name: str, target: str, uid: int) -> None:
+        (base / name).symlink_to(target)
+        os.lchown(base / name, uid, uid)
+
+    link("run/shoplink", "shop", 0)  # root's own, relative
+    link("tmp/ctl", str(base / "home/nobody/d"), _NOBODY)  # nobody's, where anyone may make names
+    link("run/shop2", str(base / "shared/shop-ctl"), 0)  # root's, through a group-writable directory
+    link("shared/shop-ctl", str(base / "home/nobody/d"), _NOBODY)
+    link("run/shop3", str(base / "tmp/sock2/d"), 0)  # root's, through a name nobody took in tmp
+    link("tmp/sock2", str(base / "home/nobody"), _NOBODY)
+    link("run/loop", "loop", 0)
+    return base
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("written", "why"),
+    [
+        ("run/shop/app-1.sock", ""),
+        ("run/shop", ""),  # a socket directory
+        ("run/shop/../shop/app-1.sock", ""),
+        ("run/shoplink/app-1.sock", ""),
+        ("home/nobody/d/app-1.sock", ""),  # nobody's own directory, in root's
+        ("tmp/app-1.sock", "{base}/tmp/app-1.sock belongs to uid 65534, in {base}/tmp, where any user"),
+        ("tmp/ctl/app-1.sock", "{base}/tmp/ctl belongs to uid 65534, in {base}/tmp, where any user"),
+        # '..' after nobody's link: the link is still met (it was once checked only as resolved).
+        ("tmp/ctl/x/../app-1.sock", "{base}/tmp/ctl belongs to uid 65534, in {base}/tmp, where any user"),
+        # Root's links, leading through a name someone else could have made: met on the way.
+        ("run/shop2/app-1.sock", "{base}/shared is writable by others"),
+        ("run/shop3/app-1.sock", "{base}/tmp/sock2 belongs to uid 65534, in {base}/tmp, where any user"),
+        ("run/shop3", "{base}/tmp/sock2 belongs to uid 65534, in {base}/tmp, where any user"),
+        ("third/app-1.sock", "{base}/third belongs to uid 65533"),
+        ("run/shop/gone.sock", "{base}/run/shop/gone.sock cannot be inspected (No such file or directory)"),
+        ("run/loop/app-1.sock", "cannot be inspected (Too many levels of symbolic links)"),
+    ],
+)
+def test_a_socket_of_another_user_is_trusted_only_where_nobody_else_could_have_put_it(
+    lookup_tree: Path, written: str, why: str
+) -> None:
+    problem = untrusted_peer(str(lookup_tree / written), _NOBODY)
+    if not why:
+        assert problem == ""
+    else:
+        assert problem.startswith("not asked: uid 65534 serves this socket, and ")
+        assert why.format(base=lookup_tree) in problem
+    assert untrusted_peer(str(lookup_tree / written), 0) == ""  # root's and the operator's own: always
+
+
+@needs_root
+def test_path_lookups_walk_the_path_as_the_kernel_does(
+    lookup_tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = str(lookup_tree)
+    way_in = [entry for _, entry, _ in path_lookups(base)]  # /tmp, pytest's directories, the tree
+    # Every link is replaced by where it leads, walked again from / (its targets are absolute).
+    assert [entry for _, entry, _ in path_lookups(f"{base}/run/shop3/app-1.sock")] == [
+        *way_in,
+        f"{base}/run",
+        f"{base}/run/shop3",  # root's link to tmp/sock2/d
+        *way_in,
+        f"{base}/tmp",
+        f"{base}/tmp/sock2",  # nobody's link to home/nobody
+        *way_in,
+        f"{base}/home",
+        f"{base}/home/nobody",
+        f"{base}/home/nobody/d",
+        f"{base}/home/nobody/d/app-1.sock",
+    ]
+    # '..' from where the link led, not from the text; a relative path from the working directory.
+    assert path_lookups(f"{base}/tmp/ctl/x/../app-1.sock")[-1][1] == f"{base}/home/nobody/d/app-1.sock"
+    monkeypatch.chdir(lookup_tree / "run")
+    assert [entry for _, entry, _ in path_lookups("shoplink/app-1.sock")][-3:] == [
+        f"{base}/run/shoplink",
+        f"{base}/run/shop",
+        f"{base}/run/shop/app-1.sock",
+    ]
+    assert untrusted_peer("shoplink/app-1.sock", _NOBODY) == ""
 
 
 @needs_root

@@ -28,7 +28,7 @@ from . import _compat
 from ._client import AsyncClient
 from ._exceptions import BindError, ConnectError, TimeoutException, TransportError
 from ._protocol import HARD_MAX_MESSAGE_SIZE, STATUS_OK
-from ._sockets import _physical, check_private_directory, directory_lock, peer_credentials, probe
+from ._sockets import check_private_directory, directory_lock, peer_credentials, probe
 from ._stats import merge_histograms
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "mark_foreign_stats",
     "override_key",
     "overrides_path",
+    "path_lookups",
     "persist_override",
     "read_overrides_document",
     "remove_stale_sockets",
@@ -371,44 +372,84 @@ def untrusted_peer(path: str, peer_uid: int) -> str:
 
     A server of this user or root is trusted; one of another user only when
     nobody but root, this user or that one could have put the socket there:
-    along the path as written (its symlinks included) and as resolved, each
-    entry belongs to one of them and sits in a directory others may not write,
-    or, in one they may write that is sticky (``/tmp``), belongs to root or
-    this user (there anyone could have taken the name first).
+    every entry the kernel looks up to reach it (see :func:`path_lookups`:
+    every symlink met, and every entry of where each one leads) belongs to one
+    of them and sits in a directory others may not write, or, in one they may
+    write that is sticky (``/tmp``), belongs to root or this user (there
+    anyone could have taken the name first).
     """
     if peer_uid in (os.geteuid(), 0):
         return ""
-    # As written (a '..' resolved as the kernel does, after a symlink) and as resolved.
-    for candidate in (_physical(path), os.path.realpath(path)):
-        try:
-            why = _who_could_have_made(candidate, peer_uid)
-        except OSError as exc:
-            why = f"{exc.filename or candidate} cannot be inspected ({exc.strerror})"
-        if why:
-            return (
-                f"not asked: uid {peer_uid} serves this socket, and {why}; to talk to it anyway,"
-                f" run as that user (sudo -u '#{peer_uid}' ...)"
-            )
-    return ""
+    try:
+        why = _who_could_have_made(path, peer_uid)
+    except OSError as exc:
+        why = f"{exc.filename or path} cannot be inspected ({exc.strerror})"
+    if not why:
+        return ""
+    return (
+        f"not asked: uid {peer_uid} serves this socket, and {why}; to talk to it anyway,"
+        f" run as that user (sudo -u '#{peer_uid}' ...)"
+    )
+
+
+_MAX_SYMLINKS = 40  # Linux's MAXSYMLINKS: more on one path, and the kernel gives ELOOP
+
+
+def path_lookups(path: str) -> list[tuple[str, str, os.stat_result]]:
+    """Every lookup the kernel makes to resolve ``path``, in order: (directory, entry, entry's lstat).
+
+    Walked one name at a time as the kernel walks it: a relative path from
+    the working directory, a symlink replaced by its target (from ``/`` when
+    absolute) wherever it is met, at any depth, and ``..`` taken from the
+    directory actually reached, not from the text. ``directory`` is always
+    a real directory, without symlinks. Raises OSError where a name cannot
+    be looked up (missing, a loop, no permission).
+    """
+    pending = path.split("/")
+    if not path.startswith("/"):
+        pending = os.getcwd().split("/") + pending
+    pending.reverse()  # a stack: the next name last
+    current, links, lookups = "/", 0, []
+    while pending:
+        name = pending.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            current = os.path.dirname(current)  # the parent of a real directory (of / itself at /)
+            continue
+        entry = os.path.join(current, name)
+        st = os.lstat(entry)
+        lookups.append((current, entry, st))
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > _MAX_SYMLINKS:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+            target = os.readlink(entry)
+            if target.startswith("/"):
+                current = "/"
+            pending.extend(reversed(target.split("/")))
+        elif pending and not stat.S_ISDIR(st.st_mode):
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), entry)
+        else:
+            current = entry
+    return lookups
 
 
 def _who_could_have_made(path: str, peer_uid: int) -> str:
-    """Why others than root, this user and ``peer_uid`` could have made an entry of ``path``, or ""."""
+    """Why others than root, this user and ``peer_uid`` could have made an entry met on ``path``, or ""."""
     euid = os.geteuid()
-    current = path
-    while True:
-        parent = os.path.dirname(current)
-        st = os.lstat(current)
-        if parent == current:
-            return "" if st.st_uid == 0 else f"{current} belongs to uid {st.st_uid}"
-        parent_mode = os.stat(parent).st_mode
-        shared = bool(parent_mode & 0o022)
-        if shared and not parent_mode & stat.S_ISVTX:
-            return f"{parent} is writable by others"
+    root = os.lstat("/")
+    if root.st_uid != 0:
+        return f"/ belongs to uid {root.st_uid}"
+    for directory, entry, st in path_lookups(path):
+        directory_mode = os.lstat(directory).st_mode
+        shared = bool(directory_mode & 0o022)
+        if shared and not directory_mode & stat.S_ISVTX:
+            return f"{directory} is writable by others"
         if st.st_uid not in ((0, euid) if shared else (0, euid, peer_uid)):
-            where = f", in {parent}, where any user may make names" if shared else ""
-            return f"{current} belongs to uid {st.st_uid}{where}"
-        current = parent
+            where = f", in {directory}, where any user may make names" if shared else ""
+            return f"{entry} belongs to uid {st.st_uid}{where}"
+    return ""
 
 
 class _UntrustedPeer(Exception):
