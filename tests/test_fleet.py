@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import random
+import socket
 import stat
 import threading
 import time
@@ -23,19 +24,21 @@ from unixsock_asgi._fleet import (
     OverrideError,
     OverridesFileError,
     aggregate_stats,
+    ask_worker,
     check_can_persist,
     clear_overrides,
     fan_out,
     load_overrides,
     override_key,
     overrides_path,
-    path_lookups,
     persist_override,
     read_overrides_document,
     remove_stale_sockets,
     render_prometheus,
     untrusted_peer,
+    walk_path,
 )
+from unixsock_asgi._server import UnixSockServer
 from unixsock_asgi._stats import Stats
 
 from .fleet_workers import Fleet, fleet, make_stale_socket, socket_dir
@@ -518,14 +521,21 @@ def test_a_socket_of_another_user_is_trusted_only_where_nobody_else_could_have_p
     assert untrusted_peer(str(lookup_tree / written), 0) == ""  # root's and the operator's own: always
 
 
+def _entries(path: str) -> list[str]:
+    """The entries :func:`walk_path` looks up on the way to ``path``."""
+    walk = walk_path(path)
+    os.close(walk.fd)
+    return [lookup.entry for lookup in walk.lookups]
+
+
 @needs_root
-def test_path_lookups_walk_the_path_as_the_kernel_does(
+def test_walk_path_walks_the_path_as_the_kernel_does(
     lookup_tree: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base = str(lookup_tree)
-    way_in = [entry for _, entry, _ in path_lookups(base)]  # /tmp, pytest's directories, the tree
+    way_in = _entries(base)  # /tmp, pytest's directories, the tree
     # Every link is replaced by where it leads, walked again from / (its targets are absolute).
-    assert [entry for _, entry, _ in path_lookups(f"{base}/run/shop3/app-1.sock")] == [
+    assert _entries(f"{base}/run/shop3/app-1.sock") == [
         *way_in,
         f"{base}/run",
         f"{base}/run/shop3",  # root's link to tmp/sock2/d
@@ -538,15 +548,68 @@ def test_path_lookups_walk_the_path_as_the_kernel_does(
         f"{base}/home/nobody/d",
         f"{base}/home/nobody/d/app-1.sock",
     ]
-    # '..' from where the link led, not from the text; a relative path from the working directory.
-    assert path_lookups(f"{base}/tmp/ctl/x/../app-1.sock")[-1][1] == f"{base}/home/nobody/d/app-1.sock"
+    # '..' from where the link led, not from the text.
+    assert _entries(f"{base}/tmp/ctl/x/../app-1.sock")[-1] == f"{base}/home/nobody/d/app-1.sock"
+    # A relative path from the working directory, as the shell came to it ($PWD) while it still names it.
     monkeypatch.chdir(lookup_tree / "run")
-    assert [entry for _, entry, _ in path_lookups("shoplink/app-1.sock")][-3:] == [
+    monkeypatch.setenv("PWD", f"{base}/run")
+    assert _entries("shoplink/app-1.sock")[-3:] == [
         f"{base}/run/shoplink",
         f"{base}/run/shop",
         f"{base}/run/shop/app-1.sock",
     ]
     assert untrusted_peer("shoplink/app-1.sock", _NOBODY) == ""
+
+
+@needs_root
+def test_a_relative_path_is_judged_by_how_the_shell_came_to_its_directory(
+    lookup_tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = str(lookup_tree)
+    # `cd tmp/ctl` followed nobody's link, in a directory anyone may write, to nobody's own directory.
+    monkeypatch.chdir(lookup_tree / "home/nobody/d")
+    monkeypatch.setenv("PWD", f"{base}/tmp/ctl")
+    assert f"{base}/tmp/ctl belongs to uid 65534, in {base}/tmp" in untrusted_peer("app-1.sock", _NOBODY)
+    # $PWD no longer names the working directory (renamed meanwhile, say): how the shell came here is unknown.
+    monkeypatch.setenv("PWD", f"{base}/run/shop")
+    assert "the working directory is not" in untrusted_peer("app-1.sock", _NOBODY)
+    # Without $PWD, the working directory's own path: nobody's directory in root's (as if given in full).
+    monkeypatch.delenv("PWD")
+    assert untrusted_peer("app-1.sock", _NOBODY) == ""
+
+
+def test_the_cli_talks_to_the_socket_it_checked_whatever_is_renamed_meanwhile(tmp_path: Path) -> None:
+    """The operator's client connects through the descriptor the walk ended on, not by name again."""
+    checked, other = tmp_path / "checked", tmp_path / "other"
+    checked.mkdir()
+    other.mkdir()
+    servers = []
+
+    def answering(name: str) -> Callable[[str, dict[str, Any]], str]:
+        return lambda cmd, args: name
+
+    for directory in (checked, other):
+        server = UnixSockServer(str(directory / "app-1.sock"), answering(directory.name))
+        server.start()
+        servers.append(server)
+    try:
+        walk = walk_path(str(checked / "app-1.sock"))
+        try:
+            checked.rename(tmp_path / "moved")  # the name now leads to the other server
+            other.rename(checked)
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(5)
+                sock.connect(f"/proc/self/fd/{walk.fd}")
+                sock.sendall(b'{"cmd": "which"}\n')
+                assert b'"payload":"checked"' in sock.recv(4096).replace(b" ", b"")
+        finally:
+            os.close(walk.fd)
+        # The CLI's client does the same: a walk, then a connection through its descriptor.
+        result = asyncio.run(ask_worker(str(checked / "app-1.sock"), "which", {}, 5.0))
+        assert (result.status, result.payload) == ("success", "other")  # what the name leads to now
+    finally:
+        for server in servers:
+            server.stop()
 
 
 @needs_root

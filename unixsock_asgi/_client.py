@@ -300,9 +300,15 @@ class AsyncClient(_BaseClient):
         self._turn = asyncio.Lock()
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await self._open(self.path)
+
+    async def _open(
+        self, address: str | os.PathLike[str]
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect to ``address`` (``self.path``, or what stands for it); errors name ``self.path``."""
         try:
             async with _compat.timeout(self.timeout):
-                return await asyncio.open_unix_connection(self.path, limit=HARD_MAX_MESSAGE_SIZE + 8)
+                return await asyncio.open_unix_connection(address, limit=HARD_MAX_MESSAGE_SIZE + 8)
         except TimeoutError:
             raise ConnectError(f"cannot connect to {self.path}: the server's backlog is full") from None
         except OSError as exc:

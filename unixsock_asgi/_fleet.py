@@ -22,7 +22,7 @@ import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 from . import _compat
 from ._client import AsyncClient
@@ -50,7 +50,6 @@ __all__ = [
     "mark_foreign_stats",
     "override_key",
     "overrides_path",
-    "path_lookups",
     "persist_override",
     "read_overrides_document",
     "remove_stale_sockets",
@@ -58,6 +57,7 @@ __all__ = [
     "resolve_target",
     "untrusted_overrides_file",
     "untrusted_peer",
+    "walk_path",
     "well_formed_override",
     "workers_owner",
     "write_overrides",
@@ -330,6 +330,10 @@ class WorkerResult:
     error: str = ""
     payload: Any = None
     elapsed_s: float = 0.0
+    peer_uid: int | None = None
+    """The uid the server runs as (``SO_PEERCRED``), once connected."""
+    home: tuple[int, int] | None = None
+    """(st_dev, st_ino) of the directory the socket was found in, as the connection reached it."""
 
     @property
     def ok(self) -> bool:
@@ -372,7 +376,7 @@ def untrusted_peer(path: str, peer_uid: int) -> str:
 
     A server of this user or root is trusted; one of another user only when
     nobody but root, this user or that one could have put the socket there:
-    every entry the kernel looks up to reach it (see :func:`path_lookups`:
+    every entry the kernel looks up to reach it (see :func:`walk_path`:
     every symlink met, and every entry of where each one leads) belongs to one
     of them and sits in a directory others may not write, or, in one they may
     write that is sticky (``/tmp``), belongs to root or this user (there
@@ -381,75 +385,144 @@ def untrusted_peer(path: str, peer_uid: int) -> str:
     if peer_uid in (os.geteuid(), 0):
         return ""
     try:
-        why = _who_could_have_made(path, peer_uid)
+        walk = walk_path(path)
     except OSError as exc:
-        why = f"{exc.filename or path} cannot be inspected ({exc.strerror})"
-    if not why:
-        return ""
+        return _refusal(peer_uid, f"{exc.filename or path} cannot be inspected ({exc.strerror})")
+    os.close(walk.fd)
+    return walk.untrusted(peer_uid)
+
+
+def _refusal(peer_uid: int, why: str) -> str:
     return (
         f"not asked: uid {peer_uid} serves this socket, and {why}; to talk to it anyway,"
         f" run as that user (sudo -u '#{peer_uid}' ...)"
     )
 
 
+class Lookup(NamedTuple):
+    """One name the kernel looks up: in ``directory`` (its mode), ``entry``, which belongs to ``uid``."""
+
+    directory: str
+    directory_mode: int
+    entry: str
+    uid: int
+
+
+@dataclass
+class PathWalk:
+    """What :func:`walk_path` met on the way to a path, and an ``O_PATH`` descriptor of where it led."""
+
+    lookups: list[Lookup]
+    fd: int
+    root_uid: int
+    home: tuple[int, int] | None = None
+    """(st_dev, st_ino) of the directory the last name was looked up in."""
+    moved: str = ""
+    """Set when a relative path was walked from a working directory that ``$PWD`` no longer names."""
+
+    def untrusted(self, peer_uid: int) -> str:
+        """Why a server of ``peer_uid`` at the end of this walk is not asked, or "" (see :func:`untrusted_peer`)."""
+        why = "" if peer_uid in (os.geteuid(), 0) else self._who_could_have_made(peer_uid)
+        return _refusal(peer_uid, why) if why else ""
+
+    def _who_could_have_made(self, peer_uid: int) -> str:
+        """Why others than root, this user and ``peer_uid`` could have made an entry met, or ""."""
+        if self.moved:
+            return self.moved
+        if self.root_uid != 0:
+            return f"/ belongs to uid {self.root_uid}"
+        euid = os.geteuid()
+        for directory, mode, entry, uid in self.lookups:
+            shared = bool(mode & 0o022)
+            if shared and not mode & stat.S_ISVTX:
+                return f"{directory} is writable by others"
+            if uid not in ((0, euid) if shared else (0, euid, peer_uid)):
+                where = f", in {directory}, where any user may make names" if shared else ""
+                return f"{entry} belongs to uid {uid}{where}"
+        return ""
+
+
 _MAX_SYMLINKS = 40  # Linux's MAXSYMLINKS: more on one path, and the kernel gives ELOOP
 
 
-def path_lookups(path: str) -> list[tuple[str, str, os.stat_result]]:
-    """Every lookup the kernel makes to resolve ``path``, in order: (directory, entry, entry's lstat).
+def walk_path(path: str) -> PathWalk:
+    """Resolve ``path`` one name at a time as the kernel does, noting every lookup; hold where it leads.
 
-    Walked one name at a time as the kernel walks it: a relative path from
-    the working directory, a symlink replaced by its target (from ``/`` when
-    absolute) wherever it is met, at any depth, and ``..`` taken from the
-    directory actually reached, not from the text. ``directory`` is always
-    a real directory, without symlinks. Raises OSError where a name cannot
-    be looked up (missing, a loop, no permission).
+    Each name is opened (``O_PATH | O_NOFOLLOW``) relative to the directory
+    descriptor reached so far, and its owner read from that descriptor: a
+    symlink is replaced by its target (from ``/`` when absolute) wherever
+    it is met, at any depth, and ``..`` is the parent of the directory
+    actually reached, not of the text. The caller connects through
+    ``/proc/self/fd/<fd>`` and closes ``fd``: what it talks to is what was
+    walked, whatever is renamed meanwhile. A relative path is walked from
+    ``$PWD``, the way the operator's shell came to its working directory,
+    when that still names it (else from :func:`os.getcwd`, and
+    :attr:`PathWalk.moved` says so). Raises OSError where a name cannot be
+    looked up (missing, a loop, no permission).
     """
-    pending = path.split("/")
+    moved = ""
     if not path.startswith("/"):
-        pending = os.getcwd().split("/") + pending
+        here = os.getcwd()
+        pwd = os.environ.get("PWD", "")
+        if pwd.startswith("/"):
+            try:
+                same = os.path.samestat(os.stat(pwd), os.stat("."))
+            except OSError:
+                same = False
+            if same:
+                here = pwd
+            else:
+                moved = f"the working directory is not {pwd} ($PWD) any more: give the socket's full path"
+        path = f"{here}/{path}"
+    pending = path.split("/")
     pending.reverse()  # a stack: the next name last
-    current, links, lookups = "/", 0, []
-    while pending:
-        name = pending.pop()
-        if name in ("", "."):
-            continue
-        if name == "..":
-            current = os.path.dirname(current)  # the parent of a real directory (of / itself at /)
-            continue
-        entry = os.path.join(current, name)
-        st = os.lstat(entry)
-        lookups.append((current, entry, st))
-        if stat.S_ISLNK(st.st_mode):
-            links += 1
-            if links > _MAX_SYMLINKS:
-                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
-            target = os.readlink(entry)
-            if target.startswith("/"):
-                current = "/"
-            pending.extend(reversed(target.split("/")))
-        elif pending and not stat.S_ISDIR(st.st_mode):
-            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), entry)
-        else:
-            current = entry
-    return lookups
-
-
-def _who_could_have_made(path: str, peer_uid: int) -> str:
-    """Why others than root, this user and ``peer_uid`` could have made an entry met on ``path``, or ""."""
-    euid = os.geteuid()
-    root = os.lstat("/")
-    if root.st_uid != 0:
-        return f"/ belongs to uid {root.st_uid}"
-    for directory, entry, st in path_lookups(path):
-        directory_mode = os.lstat(directory).st_mode
-        shared = bool(directory_mode & 0o022)
-        if shared and not directory_mode & stat.S_ISVTX:
-            return f"{directory} is writable by others"
-        if st.st_uid not in ((0, euid) if shared else (0, euid, peer_uid)):
-            where = f", in {directory}, where any user may make names" if shared else ""
-            return f"{entry} belongs to uid {st.st_uid}{where}"
-    return ""
+    current, fd = "/", os.open("/", os.O_PATH | os.O_DIRECTORY)
+    try:
+        root_uid = os.fstat(fd).st_uid
+        links, lookups, home = 0, [], None
+        while pending:
+            name = pending.pop()
+            if name in ("", "."):
+                continue
+            if name == "..":
+                parent = os.open("..", os.O_PATH | os.O_DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                current, fd = os.path.dirname(current), parent
+                continue
+            directory_st = os.fstat(fd)
+            directory_mode, home = directory_st.st_mode, (directory_st.st_dev, directory_st.st_ino)
+            if not stat.S_ISDIR(directory_mode):
+                raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), current)
+            entry = os.path.join(current, name)
+            try:
+                entry_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as exc:  # named in full: the name alone says little
+                raise OSError(exc.errno, exc.strerror, entry) from None
+            try:
+                st = os.fstat(entry_fd)
+            except BaseException:
+                os.close(entry_fd)
+                raise
+            lookups.append(Lookup(current, directory_mode, entry, st.st_uid))
+            if stat.S_ISLNK(st.st_mode):
+                try:
+                    target = os.readlink("", dir_fd=entry_fd)
+                finally:
+                    os.close(entry_fd)
+                links += 1
+                if links > _MAX_SYMLINKS:
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+                if target.startswith("/"):
+                    os.close(fd)
+                    current, fd = "/", os.open("/", os.O_PATH | os.O_DIRECTORY)
+                pending.extend(reversed(target.split("/")))
+            else:
+                os.close(fd)
+                current, fd = entry, entry_fd
+    except BaseException:
+        os.close(fd)
+        raise
+    return PathWalk(lookups, fd, root_uid, home, moved)
 
 
 class _UntrustedPeer(Exception):
@@ -457,16 +530,44 @@ class _UntrustedPeer(Exception):
 
 
 class _OperatorClient(AsyncClient):
-    """The CLI's client: the peer's credentials are checked before anything is sent."""
+    """The CLI's client: the peer's credentials are checked before anything is sent.
+
+    It connects to what :func:`walk_path` reached (through ``/proc/self/fd``),
+    so that the socket it talks to is the one whose path was checked.
+    """
+
+    peer_uid: int | None = None
+    home: tuple[int, int] | None = None
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        reader, writer = await super()._connect()
+        try:
+            walk: PathWalk | None = walk_path(str(self.path))
+        except OSError as exc:  # connecting says why (no such socket...), or the check below does
+            walk, unwalkable = None, f"{exc.filename or self.path} cannot be inspected ({exc.strerror})"
+        try:
+            address = f"/proc/self/fd/{walk.fd}" if walk is not None and _PROC_FDS else str(self.path)
+            reader, writer = await self._open(address)
+        finally:
+            if walk is not None:
+                os.close(walk.fd)
         sock = writer.get_extra_info("socket")
-        problem = untrusted_peer(str(self.path), peer_credentials(sock).uid) if sock is not None else ""
+        if sock is None:  # asyncio's UNIX transports have one; nothing is sent without knowing who listens
+            writer.close()
+            raise _UntrustedPeer("not asked: the server's credentials cannot be read")
+        uid = self.peer_uid = peer_credentials(sock).uid
+        self.home = walk.home if walk is not None else None
+        if walk is not None:
+            problem = walk.untrusted(uid)
+        else:
+            problem = "" if uid in (os.geteuid(), 0) else _refusal(uid, unwalkable)
         if problem:
             writer.close()
             raise _UntrustedPeer(problem)
         return reader, writer
+
+
+_PROC_FDS = os.path.isdir("/proc/self/fd")
+"""Without /proc, the CLI connects by the path it checked, and a rename in between goes unseen."""
 
 
 async def ask_worker(path: str, cmd: str, args: Mapping[str, Any], timeout: float) -> WorkerResult:
@@ -508,6 +609,7 @@ async def ask_worker(path: str, cmd: str, args: Mapping[str, Any], timeout: floa
     finally:
         await client.aclose()
         result.elapsed_s = time.monotonic() - started
+        result.peer_uid, result.home = client.peer_uid, client.home
     return result
 
 
@@ -871,7 +973,10 @@ def persist_override(directory: str, cmd: str, args: Mapping[str, Any]) -> list[
     last, so the file lists overrides in the order to apply them.
     """
     key = override_key(cmd, args)
-    with _socket_directory(directory) as dir_fd, directory_lock(directory, patience=_OVERRIDES_LOCK_PATIENCE):
+    with (
+        _socket_directory(directory) as dir_fd,
+        directory_lock(directory, patience=_OVERRIDES_LOCK_PATIENCE),
+    ):
         document = read_overrides_document(directory, dir_fd)
         entries = [e for e in document["overrides"] if _entry_key(e) != key]
         entries.append({"cmd": cmd, "args": dict(args)})
