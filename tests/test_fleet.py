@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from unixsock_asgi._fleet import (
+    AskedWorkers,
     OverrideError,
     OverridesFileError,
     aggregate_stats,
@@ -732,3 +733,36 @@ def test_root_persists_with_the_rights_of_the_directorys_owner(socket_dir: Path)
     st_file = path.stat()
     assert (st_file.st_uid, st_file.st_gid, stat.S_IMODE(st_file.st_mode)) == (_NOBODY, _NOBODY, 0o600)
     assert clear_overrides(str(socket_dir)) == 1
+
+
+def test_persist_writes_only_into_the_directory_the_workers_were_asked_in(
+    fleet: Fleet, socket_dir: Path, tmp_path: Path
+) -> None:
+    (worker,) = fleet.start(1)
+    result = asyncio.run(ask_worker(str(worker.path), "ping", {}, 5.0))
+    st = socket_dir.stat()
+    assert (result.peer_uid, result.home) == (os.geteuid(), (st.st_dev, st.st_ino))
+    asked = AskedWorkers.of([result])
+    # The name now leads to another directory (a link swapped meanwhile): nothing is written there.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    with pytest.raises(OverridesFileError, match="no longer the directory whose workers were asked"):
+        persist_override(str(elsewhere), "health_fail", {}, asked)
+    assert list(elsewhere.iterdir()) == []
+    persist_override(str(socket_dir), "health_fail", {}, asked)
+    assert [e["cmd"] for e in load_overrides(str(socket_dir))] == ["health_fail"]
+
+
+@needs_root
+def test_persist_writes_nothing_into_a_directory_of_a_user_the_workers_do_not_run_as(
+    socket_dir: Path,
+) -> None:
+    st = socket_dir.stat()
+    os.chown(socket_dir, _THIRD, _THIRD)
+    asked = AskedWorkers(frozenset({(st.st_dev, st.st_ino)}), frozenset({_NOBODY}))
+    with pytest.raises(OverridesFileError, match="belongs to uid 65533, neither root nor the workers' user"):
+        persist_override(str(socket_dir), "set", {"name": "api_token", "value": "s3cr3t"}, asked)
+    assert list(socket_dir.iterdir()) == []
+    os.chown(socket_dir, _NOBODY, _NOBODY)  # the workers' own: written, and handed to them
+    persist_override(str(socket_dir), "health_fail", {}, asked)
+    assert Path(overrides_path(str(socket_dir))).stat().st_uid == _NOBODY

@@ -34,6 +34,7 @@ from ._stats import merge_histograms
 __all__ = [
     "OVERRIDES_FILENAME",
     "PERSISTABLE_COMMANDS",
+    "AskedWorkers",
     "FanOutResult",
     "OverrideError",
     "OverridesFileError",
@@ -194,7 +195,7 @@ def _open_overrides_file(directory: str, dir_fd: int | None = None) -> TextIO | 
 
 
 @contextlib.contextmanager
-def _socket_directory(directory: str) -> Iterator[int]:
+def _socket_directory(directory: str, asked: AskedWorkers | None = None) -> Iterator[int]:
     """The socket directory opened once, to work in relative to it; as root, with its owner's rights.
 
     The directory's owner (the workers' user) may swap it, or a directory
@@ -206,6 +207,8 @@ def _socket_directory(directory: str) -> Iterator[int]:
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         st = os.fstat(dir_fd)
+        if asked is not None:
+            asked.check(directory, st)
         if os.geteuid() != 0:
             yield dir_fd
             return
@@ -228,6 +231,40 @@ def _socket_directory(directory: str) -> Iterator[int]:
             os.setgroups(groups)
     finally:
         os.close(dir_fd)
+
+
+@dataclass(frozen=True)
+class AskedWorkers:
+    """The workers a persisted command was applied to: where their sockets were, whom they run as.
+
+    The overrides file goes into that directory, and only if it belongs to
+    them or root: the directory's name may lead elsewhere by the time the
+    file is written (a link swapped meanwhile), and the command's arguments
+    must not end up in another user's directory.
+    """
+
+    homes: frozenset[tuple[int, int]]
+    uids: frozenset[int]
+
+    @classmethod
+    def of(cls, results: Iterable[WorkerResult]) -> AskedWorkers:
+        results = list(results)
+        return cls(
+            frozenset(r.home for r in results if r.home is not None),
+            frozenset(r.peer_uid for r in results if r.peer_uid is not None),
+        )
+
+    def check(self, directory: str, st: os.stat_result) -> None:
+        """Raise OverridesFileError unless ``st`` is the workers' directory, theirs or root's."""
+        if (st.st_dev, st.st_ino) not in self.homes:
+            raise OverridesFileError(
+                f"{directory} is no longer the directory whose workers were asked (replaced meanwhile?)"
+            )
+        if st.st_uid != 0 and st.st_uid not in self.uids:
+            raise OverridesFileError(
+                f"{directory} belongs to uid {st.st_uid}, neither root nor the workers' user"
+                f" (uid {', '.join(map(str, sorted(self.uids)))})"
+            )
 
 
 def untrusted_overrides_file(st: os.stat_result, workers_uid: int) -> str:
@@ -966,15 +1003,18 @@ _OVERRIDES_LOCK_PATIENCE = 10.0
 takes milliseconds; anyone who may read the directory can hold it)."""
 
 
-def persist_override(directory: str, cmd: str, args: Mapping[str, Any]) -> list[Any]:
+def persist_override(
+    directory: str, cmd: str, args: Mapping[str, Any], asked: AskedWorkers | None = None
+) -> list[Any]:
     """Record ``cmd args`` in the directory's overrides file; return the new list.
 
     An earlier override of the same state is dropped and the new one goes
-    last, so the file lists overrides in the order to apply them.
+    last, so the file lists overrides in the order to apply them. ``asked``:
+    the workers that applied it (see :class:`AskedWorkers`).
     """
     key = override_key(cmd, args)
     with (
-        _socket_directory(directory) as dir_fd,
+        _socket_directory(directory, asked) as dir_fd,
         directory_lock(directory, patience=_OVERRIDES_LOCK_PATIENCE),
     ):
         document = read_overrides_document(directory, dir_fd)

@@ -36,6 +36,7 @@ from . import __version__
 from ._fleet import (
     FOREIGN_STATS,
     STATUS_ERROR,
+    AskedWorkers,
     FanOutResult,
     OverrideError,
     OverridesFileError,
@@ -544,7 +545,7 @@ def _persist(directory: str, cmd: str, args: Mapping[str, Any], outcome: FanOutR
     if not outcome.successes:
         return "", "no worker applied it"
     try:
-        persist_override(directory, cmd, args)
+        persist_override(directory, cmd, args, AskedWorkers.of(outcome.successes))
     except (OverridesFileError, OSError) as exc:
         raise _Failed(f"applied, but not persisted: {exc}") from None
     return overrides_path(directory), ""
