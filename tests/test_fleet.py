@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import random
-import socket
 import stat
 import threading
 import time
@@ -20,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from unixsock_asgi import _fleet, cli
 from unixsock_asgi._fleet import (
     AskedWorkers,
     OverrideError,
@@ -519,7 +519,6 @@ def test_a_socket_of_another_user_is_trusted_only_where_nobody_else_could_have_p
     else:
         assert problem.startswith("not asked: uid 65534 serves this socket, and ")
         assert why.format(base=lookup_tree) in problem
-    assert untrusted_peer(str(lookup_tree / written), 0) == ""  # root's and the operator's own: always
 
 
 def _entries(path: str) -> list[str]:
@@ -551,9 +550,8 @@ def test_walk_path_walks_the_path_as_the_kernel_does(
     ]
     # '..' from where the link led, not from the text.
     assert _entries(f"{base}/tmp/ctl/x/../app-1.sock")[-1] == f"{base}/home/nobody/d/app-1.sock"
-    # A relative path from the working directory, as the shell came to it ($PWD) while it still names it.
+    # A relative path from the working directory.
     monkeypatch.chdir(lookup_tree / "run")
-    monkeypatch.setenv("PWD", f"{base}/run")
     assert _entries("shoplink/app-1.sock")[-3:] == [
         f"{base}/run/shoplink",
         f"{base}/run/shop",
@@ -563,24 +561,37 @@ def test_walk_path_walks_the_path_as_the_kernel_does(
 
 
 @needs_root
-def test_a_relative_path_is_judged_by_how_the_shell_came_to_its_directory(
+def test_a_relative_path_is_judged_from_the_working_directory_itself(
     lookup_tree: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base = str(lookup_tree)
-    # `cd tmp/ctl` followed nobody's link, in a directory anyone may write, to nobody's own directory.
-    monkeypatch.chdir(lookup_tree / "home/nobody/d")
+    # Whatever link the shell followed to get there ($PWD), the kernel starts from the directory.
     monkeypatch.setenv("PWD", f"{base}/tmp/ctl")
-    assert f"{base}/tmp/ctl belongs to uid 65534, in {base}/tmp" in untrusted_peer("app-1.sock", _NOBODY)
-    # $PWD no longer names the working directory (renamed meanwhile, say): how the shell came here is unknown.
-    monkeypatch.setenv("PWD", f"{base}/run/shop")
-    assert "the working directory is not" in untrusted_peer("app-1.sock", _NOBODY)
-    # Without $PWD, the working directory's own path: nobody's directory in root's (as if given in full).
-    monkeypatch.delenv("PWD")
+    monkeypatch.chdir(lookup_tree / "tmp/ctl")  # nobody's link: now in nobody's own directory, in root's
+    walk = walk_path("app-1.sock")
+    os.close(walk.fd)
+    assert [lookup.entry for lookup in walk.lookups][-4:] == [
+        f"{base}/home",
+        f"{base}/home/nobody",
+        f"{base}/home/nobody/d",
+        f"{base}/home/nobody/d/app-1.sock",
+    ]
+    assert walk.lookups[0].directory == "/" and walk.root_uid == 0
     assert untrusted_peer("app-1.sock", _NOBODY) == ""
+    # Its way down from / is checked as a written path's is.
+    monkeypatch.chdir(lookup_tree / "tmp")
+    assert f"{base}/tmp/app-1.sock belongs to uid 65534, in {base}/tmp" in untrusted_peer(
+        "app-1.sock", _NOBODY
+    )
+    monkeypatch.chdir(lookup_tree / "third")
+    assert f"{base}/third belongs to uid 65533" in untrusted_peer("app-1.sock", _NOBODY)
+    assert f"{base}/third belongs to uid 65533" in untrusted_peer("../third/./app-1.sock", _NOBODY)
 
 
-def test_the_cli_talks_to_the_socket_it_checked_whatever_is_renamed_meanwhile(tmp_path: Path) -> None:
-    """The operator's client connects through the descriptor the walk ended on, not by name again."""
+def test_the_cli_talks_to_the_socket_it_checked_whatever_is_renamed_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator's client connects through the descriptor its walk ended on, not by name again."""
     checked, other = tmp_path / "checked", tmp_path / "other"
     checked.mkdir()
     other.mkdir()
@@ -593,24 +604,49 @@ def test_the_cli_talks_to_the_socket_it_checked_whatever_is_renamed_meanwhile(tm
         server = UnixSockServer(str(directory / "app-1.sock"), answering(directory.name))
         server.start()
         servers.append(server)
+    walk_path = _fleet.walk_path
+
+    def walk_then_swap(path: str) -> _fleet.PathWalk:
+        walk = walk_path(path)
+        # Between the walk and the connection, the name comes to lead to the other server.
+        checked.rename(tmp_path / "moved")
+        other.rename(checked)
+        return walk
+
+    monkeypatch.setattr(_fleet, "walk_path", walk_then_swap)
     try:
-        walk = walk_path(str(checked / "app-1.sock"))
-        try:
-            checked.rename(tmp_path / "moved")  # the name now leads to the other server
-            other.rename(checked)
-            with socket.socket(socket.AF_UNIX) as sock:
-                sock.settimeout(5)
-                sock.connect(f"/proc/self/fd/{walk.fd}")
-                sock.sendall(b'{"cmd": "which"}\n')
-                assert b'"payload":"checked"' in sock.recv(4096).replace(b" ", b"")
-        finally:
-            os.close(walk.fd)
-        # The CLI's client does the same: a walk, then a connection through its descriptor.
         result = asyncio.run(ask_worker(str(checked / "app-1.sock"), "which", {}, 5.0))
-        assert (result.status, result.payload) == ("success", "other")  # what the name leads to now
+        assert (result.status, result.payload) == ("success", "checked")
     finally:
         for server in servers:
             server.stop()
+
+
+def test_persist_refuses_a_directory_swapped_after_its_workers_were_asked(
+    fleet: Fleet,
+    socket_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fleet.start(1)
+    link, elsewhere = tmp_path / "workers", tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    link.symlink_to(socket_dir)
+    run_fan_out = cli._run_fan_out
+
+    def fan_out_then_swap(*args: Any, **kwargs: Any) -> Any:
+        outcome = run_fan_out(*args, **kwargs)
+        link.unlink()  # the link now leads to a directory no worker was asked in
+        link.symlink_to(elsewhere)
+        return outcome
+
+    monkeypatch.setattr(cli, "_run_fan_out", fan_out_then_swap)
+    status = cli.main(["send", str(link), "set_log_level", "level=DEBUG", "logger=app", "--persist"])
+    err = capsys.readouterr().err
+    assert status == cli.EXIT_FAILED
+    assert "applied, but not persisted" in err and "no longer the directory whose workers were asked" in err
+    assert list(elsewhere.iterdir()) == [] and not Path(overrides_path(str(socket_dir))).exists()
 
 
 @needs_root

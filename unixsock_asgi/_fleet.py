@@ -454,8 +454,6 @@ class PathWalk:
     root_uid: int
     home: tuple[int, int] | None = None
     """(st_dev, st_ino) of the directory the last name was looked up in."""
-    moved: str = ""
-    """Set when a relative path was walked from a working directory that ``$PWD`` no longer names."""
 
     def untrusted(self, peer_uid: int) -> str:
         """Why a server of ``peer_uid`` at the end of this walk is not asked, or "" (see :func:`untrusted_peer`)."""
@@ -464,8 +462,6 @@ class PathWalk:
 
     def _who_could_have_made(self, peer_uid: int) -> str:
         """Why others than root, this user and ``peer_uid`` could have made an entry met, or ""."""
-        if self.moved:
-            return self.moved
         if self.root_uid != 0:
             return f"/ belongs to uid {self.root_uid}"
         euid = os.geteuid()
@@ -489,34 +485,25 @@ def walk_path(path: str) -> PathWalk:
     descriptor reached so far, and its owner read from that descriptor: a
     symlink is replaced by its target (from ``/`` when absolute) wherever
     it is met, at any depth, and ``..`` is the parent of the directory
-    actually reached, not of the text. The caller connects through
-    ``/proc/self/fd/<fd>`` and closes ``fd``: what it talks to is what was
-    walked, whatever is renamed meanwhile. A relative path is walked from
-    ``$PWD``, the way the operator's shell came to its working directory,
-    when that still names it (else from :func:`os.getcwd`, and
-    :attr:`PathWalk.moved` says so). Raises OSError where a name cannot be
-    looked up (missing, a loop, no permission).
+    actually reached, not of the text. A relative path starts, as the
+    kernel starts it, from the working directory itself, whose way down
+    from ``/`` is found going up through ``..`` (by what links the shell
+    came there is not the kernel's way in, nor this one's). The caller
+    connects through ``/proc/self/fd/<fd>`` and closes ``fd``: what it
+    talks to is what was walked, whatever is renamed meanwhile. Raises
+    OSError where a name cannot be looked up (missing, a loop, no permission).
     """
-    moved = ""
-    if not path.startswith("/"):
-        here = os.getcwd()
-        pwd = os.environ.get("PWD", "")
-        if pwd.startswith("/"):
-            try:
-                same = os.path.samestat(os.stat(pwd), os.stat("."))
-            except OSError:
-                same = False
-            if same:
-                here = pwd
-            else:
-                moved = f"the working directory is not {pwd} ($PWD) any more: give the socket's full path"
-        path = f"{here}/{path}"
-    pending = path.split("/")
-    pending.reverse()  # a stack: the next name last
-    current, fd = "/", os.open("/", os.O_PATH | os.O_DIRECTORY)
+    absolute = path.startswith("/")
+    fd = os.open("/" if absolute else ".", os.O_PATH | os.O_DIRECTORY)
     try:
-        root_uid = os.fstat(fd).st_uid
-        links, lookups, home = 0, [], None
+        lookups: list[Lookup]
+        if absolute:
+            current, lookups, root_uid = "/", [], os.fstat(fd).st_uid
+        else:
+            current, lookups, root_uid = _way_down_to(fd)
+        pending = path.split("/")
+        pending.reverse()  # a stack: the next name last
+        links, home = 0, None
         while pending:
             name = pending.pop()
             if name in ("", "."):
@@ -559,7 +546,44 @@ def walk_path(path: str) -> PathWalk:
     except BaseException:
         os.close(fd)
         raise
-    return PathWalk(lookups, fd, root_uid, home, moved)
+    return PathWalk(lookups, fd, root_uid, home)
+
+
+_MAX_DEPTH = 4096  # directories above a working directory, at most (PATH_MAX allows about 2,048)
+
+
+def _way_down_to(fd: int) -> tuple[str, list[Lookup], int]:
+    """The directory of ``fd``: its path, the lookups that lead there from ``/``, and the uid of ``/``.
+
+    Found going up through ``..`` from the descriptor, one directory at a time
+    (each one's owner and its parent's mode read from descriptors, so that a
+    rename meanwhile cannot mix two places); the names are for messages.
+    """
+    lookups: list[Lookup] = []
+    child = os.open(".", os.O_PATH | os.O_DIRECTORY, dir_fd=fd)
+    try:
+        for _ in range(_MAX_DEPTH):
+            child_st = os.fstat(child)
+            parent = os.open("..", os.O_PATH | os.O_DIRECTORY, dir_fd=child)
+            parent_st = os.fstat(parent)
+            if (parent_st.st_dev, parent_st.st_ino) == (child_st.st_dev, child_st.st_ino):  # at /
+                os.close(parent)
+                lookups.reverse()
+                return _fd_name(fd), lookups, child_st.st_uid
+            lookups.append(Lookup(_fd_name(parent), parent_st.st_mode, _fd_name(child), child_st.st_uid))
+            os.close(child)
+            child = parent
+        raise OSError(errno.ELOOP, "too many directories above the working directory", ".")
+    finally:
+        os.close(child)
+
+
+def _fd_name(fd: int) -> str:
+    """Where a directory descriptor is now, as the kernel names it (for messages)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"(directory descriptor {fd})"
 
 
 class _UntrustedPeer(Exception):
