@@ -776,6 +776,29 @@ def test_what_workers_send_is_shown_as_text_never_as_terminal_controls(
         assert not {"\x1b", "\x07", "\r", "\x9b", "\u202e", "\x85", "\u2028"} & set(shown), (cmd, shown)
 
 
+def test_what_the_workers_user_leaves_in_the_directory_is_shown_as_text_never_as_terminal_controls(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nasty = "\x1b]0;PWNED\x07"
+    (worker,) = fleet.start(1)
+    worker.record((f"/a{nasty}", 200, 0.01))  # a route's name, as the app declared it
+    make_stale_socket(socket_dir / f"app{nasty}-2.sock")  # a file name
+    Path(overrides_path(str(socket_dir))).write_text(  # the overrides file (theirs to write)
+        json.dumps(
+            {"version": 1, "overrides": [{"cmd": f"set{nasty}", "args": {"name": nasty, "value": "v"}}]}
+        )
+    )
+    for argv in (
+        ("send", str(socket_dir), "ping"),  # the note on the stale socket
+        ("overrides", "show", str(socket_dir)),
+        ("metrics", str(socket_dir)),
+        ("ls", str(socket_dir)),
+    ):
+        _, out, err = run(capsys, *argv)
+        assert "PWNED" in out + err, argv  # shown, as text
+        assert not {"\x1b", "\x07"} & set(out + err), (argv, out + err)
+
+
 def test_persist_reaches_a_worker_that_started_while_the_command_went_out(
     fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

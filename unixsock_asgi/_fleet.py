@@ -1071,7 +1071,13 @@ def clear_overrides(directory: str) -> int:
 
 
 def _escape_label(value: Any) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    # The format escapes only these three; other control characters (a route's, a
+    # worker's) would reach whoever reads the text in a terminal: replaced.
+    text = str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return text.translate(_CONTROL_CHARACTERS)
+
+
+_CONTROL_CHARACTERS = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0)], "\ufffd")
 
 
 def _format_value(value: Any) -> str:

@@ -470,11 +470,13 @@ def stale_note(outcome: FanOutResult) -> None:
     if outcome.stale:
         names = ", ".join(os.path.basename(p) for p in outcome.stale)
         print(
-            f"note: skipped {len(outcome.stale)} stale socket(s) (nothing listens there): {names}",
+            terminal_safe(
+                f"note: skipped {len(outcome.stale)} stale socket(s) (nothing listens there): {names}"
+            ),
             file=sys.stderr,
         )
     if outcome.gone and outcome.results:  # else the error says so
-        print(f"note: {gone_text(outcome)}", file=sys.stderr)
+        print(terminal_safe(f"note: {gone_text(outcome)}"), file=sys.stderr)
 
 
 def cmd_send(ns: argparse.Namespace) -> int:
@@ -672,20 +674,24 @@ def cmd_overrides(ns: argparse.Namespace) -> int:
         return EXIT_OK
     entries = document["overrides"]
     if not entries:
-        print(f"no overrides in {target.path}: workers start with their configured defaults")
+        print(terminal_safe(f"no overrides in {target.path}: workers start with their configured defaults"))
         return EXIT_OK
     if problem:
-        print(f"{len(entries)} override(s) in {path}, which workers IGNORE: {problem}")
+        print(terminal_safe(f"{len(entries)} override(s) in {path}, which workers IGNORE: {problem}"))
         for i, entry in enumerate(entries, 1):
-            print(f"{i:3d}. {json.dumps(entry, sort_keys=True, default=str)}")
+            print(terminal_safe(f"{i:3d}. {json.dumps(entry, sort_keys=True, default=str)}"))
         raise _Failed(f"workers ignore {path}: {problem}")
-    print(f"{len(entries)} override(s) in {path}, applied in this order at startup:")
+    print(terminal_safe(f"{len(entries)} override(s) in {path}, applied in this order at startup:"))
     for i, entry in enumerate(entries, 1):
         override = well_formed_override(entry)
         if override is None:
-            print(f"{i:3d}. (malformed, workers skip it) {json.dumps(entry, sort_keys=True, default=str)}")
+            print(
+                terminal_safe(
+                    f"{i:3d}. (malformed, workers skip it) {json.dumps(entry, sort_keys=True, default=str)}"
+                )
+            )
         else:
-            print(f"{i:3d}. {override['cmd']} {format_args(override['args'])}".rstrip())
+            print(terminal_safe(f"{i:3d}. {override['cmd']} {format_args(override['args'])}".rstrip()))
     return EXIT_OK
 
 
@@ -814,10 +820,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         status: int = ns.func(ns)
         return status
     except UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(terminal_safe(f"{PROG}: error: {exc}"), file=sys.stderr)
         return EXIT_USAGE
     except _Failed as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        print(terminal_safe(f"{PROG}: {exc}"), file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
