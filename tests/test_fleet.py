@@ -802,3 +802,30 @@ def test_persist_writes_nothing_into_a_directory_of_a_user_the_workers_do_not_ru
     os.chown(socket_dir, _NOBODY, _NOBODY)  # the workers' own: written, and handed to them
     persist_override(str(socket_dir), "health_fail", {}, asked)
     assert Path(overrides_path(str(socket_dir))).stat().st_uid == _NOBODY
+
+
+def test_remove_stale_removes_only_in_the_directory_it_listed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    here, there, link = tmp_path / "here", tmp_path / "there", tmp_path / "workers"
+    here.mkdir()
+    there.mkdir()
+    make_stale_socket(here / "app-1.sock")
+    live = UnixSockServer(str(there / "app-1.sock"), lambda cmd, args: "alive")
+    live.start()
+    link.symlink_to(here)
+    probe = _fleet.probe  # type: ignore[attr-defined]  # patched where _fleet looks it up
+
+    def probe_then_swap(path: str, timeout: float = 1.0) -> Any:
+        found = probe(path, timeout)
+        link.unlink()  # between the probe and the removal, the name comes to lead elsewhere
+        link.symlink_to(there)
+        return found
+
+    monkeypatch.setattr(_fleet, "probe", probe_then_swap)
+    try:
+        assert remove_stale_sockets(str(link)) == [str(link / "app-1.sock")]
+        assert not (here / "app-1.sock").exists()
+        assert asyncio.run(ask_worker(str(there / "app-1.sock"), "ping", {}, 5.0)).payload == "alive"
+    finally:
+        live.stop()

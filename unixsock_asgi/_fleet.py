@@ -97,11 +97,22 @@ def remove_stale_sockets(directory: str) -> list[str]:
     runs under the directory's lock, which a server binding there holds while
     it replaces a stale socket: it never removes the live one just put in place.
     """
-    removed = []
-    with directory_lock(directory, required=False):
-        for path in _socket_files(directory):
-            if _remove_if_stale(path):
-                removed.append(path)
+    removed: list[str] = []
+    # Opened once and worked in through its descriptor: the name may be a link
+    # someone swaps between the probe of a socket and its removal, to have a
+    # live socket elsewhere removed in place of a stale one here.
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return removed
+    try:
+        pinned = f"/proc/self/fd/{dir_fd}" if _PROC_FDS else directory
+        with directory_lock(pinned, required=False):
+            for path in _socket_files(pinned):
+                if _remove_if_stale(path):
+                    removed.append(os.path.join(directory, os.path.basename(path)))
+    finally:
+        os.close(dir_fd)
     for path in removed:
         logger.info("removed stale socket %s", path)
     return removed
