@@ -552,6 +552,7 @@ def test_walk_path_walks_the_path_as_the_kernel_does(
     assert _entries(f"{base}/tmp/ctl/x/../app-1.sock")[-1] == f"{base}/home/nobody/d/app-1.sock"
     # A relative path from the working directory.
     monkeypatch.chdir(lookup_tree / "run")
+    monkeypatch.setenv("PWD", f"{base}/run")
     assert _entries("shoplink/app-1.sock")[-3:] == [
         f"{base}/run/shoplink",
         f"{base}/run/shop",
@@ -561,13 +562,13 @@ def test_walk_path_walks_the_path_as_the_kernel_does(
 
 
 @needs_root
-def test_a_relative_path_is_judged_from_the_working_directory_itself(
+def test_a_relative_path_is_judged_by_the_kernels_way_and_the_shells(
     lookup_tree: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base = str(lookup_tree)
-    # Whatever link the shell followed to get there ($PWD), the kernel starts from the directory.
+    # `cd tmp/ctl`: the kernel starts from nobody's own directory, in root's...
+    monkeypatch.chdir(lookup_tree / "tmp/ctl")
     monkeypatch.setenv("PWD", f"{base}/tmp/ctl")
-    monkeypatch.chdir(lookup_tree / "tmp/ctl")  # nobody's link: now in nobody's own directory, in root's
     walk = walk_path("app-1.sock")
     os.close(walk.fd)
     assert [lookup.entry for lookup in walk.lookups][-4:] == [
@@ -577,15 +578,32 @@ def test_a_relative_path_is_judged_from_the_working_directory_itself(
         f"{base}/home/nobody/d/app-1.sock",
     ]
     assert walk.lookups[0].directory == "/" and walk.root_uid == 0
+    # ... but the shell came there through nobody's link, in a directory anyone may write.
+    assert f"{base}/tmp/ctl" in [lookup.entry for lookup in walk.shells_way]
+    problem = untrusted_peer("app-1.sock", _NOBODY)
+    assert f"{base}/tmp/ctl belongs to uid 65534, in {base}/tmp, where any user may make names" in problem
+    assert "(on the way the shell came to its working directory, $PWD)" in problem
+    # Come the kernel's way (or with no $PWD): nobody's own directory, trusted as if given in full.
+    monkeypatch.setenv("PWD", f"{base}/home/nobody/d")
     assert untrusted_peer("app-1.sock", _NOBODY) == ""
-    # Its way down from / is checked as a written path's is.
+    monkeypatch.delenv("PWD")
+    assert untrusted_peer("app-1.sock", _NOBODY) == ""
+    # A $PWD that leads elsewhere: how the shell came here is unknown.
+    monkeypatch.setenv("PWD", f"{base}/run/shop")
+    assert "$PWD (" in untrusted_peer("app-1.sock", _NOBODY)
+    # The working directory's own way down from / is checked as a written path's is.
     monkeypatch.chdir(lookup_tree / "tmp")
+    monkeypatch.setenv("PWD", f"{base}/tmp")
     assert f"{base}/tmp/app-1.sock belongs to uid 65534, in {base}/tmp" in untrusted_peer(
         "app-1.sock", _NOBODY
     )
     monkeypatch.chdir(lookup_tree / "third")
+    monkeypatch.setenv("PWD", f"{base}/third")
     assert f"{base}/third belongs to uid 65533" in untrusted_peer("app-1.sock", _NOBODY)
     assert f"{base}/third belongs to uid 65533" in untrusted_peer("../third/./app-1.sock", _NOBODY)
+    # Root's own workers (and the operator's) are talked to whatever the way.
+    monkeypatch.setenv("PWD", "/nonexistent")
+    assert untrusted_peer("app-1.sock", 0) == ""
 
 
 def test_the_cli_talks_to_the_socket_it_checked_whatever_is_renamed_meanwhile(

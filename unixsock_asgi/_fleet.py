@@ -465,6 +465,11 @@ class PathWalk:
     root_uid: int
     home: tuple[int, int] | None = None
     """(st_dev, st_ino) of the directory the last name was looked up in."""
+    shells_way: list[Lookup] = field(default_factory=list)
+    """For a relative path: the lookups of ``$PWD``, the way the operator's shell came to the
+    working directory (through links the kernel no longer sees), which must pass too."""
+    moved: str = ""
+    """For a relative path: why ``$PWD`` does not name the working directory, if it does not."""
 
     def untrusted(self, peer_uid: int) -> str:
         """Why a server of ``peer_uid`` at the end of this walk is not asked, or "" (see :func:`untrusted_peer`)."""
@@ -475,15 +480,26 @@ class PathWalk:
         """Why others than root, this user and ``peer_uid`` could have made an entry met, or ""."""
         if self.root_uid != 0:
             return f"/ belongs to uid {self.root_uid}"
-        euid = os.geteuid()
-        for directory, mode, entry, uid in self.lookups:
-            shared = bool(mode & 0o022)
-            if shared and not mode & stat.S_ISVTX:
-                return f"{directory} is writable by others"
-            if uid not in ((0, euid) if shared else (0, euid, peer_uid)):
-                where = f", in {directory}, where any user may make names" if shared else ""
-                return f"{entry} belongs to uid {uid}{where}"
-        return ""
+        if self.moved:
+            return self.moved
+        why = _who_else_could_have_made(self.lookups, peer_uid)
+        if not why and self.shells_way:
+            why = _who_else_could_have_made(self.shells_way, peer_uid)
+            if why:
+                why += " (on the way the shell came to its working directory, $PWD)"
+        return why
+
+
+def _who_else_could_have_made(lookups: Iterable[Lookup], peer_uid: int) -> str:
+    euid = os.geteuid()
+    for directory, mode, entry, uid in lookups:
+        shared = bool(mode & 0o022)
+        if shared and not mode & stat.S_ISVTX:
+            return f"{directory} is writable by others"
+        if uid not in ((0, euid) if shared else (0, euid, peer_uid)):
+            where = f", in {directory}, where any user may make names" if shared else ""
+            return f"{entry} belongs to uid {uid}{where}"
+    return ""
 
 
 _MAX_SYMLINKS = 40  # Linux's MAXSYMLINKS: more on one path, and the kernel gives ELOOP
@@ -498,20 +514,24 @@ def walk_path(path: str) -> PathWalk:
     it is met, at any depth, and ``..`` is the parent of the directory
     actually reached, not of the text. A relative path starts, as the
     kernel starts it, from the working directory itself, whose way down
-    from ``/`` is found going up through ``..`` (by what links the shell
-    came there is not the kernel's way in, nor this one's). The caller
+    from ``/`` is found going up through ``..``; the way the operator's
+    shell came there (``$PWD``, through links the kernel no longer sees)
+    is walked too and must lead to the same directory: both must pass. The caller
     connects through ``/proc/self/fd/<fd>`` and closes ``fd``: what it
     talks to is what was walked, whatever is renamed meanwhile. Raises
     OSError where a name cannot be looked up (missing, a loop, no permission).
     """
     absolute = path.startswith("/")
     fd = os.open("/" if absolute else ".", os.O_PATH | os.O_DIRECTORY)
+    shells_way: list[Lookup] = []
+    moved = ""
     try:
         lookups: list[Lookup]
         if absolute:
             current, lookups, root_uid = "/", [], os.fstat(fd).st_uid
         else:
             current, lookups, root_uid = _way_down_to(fd)
+            shells_way, moved = _shells_way_to(fd)
         pending = path.split("/")
         pending.reverse()  # a stack: the next name last
         links, home = 0, None
@@ -557,7 +577,29 @@ def walk_path(path: str) -> PathWalk:
     except BaseException:
         os.close(fd)
         raise
-    return PathWalk(lookups, fd, root_uid, home)
+    return PathWalk(lookups, fd, root_uid, home, shells_way, moved)
+
+
+def _shells_way_to(fd: int) -> tuple[list[Lookup], str]:
+    """The lookups of ``$PWD`` when it leads to the directory of ``fd``; else why not ("" without it).
+
+    A shell that ``cd``-ed through another user's link in ``/tmp`` sits in
+    wherever that link led: the link is nowhere on the kernel's way, but the
+    operator went through it.
+    """
+    pwd = os.environ.get("PWD", "")
+    if not pwd.startswith("/"):
+        return [], ""
+    moved = f"$PWD ({pwd}) no longer leads to the working directory: give the socket's full path"
+    try:
+        walk = walk_path(pwd)
+    except OSError:
+        return [], moved
+    try:
+        same = os.path.samestat(os.fstat(walk.fd), os.fstat(fd))
+    finally:
+        os.close(walk.fd)
+    return (walk.lookups, "") if same else ([], moved)
 
 
 _MAX_DEPTH = 4096  # directories above a working directory, at most (PATH_MAX allows about 2,048)
