@@ -572,6 +572,10 @@ def test_a_worker_that_exits_while_asked_is_named_as_such(
     assert (
         "error: 1 worker(s) exited while asked (the command may have run there): app-2.sock" in result.stderr
     )
+    # The socket's name is the workers' user's to choose: shown as text, never as terminal controls.
+    third = exiting_server(str(tmp_path / "app\x1b]0;PWNED\x07-3.sock"))
+    result = _cli("shell", third, stdin="restock\n")
+    assert "app\\x1b]0;PWNED\\x07-3.sock" in result.stderr and "\x1b" not in result.stderr
 
 
 def test_top_once_waits_for_a_hung_worker_once(
@@ -781,7 +785,7 @@ def test_what_the_workers_user_leaves_in_the_directory_is_shown_as_text_never_as
 ) -> None:
     nasty = "\x1b]0;PWNED\x07"
     (worker,) = fleet.start(1)
-    worker.record((f"/a{nasty}", 200, 0.01))  # a route's name, as the app declared it
+    worker.record((f"/a{nasty}\u202e\u2028", 200, 0.01))  # a route's name, as the app declared it
     make_stale_socket(socket_dir / f"app{nasty}-2.sock")  # a file name
     Path(overrides_path(str(socket_dir))).write_text(  # the overrides file (theirs to write)
         json.dumps(
@@ -796,7 +800,7 @@ def test_what_the_workers_user_leaves_in_the_directory_is_shown_as_text_never_as
     ):
         _, out, err = run(capsys, *argv)
         assert "PWNED" in out + err, argv  # shown, as text
-        assert not {"\x1b", "\x07"} & set(out + err), (argv, out + err)
+        assert not {"\x1b", "\x07", "\u202e", "\u2028"} & set(out + err), (argv, out + err)
 
 
 def test_persist_reaches_a_worker_that_started_while_the_command_went_out(

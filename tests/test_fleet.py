@@ -847,3 +847,12 @@ def test_remove_stale_removes_only_in_the_directory_it_listed(
         assert asyncio.run(ask_worker(str(there / "app-1.sock"), "ping", {}, 5.0)).payload == "alive"
     finally:
         live.stop()
+
+
+def test_remove_stale_logs_a_socket_name_as_text(socket_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    make_stale_socket(socket_dir / "app\x1b]0;PWNED\x07-2.sock")  # its name is the workers' user's
+    with caplog.at_level(logging.INFO, logger="unixsock_asgi.fleet"):
+        assert len(remove_stale_sockets(str(socket_dir))) == 1
+    logged = caplog.messages
+    assert any("PWNED" in message for message in logged)
+    assert not any("\x1b" in message or "/proc/self/fd" in message for message in logged), logged

@@ -109,21 +109,22 @@ def remove_stale_sockets(directory: str) -> list[str]:
         pinned = f"/proc/self/fd/{dir_fd}" if _PROC_FDS else directory
         with directory_lock(pinned, required=False):
             for path in _socket_files(pinned):
-                if _remove_if_stale(path):
-                    removed.append(os.path.join(directory, os.path.basename(path)))
+                shown = os.path.join(directory, os.path.basename(path))
+                if _remove_if_stale(path, shown):
+                    removed.append(shown)
     finally:
         os.close(dir_fd)
     for path in removed:
-        logger.info("removed stale socket %s", path)
+        logger.info("removed stale socket %r", path)  # (a name the workers' user chose: repr)
     return removed
 
 
-def _remove_if_stale(path: str) -> bool:
+def _remove_if_stale(path: str, shown: str) -> bool:
     try:
         if probe(path) is not None:
             return False
     except OSError as exc:
-        logger.debug("not removing %s: cannot probe it (%s)", path, exc)
+        logger.debug("not removing %r: cannot probe it (%s)", shown, exc.strerror)
         return False
     try:
         # Re-check right before unlinking: never remove something that is not a socket.
@@ -133,7 +134,7 @@ def _remove_if_stale(path: str) -> bool:
     except FileNotFoundError:
         return False
     except OSError as exc:
-        logger.warning("cannot remove stale socket %s: %s", path, exc)
+        logger.warning("cannot remove stale socket %r: %s", shown, exc.strerror)
         return False
     return True
 
@@ -1130,7 +1131,17 @@ def _escape_label(value: Any) -> str:
     return text.translate(_CONTROL_CHARACTERS)
 
 
-_CONTROL_CHARACTERS = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0)], "\ufffd")
+_CONTROL_CHARACTERS = dict.fromkeys(
+    [
+        *range(0x20),
+        *range(0x7F, 0xA0),  # DEL and the C1 controls
+        *range(0x202A, 0x202F),  # bidirectional overrides: text that reads other than it is
+        *range(0x2066, 0x206A),
+        0x2028,  # line and paragraph separators
+        0x2029,
+    ],
+    "\ufffd",
+)
 
 
 def _format_value(value: Any) -> str:

@@ -164,7 +164,7 @@ def run_shell(target: Target, *, timeout: float, history_file: str) -> int:
             if isinstance(event, Close):
                 break
             if isinstance(event, ProtocolViolation):
-                print(f"error: {event.error}", file=sys.stderr)
+                print(terminal_safe(f"error: {event.error}"), file=sys.stderr)
                 any_failed = True
                 continue
             try:
@@ -183,7 +183,7 @@ def run_shell(target: Target, *, timeout: float, history_file: str) -> int:
                 continue
             if not outcome.results:
                 nobody = gone_text(outcome) if outcome.gone else f"no live worker at {target.path}"
-                print(f"error: {nobody}", file=sys.stderr)
+                print(terminal_safe(f"error: {nobody}"), file=sys.stderr)
                 any_failed = True
                 continue
             single = not target.is_directory
