@@ -583,11 +583,14 @@ def test_a_relative_path_is_judged_by_the_kernels_way_and_the_shells(
     problem = untrusted_peer("app-1.sock", _NOBODY)
     assert f"{base}/tmp/ctl belongs to uid 65534, in {base}/tmp, where any user may make names" in problem
     assert "(on the way the shell came to its working directory, $PWD)" in problem
-    # Come the kernel's way (or with no $PWD): nobody's own directory, trusted as if given in full.
+    # Come the kernel's way: nobody's own directory, trusted as if given in full.
     monkeypatch.setenv("PWD", f"{base}/home/nobody/d")
     assert untrusted_peer("app-1.sock", _NOBODY) == ""
+    # Without $PWD (or a relative one), the way is unknown: the full path is asked for.
     monkeypatch.delenv("PWD")
-    assert untrusted_peer("app-1.sock", _NOBODY) == ""
+    assert "$PWD is not set" in untrusted_peer("app-1.sock", _NOBODY)
+    monkeypatch.setenv("PWD", "tmp/ctl")
+    assert "$PWD is not set" in untrusted_peer("app-1.sock", _NOBODY)
     # A $PWD that leads elsewhere: how the shell came here is unknown.
     monkeypatch.setenv("PWD", f"{base}/run/shop")
     assert "$PWD (" in untrusted_peer("app-1.sock", _NOBODY)

@@ -470,7 +470,7 @@ class PathWalk:
     """For a relative path: the lookups of ``$PWD``, the way the operator's shell came to the
     working directory (through links the kernel no longer sees), which must pass too."""
     moved: str = ""
-    """For a relative path: why ``$PWD`` does not name the working directory, if it does not."""
+    """For a relative path: why ``$PWD`` does not tell the way to the working directory, if it does not."""
 
     def untrusted(self, peer_uid: int) -> str:
         """Why a server of ``peer_uid`` at the end of this walk is not asked, or "" (see :func:`untrusted_peer`)."""
@@ -582,15 +582,21 @@ def walk_path(path: str) -> PathWalk:
 
 
 def _shells_way_to(fd: int) -> tuple[list[Lookup], str]:
-    """The lookups of ``$PWD`` when it leads to the directory of ``fd``; else why not ("" without it).
+    """The lookups of ``$PWD`` when it leads to the directory of ``fd``; else why not.
 
     A shell that ``cd``-ed through another user's link in ``/tmp`` sits in
     wherever that link led: the link is nowhere on the kernel's way, but the
-    operator went through it.
+    operator went through it. Without a ``$PWD`` that says so, the way is
+    unknown, and another user's server is not asked by a relative path.
+    (A ``$PWD`` without links, from ``cd -P`` or a new shell, cannot be told
+    from having come the kernel's way.)
     """
     pwd = os.environ.get("PWD", "")
     if not pwd.startswith("/"):
-        return [], ""
+        return [], (
+            "$PWD is not set, so how the shell came to its working directory is unknown:"
+            " give the socket's full path"
+        )
     moved = f"$PWD ({pwd}) no longer leads to the working directory: give the socket's full path"
     try:
         walk = walk_path(pwd)
