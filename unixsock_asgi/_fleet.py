@@ -34,6 +34,7 @@ from ._stats import merge_histograms
 __all__ = [
     "OVERRIDES_FILENAME",
     "PERSISTABLE_COMMANDS",
+    "TERMINAL_CONTROLS",
     "AskedWorkers",
     "FanOutResult",
     "OverrideError",
@@ -1137,17 +1138,16 @@ def _escape_label(value: Any) -> str:
     return text.translate(_CONTROL_CHARACTERS)
 
 
-_CONTROL_CHARACTERS = dict.fromkeys(
-    [
-        *range(0x20),
-        *range(0x7F, 0xA0),  # DEL and the C1 controls
-        *range(0x202A, 0x202F),  # bidirectional overrides: text that reads other than it is
-        *range(0x2066, 0x206A),
-        0x2028,  # line and paragraph separators
-        0x2029,
-    ],
-    "\ufffd",
+TERMINAL_CONTROLS = (
+    *range(0x20),
+    *range(0x7F, 0xA0),  # DEL and the C1 controls (0x9b is a CSI of its own)
+    *range(0x202A, 0x202F),  # bidirectional overrides: text that reads other than it is
+    *range(0x2066, 0x206A),
+    0x2028,  # line and paragraph separators: a line break to some terminals
+    0x2029,
 )
+"""Code points that drive a terminal (or make text read other than it is), tab and newline included."""
+_CONTROL_CHARACTERS = dict.fromkeys(TERMINAL_CONTROLS, "\ufffd")
 
 
 def _format_value(value: Any) -> str:

@@ -36,6 +36,7 @@ from . import __version__
 from ._fleet import (
     FOREIGN_STATS,
     STATUS_ERROR,
+    TERMINAL_CONTROLS,
     AskedWorkers,
     FanOutResult,
     OverrideError,
@@ -353,14 +354,7 @@ def failure_summary(outcome: FanOutResult, *, single_target: bool = False) -> st
 
 _UNSAFE = {
     code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-    for code in (
-        *range(0x20),
-        *range(0x7F, 0xA0),  # DEL and the C1 controls (0x9b is a CSI of its own)
-        *range(0x202A, 0x202F),  # bidirectional overrides: text that reads other than it is
-        *range(0x2066, 0x206A),
-        0x2028,  # line and paragraph separators: a line break to some terminals
-        0x2029,
-    )
+    for code in TERMINAL_CONTROLS
     if code not in (0x09, 0x0A)  # tab and newline lay text out; they do not drive the terminal
 }
 
