@@ -775,8 +775,18 @@ def test_an_overrides_file_that_is_a_link_or_a_fifo_is_neither_followed_nor_wait
         elsewhere.unlink()
 
 
+@pytest.fixture
+def run_dir(socket_dir: Path) -> Path:
+    """A socket directory in one of root's that others may not write, as /run/<app> is in /run."""
+    os.chmod(socket_dir, 0o755)
+    run = socket_dir / "app"
+    run.mkdir(mode=0o700)
+    return run
+
+
 @needs_root
-def test_root_persists_with_the_rights_of_the_directorys_owner(socket_dir: Path) -> None:
+def test_root_persists_with_the_rights_of_the_directorys_owner(run_dir: Path) -> None:
+    socket_dir = run_dir
     os.chown(socket_dir, _NOBODY, _NOBODY)  # the workers' user's directory: they may swap what is in it
     path = Path(overrides_path(str(socket_dir)))
     path.write_text(json.dumps({"version": 1, "overrides": [{"cmd": "root_only", "args": {"token": "s3"}}]}))
@@ -812,8 +822,9 @@ def test_persist_writes_only_into_the_directory_the_workers_were_asked_in(
 
 @needs_root
 def test_persist_writes_nothing_into_a_directory_of_a_user_the_workers_do_not_run_as(
-    socket_dir: Path,
+    run_dir: Path,
 ) -> None:
+    socket_dir = run_dir
     st = socket_dir.stat()
     os.chown(socket_dir, _THIRD, _THIRD)
     asked = AskedWorkers(frozenset({(st.st_dev, st.st_ino)}), frozenset({_NOBODY}))
@@ -859,3 +870,54 @@ def test_remove_stale_logs_a_socket_name_as_text(socket_dir: Path, caplog: pytes
     logged = caplog.messages
     assert any("PWNED" in message for message in logged)
     assert not any("\x1b" in message or "/proc/self/fd" in message for message in logged), logged
+
+
+@needs_root
+def test_root_works_in_no_directory_another_user_could_have_led_it_to(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A third user's link in /tmp to a directory of a user's (their overrides file), or to one of root's."""
+    os.chown(run_dir, _NOBODY, _NOBODY)
+    secret = Path(overrides_path(str(run_dir)))
+    secret.write_text(
+        json.dumps({"version": 1, "overrides": [{"cmd": "set", "args": {"name": "k", "value": "s3"}}]})
+    )
+    make_stale_socket(run_dir / "app-9.sock")
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # a /tmp of its own
+    link = shared / "ctl"
+    link.symlink_to(run_dir)
+    os.lchown(link, _THIRD, _THIRD)
+    why = f"{link} belongs to uid 65533, in {shared}, where any user may make names"
+
+    for argv in (
+        ("overrides", "show", str(link)),
+        ("overrides", "clear", str(link)),
+        ("ls", str(link), "--remove-stale"),
+    ):
+        status, _, err = _cli_run(capsys, *argv)
+        assert status == 1 and why in " ".join(err.split()), (argv, err)
+    assert secret.exists() and (run_dir / "app-9.sock").exists()  # neither read, removed nor cleared
+
+    # root's directory (as /etc would be), through the link: no file written there.
+    link.unlink()
+    link.symlink_to(tmp_path)
+    os.lchown(link, _THIRD, _THIRD)
+    status, _, err = _cli_run(capsys, "metrics", str(run_dir), "--output", str(link / "fleet.prom"))
+    assert status == 2 and why in " ".join(err.split()), err
+    assert not (tmp_path / "fleet.prom").exists()
+    # Given by the way only root and the owners could have made, all of them work.
+    assert _cli_run(capsys, "overrides", "show", str(run_dir))[0] == 0
+    assert (
+        _cli_run(capsys, "ls", str(run_dir), "--remove-stale")[0] == 2
+    )  # no live worker; the stale one removed
+    assert not (run_dir / "app-9.sock").exists()
+    _cli_run(capsys, "metrics", str(run_dir), "--output", str(tmp_path / "fleet.prom"))
+    assert (tmp_path / "fleet.prom").exists()
+
+
+def _cli_run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    status = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err

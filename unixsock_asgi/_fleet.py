@@ -41,6 +41,7 @@ __all__ = [
     "OverridesFileError",
     "Target",
     "TargetError",
+    "UntrustedDirectory",
     "WorkerResult",
     "aggregate",
     "aggregate_stats",
@@ -50,6 +51,7 @@ __all__ = [
     "is_stats_snapshot",
     "load_overrides",
     "mark_foreign_stats",
+    "open_checked_directory",
     "override_key",
     "overrides_path",
     "persist_override",
@@ -103,7 +105,7 @@ def remove_stale_sockets(directory: str) -> list[str]:
     # someone swaps between the probe of a socket and its removal, to have a
     # live socket elsewhere removed in place of a stale one here.
     try:
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        dir_fd = open_checked_directory(directory)
     except FileNotFoundError:
         return removed
     try:
@@ -217,7 +219,10 @@ def _socket_directory(directory: str, asked: AskedWorkers | None = None) -> Iter
     no file of root's is read, written or handed over. A directory of root's
     must be one nobody else can redirect (see ``check_private_directory``).
     """
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        dir_fd = open_checked_directory(directory)
+    except UntrustedDirectory as exc:
+        raise OverridesFileError(exc.strerror) from None
     try:
         st = os.fstat(dir_fd)
         if asked is not None:
@@ -244,6 +249,36 @@ def _socket_directory(directory: str, asked: AskedWorkers | None = None) -> Iter
             os.setgroups(groups)
     finally:
         os.close(dir_fd)
+
+
+class UntrustedDirectory(OSError):
+    """A directory the CLI does not work in: another user could have redirected the way to it."""
+
+
+def open_checked_directory(directory: str) -> int:
+    """Open ``directory`` (``O_RDONLY``) as the walk to it reached it, unless others could have redirected it.
+
+    Like a peer's socket (see :func:`untrusted_peer`), with the directory's
+    owner in the peer's place: every entry on the way (every link, at any
+    depth) belongs to root, this user or that owner and sits in a directory
+    others may not write. Else :class:`UntrustedDirectory`: another user's
+    link in ``/tmp`` could lead root into a third user's directory, or into
+    one of root's.
+    """
+    walk = walk_path(directory)
+    try:
+        owner = os.fstat(walk.fd).st_uid
+        why = walk.who_else(owner)
+        if why:
+            raise UntrustedDirectory(
+                errno.EPERM, f"not touched: {directory} belongs to uid {owner}, and {why}", directory
+            )
+        return os.open(
+            f"/proc/self/fd/{walk.fd}" if _PROC_FDS else directory,
+            os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+        )
+    finally:
+        os.close(walk.fd)
 
 
 @dataclass(frozen=True)
@@ -475,18 +510,18 @@ class PathWalk:
 
     def untrusted(self, peer_uid: int) -> str:
         """Why a server of ``peer_uid`` at the end of this walk is not asked, or "" (see :func:`untrusted_peer`)."""
-        why = "" if peer_uid in (os.geteuid(), 0) else self._who_could_have_made(peer_uid)
+        why = "" if peer_uid in (os.geteuid(), 0) else self.who_else(peer_uid)
         return _refusal(peer_uid, why) if why else ""
 
-    def _who_could_have_made(self, peer_uid: int) -> str:
-        """Why others than root, this user and ``peer_uid`` could have made an entry met, or ""."""
+    def who_else(self, uid: int) -> str:
+        """Why others than root, this user and ``uid`` could have made an entry met, or ""."""
         if self.root_uid != 0:
             return f"/ belongs to uid {self.root_uid}"
         if self.moved:
             return self.moved
-        why = _who_else_could_have_made(self.lookups, peer_uid)
+        why = _who_else_could_have_made(self.lookups, uid)
         if not why and self.shells_way:
-            why = _who_else_could_have_made(self.shells_way, peer_uid)
+            why = _who_else_could_have_made(self.shells_way, uid)
             if why:
                 why += " (on the way the shell came to its working directory, $PWD)"
         return why

@@ -28,7 +28,7 @@ import math
 import os
 import re
 import sys
-import tempfile
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NoReturn, TextIO
 
@@ -43,6 +43,7 @@ from ._fleet import (
     OverridesFileError,
     Target,
     TargetError,
+    UntrustedDirectory,
     WorkerResult,
     aggregate,
     check_can_persist,
@@ -50,6 +51,7 @@ from ._fleet import (
     fan_out,
     is_stats_snapshot,
     mark_foreign_stats,
+    open_checked_directory,
     override_key,
     overrides_path,
     persist_override,
@@ -554,7 +556,10 @@ def cmd_ls(ns: argparse.Namespace) -> int:
     if not sockets:
         raise UsageError(f"nothing to talk to: no worker sockets (*.sock) in {target.path}")
     outcome = mark_foreign_stats(asyncio.run(fan_out(sockets, "stats", _WITHOUT_ROUTES, timeout=ns.timeout)))
-    removed = remove_stale_sockets(target.path) if ns.remove_stale and target.is_directory else []
+    try:
+        removed = remove_stale_sockets(target.path) if ns.remove_stale and target.is_directory else []
+    except UntrustedDirectory as exc:
+        raise _Failed(f"--remove-stale: {exc.strerror}") from None
     if ns.json:
         workers = []
         for r in outcome.results:
@@ -626,18 +631,33 @@ def cmd_metrics(ns: argparse.Namespace) -> int:
 
 
 def _write_atomically(path: str, text: str) -> None:
-    """Write a file the way node_exporter's textfile collector needs: never half-written."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(prefix=".metrics.", suffix=".tmp", dir=directory)
+    """Write a file the way node_exporter's textfile collector needs: never half-written.
+
+    In the directory the walk to it reached, and only if nobody but root, this
+    user and its owner could have redirected that walk (another user's link in
+    ``/tmp`` could lead root's file into any directory).
+    """
+    dir_fd = open_checked_directory(os.path.dirname(path) or ".")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            os.fchmod(fh.fileno(), 0o644)
-            fh.write(text)
-        os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_path)
-        raise
+        name = os.path.basename(path)
+        tmp_name = f".metrics.{os.getpid()}.{time.monotonic_ns()}.tmp"
+        fd = os.open(
+            tmp_name,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o644,
+            dir_fd=dir_fd,
+        )
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                os.fchmod(fh.fileno(), 0o644)
+                fh.write(text)
+            os.replace(tmp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name, dir_fd=dir_fd)
+            raise
+    finally:
+        os.close(dir_fd)
 
 
 def cmd_overrides(ns: argparse.Namespace) -> int:
