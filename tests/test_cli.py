@@ -631,6 +631,12 @@ def test_help_lists_each_command_with_the_first_sentence_of_its_doc() -> None:
     odd = [{"name": "a", "args": ["n", 3]}, {"name": "b", "args": "n"}, "c"]
     assert render_help({"commands": odd}) == ["a", "b"]
     assert CommandCatalog.from_help([{"commands": odd}]).commands == {"a": [], "b": []}
+    # Names that would drive the terminal as readline lists them are not offered to complete.
+    nasty = [
+        {"name": "zz\u009b31mb"},
+        {"name": "ok", "args": [{"name": "x\x1b[2J"}, {"name": "\u202eevil"}, {"name": "fine"}]},
+    ]
+    assert CommandCatalog.from_help([{"commands": nasty}]).commands == {"ok": ["fine"]}
     # help command=set_log_level: the one command, with its whole doc.
     assert render_help({"commands": listed[:1]}) == [
         "set_log_level level=<str>",

@@ -14,7 +14,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 from ._fleet import Target, fan_out
 from ._protocol import Close, ProtocolViolation, parse_line
@@ -48,15 +48,26 @@ class CommandCatalog:
         for payload in payloads:
             commands = payload.get("commands") if isinstance(payload, Mapping) else None
             for command in commands if isinstance(commands, list) else []:
-                if not isinstance(command, Mapping) or not isinstance(command.get("name"), str):
+                # Names readline would put on the terminal as they are: none that drive it.
+                if not isinstance(command, Mapping) or not _plain_word(command.get("name")):
                     continue
                 known = catalog.commands.setdefault(command["name"], [])
                 args = command.get("args")
                 for arg in args if isinstance(args, list) else []:
                     name = arg.get("name") if isinstance(arg, Mapping) else None
-                    if isinstance(name, str) and name not in known:
+                    if _plain_word(name) and name not in known:
                         known.append(name)
         return catalog
+
+
+def _plain_word(name: object) -> TypeGuard[str]:
+    """A name the shell offers to complete: a string a terminal shows as it is."""
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and terminal_safe(name) == name
+        and not any(c.isspace() for c in name)
+    )
 
 
 def completions(catalog: CommandCatalog, before: str, text: str) -> list[str]:
