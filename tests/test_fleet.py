@@ -24,12 +24,14 @@ from unixsock_asgi._fleet import (
     AskedWorkers,
     OverrideError,
     OverridesFileError,
+    UntrustedDirectory,
     aggregate_stats,
     ask_worker,
     check_can_persist,
     clear_overrides,
     fan_out,
     load_overrides,
+    open_checked_directory,
     override_key,
     overrides_path,
     persist_override,
@@ -921,3 +923,21 @@ def _cli_run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, 
     status = cli.main(list(argv))
     out, err = capsys.readouterr()
     return status, out, err
+
+
+@needs_root
+def test_a_way_through_proc_links_is_not_judged_from_their_text(
+    lookup_tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # /proc/self/cwd reads as a path, but the kernel follows it to the directory itself,
+    # whichever way the shell came there: another user's server is not asked that way...
+    monkeypatch.chdir(lookup_tree / "run/shop")
+    for written in ("/proc/self/cwd/app-1.sock", "/dev/fd/../cwd/app-1.sock"):
+        assert "is a /proc link, whose way cannot be judged: give the path itself" in untrusted_peer(
+            written, _NOBODY
+        )
+    # ...nor is such a directory worked in; given as itself, it is.
+    with pytest.raises(UntrustedDirectory, match="is a /proc link"):
+        open_checked_directory("/proc/self/cwd")
+    os.close(open_checked_directory(str(lookup_tree / "run/shop")))
+    assert untrusted_peer(str(lookup_tree / "run/shop/app-1.sock"), _NOBODY) == ""

@@ -502,6 +502,9 @@ class PathWalk:
     root_uid: int
     home: tuple[int, int] | None = None
     """(st_dev, st_ino) of the directory the last name was looked up in."""
+    magic: str = ""
+    """A link met on /proc (``/proc/self/cwd``, ``/dev/fd/N``...): the kernel follows it to an
+    object, not as the text it reads as, so the way it leads is not one this walk can judge."""
     shells_way: list[Lookup] = field(default_factory=list)
     """For a relative path: the lookups of ``$PWD``, the way the operator's shell came to the
     working directory (through links the kernel no longer sees), which must pass too."""
@@ -519,6 +522,8 @@ class PathWalk:
             return f"/ belongs to uid {self.root_uid}"
         if self.moved:
             return self.moved
+        if self.magic:
+            return f"{self.magic} is a /proc link, whose way cannot be judged: give the path itself"
         why = _who_else_could_have_made(self.lookups, uid)
         if not why and self.shells_way:
             why = _who_else_could_have_made(self.shells_way, uid)
@@ -540,6 +545,10 @@ def _who_else_could_have_made(lookups: Iterable[Lookup], peer_uid: int) -> str:
 
 
 _MAX_SYMLINKS = 40  # Linux's MAXSYMLINKS: more on one path, and the kernel gives ELOOP
+try:
+    _PROC_DEV: int | None = os.stat("/proc/self").st_dev
+except OSError:
+    _PROC_DEV = None
 
 
 def walk_path(path: str) -> PathWalk:
@@ -571,7 +580,7 @@ def walk_path(path: str) -> PathWalk:
             shells_way, moved = _shells_way_to(fd)
         pending = path.split("/")
         pending.reverse()  # a stack: the next name last
-        links, home = 0, None
+        links, home, magic = 0, None, ""
         while pending:
             name = pending.pop()
             if name in ("", "."):
@@ -597,6 +606,8 @@ def walk_path(path: str) -> PathWalk:
                 raise
             lookups.append(Lookup(current, directory_mode, entry, st.st_uid))
             if stat.S_ISLNK(st.st_mode):
+                if st.st_dev == _PROC_DEV:
+                    magic = magic or entry
                 try:
                     target = os.readlink("", dir_fd=entry_fd)
                 finally:
@@ -614,7 +625,7 @@ def walk_path(path: str) -> PathWalk:
     except BaseException:
         os.close(fd)
         raise
-    return PathWalk(lookups, fd, root_uid, home, shells_way, moved)
+    return PathWalk(lookups, fd, root_uid, home, magic, shells_way, moved)
 
 
 def _shells_way_to(fd: int) -> tuple[list[Lookup], str]:
@@ -630,10 +641,9 @@ def _shells_way_to(fd: int) -> tuple[list[Lookup], str]:
     pwd = os.environ.get("PWD", "")
     if not pwd.startswith("/"):
         return [], (
-            "$PWD is not set, so how the shell came to its working directory is unknown:"
-            " give the socket's full path"
+            "$PWD is not set, so how the shell came to its working directory is unknown: give the full path"
         )
-    moved = f"$PWD ({pwd}) no longer leads to the working directory: give the socket's full path"
+    moved = f"$PWD ({pwd}) no longer leads to the working directory: give the full path"
     try:
         walk = walk_path(pwd)
     except OSError:
