@@ -58,6 +58,7 @@ __all__ = [
     "read_overrides_document",
     "remove_stale_sockets",
     "render_prometheus",
+    "replace_file",
     "resolve_target",
     "untrusted_overrides_file",
     "untrusted_peer",
@@ -1106,20 +1107,33 @@ def write_overrides(directory: str, entries: Sequence[Any], dir_fd: int | None =
         with _socket_directory(directory) as opened:
             write_overrides(directory, entries, opened)
         return
-    tmp_name = f".overrides.{os.getpid()}.{time.monotonic_ns()}.tmp"
+    owner = (
+        workers_owner(directory) if os.geteuid() == 0 else None
+    )  # root's own directory (see _socket_directory)
+    replace_file(
+        dir_fd, OVERRIDES_FILENAME, json.dumps(document, indent=2, sort_keys=True) + "\n", 0o600, owner
+    )
+
+
+def replace_file(dir_fd: int, name: str, text: str, mode: int, owner: tuple[int, int] | None = None) -> None:
+    """Replace ``name`` in the directory ``dir_fd`` atomically: readers see the old file or the new one.
+
+    A temporary file is made beside it (never through a link), given ``mode``
+    (and ``owner``, uid and gid), written and fsynced, then renamed over
+    ``name``; the rename is fsynced too, so that it survives a power cut.
+    """
+    tmp_name = f".{name}.{os.getpid()}.{time.monotonic_ns()}.tmp"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(tmp_name, flags, 0o600, dir_fd=dir_fd)
+    fd = os.open(tmp_name, flags, mode, dir_fd=dir_fd)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            os.fchmod(fh.fileno(), 0o600)
-            if os.geteuid() == 0:  # root's own directory (see _socket_directory)
-                uid, gid = workers_owner(directory)
-                os.fchown(fh.fileno(), uid, gid)
-            json.dump(document, fh, indent=2, sort_keys=True)
-            fh.write("\n")
+            os.fchmod(fh.fileno(), mode)  # os.open's mode passes the umask
+            if owner is not None:
+                os.fchown(fh.fileno(), *owner)
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp_name, OVERRIDES_FILENAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.replace(tmp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp_name, dir_fd=dir_fd)

@@ -28,7 +28,6 @@ import math
 import os
 import re
 import sys
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NoReturn, TextIO
 
@@ -58,6 +57,7 @@ from ._fleet import (
     read_overrides_document,
     remove_stale_sockets,
     render_prometheus,
+    replace_file,
     resolve_target,
     untrusted_overrides_file,
     well_formed_override,
@@ -202,9 +202,8 @@ _STATS_HEADER = ["WORKER", "UPTIME", "REQUESTS", "IN-FLT", "5XX", "EXC", "P50", 
 def render_stats(outcome: FanOutResult, total: Mapping[str, Any]) -> list[str]:
     """The ``stats`` answers as a table: a row per worker, then the fleet total, then routes."""
     rows = [_STATS_HEADER]
-    foreign: list[
-        str
-    ] = []  # servers of the protocol whose 'stats' is their own: their answers, after the table
+    # Servers of the protocol whose 'stats' is their own: their answers, after the table.
+    foreign: list[str] = []
     for r in sorted(outcome.results, key=lambda r: (r.pid or 0, r.socket)):
         if r.ok and is_stats_snapshot(r.payload):
             rows.append(_stats_row(_worker_label(r), r.payload))
@@ -465,14 +464,12 @@ def gone_text(outcome: FanOutResult) -> str:
 def stale_note(outcome: FanOutResult) -> None:
     if outcome.stale:
         names = ", ".join(os.path.basename(p) for p in outcome.stale)
-        print(
-            terminal_safe(
-                f"note: skipped {len(outcome.stale)} stale socket(s) (nothing listens there): {names}"
-            ),
-            file=sys.stderr,
+        _write(
+            [f"note: skipped {len(outcome.stale)} stale socket(s) (nothing listens there): {names}"],
+            sys.stderr,
         )
     if outcome.gone and outcome.results:  # else the error says so
-        print(terminal_safe(f"note: {gone_text(outcome)}"), file=sys.stderr)
+        _write([f"note: {gone_text(outcome)}"], sys.stderr)
 
 
 def cmd_send(ns: argparse.Namespace) -> int:
@@ -639,23 +636,7 @@ def _write_atomically(path: str, text: str) -> None:
     """
     dir_fd = open_checked_directory(os.path.dirname(path) or ".")
     try:
-        name = os.path.basename(path)
-        tmp_name = f".metrics.{os.getpid()}.{time.monotonic_ns()}.tmp"
-        fd = os.open(
-            tmp_name,
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o644,
-            dir_fd=dir_fd,
-        )
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                os.fchmod(fh.fileno(), 0o644)
-                fh.write(text)
-            os.replace(tmp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name, dir_fd=dir_fd)
-            raise
+        replace_file(dir_fd, os.path.basename(path), text, 0o644)
     finally:
         os.close(dir_fd)
 
@@ -688,24 +669,28 @@ def cmd_overrides(ns: argparse.Namespace) -> int:
         return EXIT_OK
     entries = document["overrides"]
     if not entries:
-        print(terminal_safe(f"no overrides in {target.path}: workers start with their configured defaults"))
+        _write([f"no overrides in {target.path}: workers start with their configured defaults"], sys.stdout)
         return EXIT_OK
+    # The file is the workers' user's to write: every line through _write (terminal_safe).
     if problem:
-        print(terminal_safe(f"{len(entries)} override(s) in {path}, which workers IGNORE: {problem}"))
-        for i, entry in enumerate(entries, 1):
-            print(terminal_safe(f"{i:3d}. {json.dumps(entry, sort_keys=True, default=str)}"))
+        _write(
+            [
+                f"{len(entries)} override(s) in {path}, which workers IGNORE: {problem}",
+                *(f"{i:3d}. {json.dumps(e, sort_keys=True, default=str)}" for i, e in enumerate(entries, 1)),
+            ],
+            sys.stdout,
+        )
         raise _Failed(f"workers ignore {path}: {problem}")
-    print(terminal_safe(f"{len(entries)} override(s) in {path}, applied in this order at startup:"))
+    lines = [f"{len(entries)} override(s) in {path}, applied in this order at startup:"]
     for i, entry in enumerate(entries, 1):
         override = well_formed_override(entry)
         if override is None:
-            print(
-                terminal_safe(
-                    f"{i:3d}. (malformed, workers skip it) {json.dumps(entry, sort_keys=True, default=str)}"
-                )
+            lines.append(
+                f"{i:3d}. (malformed, workers skip it) {json.dumps(entry, sort_keys=True, default=str)}"
             )
         else:
-            print(terminal_safe(f"{i:3d}. {override['cmd']} {format_args(override['args'])}".rstrip()))
+            lines.append(f"{i:3d}. {override['cmd']} {format_args(override['args'])}".rstrip())
+    _write(lines, sys.stdout)
     return EXIT_OK
 
 
