@@ -606,6 +606,41 @@ def test_top_names_a_socket_without_a_pid_in_full(
     assert "nginx-h TIMEOUT  nginx-http.sock" in out
 
 
+def test_top_keeps_a_worker_that_went_away_on_view_for_a_minute(fleet: Fleet, socket_dir: Path) -> None:
+    import asyncio
+
+    from unixsock_asgi._fleet import Target
+    from unixsock_asgi._top import GONE_SHOWN_S, TopView, _sample
+
+    exits, killed, stays = fleet.start(3, requests_per_stats_call=5)
+    target = Target(str(socket_dir), is_directory=True)
+    view = TopView(str(socket_dir))
+
+    def refresh(now: float) -> tuple[dict[str, list[str]], str]:
+        outcome = asyncio.run(_sample(target, timeout=2.0))
+        rows = view.update(outcome, now=now)
+        lines = view.frame(outcome, rows, width=80, height=24, interval=2.0)
+        table = {line.split()[0]: line.split() for line in lines if line.strip()[:1].isdigit()}
+        return table, lines[1]
+
+    table, header = refresh(100.0)
+    assert set(table) == {str(exits.pid), str(killed.pid), str(stays.pid)} and header == "workers 3 live"
+    exits.stop()  # exits cleanly: its socket is removed
+    killed.stop()
+    make_stale_socket(killed.path)  # killed: its socket is left behind
+    table, header = refresh(102.0)
+    assert header == "workers 1 live, 2 gone, 1 stale socket(s)"
+    for worker in (exits, killed):
+        _, status, requests, *rest = table[str(worker.pid)]
+        assert (status, requests) == ("GONE", "5")  # what it had counted when it last answered
+        assert rest[:2] == ["last", "answered"] and rest[2].count(":") == 2
+    assert table[str(stays.pid)][2] == "10"
+    table, header = refresh(102.0 + GONE_SHOWN_S - 1)
+    assert str(exits.pid) in table and table[str(exits.pid)][1] == "GONE"
+    table, header = refresh(102.0 + GONE_SHOWN_S)
+    assert set(table) == {str(stays.pid)} and header == "workers 1 live, 1 stale socket(s)"
+
+
 def test_top_once_into_a_file_lists_every_worker(
     fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -43,6 +43,9 @@ from .cli import (
 __all__ = ["TopView", "run_top"]
 
 _QUIT_KEYS = frozenset("qQ")
+GONE_SHOWN_S = 60.0
+"""How long a worker that answered and then vanished (exited, recycled, killed) stays on the view."""
+STATUS_GONE = "gone"
 _ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
@@ -73,6 +76,16 @@ class WorkerRow:
     rss_bytes: Any = None
     uptime_s: Any = None
     interval_buckets: dict[int, int] | None = None
+    last_answered: float | None = None
+    """For a gone worker: when it last answered (``time.time()``)."""
+
+
+@dataclass
+class _Gone:
+    """A worker that answered at an earlier refresh and is no longer there."""
+
+    row: WorkerRow
+    missed_at: float
 
 
 def _buckets(snapshot: Mapping[str, Any]) -> dict[int, int]:
@@ -95,17 +108,35 @@ class TopView:
     def __init__(self, label: str) -> None:
         self.label = label
         self._previous: dict[tuple[str, int | None], _Sample] = {}
+        self._answered: dict[tuple[str, int | None], WorkerRow] = {}
+        self._gone: dict[tuple[str, int | None], _Gone] = {}
 
     def update(self, outcome: FanOutResult, now: float | None = None) -> list[WorkerRow]:
-        """Fold in a new fan-out; return one row per worker, with deltas since the last one."""
+        """Fold in a new fan-out; return one row per worker, with deltas since the last one.
+
+        A worker that answered before and is missing now (its socket removed or
+        stale: it exited, was recycled or killed) follows as a ``gone`` row for
+        :data:`GONE_SHOWN_S` seconds, with when it last answered.
+        """
         now = time.monotonic() if now is None else now
         rows = []
         seen: dict[tuple[str, int | None], _Sample] = {}
+        present = {(r.socket, r.pid) for r in outcome.results}
+        for key, last in self._answered.items():
+            if key not in present and key not in self._gone:
+                row = WorkerRow(last.pid, last.socket, STATUS_GONE, requests=last.requests)
+                row.last_answered = last.last_answered
+                self._gone[key] = _Gone(row, now)
+        self._gone = {
+            key: g for key, g in self._gone.items() if key not in present and now - g.missed_at < GONE_SHOWN_S
+        }
         for r in sorted(outcome.results, key=lambda r: (r.pid or 0, r.socket)):
             row = WorkerRow(r.pid, r.socket, r.status)
             rows.append(row)
             if not (r.ok and isinstance(r.payload, Mapping)):
                 continue
+            row.last_answered = time.time()
+            self._answered[r.socket, r.pid] = row
             snap = r.payload
             process = snap.get("process") if isinstance(snap.get("process"), Mapping) else {}
             assert isinstance(process, Mapping)
@@ -135,13 +166,16 @@ class TopView:
             row.p50_s = _quantile(delta, 0.5)
             row.p99_s = _quantile(delta, 0.99)
         self._previous = seen
-        return rows
+        self._answered = {key: row for key, row in self._answered.items() if key in present}
+        return rows + sorted((g.row for g in self._gone.values()), key=lambda r: (r.pid or 0, r.socket))
 
     def frame(
         self, outcome: FanOutResult, rows: list[WorkerRow], *, width: int, height: int, interval: float
     ) -> list[str]:
         """The lines of one screen, each at most ``width - 1`` columns, at most ``height`` lines."""
         live = [r for r in rows if r.status == "success"]
+        gone = sum(1 for r in rows if r.status == STATUS_GONE)
+        silent = len(rows) - len(live) - gone
         total_rate = sum(r.requests_per_s for r in live if r.requests_per_s is not None)
         have_rates = any(r.requests_per_s is not None for r in live)
         merged: dict[int, int] = {}
@@ -152,7 +186,8 @@ class TopView:
         header = [
             f"unixsock-asgi top  {self.label}  {clock}  every {interval:g}s  (q quits)",
             f"workers {len(live)} live"
-            + (f", {len(rows) - len(live)} not answering" if len(rows) > len(live) else "")
+            + (f", {silent} not answering" if silent else "")
+            + (f", {gone} gone" if gone else "")
             + (f", {len(outcome.stale)} stale socket(s)" if outcome.stale else ""),
             "",
         ]
@@ -189,6 +224,9 @@ class TopView:
     @staticmethod
     def _row_text(r: WorkerRow, label: str | None = None) -> str:
         name = label or (str(r.pid) if r.pid is not None else os.path.basename(r.socket)[:7])
+        if r.status == STATUS_GONE:
+            seen = time.strftime("%H:%M:%S", time.localtime(r.last_answered or 0))
+            return f"{name:>7} {'GONE':>7} {format_count(r.requests):>8}  last answered {seen}"
         if r.status != "success":
             # No pid to show: the socket's whole name, after the cut one.
             whole = f"  {os.path.basename(r.socket)}" if label is None and r.pid is None else ""
