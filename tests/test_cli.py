@@ -729,7 +729,7 @@ def test_shell_on_one_socket_says_a_failure_once_on_stderr(fleet: Fleet) -> None
     assert result.stderr.splitlines() == ["failure: unknown level 'LOUD'"]
 
 
-def test_shell_help_takes_a_command_name(start_server: Callable[..., UnixSockServer], tmp_path: Path) -> None:
+def test_shell_and_send_help_take_a_command_name(start_server: Callable[..., UnixSockServer], tmp_path: Path) -> None:
     def handler(cmd: str, args: dict[str, Any]) -> Any:
         if cmd == "help":  # like the built-in: every command, or just args["command"]
             return {"commands": [c for c in HELP["commands"] if args.get("command", c["name"]) == c["name"]]}
@@ -739,6 +739,13 @@ def test_shell_help_takes_a_command_name(start_server: Callable[..., UnixSockSer
     result = _cli("shell", path, stdin="help stats\n")  # was: argument 'stats' is not key=value
     assert result.returncode == EXIT_OK, result.stderr
     assert result.stdout.splitlines() == ["stats [routes=<boolean, default true>]", "  Request counts."]
+    # ... and so does send's: help NAME is help command=NAME.
+    for argv in (("help", "stats"), ("help", "command=stats")):
+        result = _cli("send", path, *argv)
+        assert result.returncode == EXIT_OK, result.stderr
+        assert result.stdout.splitlines() == ["stats [routes=<boolean, default true>]", "  Request counts."]
+    result = _cli("send", path, "ping", "stats")  # only help takes a bare word
+    assert result.returncode == EXIT_USAGE and "argument 'stats' is not key=value" in result.stderr
 
 
 # --------------------------------------------------------------------------- entry points

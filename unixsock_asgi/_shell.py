@@ -24,6 +24,7 @@ from .cli import (
     UsageError,
     failure_summary,
     gone_text,
+    help_topic,
     render_answers,
     reply_timeout,
     stale_note,
@@ -169,8 +170,9 @@ def run_shell(target: Target, *, timeout: float, history_file: str) -> int:
             words = line.split()
             if not words:
                 continue
-            if len(words) == 2 and words[0] == "help" and "=" not in words[1]:
-                line = f"help command={words[1]}"  # as a shell's help takes a name
+            topic = help_topic(words[0], words[1:])
+            if topic is not None:
+                line = f"help command={topic}"
             event = parse_line(line)
             if isinstance(event, Close):
                 break

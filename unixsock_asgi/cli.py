@@ -384,6 +384,14 @@ def parse_command_args(pairs: Iterable[str]) -> dict[str, Any]:
     return args
 
 
+def help_topic(cmd: str, words: Sequence[str]) -> str | None:
+    """The command a bare word after ``help`` asks about (``help drain``, as a shell's help takes a
+    name), or None: anything else is ``key=value`` words."""
+    if cmd == "help" and len(words) == 1 and "=" not in words[0]:
+        return words[0]
+    return None
+
+
 def reply_timeout(args: Mapping[str, Any], timeout: float) -> float:
     """How long to wait for a reply: ``timeout``, plus the longest of the command's own
     ``timeout`` and ``quiet`` arguments (``drain timeout=30`` may take 30 s before it
@@ -474,7 +482,8 @@ def stale_note(outcome: FanOutResult) -> None:
 
 def cmd_send(ns: argparse.Namespace) -> int:
     """``send TARGET CMD [key=value ...]``: run one command on every worker at once."""
-    args = parse_command_args(ns.args)
+    topic = help_topic(ns.cmd, ns.args)
+    args = {"command": topic} if topic is not None else parse_command_args(ns.args)
     target = _resolve(ns.target)
     if ns.persist:
         if not target.is_directory:
