@@ -421,7 +421,7 @@ def junk_server(sock_path: str) -> Iterator[Callable[[bytes], JunkServer]]:
 @pytest.mark.parametrize(
     ("reply", "message"),
     [
-        (b"HTTP/1.1 400 Bad Request\r\n\r\n", "malformed frame"),
+        (b"HTTP/1.1 400 Bad Request\r\n\r\n", "bad reply: malformed frame"),
         (b"\x7f\xff\xff\xff:", "exceeds the limit"),
         (b"\x00\x00\x00\x02;{}", "expected ':'"),
         (b"\x00\x00\x00\x05:hello", "not valid JSON"),

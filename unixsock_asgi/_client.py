@@ -100,7 +100,7 @@ class _BaseClient:
             announced = int.from_bytes(header[:4], "big")
             if self.max_message_size < announced <= HARD_MAX_MESSAGE_SIZE:  # the server may send it
                 hint = " (this client's max_message_size: raise it with options() or max_message_size=)"
-            raise ProtocolError(f"{self.path}: a reply {exc}{hint}") from None
+            raise ProtocolError(f"{self.path}: bad reply: {exc}{hint}") from None
 
     def _decode(self, body: bytes) -> Response:
         try:
