@@ -395,6 +395,10 @@ def test_persist_writes_the_overrides_file_after_every_worker_accepted(
     assert status == EXIT_OK and "cleared 1 override(s)" in out
     status, out, _ = run(capsys, "overrides", "show", str(socket_dir))
     assert status == EXIT_OK and out.startswith("no overrides in")
+    Path(overrides_path(str(socket_dir))).write_text("{corrupt")
+    status, out, _ = run(capsys, "overrides", "clear", str(socket_dir))
+    assert status == EXIT_OK and "cleared an unreadable overrides file in" in out
+    assert not Path(overrides_path(str(socket_dir))).exists()
 
 
 def test_persist_is_not_the_default(
@@ -729,7 +733,9 @@ def test_shell_on_one_socket_says_a_failure_once_on_stderr(fleet: Fleet) -> None
     assert result.stderr.splitlines() == ["failure: unknown level 'LOUD'"]
 
 
-def test_shell_and_send_help_take_a_command_name(start_server: Callable[..., UnixSockServer], tmp_path: Path) -> None:
+def test_shell_and_send_help_take_a_command_name(
+    start_server: Callable[..., UnixSockServer], tmp_path: Path
+) -> None:
     def handler(cmd: str, args: dict[str, Any]) -> Any:
         if cmd == "help":  # like the built-in: every command, or just args["command"]
             return {"commands": [c for c in HELP["commands"] if args.get("command", c["name"]) == c["name"]]}
@@ -878,7 +884,7 @@ def test_overrides_show_says_when_workers_ignore_the_file(
     os.chmod(path, 0o666)  # anyone may write it: workers do not apply it
     status, out, err = run(capsys, "overrides", "show", str(socket_dir))
     assert status == EXIT_FAILED
-    assert "which workers IGNORE" in out and "maintenance_on" in out
+    assert "which workers IGNORE" in out and "  1. maintenance_on\n" in out  # listed as always
     assert "no one else may write" in err
     status, out, err = run(capsys, "overrides", "show", str(socket_dir), "--json")
     assert status == EXIT_FAILED and "no one else may write" in json.loads(out)["ignored_by_workers"]

@@ -1168,16 +1168,18 @@ def persist_override(
     return entries
 
 
-def clear_overrides(directory: str) -> int:
-    """Delete the overrides file; return how many overrides it held (0 when there was none).
+def clear_overrides(directory: str) -> int | None:
+    """Delete the overrides file; return how many overrides it held (0 when there was none,
+    None when it could not be read: clearing is the way out of a corrupt file, a link, a FIFO).
 
     Running workers keep their current state; only workers started later are affected.
     """
     with _socket_directory(directory) as dir_fd, directory_lock(directory, patience=_OVERRIDES_LOCK_PATIENCE):
+        count: int | None
         try:
             count = len(read_overrides_document(directory, dir_fd)["overrides"])
         except (OverridesFileError, OSError):
-            count = 0  # clearing is the way out of a corrupt file (or a link, a FIFO)
+            count = None
         try:
             os.unlink(OVERRIDES_FILENAME, dir_fd=dir_fd)
         except FileNotFoundError:

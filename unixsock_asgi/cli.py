@@ -28,7 +28,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NoReturn, TextIO
 
 from . import __version__
@@ -658,7 +658,8 @@ def cmd_overrides(ns: argparse.Namespace) -> int:
             count = clear_overrides(target.path)
         except (OverridesFileError, OSError) as exc:
             raise _Failed(f"cannot clear the overrides of {target.path}: {exc}") from None
-        print(f"cleared {count} override(s) in {target.path}; running workers keep their current state")
+        cleared = "an unreadable overrides file" if count is None else f"{count} override(s)"
+        _write([f"cleared {cleared} in {target.path}; running workers keep their current state"], sys.stdout)
         return EXIT_OK
     try:
         document = read_overrides_document(target.path)
@@ -685,22 +686,28 @@ def cmd_overrides(ns: argparse.Namespace) -> int:
         _write(
             [
                 f"{len(entries)} override(s) in {path}, which workers IGNORE: {problem}",
-                *(f"{i:3d}. {json.dumps(e, sort_keys=True, default=str)}" for i, e in enumerate(entries, 1)),
+                *_override_lines(entries),
             ],
             sys.stdout,
         )
         raise _Failed(f"workers ignore {path}: {problem}")
-    lines = [f"{len(entries)} override(s) in {path}, applied in this order at startup:"]
+    _write(
+        [
+            f"{len(entries)} override(s) in {path}, applied in this order at startup:",
+            *_override_lines(entries),
+        ],
+        sys.stdout,
+    )
+    return EXIT_OK
+
+
+def _override_lines(entries: Iterable[Any]) -> Iterator[str]:
     for i, entry in enumerate(entries, 1):
         override = well_formed_override(entry)
         if override is None:
-            lines.append(
-                f"{i:3d}. (malformed, workers skip it) {json.dumps(entry, sort_keys=True, default=str)}"
-            )
+            yield f"{i:3d}. (malformed, workers skip it) {json.dumps(entry, sort_keys=True, default=str)}"
         else:
-            lines.append(f"{i:3d}. {override['cmd']} {format_args(override['args'])}".rstrip())
-    _write(lines, sys.stdout)
-    return EXIT_OK
+            yield f"{i:3d}. {override['cmd']} {format_args(override['args'])}".rstrip()
 
 
 def cmd_shell(ns: argparse.Namespace) -> int:
