@@ -166,6 +166,29 @@ def test_top_gives_the_terminal_back_when_it_is_terminated(
     assert child.exitstatus == 128 + signal.SIGTERM
 
 
+def test_top_draws_from_a_background_process_group(fleet: Fleet, socket_dir: Path, tmp_path: Path) -> None:
+    # timeout(1) runs top in a process group of its own, not the terminal's foreground:
+    # there, setting cbreak mode stopped top (SIGTTOU) before its first frame.
+    fleet.start(1, requests_per_stats_call=1)
+    top = f"{sys.executable} -m unixsock_asgi top {socket_dir} --interval 0.3"
+    env = {**os.environ, "TERM": "xterm", "HOME": str(tmp_path)}
+    child = pexpect.spawn(
+        "bash",
+        ["-c", f"timeout --preserve-status 3 {top}; echo EXIT=$?"],
+        cwd=str(REPO),
+        env=env,
+        dimensions=(24, 80),
+        timeout=10,
+    )
+    try:
+        assert _two_frames(child)[1] > 0
+        child.expect(rb"EXIT=(\d+)")
+        assert int(child.match.group(1)) == 128 + signal.SIGTERM
+        assert b"\x1b[?25h\x1b[?1049l" in child.before  # the terminal given back
+    finally:
+        child.close(force=True)
+
+
 def test_ctrl_c_in_the_shell_stops_waiting_for_a_command_and_keeps_the_shell(
     spawn: Spawn, fleet: Fleet, socket_dir: Path, tmp_path: Path
 ) -> None:

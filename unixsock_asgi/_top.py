@@ -307,6 +307,14 @@ async def _print_once(target: Target, interval: float, timeout: float, out: Text
     return EXIT_OK
 
 
+def _foreground_terminal(stream: TextIO) -> bool:
+    """Whether ``stream`` is a terminal whose foreground process group is ours."""
+    try:
+        return stream.isatty() and os.tcgetpgrp(stream.fileno()) == os.getpgrp()
+    except (OSError, ValueError):  # no controlling terminal, a closed stream
+        return False
+
+
 @contextlib.contextmanager
 def _keyboard(fd: int | None) -> Iterator[None]:
     """Single keypresses without echo (cbreak), restored however the view ends."""
@@ -340,7 +348,10 @@ async def _live(target: Target, interval: float, timeout: float, out: TextIO) ->
     """Refresh until ``q``; return the number of the signal that ended it (SIGTERM, SIGHUP), else 0."""
     fancy = os.environ.get("TERM", "") != "dumb"
     colour = _colour_allowed(out)
-    stdin_fd: int | None = sys.stdin.fileno() if sys.stdin.isatty() else None
+    # Keys only from a terminal whose foreground this is: in a background process group
+    # (``timeout 60 unixsock-asgi top``, ``top &``) setting cbreak mode would stop us
+    # (SIGTTOU), and keys would never come. There the frames still show; signals end it.
+    stdin_fd: int | None = sys.stdin.fileno() if _foreground_terminal(sys.stdin) else None
     loop = asyncio.get_running_loop()
     quit_requested = asyncio.Event()
 
