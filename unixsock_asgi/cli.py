@@ -788,7 +788,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("top", help="live view of every worker (q quits)")
     p.add_argument("target", metavar="TARGET", help="socket file or socket directory")
     p.add_argument(
-        "--interval", type=_positive_seconds, default=2.0, metavar="S", help="seconds between refreshes"
+        "--interval",
+        type=_positive_seconds,
+        default=2.0,
+        metavar="S",
+        help="seconds between refreshes (default 2)",
     )
     p.add_argument(
         "--once",
