@@ -338,8 +338,11 @@ def test_tasks_and_stacks_show_at_most_limit_and_count_the_rest(sock_dir: Path) 
     async def idle(gate: asyncio.Event) -> None:
         await gate.wait()
 
-    async def odd_one_out(gate: asyncio.Event) -> None:
+    async def deeper(gate: asyncio.Event) -> None:
         await gate.wait()
+
+    async def odd_one_out(gate: asyncio.Event) -> None:
+        await deeper(gate)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -361,6 +364,14 @@ def test_tasks_and_stacks_show_at_most_limit_and_count_the_rest(sock_dir: Path) 
         assert by_coro[idle.__qualname__] == 3000 and by_coro[odd_one_out.__qualname__] == 1
         assert odd_one_out.__qualname__ in {t["coro"] for t in listed["tasks"]}  # not hidden by the 3,000
         assert any("in idle" in frame for t in listed["tasks"] for frame in t["stack"])
+        odd = next(t for t in listed["tasks"] if t["coro"] == odd_one_out.__qualname__)
+        # Down the awaits, not just the task's own frame: odd_one_out, deeper, Event.wait.
+        assert [line.split(" in ")[-1].split(":")[0] for line in odd["stack"]] == [
+            "odd_one_out",
+            "deeper",
+            "wait",
+        ]
+        assert "await deeper(gate)" in odd["stack"][0]
         assert len(_payload(control, "tasks")["tasks"]) == 100  # the default
         threads = _payload(control, "stacks", limit=1)
         assert [t["app_loop"] for t in threads["threads"]] == [True] and threads["count"] >= 2

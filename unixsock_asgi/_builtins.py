@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import traceback
+from types import FrameType
 from typing import Any
 
 from ._commands import Commands
@@ -465,6 +466,36 @@ def _shown_limit(limit: int) -> str | None:
     return None
 
 
+def _awaited_frames(coro: Any) -> list[traceback.FrameSummary]:
+    """Where a task waits: its coroutine's frame, then those of what it awaits, down
+    to the innermost, outermost first (``Task.get_stack`` gives a suspended
+    coroutine's outermost frame alone: uvicorn's ``run_asgi`` for every request).
+
+    Read from the control thread while the loop may run on: a coroutine that
+    finishes meanwhile just ends the chain.
+    """
+    located: list[tuple[FrameType, int]] = []
+    seen: set[int] = set()
+    while coro is not None and len(located) < _STACK_LIMIT and id(coro) not in seen:
+        seen.add(id(coro))
+        frame = None
+        for attr in ("cr_frame", "gi_frame", "ag_frame"):  # coroutine, generator-based, async generator
+            frame = getattr(coro, attr, None)
+            if frame is not None:
+                break
+        if not isinstance(frame, FrameType):
+            break  # finished, or an awaitable of another kind (a Future: the chain's end)
+        located.append((frame, frame.f_lineno))
+        awaited = None
+        for attr in ("cr_await", "gi_yieldfrom", "ag_await"):
+            awaited = getattr(coro, attr, None)
+            if awaited is not None:
+                break
+        coro = awaited
+    summary = traceback.StackSummary.extract(iter(located), lookup_lines=True)
+    return list(summary)
+
+
 @command(readonly=True, diagnostic=True)
 def stacks(ctx: CommandContext, limit: int = 100) -> Any:
     """Every thread's current stack, innermost frame last; the app loop's thread is
@@ -515,16 +546,12 @@ def tasks(ctx: CommandContext, limit: int = 100) -> Any:
         live = [group for group in live if len(group[1]) > depth]
     out: list[dict[str, Any]] = []
     for qualname, task in chosen:
-        try:
-            frames = task.get_stack(limit=_STACK_LIMIT)
-        except RuntimeError:  # the task changed under us; skip its frames
-            frames = []
         out.append(
             {
                 "name": task.get_name(),
                 "coro": qualname,
                 "done": task.done(),
-                "stack": [f"{f.f_code.co_filename}:{f.f_lineno} in {f.f_code.co_name}" for f in frames],
+                "stack": _frames(_awaited_frames(task.get_coro())),
             }
         )
     out.sort(key=lambda t: t["name"])

@@ -240,6 +240,32 @@ def test_ping_and_stacks_answer_while_a_route_blocks_the_loop(
         blocker.join(20)
 
 
+def test_tasks_shows_the_await_a_request_is_suspended_in(start_server: StartServer, short_dir: Path) -> None:
+    server, control = _example(start_server, short_dir / "s")
+    _payload(control, "set", name="slow_delay_s", value=3)
+    waiter = threading.Thread(target=lambda: httpx.get(server.url + "/slow", timeout=20))
+    waiter.start()
+    try:
+
+        def request_stack() -> list[str]:
+            for task in _payload(control, "tasks")["tasks"]:
+                if any(" in slow: " in line for line in task["stack"]):
+                    return list(task["stack"])
+            return []
+
+        # uvicorn's run_asgi on the outside, down through the middleware and
+        # Starlette to the handler's await and the sleep it waits in.
+        wait_for(lambda: bool(request_stack()), 5, "the request's task to wait in slow()")
+        stack = request_stack()
+        assert " in run_asgi: " in stack[0]
+        assert " in __call__: " in "".join(stack)
+        handler = next(i for i, line in enumerate(stack) if " in slow: " in line)
+        assert "example_app/app.py" in stack[handler] and "await asyncio.sleep(delay)" in stack[handler]
+        assert " in sleep: " in stack[-1] and "asyncio" in stack[-1]
+    finally:
+        waiter.join(20)
+
+
 def test_socket_is_removed_after_shutdown(start_server: StartServer, short_dir: Path) -> None:
     server, control = _example(start_server, short_dir / "s")
     sock = Path(control.path)
