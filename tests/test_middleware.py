@@ -769,10 +769,12 @@ def test_uptime_counts_from_the_fork_when_the_middleware_was_made_before_it(sock
     app = ControlSocketMiddleware(Starlette(routes=[Route("/", _hello)]), path=str(sock))
     app.control.started_at -= 3600  # made an hour ago, in the parent (gunicorn --preload)...
     app.stats._started_mono -= 3600
+    app.stats.reset_at -= 3600
     app.control._pid = -1  # ...which is not this process
     with TestClient(app):
         control = Client(sock)
-        assert _payload(control, "stats", routes=False)["uptime_s"] < 60
+        stats = _payload(control, "stats", routes=False)
+        assert stats["uptime_s"] < 60 and stats["since_reset_s"] < 60  # no reset before the start
         assert _payload(control, "info")["uptime_s"] < 60
 
 

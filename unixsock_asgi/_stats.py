@@ -329,8 +329,9 @@ class Stats:
         self.reset()
 
     def restart_clock(self) -> None:
-        """Count uptime from now: for a process forked after these stats were made."""
-        self.started_at = time.time()
+        """Count uptime from now: for a process forked after these stats were made
+        (and ``since_reset_s`` too: this process has not reset them before it started)."""
+        self.started_at = self.reset_at = time.time()
         self._started_mono = time.monotonic()
 
     def reset(self) -> int:
