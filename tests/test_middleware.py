@@ -428,6 +428,9 @@ def test_out_of_range_values_are_refused_by_name(sock_dir: Path) -> None:
         refused: list[tuple[str, dict[str, Any], str]] = [
             ("set", {"name": "delay_s", "value": "NaN"}, "expected a number"),
             ("set_log_level", {"level": "DEBUG", "ttl": 10**9}, "at most 604800"),
+            ("set_log_level", {"level": "DEBUG", "ttl": 604800.4}, "(a week), got 604800.4"),
+            ("drain", {"timeout": 300.0001}, "between 0 and 300 seconds, got 300.0001"),
+            ("drain", {"quiet": 1e9}, "between 0 and 300 seconds, got 1e+09"),
             ("set_log_level", {"level": 10**20}, "between 0 and 100"),
             ("maintenance_on", {"retry_after": -5}, "retry_after must be between 0 and"),
         ]

@@ -252,7 +252,7 @@ def set_log_level(
         return Response.failure(str(exc))
     if ttl is not None and not 0 < ttl <= _MAX_TTL_S:
         return Response.failure(
-            f"ttl must be a positive number of seconds, at most {_MAX_TTL_S} (a week), got {ttl:g}"
+            f"ttl must be a positive number of seconds, at most {_MAX_TTL_S} (a week), got {_exactly(ttl)}"
         )
     lg = _existing_logger(logger)
     made = False
@@ -395,6 +395,12 @@ def maintenance_off(ctx: CommandContext) -> dict[str, Any]:
     return _health(ctx)
 
 
+def _exactly(value: float) -> str:
+    """``value`` short where that is exact: a refused 300.0001 must not read as 300."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
 @command(diagnostic=True)
 async def drain(ctx: CommandContext, timeout: float = 30.0, quiet: float = 1.0) -> Any:
     """Wait until no request is in flight and none has started for ``quiet`` seconds
@@ -402,9 +408,9 @@ async def drain(ctx: CommandContext, timeout: float = 30.0, quiet: float = 1.0) 
     in-flight alone). Run ``health_fail`` first: while the load balancer still sends
     requests, the drain waits, and fails at ``timeout`` saying they still arrive."""
     if not 0 <= timeout <= 300:
-        return Response.failure(f"timeout must be between 0 and 300 seconds, got {timeout:g}")
+        return Response.failure(f"timeout must be between 0 and 300 seconds, got {_exactly(timeout)}")
     if not 0 <= quiet <= 300:
-        return Response.failure(f"quiet must be between 0 and 300 seconds, got {quiet:g}")
+        return Response.failure(f"quiet must be between 0 and 300 seconds, got {_exactly(quiet)}")
     quiet = min(quiet, timeout)
     stats = ctx.stats
     start = time.monotonic()
