@@ -247,6 +247,53 @@ def test_set_log_level_ttl_over_ttl_reverts_to_the_first_level(sock_dir: Path) -
         assert loggers["usa.test.ttl"]["level"] == "Level 15" and "root" in loggers
 
 
+def _wait_until(check: Any, what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_a_ttl_leaves_a_level_the_app_set_meanwhile_alone(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sock = sock_dir / "c.sock"
+    logger = logging.getLogger("usa.test.ttl.app")
+    logger.setLevel(logging.WARNING)
+    with TestClient(_starlette(sock)), caplog.at_level(logging.INFO, logger="unixsock_asgi"):
+        control = Client(sock)
+        _payload(control, "set_log_level", level="DEBUG", logger=logger.name, ttl=0.3)
+        logger.setLevel(logging.ERROR)  # the app's own change, during the ttl
+        _wait_until(
+            lambda: "not reverted after 0.3s: it was set to ERROR meanwhile" in caplog.text, "the ttl"
+        )
+        assert logger.level == logging.ERROR  # not put back to WARNING over the app's change
+        # Untouched meanwhile: reverted as before.
+        _payload(control, "set_log_level", level="DEBUG", logger=logger.name, ttl=0.2)
+        _wait_until(lambda: logger.level == logging.ERROR, "the revert")
+
+
+def test_set_log_level_says_when_a_logger_is_disabled_and_can_enable_it_until_the_ttl(sock_dir: Path) -> None:
+    sock = sock_dir / "c.sock"
+    logger = logging.getLogger("usa.test.disabled")
+    logger.setLevel(logging.WARNING)
+    logger.disabled = True  # what logging.config.dictConfig does to loggers made before it
+    try:
+        with TestClient(_starlette(sock)):
+            control = Client(sock)
+            reply = _payload(control, "set_log_level", level="DEBUG", logger=logger.name)
+            assert reply["disabled"] is True and "enable=true enables it" in reply["note"]
+            assert _payload(control, "get_log_level", logger=logger.name)["disabled"] is True
+            assert _payload(control, "loggers")["loggers"][logger.name]["disabled"] is True
+            reply = _payload(control, "set_log_level", level="INFO", logger=logger.name, enable=True, ttl=0.3)
+            assert reply["disabled"] is False and "note" not in reply and not logger.disabled
+            _wait_until(lambda: logger.disabled, "the ttl to disable it again")
+            assert logger.level == logging.DEBUG  # and the level before the ttl'd change is back
+            assert _payload(control, "get_log_level")["disabled"] is False  # the root logger
+    finally:
+        logger.disabled = False
+
+
 def test_a_command_reported_as_not_started_never_runs_later(sock_dir: Path) -> None:
     commands = Commands()
     calls: list[int] = []
@@ -447,6 +494,10 @@ def test_out_of_range_values_are_refused_by_name(sock_dir: Path) -> None:
         assert http.get("/hello/ok").status_code == 200  # exempt
         gated = http.get("/hello/other")
         assert gated.status_code == 503 and gated.headers["retry-after"] == "60"
+        # The next maintenance without retry_after tells clients the configured 30 s, not the last 60.
+        _payload(control, "maintenance_off")
+        assert _payload(control, "maintenance_on")["retry_after"] == 30
+        assert http.get("/hello/other").headers["retry-after"] == "30"
 
 
 def test_maintenance_refuses_new_websocket_sessions_and_drain_counts_open_ones(sock_dir: Path) -> None:

@@ -198,7 +198,16 @@ def _describe_logger(lg: logging.Logger) -> dict[str, Any]:
         "logger": lg.name,
         "level": logging.getLevelName(lg.level),
         "effective": logging.getLevelName(lg.getEffectiveLevel()),
+        # logging.config's disable_existing_loggers (on by default) silences every logger made
+        # before it ran, whatever its level.
+        "disabled": lg.disabled,
     }
+
+
+_DISABLED_NOTE = (
+    "this logger is disabled (logging.config disables the loggers made before it runs, unless"
+    " disable_existing_loggers=False): it logs nothing at any level; enable=true enables it"
+)
 
 
 @command(readonly=True, diagnostic=True)
@@ -240,12 +249,18 @@ def get_log_level(logger: str = "") -> Any:
 
 @command(diagnostic=True)
 def set_log_level(
-    ctx: CommandContext, level: str | int, logger: str = "", ttl: float | None = None, create: bool = False
+    ctx: CommandContext,
+    level: str | int,
+    logger: str = "",
+    ttl: float | None = None,
+    create: bool = False,
+    enable: bool = False,
 ) -> Any:
     """Set ``logger``'s level (root by default; uvicorn's loggers too). With ``ttl``
-    seconds, the level before the change comes back afterwards. A logger the
-    process has not made yet is made, unless its name is close to one it has
-    (a typo): then ``create=true`` makes it anyway."""
+    seconds, the level before the change comes back afterwards, unless the app has
+    set another one meanwhile. A logger the process has not made yet is made, unless
+    its name is close to one it has (a typo): then ``create=true`` makes it anyway.
+    ``enable=true`` also enables a logger that logging.config disabled (until the ttl)."""
     try:
         number = _level_number(level)
     except ValueError as exc:
@@ -280,30 +295,44 @@ def set_log_level(
     restores = ctx.control.log_restores
     old = lg.level
     pending = restores.pop(key, None)
-    original = old
+    original, was_disabled = old, lg.disabled
     if pending is not None:
         pending[0].cancel()
-        original = pending[1]  # a ttl'd change over a ttl'd change reverts to the first level
+        # A ttl'd change over a ttl'd change reverts to the first level.
+        original, was_disabled = pending[1], pending[2]
     lg.setLevel(number)
-    result = {
+    if enable:
+        lg.disabled = False
+    result: dict[str, Any] = {
         "logger": key,
         "old": logging.getLevelName(old),
         "new": logging.getLevelName(number),
         "ttl": ttl,
         "reverts_to": None,
         "made": made,
+        "disabled": lg.disabled,
     }
+    if lg.disabled:
+        result["note"] = _DISABLED_NOTE
     if ttl is not None:
         loop = asyncio.get_running_loop()
+        audit = logging.getLogger("unixsock_asgi")
 
         def restore() -> None:
             restores.pop(key, None)
+            lg.disabled = lg.disabled or was_disabled  # enable=true lasts until the ttl
+            if lg.level != number:  # the app (or a plain setLevel) changed it since: theirs stands
+                audit.info(
+                    "log level of %r not reverted after %gs: it was set to %s meanwhile",
+                    key,
+                    ttl,
+                    logging.getLevelName(lg.level),
+                )
+                return
             lg.setLevel(original)
-            logging.getLogger("unixsock_asgi").info(
-                "log level of %r reverted to %s after %gs", key, logging.getLevelName(original), ttl
-            )
+            audit.info("log level of %r reverted to %s after %gs", key, logging.getLevelName(original), ttl)
 
-        restores[key] = (loop.call_later(ttl, restore), original)
+        restores[key] = (loop.call_later(ttl, restore), original, was_disabled)
         result["reverts_to"] = logging.getLevelName(original)
     return result
 

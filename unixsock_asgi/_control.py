@@ -160,7 +160,7 @@ class ControlPlane:
         self.app_timeout = app_timeout
         self.health_path = health_path
         self.maintenance_exempt = frozenset(maintenance_exempt)
-        self.retry_after = retry_after
+        self.retry_after = self.default_retry_after = retry_after
         self.health_failing = False
         self.maintenance = False
         self.gate = False  # health_failing or maintenance: one check on the hot path
@@ -174,7 +174,7 @@ class ControlPlane:
         self.started_at = time.time()
         self._pid = os.getpid()
         self.monitor = _LoopMonitor()
-        self.log_restores: dict[str, tuple[asyncio.TimerHandle, int]] = {}
+        self.log_restores: dict[str, tuple[asyncio.TimerHandle, int, bool]] = {}
 
     # -- health and maintenance -------------------------------------------
 
@@ -183,8 +183,9 @@ class ControlPlane:
         self.gate = self.health_failing or self.maintenance
 
     def set_maintenance(self, on: bool, retry_after: int | None = None) -> None:
-        if retry_after is not None:
-            self.retry_after = retry_after
+        """Maintenance on (with ``retry_after``, else the configured one) or off."""
+        if on:
+            self.retry_after = self.default_retry_after if retry_after is None else retry_after
         self.maintenance = on
         self.gate = self.health_failing or self.maintenance
 
@@ -257,7 +258,7 @@ class ControlPlane:
         if self.monitor.task is not None:
             self.monitor.task.cancel()
             self.monitor.task = None
-        for handle, _ in self.log_restores.values():
+        for handle, *_ in self.log_restores.values():
             handle.cancel()
         self.log_restores.clear()
         server, self.server = self.server, None
