@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -391,11 +392,28 @@ def test_tasks_and_stacks_show_at_most_limit_and_count_the_rest(sock_dir: Path) 
     async def odd_one_out(gate: asyncio.Event) -> None:
         await deeper(gate)
 
+    async def chunks(gate: asyncio.Event) -> AsyncIterator[bytes]:
+        await gate.wait()
+        yield b""
+
+    async def streaming(gate: asyncio.Event) -> None:
+        async for _ in chunks(gate):  # a StreamingResponse body
+            pass
+
+    @asynccontextmanager
+    async def resource(gate: asyncio.Event) -> AsyncIterator[None]:
+        await gate.wait()
+        yield
+
+    async def dependency(gate: asyncio.Event) -> None:
+        async with resource(gate):  # a FastAPI yield dependency
+            pass
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         gate = asyncio.Event()
         spawned = [asyncio.create_task(idle(gate)) for _ in range(3000)]
-        spawned.append(asyncio.create_task(odd_one_out(gate)))
+        spawned += [asyncio.create_task(f(gate)) for f in (odd_one_out, streaming, dependency)]
         yield
         gate.set()
         await asyncio.gather(*spawned)
@@ -404,21 +422,24 @@ def test_tasks_and_stacks_show_at_most_limit_and_count_the_rest(sock_dir: Path) 
     app = Starlette(lifespan=lifespan, middleware=[Middleware(ControlSocketMiddleware, path=str(sock))])
     with TestClient(app):
         control = Client(sock)
-        listed = _payload(control, "tasks", limit=5)
-        assert len(listed["tasks"]) == 5 and listed["count"] >= 3001
-        assert listed["omitted"] == listed["count"] - 5
+        listed = _payload(control, "tasks", limit=10)
+        assert len(listed["tasks"]) == 10 and listed["count"] >= 3003
+        assert listed["omitted"] == listed["count"] - 10
         by_coro = listed["by_coro"]
         assert by_coro[idle.__qualname__] == 3000 and by_coro[odd_one_out.__qualname__] == 1
         assert odd_one_out.__qualname__ in {t["coro"] for t in listed["tasks"]}  # not hidden by the 3,000
         assert any("in idle" in frame for t in listed["tasks"] for frame in t["stack"])
-        odd = next(t for t in listed["tasks"] if t["coro"] == odd_one_out.__qualname__)
-        # Down the awaits, not just the task's own frame: odd_one_out, deeper, Event.wait.
-        assert [line.split(" in ")[-1].split(":")[0] for line in odd["stack"]] == [
-            "odd_one_out",
-            "deeper",
-            "wait",
-        ]
-        assert "await deeper(gate)" in odd["stack"][0]
+        shown = {t["coro"]: t["stack"] for t in listed["tasks"]}
+
+        def names(coro: Any) -> list[str]:
+            # "file:line in function: source line"
+            return [re.search(r":\d+ in (\w+)", line).group(1) for line in shown[coro.__qualname__]]  # type: ignore[union-attr]
+
+        # Down the awaits, not just the task's own frame, and on through async generators.
+        assert names(odd_one_out) == ["odd_one_out", "deeper", "wait"]
+        assert "await deeper(gate)" in shown[odd_one_out.__qualname__][0]
+        assert names(streaming) == ["streaming", "chunks", "wait"]
+        assert names(dependency) == ["dependency", "__aenter__", "resource", "wait"]
         assert len(_payload(control, "tasks")["tasks"]) == 100  # the default
         threads = _payload(control, "stacks", limit=1)
         assert [t["app_loop"] for t in threads["threads"]] == [True] and threads["count"] >= 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import gc
 import inspect
 import logging
 import os
@@ -15,7 +16,7 @@ import sys
 import threading
 import time
 import traceback
-from types import FrameType
+import types
 from typing import Any
 
 from ._commands import Commands
@@ -509,7 +510,7 @@ def _awaited_frames(coro: Any) -> list[traceback.FrameSummary]:
     Read from the control thread while the loop may run on: a coroutine that
     finishes meanwhile just ends the chain.
     """
-    located: list[tuple[FrameType, int]] = []
+    located: list[tuple[types.FrameType, int]] = []
     seen: set[int] = set()
     while coro is not None and len(located) < _STACK_LIMIT and id(coro) not in seen:
         seen.add(id(coro))
@@ -518,7 +519,7 @@ def _awaited_frames(coro: Any) -> list[traceback.FrameSummary]:
             frame = getattr(coro, attr, None)
             if frame is not None:
                 break
-        if not isinstance(frame, FrameType):
+        if not isinstance(frame, types.FrameType):
             break  # finished, or an awaitable of another kind (a Future: the chain's end)
         located.append((frame, frame.f_lineno))
         awaited = None
@@ -526,9 +527,24 @@ def _awaited_frames(coro: Any) -> list[traceback.FrameSummary]:
             awaited = getattr(coro, attr, None)
             if awaited is not None:
                 break
-        coro = awaited
+        coro = _async_generator_behind(awaited)
     summary = traceback.StackSummary.extract(iter(located), lookup_lines=True)
     return list(summary)
+
+
+_ASEND_TYPES = ("async_generator_asend", "async_generator_athrow")
+
+
+def _async_generator_behind(awaited: Any) -> Any:
+    """``async for`` and ``asynccontextmanager`` await an ``asend`` object of the
+    generator, which names it nowhere but in its references: the generator, to
+    go on down its frame (a StreamingResponse body, a FastAPI yield dependency)."""
+    if type(awaited).__name__ not in _ASEND_TYPES:
+        return awaited
+    for referent in gc.get_referents(awaited):
+        if isinstance(referent, types.AsyncGeneratorType):
+            return referent
+    return None
 
 
 @command(readonly=True, diagnostic=True)
