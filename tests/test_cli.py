@@ -620,8 +620,8 @@ def test_top_keeps_a_worker_that_went_away_on_view_for_a_minute(fleet: Fleet, so
     target = Target(str(socket_dir), is_directory=True)
     view = TopView(str(socket_dir))
 
-    def refresh(now: float) -> tuple[dict[str, list[str]], str]:
-        outcome = asyncio.run(_sample(target, timeout=2.0))
+    def refresh(now: float, timeout: float = 2.0) -> tuple[dict[str, list[str]], str]:
+        outcome = asyncio.run(_sample(target, timeout=timeout))
         rows = view.update(outcome, now=now)
         lines = view.frame(outcome, rows, width=80, height=24, interval=2.0)
         table = {line.split()[0]: line.split() for line in lines if line.strip()[:1].isdigit()}
@@ -643,6 +643,28 @@ def test_top_keeps_a_worker_that_went_away_on_view_for_a_minute(fleet: Fleet, so
     assert str(exits.pid) in table and table[str(exits.pid)][1] == "GONE"
     table, header = refresh(102.0 + GONE_SHOWN_S)
     assert set(table) == {str(stays.pid)} and header == "workers 1 live, 1 stale socket(s)"
+
+    # A socket whose name has no pid (path="/run/shop/{pid}.sock" has none to read either):
+    # not answering is not gone, and the row keeps the pid it answered with...
+    os.unlink(killed.path)
+    fixed = ScriptedWorker(socket_dir)
+    fixed.path = socket_dir / "fixed.sock"
+    fixed.server = UnixSockServer(str(fixed.path), fixed.handle)
+    fleet.workers.append(fixed.start())
+    table, header = refresh(200.0)
+    assert str(fixed.pid) in table and header == "workers 2 live"
+    fixed.reply_delay_s = 5.0  # hung
+    table, header = refresh(202.0, timeout=0.3)
+    assert table[str(fixed.pid)][1] == "TIMEOUT" and header == "workers 1 live, 1 not answering"
+    # ...while another process answering at the same path means this one is gone.
+    fixed.stop()
+    other = ScriptedWorker(socket_dir)
+    other.path = fixed.path
+    other.server = UnixSockServer(str(other.path), other.handle)
+    fleet.workers.append(other.start())
+    table, header = refresh(204.0)
+    assert table[str(fixed.pid)][1] == "GONE" and table[str(other.pid)][1] != "GONE"
+    assert header == "workers 2 live, 1 gone"
 
 
 def test_top_once_into_a_file_lists_every_worker(

@@ -46,6 +46,7 @@ _QUIT_KEYS = frozenset("qQ")
 GONE_SHOWN_S = 60.0
 """How long a worker that answered and then vanished (exited, recycled, killed) stays on the view."""
 STATUS_GONE = "gone"
+_NOBODY = object()
 _ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
@@ -108,7 +109,7 @@ class TopView:
     def __init__(self, label: str) -> None:
         self.label = label
         self._previous: dict[tuple[str, int | None], _Sample] = {}
-        self._answered: dict[tuple[str, int | None], WorkerRow] = {}
+        self._answered: dict[str, WorkerRow] = {}  # socket -> the row of its last answer
         self._gone: dict[tuple[str, int | None], _Gone] = {}
 
     def update(self, outcome: FanOutResult, now: float | None = None) -> list[WorkerRow]:
@@ -121,22 +122,32 @@ class TopView:
         now = time.monotonic() if now is None else now
         rows = []
         seen: dict[tuple[str, int | None], _Sample] = {}
-        present = {(r.socket, r.pid) for r in outcome.results}
-        for key, last in self._answered.items():
-            if key not in present and key not in self._gone:
-                row = WorkerRow(last.pid, last.socket, STATUS_GONE, requests=last.requests)
+        listed = {r.socket for r in outcome.results}
+        answering = {r.socket: r.pid for r in outcome.results if r.ok and isinstance(r.payload, Mapping)}
+        for socket, last in self._answered.items():
+            # Gone: its socket is no longer listed (removed, or stale), or another
+            # process answers there now. One that does not answer is still there.
+            if socket in listed and answering.get(socket, last.pid) == last.pid:
+                continue
+            if (socket, last.pid) not in self._gone:
+                row = WorkerRow(last.pid, socket, STATUS_GONE, requests=last.requests)
                 row.last_answered = last.last_answered
-                self._gone[key] = _Gone(row, now)
+                self._gone[socket, last.pid] = _Gone(row, now)
         self._gone = {
-            key: g for key, g in self._gone.items() if key not in present and now - g.missed_at < GONE_SHOWN_S
+            key: g
+            for key, g in self._gone.items()
+            if answering.get(key[0], _NOBODY) != key[1] and now - g.missed_at < GONE_SHOWN_S
         }
         for r in sorted(outcome.results, key=lambda r: (r.pid or 0, r.socket)):
             row = WorkerRow(r.pid, r.socket, r.status)
             rows.append(row)
             if not (r.ok and isinstance(r.payload, Mapping)):
+                known = self._answered.get(r.socket)
+                if row.pid is None and known is not None:
+                    row.pid = known.pid  # its socket's name has no pid: the one it answered with
                 continue
             row.last_answered = time.time()
-            self._answered[r.socket, r.pid] = row
+            self._answered[r.socket] = row
             snap = r.payload
             process = snap.get("process") if isinstance(snap.get("process"), Mapping) else {}
             assert isinstance(process, Mapping)
@@ -166,7 +177,7 @@ class TopView:
             row.p50_s = _quantile(delta, 0.5)
             row.p99_s = _quantile(delta, 0.99)
         self._previous = seen
-        self._answered = {key: row for key, row in self._answered.items() if key in present}
+        self._answered = {socket: row for socket, row in self._answered.items() if socket in listed}
         return rows + sorted((g.row for g in self._gone.values()), key=lambda r: (r.pid or 0, r.socket))
 
     def frame(
