@@ -272,6 +272,18 @@ def test_a_ttl_leaves_a_level_the_app_set_meanwhile_alone(
         # Untouched meanwhile: reverted as before.
         _payload(control, "set_log_level", level="DEBUG", logger=logger.name, ttl=0.2)
         _wait_until(lambda: logger.level == logging.ERROR, "the revert")
+        # A ttl'd change over a ttl'd one goes back to what the app set between the two.
+        _payload(control, "set_log_level", level="DEBUG", logger=logger.name, ttl=30)
+        logger.setLevel(logging.CRITICAL)
+        reply = _payload(control, "set_log_level", level="INFO", logger=logger.name, ttl=0.2)
+        assert (reply["old"], reply["reverts_to"]) == ("CRITICAL", "CRITICAL")
+        _wait_until(lambda: logger.level == logging.CRITICAL, "the revert")
+        # The app enabling a disabled logger during a ttl that did not: it stays enabled.
+        logger.disabled = True
+        _payload(control, "set_log_level", level="DEBUG", logger=logger.name, ttl=0.2)
+        logger.disabled = False
+        _wait_until(lambda: logger.level == logging.CRITICAL, "the revert")
+        assert not logger.disabled
 
 
 def test_set_log_level_says_when_a_logger_is_disabled_and_can_enable_it_until_the_ttl(sock_dir: Path) -> None:
@@ -290,6 +302,16 @@ def test_set_log_level_says_when_a_logger_is_disabled_and_can_enable_it_until_th
             assert reply["disabled"] is False and "note" not in reply and not logger.disabled
             _wait_until(lambda: logger.disabled, "the ttl to disable it again")
             assert logger.level == logging.DEBUG  # and the level before the ttl'd change is back
+            # The app reconfigured meanwhile (a new level): its configuration stands, enabled.
+            _payload(control, "set_log_level", level="INFO", logger=logger.name, enable=True, ttl=0.2)
+            logger.setLevel(logging.ERROR)
+            time.sleep(0.5)
+            assert (logger.level, logger.disabled) == (logging.ERROR, False)
+            # Without a ttl, or a plain set over a ttl'd one: the change, enable included, stands.
+            logger.disabled = True
+            _payload(control, "set_log_level", level="INFO", logger=logger.name, enable=True, ttl=30)
+            reply = _payload(control, "set_log_level", level="DEBUG", logger=logger.name)
+            assert reply["disabled"] is False and reply["reverts_to"] is None
             assert _payload(control, "get_log_level")["disabled"] is False  # the root logger
     finally:
         logger.disabled = False

@@ -20,7 +20,7 @@ import types
 from typing import Any
 
 from ._commands import Commands
-from ._control import CommandContext
+from ._control import CommandContext, LogRestore
 from ._protocol import Response
 
 __all__ = ["builtin_commands"]
@@ -295,15 +295,19 @@ def set_log_level(
     key = lg.name
     restores = ctx.control.log_restores
     old = lg.level
+    original, redisable = old, False
     pending = restores.pop(key, None)
-    original, was_disabled = old, lg.disabled
     if pending is not None:
-        pending[0].cancel()
-        # A ttl'd change over a ttl'd change reverts to the first level.
-        original, was_disabled = pending[1], pending[2]
+        pending.handle.cancel()
+        if (
+            old == pending.set_to
+        ):  # untouched since: a ttl'd change over a ttl'd change reverts to the first level
+            original = pending.level
+        redisable = pending.redisable and not lg.disabled
     lg.setLevel(number)
-    if enable:
+    if enable and lg.disabled:
         lg.disabled = False
+        redisable = True
     result: dict[str, Any] = {
         "logger": key,
         "old": logging.getLevelName(old),
@@ -321,8 +325,7 @@ def set_log_level(
 
         def restore() -> None:
             restores.pop(key, None)
-            lg.disabled = lg.disabled or was_disabled  # enable=true lasts until the ttl
-            if lg.level != number:  # the app (or a plain setLevel) changed it since: theirs stands
+            if lg.level != number:  # the app set another level since: that one stands
                 audit.info(
                     "log level of %r not reverted after %gs: it was set to %s meanwhile",
                     key,
@@ -331,9 +334,11 @@ def set_log_level(
                 )
                 return
             lg.setLevel(original)
+            if redisable:
+                lg.disabled = True
             audit.info("log level of %r reverted to %s after %gs", key, logging.getLevelName(original), ttl)
 
-        restores[key] = (loop.call_later(ttl, restore), original, was_disabled)
+        restores[key] = LogRestore(loop.call_later(ttl, restore), original, number, redisable)
         result["reverts_to"] = logging.getLevelName(original)
     return result
 

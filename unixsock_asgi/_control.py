@@ -77,6 +77,19 @@ class CommandContext:
 
 
 @dataclass
+@dataclass(frozen=True)
+class LogRestore:
+    """A ttl'd ``set_log_level`` waiting to be undone."""
+
+    handle: asyncio.TimerHandle
+    level: int
+    """The level to put back."""
+    set_to: int
+    """The level the change set: undone only while the logger is still at it."""
+    redisable: bool
+    """The logger was disabled and ``enable=true`` enabled it: disabled again at the revert."""
+
+
 class _LoopMonitor:
     """Measures the app loop's lag with a periodic task; the control thread reads it."""
 
@@ -174,7 +187,7 @@ class ControlPlane:
         self.started_at = time.time()
         self._pid = os.getpid()
         self.monitor = _LoopMonitor()
-        self.log_restores: dict[str, tuple[asyncio.TimerHandle, int, bool]] = {}
+        self.log_restores: dict[str, LogRestore] = {}
 
     # -- health and maintenance -------------------------------------------
 
@@ -258,8 +271,8 @@ class ControlPlane:
         if self.monitor.task is not None:
             self.monitor.task.cancel()
             self.monitor.task = None
-        for handle, *_ in self.log_restores.values():
-            handle.cancel()
+        for pending in self.log_restores.values():
+            pending.handle.cancel()
         self.log_restores.clear()
         server, self.server = self.server, None
         if server is not None:
