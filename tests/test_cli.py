@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from unixsock_asgi import UnixSockServer
+from unixsock_asgi import Stats, UnixSockServer
 from unixsock_asgi._fleet import FOREIGN_STATS, load_overrides, overrides_path, persist_override
 from unixsock_asgi._shell import CommandCatalog, completions
 from unixsock_asgi.cli import (
@@ -989,6 +989,62 @@ def test_views_built_on_stats_name_a_server_whose_stats_is_not_ours(
     assert cells["TOTAL(1)"][2] == "1"
     assert f"svc-51000.sock: {FOREIGN_STATS}; it answered:" in out
     assert out.rstrip().endswith('{"cmd": "stats", "args": {}}')
+
+
+def _odd_snapshots() -> list[tuple[dict[str, Any], str]]:
+    good = Stats()
+    good.record("/", "GET", 200, 0.01, False)
+    base = good.snapshot()
+    base["pid"] = 52000
+    other_version = json.loads(json.dumps(base))
+    other_version["latency"]["gamma"] = 1.05  # a worker of another version, mid-upgrade
+    no_count = json.loads(json.dumps(base))
+    no_count["routes"]["/"]["requests"] = None
+    bad_bucket = json.loads(json.dumps(base))
+    bad_bucket["latency"]["buckets"] = [[1, "a"]]
+    return [
+        (other_version, "a latency histogram cannot be merged: histogram uses gamma 1.05"),
+        (no_count, "route '/': requests is None, not a count"),
+        (bad_bucket, "a latency histogram cannot be merged: invalid literal for int()"),
+    ]
+
+
+@pytest.mark.parametrize(("snapshot", "problem"), _odd_snapshots(), ids=["gamma", "count", "bucket"])
+def test_a_stats_answer_that_cannot_be_merged_is_one_workers_error_not_a_crash(
+    fleet: Fleet,
+    socket_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    snapshot: dict[str, Any],
+    problem: str,
+) -> None:
+    (worker,) = fleet.start(1)
+    worker.record(("/", 200, 0.01), ("/", 200, 0.02))
+    odd = UnixSockServer(str(socket_dir / "app-52000.sock"), lambda cmd, args: snapshot)
+    odd.start()
+    try:
+        expected = f"app-52000.sock: error: its stats cannot be used: {problem}"
+        status, out, err = run(capsys, "send", str(socket_dir), "stats", "--json")
+        assert status == EXIT_FAILED and expected in one_line(err)
+        assert json.loads(out)["total"]["requests_total"] == 2  # the other worker's, counted
+        status, out, err = run(capsys, "send", str(socket_dir), "stats")
+        assert status == EXIT_FAILED and expected in one_line(err)
+        assert "TOTAL(1)" in out and "52000" in out
+        status, out, err = run(capsys, "ls", str(socket_dir))
+        assert status == EXIT_FAILED and expected in one_line(err)
+        status, out, err = run(capsys, "top", str(socket_dir), "--once", "--interval", "0.1")
+        assert status == EXIT_FAILED and expected in one_line(err)
+        target = socket_dir / "fleet.prom"
+        status, _, err = run(capsys, "metrics", str(socket_dir), "--output", str(target))
+        assert status == EXIT_FAILED and expected in one_line(err)
+        samples = {
+            s.name: s.value
+            for f in text_string_to_metric_families(target.read_text())
+            for s in f.samples
+            if not s.labels
+        }
+        assert (samples["asgi_workers"], samples["asgi_workers_unreachable"]) == (1, 1)
+    finally:
+        odd.stop()
 
 
 # --------------------------------------------------------------------------- whom the CLI talks to

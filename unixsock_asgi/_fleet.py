@@ -29,7 +29,7 @@ from ._client import AsyncClient
 from ._exceptions import BindError, ConnectError, TimeoutException, TransportError
 from ._protocol import HARD_MAX_MESSAGE_SIZE, STATUS_OK
 from ._sockets import check_private_directory, directory_lock, peer_credentials, probe
-from ._stats import merge_histograms
+from ._stats import LatencyHistogram, merge_histograms
 
 __all__ = [
     "OVERRIDES_FILENAME",
@@ -51,6 +51,7 @@ __all__ = [
     "is_stats_snapshot",
     "load_overrides",
     "mark_foreign_stats",
+    "mark_unusable_stats",
     "open_checked_directory",
     "override_key",
     "overrides_path",
@@ -60,6 +61,7 @@ __all__ = [
     "render_prometheus",
     "replace_file",
     "resolve_target",
+    "stats_problem",
     "untrusted_overrides_file",
     "untrusted_peer",
     "walk_path",
@@ -813,6 +815,8 @@ async def fan_out(
             outcome.gone.append(answer.socket)
         else:
             outcome.results.append(answer)
+    if cmd == "stats":
+        mark_unusable_stats(outcome)
     return outcome
 
 
@@ -827,6 +831,49 @@ def is_stats_snapshot(payload: Any) -> bool:
 
 
 FOREIGN_STATS = "its answer to 'stats' is not a unixsock-asgi stats snapshot (another kind of server?)"
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def stats_problem(snapshot: Mapping[str, Any]) -> str:
+    """Why a unixsock-asgi stats snapshot cannot be added into a fleet's figures, or "".
+
+    Its histograms must merge with this version's (the same buckets: a worker of
+    another version, mid-upgrade, may use others) and its counts be numbers.
+    """
+    histograms = [snapshot.get("latency")]
+    routes = snapshot.get("routes", {})
+    if not isinstance(routes, Mapping):
+        return "its 'routes' is not an object"
+    for template, route in routes.items():
+        if not isinstance(route, Mapping):
+            return f"route {template!r} is not an object"
+        for name in ("requests", "exceptions"):
+            if not _is_count(route.get(name, 0)):
+                return f"route {template!r}: {name} is {route.get(name)!r}, not a count"
+        histograms.append(route.get("latency"))
+    for histogram in histograms:
+        if histogram is None:
+            continue
+        if not isinstance(histogram, Mapping):
+            return "a latency histogram is not an object"
+        try:
+            LatencyHistogram.from_payload(histogram)
+        except (ValueError, TypeError) as exc:
+            return f"a latency histogram cannot be merged: {exc}"
+    return ""
+
+
+def mark_unusable_stats(outcome: FanOutResult) -> FanOutResult:
+    """Turn unixsock-asgi snapshots that cannot be merged (see :func:`stats_problem`) into errors."""
+    for result in outcome.results:
+        if result.ok and is_stats_snapshot(result.payload):
+            problem = stats_problem(result.payload)
+            if problem:
+                result.status, result.error = STATUS_ERROR, f"its stats cannot be used: {problem}"
+    return outcome
 
 
 def mark_foreign_stats(outcome: FanOutResult) -> FanOutResult:
@@ -882,7 +929,7 @@ def aggregate_stats(snapshots: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     (in-flight requests, RSS, file descriptors, threads, CPU time, active
     websockets) are summed; event-loop lag is the worst worker's.
     """
-    snapshots = [s for s in snapshots if is_stats_snapshot(s)]
+    snapshots = [s for s in snapshots if is_stats_snapshot(s) and not stats_problem(s)]
     by_status: dict[str, int] = {}
     by_method: dict[str, int] = {}
     routes: dict[str, dict[str, Any]] = {}
