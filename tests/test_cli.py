@@ -585,7 +585,7 @@ def test_a_worker_that_exits_while_asked_is_named_as_such(
 def test_top_once_waits_for_a_hung_worker_once(
     fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    (quick,) = fleet.start(1)
+    (quick,) = fleet.start(1, requests_per_stats_call=5)
     (hung,) = fleet.start(1, reply_delay_s=10.0)
     started = time.monotonic()
     status, out, err = run(capsys, "top", str(socket_dir), "--once", "--interval", "0.1", "--timeout", "2")
@@ -593,6 +593,9 @@ def test_top_once_waits_for_a_hung_worker_once(
     assert status == EXIT_FAILED
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()[:1].isdigit()}
     assert rows[str(hung.pid)][1] == "TIMEOUT" and str(quick.pid) in rows
+    # 5 requests between its two answers, 2.1 s apart (the first fan-out waited for the hung
+    # worker): about 2.4/s, not 5 over the 0.1 s between the two fan-outs' ends (50/s).
+    assert 1.0 < float(rows[str(quick.pid)][1]) < 4.0
     assert "timeout: no reply within 2s" in one_line(err)
 
 
@@ -665,6 +668,24 @@ def test_top_keeps_a_worker_that_went_away_on_view_for_a_minute(fleet: Fleet, so
     table, header = refresh(204.0)
     assert table[str(fixed.pid)][1] == "GONE" and table[str(other.pid)][1] != "GONE"
     assert header == "workers 2 live, 1 gone"
+
+
+def test_top_takes_no_rate_across_a_stats_reset(fleet: Fleet, socket_dir: Path) -> None:
+    import asyncio
+
+    from unixsock_asgi._fleet import Target
+    from unixsock_asgi._top import TopView, _sample
+
+    (worker,) = fleet.start(1, requests_per_stats_call=5)
+    target = Target(str(socket_dir), is_directory=True)
+    view = TopView(str(socket_dir))
+    view.update(asyncio.run(_sample(target, timeout=2.0)), now=100.0)
+    worker.stats.reset()  # stats_reset, then more requests than had been counted before it
+    worker.record(*[("/", 200, 0.01)] * 20)
+    (row,) = view.update(asyncio.run(_sample(target, timeout=2.0)), now=102.0)
+    assert (row.requests, row.requests_per_s, row.p50_s) == (25, None, None)  # not (25 - 5) / 2 s
+    (row,) = view.update(asyncio.run(_sample(target, timeout=2.0)), now=104.0)
+    assert row.requests_per_s == 2.5  # from the next interval on
 
 
 def test_top_once_into_a_file_lists_every_worker(

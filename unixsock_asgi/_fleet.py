@@ -422,6 +422,9 @@ class WorkerResult:
     """The uid the server runs as (``SO_PEERCRED``), once connected."""
     home: tuple[int, int] | None = None
     """(st_dev, st_ino) of the directory the socket was found in, as the connection reached it."""
+    answered_at: float | None = None
+    """``time.monotonic()`` when its answer arrived (rates between two answers: a fan-out
+    lasts as long as its slowest worker)."""
 
     @property
     def ok(self) -> bool:
@@ -774,6 +777,7 @@ async def ask_worker(path: str, cmd: str, args: Mapping[str, Any], timeout: floa
         result.status = response.status
         result.error = response.error
         result.payload = response.payload
+        result.answered_at = time.monotonic()
         if isinstance(response.payload, dict) and isinstance(response.payload.get("pid"), int):
             result.pid = response.payload["pid"]
     finally:

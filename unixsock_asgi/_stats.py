@@ -326,6 +326,8 @@ class Stats:
         self._counting = False  # counting is under way on this thread (re-entry would split it)
         self._route_names: dict[int, str] = {}
         self._route_objects: list[Any] = []  # keeps the ids in _route_names from being reused
+        self.resets = -1
+        """How many times :meth:`reset` has run (``stats_reset``): the one below is not counted."""
         self.reset()
 
     def restart_clock(self) -> None:
@@ -343,6 +345,7 @@ class Stats:
             self._count_live()
             before = self._total.requests
             self.reset_at = time.time()
+            self.resets += 1
             self._routes = {}
             self._total = RouteStats()
             self._unbucketed = 0
@@ -561,6 +564,7 @@ class Stats:
             "uptime_s": time.monotonic() - self._started_mono,
             "started_at": self.started_at,
             "since_reset_s": now - self.reset_at,
+            "resets": self.resets,
             "requests_total": totals["requests"],
             "in_flight": self.in_flight,
             "exceptions_total": totals["exceptions"],

@@ -57,6 +57,7 @@ class _Sample:
     at: float
     requests: int
     buckets: dict[int, int]
+    resets: Any = None
 
 
 @dataclass
@@ -96,6 +97,11 @@ def _buckets(snapshot: Mapping[str, Any]) -> dict[int, int]:
     return {int(i): int(c) for i, c in latency.get("buckets", [])}
 
 
+def _reset(before: _Sample, after: _Sample) -> bool:
+    """Whether ``stats_reset`` ran between two samples (the count need not have gone down)."""
+    return bool(before.resets != after.resets)
+
+
 def _quantile(buckets: Mapping[int, int], q: float) -> float | None:
     hist = LatencyHistogram()
     hist.buckets = dict(buckets)
@@ -118,7 +124,12 @@ class TopView:
         A worker that answered before and is missing now (its socket removed or
         stale: it exited, was recycled or killed) follows as a ``gone`` row for
         :data:`GONE_SHOWN_S` seconds, with when it last answered.
+
+        Rates are over the time between a worker's own answers (a fan-out that
+        waited for a hung worker's timeout must not stretch the others'), unless
+        ``now`` is given: then it stands for every answer's time.
         """
+        given = now
         now = time.monotonic() if now is None else now
         rows = []
         seen: dict[tuple[str, int | None], _Sample] = {}
@@ -161,13 +172,14 @@ class TopView:
             row.rss_bytes = process.get("rss_bytes")
             row.uptime_s = snap.get("uptime_s")
             requests = int(row.requests or 0)
-            sample = _Sample(now, requests, _buckets(snap))
+            at = r.answered_at if given is None and r.answered_at is not None else now
+            sample = _Sample(at, requests, _buckets(snap), snap.get("resets"))
             key = (r.socket, r.pid)
             seen[key] = sample
             before = self._previous.get(key)
-            if before is None or requests < before.requests or now <= before.at:
+            if before is None or requests < before.requests or at <= before.at or _reset(before, sample):
                 continue  # first sight, or counters were reset: no interval figures yet
-            row.requests_per_s = (requests - before.requests) / (now - before.at)
+            row.requests_per_s = (requests - before.requests) / (at - before.at)
             delta = {
                 i: c - before.buckets.get(i, 0)
                 for i, c in sample.buckets.items()
