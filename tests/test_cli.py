@@ -576,6 +576,21 @@ def test_a_worker_that_exits_while_asked_is_named_as_such(
     assert (
         "error: 1 worker(s) exited while asked (the command may have run there): app-2.sock" in result.stderr
     )
+    # ls and top --once say the same, with the same status (they said "nothing to talk to", 2).
+    for i, argv in enumerate((["ls"], ["top", "--once", "--interval", "0.1"]), 3):
+        directory = tmp_path / f"d{i}"
+        directory.mkdir(mode=0o700)
+        exiting_server(str(directory / f"app-{i}.sock"))
+        status, _, err = run(capsys, *argv[:1], str(directory), *argv[1:], "--timeout", "5")
+        assert status == EXIT_FAILED, err
+        assert f"1 worker(s) exited while asked (the command may have run there): app-{i}.sock" in err
+    directory = tmp_path / "d5"
+    directory.mkdir(mode=0o700)
+    exiting_server(str(directory / "app-5.sock"))
+    status, out, err = run(capsys, "metrics", str(directory), "--timeout", "5")
+    assert status == EXIT_FAILED and "exited while asked" in err
+    samples = {s.name: s.value for f in text_string_to_metric_families(out) for s in f.samples}
+    assert (samples["asgi_workers"], samples["asgi_workers_gone"], samples["asgi_stale_sockets"]) == (0, 1, 0)
     # The socket's name is the workers' user's to choose: shown as text, never as terminal controls.
     third = exiting_server(str(tmp_path / "app\x1b]0;PWNED\x07-3.sock"))
     result = _cli("shell", third, stdin="restock\n")

@@ -1324,6 +1324,10 @@ def render_prometheus(outcome: FanOutResult, *, prefix: str = "asgi") -> str:
     out.sample(name, len(outcome.results) - len(outcome.successes))
     name = out.family("stale_sockets", "gauge", "Socket files that nothing listens on any more.")
     out.sample(name, len(outcome.stale))
+    name = out.family(
+        "workers_gone", "gauge", "Workers that exited while they were asked (a deploy, a recycled worker)."
+    )
+    out.sample(name, len(outcome.gone))
 
     name = out.family("requests_total", "counter", "Finished HTTP requests by route and status class.")
     for route, figures in total["routes"].items():

@@ -31,12 +31,12 @@ from ._stats import LatencyHistogram
 from .cli import (
     EXIT_FAILED,
     EXIT_OK,
-    UsageError,
     failure_summary,
     format_bytes,
     format_count,
     format_duration,
     format_uptime,
+    nobody_answered,
     terminal_safe,
 )
 
@@ -304,8 +304,9 @@ async def _print_once(target: Target, interval: float, timeout: float, out: Text
     """Two samples ``interval`` apart (for rates), then one frame without escape codes."""
     view = TopView(_label(target))
     first = await _sample(target, timeout)
-    if not first.results:
-        raise UsageError(f"nothing to talk to: no live worker in {target.path}")
+    nobody = nobody_answered(target, first)
+    if nobody is not None:
+        raise nobody
     view.update(first)
     await asyncio.sleep(interval)
     # A worker that did not answer has had its --timeout: it is not waited for twice.
@@ -322,8 +323,9 @@ async def _print_once(target: Target, interval: float, timeout: float, out: Text
     for line in view.frame(outcome, rows, width=width, height=height, interval=interval):
         out.write(line + "\n")
     out.flush()
-    if not outcome.results:
-        raise UsageError(f"nothing to talk to: no live worker in {target.path}")
+    nobody = nobody_answered(target, outcome)
+    if nobody is not None:
+        raise nobody
     if not outcome.all_ok:
         print(f"unixsock-asgi: {failure_summary(outcome)}", file=sys.stderr)
         return EXIT_FAILED

@@ -440,16 +440,21 @@ def _ask(
     if not sockets:
         return FanOutResult(), UsageError(f"nothing to talk to: no worker sockets (*.sock) in {target.path}")
     outcome = asyncio.run(fan_out(sockets, cmd, args, timeout=timeout))
+    return outcome, nobody_answered(target, outcome)
+
+
+def nobody_answered(target: Target, outcome: FanOutResult) -> UsageError | _Failed | None:
+    """What to say when no worker answered at all, or None when one did."""
     if outcome.results:
-        return outcome, None
+        return None
     if outcome.gone:
         # Not "nothing to talk to" (2): it was asked, and may have run the command.
-        return outcome, _Failed(f"{gone_text(outcome)}; no live worker answered")
+        return _Failed(f"{gone_text(outcome)}; no live worker answered")
     if target.is_directory:
         message = f"{len(outcome.stale)} socket(s) in {target.path}, no live worker"
     else:
         message = f"nothing listens on {target.path} (its process is gone)"
-    return outcome, UsageError(f"nothing to talk to: {message}")
+    return UsageError(f"nothing to talk to: {message}")
 
 
 def _run_fan_out(target: Target, cmd: str, args: Mapping[str, Any], timeout: float) -> FanOutResult:
@@ -604,8 +609,9 @@ def cmd_ls(ns: argparse.Namespace) -> int:
         for path in outcome.gone:
             rows.append([os.path.basename(path), "-", "-", "-", "-", "GONE: exited while asked"])
         _write(table(rows, align="lrrrrl"), sys.stdout)
-    if not outcome.results:
-        raise UsageError(f"nothing to talk to: no live worker in {target.path}")
+    nobody = nobody_answered(target, outcome)
+    if nobody is not None:
+        raise nobody
     if not outcome.all_ok:
         raise _Failed(failure_summary(outcome))
     return EXIT_OK
