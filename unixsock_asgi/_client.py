@@ -43,6 +43,33 @@ def _connect_error(path: str, exc: OSError) -> ConnectError:
     return ConnectError(f"cannot connect to {path}: {hint}")
 
 
+_BACKLOG_FULL = "the server's backlog is full (it accepts no connections: stopped, hung or flooded)"
+
+
+async def _connect_unix(path: str) -> socket.socket:
+    """A connected non-blocking UNIX socket, tried again while the server's backlog is full.
+
+    Not ``open_unix_connection(path)``: a UNIX socket's connect never is "in
+    progress", it fails with EAGAIN when the listen backlog is full, which
+    asyncio takes for a connect under way; it then reports a connection that
+    is none, and the first write fails as if the server had dropped it.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    delay = 0.005
+    try:
+        while True:
+            try:
+                sock.connect(path)
+                return sock
+            except BlockingIOError:  # the backlog is full: until the caller's timeout
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.1)
+    except BaseException:
+        sock.close()
+        raise
+
+
 def _transport_error(path: str, exc: OSError) -> TransportError:
     text = exc.strerror or str(exc)
     if isinstance(exc, ConnectionResetError):
@@ -149,7 +176,7 @@ class Client(_BaseClient):
             sock.connect(self.path)
         except (TimeoutError, BlockingIOError):
             sock.close()
-            raise ConnectError(f"cannot connect to {self.path}: the server's backlog is full") from None
+            raise ConnectError(f"cannot connect to {self.path}: {_BACKLOG_FULL}") from None
         except OSError as exc:
             sock.close()
             raise _connect_error(self.path, exc) from None
@@ -308,9 +335,14 @@ class AsyncClient(_BaseClient):
         """Connect to ``address`` (``self.path``, or what stands for it); errors name ``self.path``."""
         try:
             async with _compat.timeout(self.timeout):
-                return await asyncio.open_unix_connection(address, limit=HARD_MAX_MESSAGE_SIZE + 8)
+                sock = await _connect_unix(os.fspath(address))
+                try:
+                    return await asyncio.open_unix_connection(sock=sock, limit=HARD_MAX_MESSAGE_SIZE + 8)
+                except BaseException:
+                    sock.close()
+                    raise
         except TimeoutError:
-            raise ConnectError(f"cannot connect to {self.path}: the server's backlog is full") from None
+            raise ConnectError(f"cannot connect to {self.path}: {_BACKLOG_FULL}") from None
         except OSError as exc:
             raise _connect_error(self.path, exc) from None
 
