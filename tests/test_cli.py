@@ -29,6 +29,7 @@ from unixsock_asgi.cli import (
     EXIT_OK,
     EXIT_USAGE,
     format_args,
+    format_duration,
     main,
     parse_command_args,
     reply_timeout,
@@ -712,6 +713,25 @@ def test_top_once_into_a_file_lists_every_worker(
     assert "not shown" not in out
     shown = {line.split()[0] for line in out.splitlines() if line.strip()[:1].isdigit()}
     assert shown == {str(w.pid) for w in workers}
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [
+        (0.00085, "850us"),
+        (0.0009994, "999us"),
+        (0.0009996, "1ms"),  # the unit after rounding: not 1000us...
+        (0.0123, "12.3ms"),
+        (0.9997, "1s"),  # ...nor 1e+03ms
+        (1.25, "1.25s"),
+        (999.7, "1000s"),  # nor 1e+03s
+        (12345.6, "12346s"),
+        (float("nan"), "-"),
+        (None, "-"),
+    ],
+)
+def test_durations_are_shown_in_the_unit_they_round_to(seconds: Any, shown: str) -> None:
+    assert format_duration(seconds) == shown
 
 
 def test_help_lists_each_command_with_the_first_sentence_of_its_doc() -> None:

@@ -102,13 +102,14 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def format_duration(seconds: Any) -> str:
     """Latency for humans: ``850us``, ``12.3ms``, ``1.25s``; ``-`` when unknown."""
-    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not math.isfinite(seconds):
         return "-"
-    if seconds < 1e-3:
+    # The unit after rounding: 0.9997 s is 1s, not 1e+03ms.
+    if round(seconds * 1e6) < 1000:
         return f"{seconds * 1e6:.0f}us"
-    if seconds < 1:
+    if float(f"{seconds * 1e3:.3g}") < 1000:
         return f"{seconds * 1e3:.3g}ms"
-    return f"{seconds:.3g}s"
+    return f"{seconds:.3g}s" if seconds < 999.5 else f"{seconds:.0f}s"
 
 
 def format_uptime(seconds: Any) -> str:
