@@ -861,6 +861,14 @@ def test_loop_lag_shows_a_block_while_it_lasts(sock_dir: Path) -> None:
     assert process["loop_lag_max_s"] >= process["loop_lag_s"]
 
 
+def test_the_lag_monitor_can_say_how_long_the_loop_is_blocked_before_it_first_ran(sock_dir: Path) -> None:
+    # The stats command asks it from the control thread: under uvicorn an app that blocks its
+    # loop right after startup does so before the monitor task ever ran.
+    monitor = ControlSocketMiddleware(Starlette(), path=str(sock_dir / "c.sock")).control.monitor
+    assert monitor.task is None
+    assert monitor.blocked_for() == 0.0  # was: TypeError, float - dataclasses.Field
+
+
 def test_uptime_counts_from_the_fork_when_the_middleware_was_made_before_it(sock_dir: Path) -> None:
     sock = sock_dir / "c.sock"
     app = ControlSocketMiddleware(Starlette(routes=[Route("/", _hello)]), path=str(sock))

@@ -76,7 +76,6 @@ class CommandContext:
         return self.control.app_loop
 
 
-@dataclass
 @dataclass(frozen=True)
 class LogRestore:
     """A ttl'd ``set_log_level`` waiting to be undone."""
@@ -90,6 +89,7 @@ class LogRestore:
     """The logger was disabled and ``enable=true`` enabled it: disabled again at the revert."""
 
 
+@dataclass
 class _LoopMonitor:
     """Measures the app loop's lag with a periodic task; the control thread reads it."""
 
@@ -242,6 +242,9 @@ class ControlPlane:
         await self.app_loop.run_in_executor(None, server.start)
         self.server = server
         self.socket_path = server.path
+        # From now: made before a fork (gunicorn --preload) or long before startup, the
+        # monitor would read that wait as the loop's lag until its task first runs.
+        self.monitor.last_tick = time.monotonic()
         self.monitor.task = self.app_loop.create_task(self.monitor.run(self.stats))
         if socket_dir is not None:
             await self._apply_overrides(socket_dir)
