@@ -150,3 +150,31 @@ def _no_leaked_server_threads() -> Iterator[None]:
     yield
     leaked = [t for t in threading.enumerate() if t not in before and t.name == "unixsock-server"]
     assert not leaked, f"server threads still running: {leaked}"
+
+
+@pytest.fixture
+def full_backlog() -> Iterator[Callable[[str], socket.socket]]:
+    """Listen on a path and accept nothing until the backlog is full: a stopped or hung
+    server. Returns the listener; it and the queued connections are closed afterwards."""
+    opened: list[socket.socket] = []
+
+    def listen(path: str) -> socket.socket:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        opened.append(listener)
+        listener.bind(path)
+        listener.listen(0)
+        for _ in range(64):  # bounded: the kernel refuses once the backlog is full
+            queued = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            queued.setblocking(False)
+            opened.append(queued)
+            try:
+                queued.connect(path)
+            except BlockingIOError:
+                return listener
+        raise AssertionError("the backlog never filled up")
+
+    try:
+        yield listen
+    finally:
+        for sock in opened:
+            sock.close()

@@ -598,6 +598,16 @@ def test_a_worker_that_exits_while_asked_is_named_as_such(
     assert "app\\x1b]0;PWNED\\x07-3.sock" in result.stderr and "\x1b" not in result.stderr
 
 
+def test_a_worker_with_a_full_backlog_is_a_timeout_that_says_so(
+    socket_dir: Path, full_backlog: Callable[[str], socket.socket], capsys: pytest.CaptureFixture[str]
+) -> None:
+    full_backlog(str(socket_dir / "app-7.sock"))
+    status, out, err = run(capsys, "send", str(socket_dir), "ping", "--timeout", "0.5")
+    why = "no connection within 0.5s: the server's backlog is full (it accepts no connections: stopped, hung or flooded)"
+    assert status == EXIT_FAILED and out == f"[worker 7] timeout: {why}\n"
+    assert why in one_line(err)
+
+
 def test_top_once_waits_for_a_hung_worker_once(
     fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

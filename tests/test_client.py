@@ -337,46 +337,29 @@ def test_stale_socket_is_a_connect_error(sock_path: str) -> None:
         stale.close()
 
 
-def test_a_full_backlog_is_named_as_such_by_both_clients(sock_path: str) -> None:
-    # A stopped or hung server: it listens, accepts nothing, and its backlog fills up.
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    waiting: list[socket.socket] = []
-    try:
-        listener.bind(sock_path)
-        listener.listen(0)
-        for _ in range(64):  # bounded: the kernel refuses once the backlog is full
-            queued = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            queued.setblocking(False)
-            waiting.append(queued)
-            try:
-                queued.connect(sock_path)
-            except BlockingIOError:
-                break
-        else:
-            pytest.fail("the backlog never filled up")
-        with pytest.raises(ConnectError, match="the server's backlog is full"):
-            Client(sock_path, timeout=0.5).send("ping")
-        started = time.monotonic()
-        # asyncio took EAGAIN for a connect in progress: it "connected", and the first
-        # write failed as "the server dropped the connection unanswered: it may be flooded".
-        with pytest.raises(ConnectError, match="the server's backlog is full"):
-            asyncio.run(AsyncClient(sock_path, timeout=0.5).send("ping"))
-        assert 0.4 < time.monotonic() - started < 3  # tried again until its timeout
+def test_a_full_backlog_is_named_as_such_by_both_clients(
+    sock_path: str, full_backlog: Callable[[str], socket.socket]
+) -> None:
+    listener = full_backlog(sock_path)
+    with pytest.raises(ConnectError, match="the server's backlog is full"):
+        Client(sock_path, timeout=0.5).send("ping")
+    started = time.monotonic()
+    # asyncio took EAGAIN for a connect in progress: it "connected", and the first
+    # write failed as "the server dropped the connection unanswered: it may be flooded".
+    with pytest.raises(ConnectError, match="the server's backlog is full"):
+        asyncio.run(AsyncClient(sock_path, timeout=0.5).send("ping"))
+    assert 0.4 < time.monotonic() - started < 3  # tried again until its timeout
 
-        async def send_once_there_is_room() -> None:
-            client = AsyncClient(sock_path, timeout=5.0)
-            sending = asyncio.ensure_future(client.send("ping", respond=False))
-            await asyncio.sleep(0.2)
-            assert not sending.done()  # still trying to connect
-            listener.accept()[0].close()  # the oldest in the queue goes: room for one more
-            await sending  # connected on a later try, and the frame went out
-            await client.aclose()
+    async def send_once_there_is_room() -> None:
+        client = AsyncClient(sock_path, timeout=5.0)
+        sending = asyncio.ensure_future(client.send("ping", respond=False))
+        await asyncio.sleep(0.2)
+        assert not sending.done()  # still trying to connect
+        listener.accept()[0].close()  # the oldest in the queue goes: room for one more
+        await sending  # connected on a later try, and the frame went out
+        await client.aclose()
 
-        asyncio.run(send_once_there_is_room())
-    finally:
-        for s in waiting:
-            s.close()
-        listener.close()
+    asyncio.run(send_once_there_is_room())
 
 
 def test_slow_handler_is_a_timeout(start_server: ServerFactory, tracker: ConnectionTracker) -> None:

@@ -43,7 +43,7 @@ def _connect_error(path: str, exc: OSError) -> ConnectError:
     return ConnectError(f"cannot connect to {path}: {hint}")
 
 
-_BACKLOG_FULL = "the server's backlog is full (it accepts no connections: stopped, hung or flooded)"
+BACKLOG_FULL = "the server's backlog is full (it accepts no connections: stopped, hung or flooded)"
 
 
 async def _connect_unix(path: str) -> socket.socket:
@@ -176,7 +176,7 @@ class Client(_BaseClient):
             sock.connect(self.path)
         except (TimeoutError, BlockingIOError):
             sock.close()
-            raise ConnectError(f"cannot connect to {self.path}: {_BACKLOG_FULL}") from None
+            raise ConnectError(f"cannot connect to {self.path}: {BACKLOG_FULL}") from None
         except OSError as exc:
             sock.close()
             raise _connect_error(self.path, exc) from None
@@ -342,7 +342,7 @@ class AsyncClient(_BaseClient):
                     sock.close()
                     raise
         except TimeoutError:
-            raise ConnectError(f"cannot connect to {self.path}: {_BACKLOG_FULL}") from None
+            raise ConnectError(f"cannot connect to {self.path}: {BACKLOG_FULL}") from None
         except OSError as exc:
             raise _connect_error(self.path, exc) from None
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TextIO
 
 from . import _compat
-from ._client import AsyncClient
+from ._client import BACKLOG_FULL, AsyncClient
 from ._exceptions import BindError, ConnectError, TimeoutException, TransportError
 from ._protocol import HARD_MAX_MESSAGE_SIZE, STATUS_OK
 from ._sockets import check_private_directory, directory_lock, peer_credentials, probe
@@ -755,7 +755,10 @@ async def ask_worker(path: str, cmd: str, args: Mapping[str, Any], timeout: floa
             response = await client.send(cmd, dict(args))
     except (TimeoutError, TimeoutException):
         result.status = STATUS_TIMEOUT
-        result.error = f"no reply within {timeout:g}s"
+        if client.peer_uid is None:  # never connected: the client was trying again all along
+            result.error = f"no connection within {timeout:g}s: {BACKLOG_FULL}"
+        else:
+            result.error = f"no reply within {timeout:g}s"
     except _UntrustedPeer as exc:
         result.error = str(exc)
     except ConnectError as exc:
