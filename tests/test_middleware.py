@@ -307,6 +307,13 @@ def test_set_log_level_says_when_a_logger_is_disabled_and_can_enable_it_until_th
             logger.setLevel(logging.ERROR)
             time.sleep(0.5)
             assert (logger.level, logger.disabled) == (logging.ERROR, False)
+            # ... and so it does when another ttl'd change came after the app's.
+            logger.disabled = True
+            _payload(control, "set_log_level", level="DEBUG", logger=logger.name, enable=True, ttl=30)
+            logger.setLevel(logging.ERROR)
+            _payload(control, "set_log_level", level="INFO", logger=logger.name, ttl=0.2)
+            _wait_until(lambda: logger.level == logging.ERROR, "the revert")
+            assert not logger.disabled
             # Without a ttl, or a plain set over a ttl'd one: the change, enable included, stands.
             logger.disabled = True
             _payload(control, "set_log_level", level="INFO", logger=logger.name, enable=True, ttl=30)

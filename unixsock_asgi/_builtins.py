@@ -299,11 +299,11 @@ def set_log_level(
     pending = restores.pop(key, None)
     if pending is not None:
         pending.handle.cancel()
-        if (
-            old == pending.set_to
-        ):  # untouched since: a ttl'd change over a ttl'd change reverts to the first level
+        # Untouched since, a ttl'd change over a ttl'd change reverts to the first level;
+        # else the app set a level of its own between the two, and its configuration stands.
+        if old == pending.set_to:
             original = pending.level
-        redisable = pending.redisable and not lg.disabled
+            redisable = pending.redisable and not lg.disabled
     lg.setLevel(number)
     if enable and lg.disabled:
         lg.disabled = False
