@@ -1068,14 +1068,17 @@ def _odd_snapshots() -> list[tuple[dict[str, Any], str]]:
     no_count["routes"]["/"]["requests"] = None
     bad_bucket = json.loads(json.dumps(base))
     bad_bucket["latency"]["buckets"] = [[1, "a"]]
+    far_bucket = json.loads(json.dumps(base))
+    far_bucket["latency"]["buckets"] = [[100000, 1]]  # its value overflowed a float when merged
     return [
+        (far_bucket, "a latency histogram cannot be merged: bucket index 100000 is out of range"),
         (other_version, "a latency histogram cannot be merged: histogram uses gamma 1.05"),
         (no_count, "route '/': requests is None, not a count"),
         (bad_bucket, "a latency histogram cannot be merged: invalid literal for int()"),
     ]
 
 
-@pytest.mark.parametrize(("snapshot", "problem"), _odd_snapshots(), ids=["gamma", "count", "bucket"])
+@pytest.mark.parametrize(("snapshot", "problem"), _odd_snapshots(), ids=["index", "gamma", "count", "bucket"])
 def test_a_stats_answer_that_cannot_be_merged_is_one_workers_error_not_a_crash(
     fleet: Fleet,
     socket_dir: Path,

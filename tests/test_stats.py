@@ -639,10 +639,14 @@ def test_a_reset_from_a_signal_handler_while_a_group_is_counted_keeps_the_totals
 
 def test_bucket_counts_below_one_in_a_payload_add_nothing() -> None:
     # A payload from another process is not trusted to be well formed.
-    payload = {"gamma": GAMMA, "buckets": [[-349, 28], [-123, -5], [-100, 0], [184, 5]], "max_s": 0.0}
+    payload = {"gamma": GAMMA, "buckets": [[-149, 28], [-123, -5], [-100, 0], [84, 5]], "max_s": 0.0}
     hist = LatencyHistogram.from_payload(payload)
-    assert hist.buckets == {-349: 28, 184: 5} and hist.count == 33
+    assert hist.buckets == {-149: 28, 84: 5} and hist.count == 33
     assert hist.quantile(0.9) == hist.quantile(1.0)  # the 30th of 33 values is in the top bucket
+    # An index no value of this version falls in (another scheme's; 100,000 overflowed a float).
+    for index in (-349, 184, 100_000):
+        with pytest.raises(ValueError, match=f"bucket index {index} is out of range"):
+            LatencyHistogram.from_payload({"gamma": GAMMA, "buckets": [[index, 1]]})
 
 
 def test_a_status_equal_to_an_int_counts_as_it_whatever_came_first(caplog: pytest.LogCaptureFixture) -> None:

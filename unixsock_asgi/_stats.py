@@ -206,6 +206,8 @@ class LatencyHistogram:
             raise ValueError(f"histogram uses gamma {gamma}, this version uses {GAMMA}")
         hist = cls()
         for i, c in payload.get("buckets", []):
+            if not _MIN_BUCKET <= int(i) <= _MAX_BUCKET:
+                raise ValueError(f"bucket index {i} is out of range ({_MIN_BUCKET} to {_MAX_BUCKET})")
             if int(c) > 0:  # a count below one (a malformed payload) adds nothing
                 hist.buckets[int(i)] = hist.buckets.get(int(i), 0) + int(c)
         hist.count = sum(hist.buckets.values())
