@@ -696,7 +696,7 @@ def test_top_keeps_a_worker_that_went_away_on_view_for_a_minute(fleet: Fleet, so
     assert header == "workers 2 live, 1 gone"
 
 
-def test_top_takes_no_rate_across_a_stats_reset(fleet: Fleet, socket_dir: Path) -> None:
+def test_top_takes_no_rate_across_a_restart_or_a_stats_reset(fleet: Fleet, socket_dir: Path) -> None:
     import asyncio
 
     from unixsock_asgi._fleet import Target
@@ -705,13 +705,22 @@ def test_top_takes_no_rate_across_a_stats_reset(fleet: Fleet, socket_dir: Path) 
     (worker,) = fleet.start(1, requests_per_stats_call=5)
     target = Target(str(socket_dir), is_directory=True)
     view = TopView(str(socket_dir))
-    view.update(asyncio.run(_sample(target, timeout=2.0)), now=100.0)
-    worker.stats.reset()  # stats_reset, then more requests than had been counted before it
+
+    def refresh(now: float) -> tuple[Any, Any]:
+        (row,) = view.update(asyncio.run(_sample(target, timeout=2.0)), now=now)
+        return row.requests, row.requests_per_s
+
+    assert refresh(100.0) == (5, None)
+    # A process that restarted under the same pid (PID 1 in a container), and served more
+    # requests since than had been counted before: not (25 - 5) / 2 s.
+    worker.stats = Stats()
     worker.record(*[("/", 200, 0.01)] * 20)
-    (row,) = view.update(asyncio.run(_sample(target, timeout=2.0)), now=102.0)
-    assert (row.requests, row.requests_per_s, row.p50_s) == (25, None, None)  # not (25 - 5) / 2 s
-    (row,) = view.update(asyncio.run(_sample(target, timeout=2.0)), now=104.0)
-    assert row.requests_per_s == 2.5  # from the next interval on
+    assert refresh(102.0) == (25, None)
+    assert refresh(104.0) == (30, 2.5)  # from the next interval on
+    worker.stats.reset()  # stats_reset, the same way
+    worker.record(*[("/", 200, 0.01)] * 40)
+    assert refresh(106.0) == (45, None)
+    assert refresh(108.0) == (50, 2.5)
 
 
 def test_top_once_into_a_file_lists_every_worker(

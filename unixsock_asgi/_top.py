@@ -57,7 +57,8 @@ class _Sample:
     at: float
     requests: int
     buckets: dict[int, int]
-    resets: Any = None
+    epoch: Any = None
+    """When its counters started (``started_at``) and how many times they were reset."""
 
 
 @dataclass
@@ -98,8 +99,9 @@ def _buckets(snapshot: Mapping[str, Any]) -> dict[int, int]:
 
 
 def _reset(before: _Sample, after: _Sample) -> bool:
-    """Whether ``stats_reset`` ran between two samples (the count need not have gone down)."""
-    return bool(before.resets != after.resets)
+    """Whether the counters started afresh between two samples: ``stats_reset``, or a
+    process restarted under the same pid (a container's), though the count went up."""
+    return bool(before.epoch != after.epoch)
 
 
 def _quantile(buckets: Mapping[int, int], q: float) -> float | None:
@@ -173,7 +175,7 @@ class TopView:
             row.uptime_s = snap.get("uptime_s")
             requests = int(row.requests or 0)
             at = r.answered_at if given is None and r.answered_at is not None else now
-            sample = _Sample(at, requests, _buckets(snap), snap.get("resets"))
+            sample = _Sample(at, requests, _buckets(snap), (snap.get("started_at"), snap.get("resets")))
             key = (r.socket, r.pid)
             seen[key] = sample
             before = self._previous.get(key)
