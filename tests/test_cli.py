@@ -1083,7 +1083,7 @@ def _odd_snapshots() -> list[tuple[dict[str, Any], str]]:
         (far_bucket, "a latency histogram cannot be merged: bucket index 100000 is out of range"),
         (other_version, "a latency histogram cannot be merged: histogram uses gamma 1.05"),
         (no_count, "route '/': requests is None, not a count"),
-        (bad_bucket, "a latency histogram cannot be merged: invalid literal for int()"),
+        (bad_bucket, "a latency histogram cannot be merged: bucket [1, 'a'] is not a pair of integers"),
     ]
 
 

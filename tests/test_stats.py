@@ -647,6 +647,9 @@ def test_bucket_counts_below_one_in_a_payload_add_nothing() -> None:
     for index in (-349, 184, 100_000):
         with pytest.raises(ValueError, match=f"bucket index {index} is out of range"):
             LatencyHistogram.from_payload({"gamma": GAMMA, "buckets": [[index, 1]]})
+        with pytest.raises(ValueError, match=f"bucket index {index} is out of range"):
+            merge_histograms([payload, {"gamma": GAMMA, "buckets": [[index, 1]]}])
+    assert merge_histograms([payload, payload])["count"] == 66
 
 
 def test_a_status_equal_to_an_int_counts_as_it_whatever_came_first(caplog: pytest.LogCaptureFixture) -> None:

@@ -29,7 +29,7 @@ from ._client import BACKLOG_FULL, AsyncClient
 from ._exceptions import BindError, ConnectError, TimeoutException, TransportError
 from ._protocol import HARD_MAX_MESSAGE_SIZE, STATUS_OK
 from ._sockets import check_private_directory, directory_lock, peer_credentials, probe
-from ._stats import LatencyHistogram, merge_histograms
+from ._stats import histogram_problem, merge_histograms
 
 __all__ = [
     "OVERRIDES_FILENAME",
@@ -862,14 +862,9 @@ def stats_problem(snapshot: Mapping[str, Any]) -> str:
                 return f"route {template!r}: {name} is {route.get(name)!r}, not a count"
         histograms.append(route.get("latency"))
     for histogram in histograms:
-        if histogram is None:
-            continue
-        if not isinstance(histogram, Mapping):
-            return "a latency histogram is not an object"
-        try:
-            LatencyHistogram.from_payload(histogram)
-        except (ValueError, TypeError) as exc:
-            return f"a latency histogram cannot be merged: {exc}"
+        problem = "" if histogram is None else histogram_problem(histogram)
+        if problem:
+            return f"a latency histogram cannot be merged: {problem}"
     return ""
 
 
@@ -959,7 +954,7 @@ def aggregate_stats(snapshots: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             _add_counts(merged["by_method"], route.get("by_method"))
             route_latencies.setdefault(template, []).extend(_histograms([route.get("latency")]))
     for template, merged in routes.items():
-        merged["latency"] = merge_histograms(route_latencies.get(template, []))
+        merged["latency"] = merge_histograms(route_latencies.get(template, []), checked=True)
 
     processes = [_mapping(s.get("process")) for s in snapshots]
     websockets = [_mapping(s.get("websockets")) for s in snapshots]
@@ -972,7 +967,7 @@ def aggregate_stats(snapshots: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "exceptions_total": int(_sum_or_none(s.get("exceptions_total") for s in snapshots) or 0),
         "by_status": by_status,
         "by_method": by_method,
-        "latency": merge_histograms(_histograms(s.get("latency") for s in snapshots)),
+        "latency": merge_histograms(_histograms(s.get("latency") for s in snapshots), checked=True),
         "routes": dict(sorted(routes.items())),
         "websockets": {
             "active": int(_sum_or_none(w.get("active") for w in websockets) or 0),

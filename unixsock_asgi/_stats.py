@@ -156,8 +156,9 @@ class LatencyHistogram:
         """The ``q``-quantile (0..1), within RELATIVE_ERROR; None when empty.
 
         Nearest rank: the bucket of the ``ceil(q * n)``-th smallest value. With
-        it, the quantile of merged histograms always lies between the workers'
-        own (an interpolated rank can put the fleet's p99 above every worker's).
+        it, the quantile of merged histograms lies between the workers' own, give
+        or take a bucket (a worker's is capped at its own max; an interpolated
+        rank could put the fleet's p99 far above every worker's).
         """
         return self._quantiles((q,))[0]
 
@@ -200,27 +201,75 @@ class LatencyHistogram:
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> LatencyHistogram:
-        """Rebuild a histogram from :meth:`to_payload` output (of any process)."""
-        gamma = payload.get("gamma", GAMMA)
-        if not math.isclose(float(gamma), GAMMA, rel_tol=1e-9):
-            raise ValueError(f"histogram uses gamma {gamma}, this version uses {GAMMA}")
+        """Rebuild a histogram from :meth:`to_payload` output (of any process); ValueError
+        when it cannot be merged with this version's (see :func:`histogram_problem`)."""
+        problem = histogram_problem(payload)
+        if problem:
+            raise ValueError(problem)
         hist = cls()
-        for i, c in payload.get("buckets", []):
-            if not _MIN_BUCKET <= int(i) <= _MAX_BUCKET:
-                raise ValueError(f"bucket index {i} is out of range ({_MIN_BUCKET} to {_MAX_BUCKET})")
-            if int(c) > 0:  # a count below one (a malformed payload) adds nothing
-                hist.buckets[int(i)] = hist.buckets.get(int(i), 0) + int(c)
-        hist.count = sum(hist.buckets.values())
+        buckets = hist.buckets
+        for i, c in payload.get("buckets", ()):
+            if c > 0:  # a count below one (a malformed payload) adds nothing
+                buckets[i] = buckets.get(i, 0) + c
+        hist.count = sum(buckets.values())
         hist.sum = float(payload.get("sum_s", 0.0))
         hist.max = float(payload.get("max_s", 0.0))
         return hist
 
 
-def merge_histograms(payloads: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """Merge histogram payloads by bucket and recompute percentiles from the merge."""
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def histogram_problem(payload: Any) -> str:
+    """Why a histogram payload (another process's) cannot be merged with this version's, or "".
+
+    The same buckets (``gamma``; indices within this version's range: another
+    scheme's, or 100,000, whose value overflows a float, are not), integer
+    counts and finite sums. A check, not a rebuild: a fleet's ``stats`` makes one
+    for every route of every worker.
+    """
+    if not isinstance(payload, Mapping):
+        return "a latency histogram is not an object"
+    gamma = payload.get("gamma", GAMMA)
+    if not _is_number(gamma) or not math.isclose(gamma, GAMMA, rel_tol=1e-9):
+        return f"histogram uses gamma {gamma!r}, this version uses {GAMMA}"
+    buckets = payload.get("buckets", ())
+    if not isinstance(buckets, (list, tuple)):
+        return f"its buckets are {type(buckets).__name__}, not a list"
+    for pair in buckets:
+        if (
+            type(pair) not in (list, tuple)
+            or len(pair) != 2
+            or type(pair[0]) is not int
+            or type(pair[1]) is not int
+        ):
+            return f"bucket {pair!r} is not a pair of integers"
+        if not _MIN_BUCKET <= pair[0] <= _MAX_BUCKET:
+            return f"bucket index {pair[0]} is out of range ({_MIN_BUCKET} to {_MAX_BUCKET})"
+    for key in ("sum_s", "max_s"):
+        if not _is_number(payload.get(key, 0.0)):
+            return f"its {key} is {payload.get(key)!r}, not a number"
+    return ""
+
+
+def merge_histograms(payloads: Iterable[Mapping[str, Any]], *, checked: bool = False) -> dict[str, Any]:
+    """Merge histogram payloads by bucket and recompute percentiles from the merge.
+
+    ValueError on a payload :func:`histogram_problem` refuses, unless ``checked``
+    says every one passed it already.
+    """
     merged = LatencyHistogram()
+    buckets = merged.buckets
     for payload in payloads:
-        merged.merge(LatencyHistogram.from_payload(payload))
+        if not checked and (problem := histogram_problem(payload)):
+            raise ValueError(problem)
+        for i, c in payload.get("buckets", ()):
+            if c > 0:  # a count below one (a malformed payload) adds nothing
+                buckets[i] = buckets.get(i, 0) + c
+        merged.sum += float(payload.get("sum_s", 0.0))
+        merged.max = max(merged.max, float(payload.get("max_s", 0.0)))
+    merged.count = sum(buckets.values())
     return merged.to_payload()
 
 
