@@ -253,9 +253,14 @@ def test_a_missing_target_exits_2_saying_so(socket_dir: Path, capsys: pytest.Cap
 
 
 def test_an_empty_directory_exits_2(socket_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    status, _, err = run(capsys, "send", str(socket_dir), "ping")
-    assert status == EXIT_USAGE
-    assert "no worker sockets" in one_line(err)
+    for argv in (
+        ["send", str(socket_dir), "ping"],
+        ["ls", str(socket_dir)],
+        ["top", str(socket_dir), "--once"],
+    ):
+        status, _, err = run(capsys, *argv)
+        assert status == EXIT_USAGE
+        assert f"nothing to talk to: no worker sockets (*.sock) in {socket_dir}" in one_line(err), argv
 
 
 def test_a_directory_of_stale_sockets_exits_2(socket_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -451,7 +451,9 @@ def nobody_answered(target: Target, outcome: FanOutResult) -> UsageError | _Fail
     if outcome.gone:
         # Not "nothing to talk to" (2): it was asked, and may have run the command.
         return _Failed(f"{gone_text(outcome)}; no live worker answered")
-    if target.is_directory:
+    if target.is_directory and not outcome.stale:
+        message = f"no worker sockets (*.sock) in {target.path}"
+    elif target.is_directory:
         message = f"{len(outcome.stale)} socket(s) in {target.path}, no live worker"
     else:
         message = f"nothing listens on {target.path} (its process is gone)"
