@@ -1084,7 +1084,13 @@ def _odd_snapshots() -> list[tuple[dict[str, Any], str]]:
     bad_bucket["latency"]["buckets"] = [[1, "a"]]
     far_bucket = json.loads(json.dumps(base))
     far_bucket["latency"]["buckets"] = [[100000, 1]]  # its value overflowed a float when merged
+    huge_count = json.loads(json.dumps(base))
+    huge_count["routes"]["/"]["latency"]["buckets"] = [[0, 10**400]]  # a Go server's JSON may carry it
+    huge_total = json.loads(json.dumps(base))
+    huge_total["requests_total"] = 10**400
     return [
+        (huge_count, "a latency histogram cannot be merged: bucket 0 counts 1000000000"),
+        (huge_total, "its requests_total is 1000000000"),
         (far_bucket, "a latency histogram cannot be merged: bucket index 100000 is out of range"),
         (other_version, "a latency histogram cannot be merged: histogram uses gamma 1.05"),
         (no_count, "route '/': requests is None, not a count"),
@@ -1092,7 +1098,11 @@ def _odd_snapshots() -> list[tuple[dict[str, Any], str]]:
     ]
 
 
-@pytest.mark.parametrize(("snapshot", "problem"), _odd_snapshots(), ids=["index", "gamma", "count", "bucket"])
+@pytest.mark.parametrize(
+    ("snapshot", "problem"),
+    _odd_snapshots(),
+    ids=["huge-bucket", "huge-total", "index", "gamma", "count", "bucket"],
+)
 def test_a_stats_answer_that_cannot_be_merged_is_one_workers_error_not_a_crash(
     fleet: Fleet,
     socket_dir: Path,
@@ -1102,9 +1112,9 @@ def test_a_stats_answer_that_cannot_be_merged_is_one_workers_error_not_a_crash(
 ) -> None:
     (worker,) = fleet.start(1)
     worker.record(("/", 200, 0.01), ("/", 200, 0.02))
-    odd = UnixSockServer(str(socket_dir / "app-52000.sock"), lambda cmd, args: snapshot)
-    odd.start()
-    try:
+    # Not our server, which refuses to send integers beyond a double: another one's (Go's) may.
+    reply = json.dumps({"status": "success", "error": "", "payload": snapshot}).encode()
+    with _answering(socket_dir / "app-52000.sock", len(reply).to_bytes(4, "big") + b":" + reply):
         expected = f"app-52000.sock: error: its stats cannot be used: {problem}"
         status, out, err = run(capsys, "send", str(socket_dir), "stats", "--json")
         assert status == EXIT_FAILED and expected in one_line(err)
@@ -1126,8 +1136,39 @@ def test_a_stats_answer_that_cannot_be_merged_is_one_workers_error_not_a_crash(
             if not s.labels
         }
         assert (samples["asgi_workers"], samples["asgi_workers_unreachable"]) == (1, 1)
+
+
+@contextlib.contextmanager
+def _answering(path: Path, frame: bytes) -> Iterator[None]:
+    """A server of the wire protocol that answers every request with ``frame``, in a thread."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(8)
+    listener.settimeout(0.1)
+    done = threading.Event()
+
+    def serve() -> None:
+        deadline = time.monotonic() + 60
+        while not done.is_set() and time.monotonic() < deadline:
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                header = conn.recv(5, socket.MSG_WAITALL)
+                if len(header) == 5:
+                    conn.recv(int.from_bytes(header[:4], "big"), socket.MSG_WAITALL)
+                    conn.sendall(frame)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        yield
     finally:
-        odd.stop()
+        done.set()
+        thread.join(10)
+        listener.close()
 
 
 # --------------------------------------------------------------------------- whom the CLI talks to

@@ -876,6 +876,20 @@ def test_the_lag_monitor_can_say_how_long_the_loop_is_blocked_before_it_first_ra
     assert monitor.blocked_for() == 0.0  # was: TypeError, float - dataclasses.Field
 
 
+def test_the_lag_monitor_counts_from_startup_not_from_when_the_middleware_was_made(sock_dir: Path) -> None:
+    control = ControlSocketMiddleware(Starlette(), path=str(sock_dir / "c.sock")).control
+    control.monitor.last_tick -= 3600  # made an hour before startup (gunicorn --preload)
+
+    async def start_and_look() -> float:
+        await control.start(str(sock_dir / "c.sock"), None, {})
+        try:
+            return control.monitor.blocked_for()  # before its task first ran: nothing awaited since
+        finally:
+            control.stop()
+
+    assert asyncio.run(start_and_look()) < 1  # not the hour before startup
+
+
 def test_uptime_counts_from_the_fork_when_the_middleware_was_made_before_it(sock_dir: Path) -> None:
     sock = sock_dir / "c.sock"
     app = ControlSocketMiddleware(Starlette(routes=[Route("/", _hello)]), path=str(sock))

@@ -841,7 +841,8 @@ FOREIGN_STATS = "its answer to 'stats' is not a unixsock-asgi stats snapshot (an
 
 
 def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    # Within a double's exact integers: replies may carry bigger ones, which overflow a float.
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**53) <= value <= 2**53
 
 
 def stats_problem(snapshot: Mapping[str, Any]) -> str:
@@ -850,6 +851,9 @@ def stats_problem(snapshot: Mapping[str, Any]) -> str:
     Its histograms must merge with this version's (the same buckets: a worker of
     another version, mid-upgrade, may use others) and its counts be numbers.
     """
+    for name in ("requests_total", "in_flight", "exceptions_total"):
+        if not _is_count(snapshot.get(name, 0)):
+            return f"its {name} is {snapshot.get(name)!r}, not a count"
     histograms = [snapshot.get("latency")]
     routes = snapshot.get("routes", {})
     if not isinstance(routes, Mapping):
@@ -901,7 +905,12 @@ def _add_counts(into: dict[str, int], counts: Any) -> None:
 
 
 def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond a double, from another kind of server
+        return None
 
 
 def _sum_or_none(values: Iterable[Any]) -> float | None:

@@ -217,6 +217,10 @@ class LatencyHistogram:
         return hist
 
 
+_MAX_COUNT = 2**53
+"""A count a double holds exactly; another server's JSON may carry bigger integers."""
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -245,6 +249,8 @@ def histogram_problem(payload: Any) -> str:
             or type(pair[1]) is not int
         ):
             return f"bucket {pair!r} is not a pair of integers"
+        if not -_MAX_COUNT <= pair[1] <= _MAX_COUNT:  # replies may carry integers beyond a double
+            return f"bucket {pair[0]} counts {pair[1]}, more than {_MAX_COUNT}"
         if not _MIN_BUCKET <= pair[0] <= _MAX_BUCKET:
             return f"bucket index {pair[0]} is out of range ({_MIN_BUCKET} to {_MAX_BUCKET})"
     for key in ("sum_s", "max_s"):
