@@ -25,6 +25,7 @@ from .cli import (
     failure_summary,
     gone_text,
     help_topic,
+    no_sockets,
     render_answers,
     reply_timeout,
     stale_note,
@@ -139,7 +140,7 @@ def run_shell(target: Target, *, timeout: float, history_file: str) -> int:
     """Read commands until ``quit``/EOF and run each on every live worker of ``target``."""
     sockets = target.sockets()
     if not sockets:
-        raise UsageError(f"nothing to talk to: no worker sockets (*.sock) in {target.path}")
+        raise no_sockets(target)
     # help answers on the control thread even while an app loop is blocked: a
     # worker silent for this long (stopped, say) is "not answering", not waited for.
     answers = asyncio.run(fan_out(sockets, "help", {}, timeout=min(timeout, _CATALOG_TIMEOUT)))

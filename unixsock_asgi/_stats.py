@@ -203,18 +203,21 @@ class LatencyHistogram:
     def from_payload(cls, payload: Mapping[str, Any]) -> LatencyHistogram:
         """Rebuild a histogram from :meth:`to_payload` output (of any process); ValueError
         when it cannot be merged with this version's (see :func:`histogram_problem`)."""
-        problem = histogram_problem(payload)
-        if problem:
-            raise ValueError(problem)
         hist = cls()
-        buckets = hist.buckets
+        hist._add_payload(payload)
+        return hist
+
+    def _add_payload(self, payload: Mapping[str, Any], *, checked: bool = False) -> None:
+        """Add a payload's counts (checked by :func:`histogram_problem` unless ``checked``)."""
+        if not checked and (problem := histogram_problem(payload)):
+            raise ValueError(problem)
+        buckets = self.buckets
         for i, c in payload.get("buckets", ()):
             if c > 0:  # a count below one (a malformed payload) adds nothing
                 buckets[i] = buckets.get(i, 0) + c
-        hist.count = sum(buckets.values())
-        hist.sum = float(payload.get("sum_s", 0.0))
-        hist.max = float(payload.get("max_s", 0.0))
-        return hist
+        self.count = sum(buckets.values())
+        self.sum += float(payload.get("sum_s", 0.0))
+        self.max = max(self.max, float(payload.get("max_s", 0.0)))
 
 
 _MAX_COUNT = 2**53
@@ -266,16 +269,8 @@ def merge_histograms(payloads: Iterable[Mapping[str, Any]], *, checked: bool = F
     says every one passed it already.
     """
     merged = LatencyHistogram()
-    buckets = merged.buckets
     for payload in payloads:
-        if not checked and (problem := histogram_problem(payload)):
-            raise ValueError(problem)
-        for i, c in payload.get("buckets", ()):
-            if c > 0:  # a count below one (a malformed payload) adds nothing
-                buckets[i] = buckets.get(i, 0) + c
-        merged.sum += float(payload.get("sum_s", 0.0))
-        merged.max = max(merged.max, float(payload.get("max_s", 0.0)))
-    merged.count = sum(buckets.values())
+        merged._add_payload(payload, checked=checked)
     return merged.to_payload()
 
 

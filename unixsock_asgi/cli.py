@@ -439,9 +439,14 @@ def _ask(
     """Every worker's answer, and what to say when no worker answered at all."""
     sockets = target.sockets()
     if not sockets:
-        return FanOutResult(), UsageError(f"nothing to talk to: no worker sockets (*.sock) in {target.path}")
+        return FanOutResult(), no_sockets(target)
     outcome = asyncio.run(fan_out(sockets, cmd, args, timeout=timeout))
     return outcome, nobody_answered(target, outcome)
+
+
+def no_sockets(target: Target) -> UsageError:
+    """What to say about a directory without a socket in it."""
+    return UsageError(f"nothing to talk to: no worker sockets (*.sock) in {target.path}")
 
 
 def nobody_answered(target: Target, outcome: FanOutResult) -> UsageError | _Failed | None:
@@ -452,8 +457,8 @@ def nobody_answered(target: Target, outcome: FanOutResult) -> UsageError | _Fail
         # Not "nothing to talk to" (2): it was asked, and may have run the command.
         return _Failed(f"{gone_text(outcome)}; no live worker answered")
     if target.is_directory and not outcome.stale:
-        message = f"no worker sockets (*.sock) in {target.path}"
-    elif target.is_directory:
+        return no_sockets(target)
+    if target.is_directory:
         message = f"{len(outcome.stale)} socket(s) in {target.path}, no live worker"
     else:
         message = f"nothing listens on {target.path} (its process is gone)"
@@ -568,7 +573,7 @@ def cmd_ls(ns: argparse.Namespace) -> int:
     target = _resolve(ns.target)
     sockets = target.sockets()
     if not sockets:
-        raise UsageError(f"nothing to talk to: no worker sockets (*.sock) in {target.path}")
+        raise no_sockets(target)
     outcome = mark_foreign_stats(asyncio.run(fan_out(sockets, "stats", _WITHOUT_ROUTES, timeout=ns.timeout)))
     try:
         removed = remove_stale_sockets(target.path) if ns.remove_stale and target.is_directory else []
