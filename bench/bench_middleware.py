@@ -750,6 +750,39 @@ def load_side_by_side(
     return (other_result.requests / other_cpu) / (bare_result.requests / bare_cpu)
 
 
+def fresh_pair_ratio(
+    variant: str,
+    n_routes: int,
+    framework: str,
+    paths: Sequence[str],
+    duration: float,
+    loadgen: LoadGenerator,
+    workdir: Path,
+) -> float:
+    """Start a new bare app and a new ``variant`` server, warm both up, load them side by side, stop both.
+
+    New processes every round: each uvicorn process has a hash seed and a
+    memory layout of its own, which move its speed by about as much as the
+    margin under test. Rounds that shared one pair of processes would all
+    carry that pair's offset, and their interval would not show it.
+    """
+    pair = [
+        start_server("bare", n_routes, framework, workdir),
+        start_server(variant, n_routes, framework, workdir),
+    ]
+    try:
+        for server in pair:
+            wait_until_ready(server, paths[-1])
+        load_side_by_side(loadgen, pair[0], pair[1], paths, 1.0)  # warm-up, both at once
+        if variant == "ours" and not any(Path(pair[1].socket_dir).glob("*.sock")):
+            raise RuntimeError(f"ours: no control socket in {pair[1].socket_dir}:\n{pair[1].log()}")
+        return load_side_by_side(loadgen, pair[0], pair[1], paths, duration)
+    finally:
+        for server in pair:
+            server.stop()
+            shutil.rmtree(server.socket_dir, ignore_errors=True)
+
+
 def run_under_uvicorn(
     n_routes: int,
     framework: str,
@@ -759,10 +792,11 @@ def run_under_uvicorn(
     loadgen: LoadGenerator,
     workdir: Path,
 ) -> tuple[list[UvicornServer], str]:
-    """Start every variant, load each in turn for ``rounds`` interleaved rounds, then each
-    beside the bare app for ``pair_rounds`` rounds; stop them all."""
+    """Start every variant, load each in turn for ``rounds`` interleaved rounds and stop them all;
+    then load each beside the bare app for ``pair_rounds`` rounds, a new pair of processes each time."""
     paths = request_paths(n_routes)
     servers: list[UvicornServer] = []
+    shuffler = random.Random(7)
     try:
         for variant in VARIANTS:
             servers.append(start_server(variant, n_routes, framework, workdir))
@@ -774,7 +808,6 @@ def run_under_uvicorn(
                 raise RuntimeError(
                     f"{server.variant}: {warmup.errors} errors during warm-up:\n{server.log()}"
                 )
-        shuffler = random.Random(7)
         for _ in range(rounds):
             order = list(servers)
             shuffler.shuffle(order)
@@ -795,18 +828,19 @@ def run_under_uvicorn(
                         file=sys.stderr,
                     )
                 server.rps.append(result.rps)
-        bare = next(s for s in servers if s.variant == "bare")
-        for _ in range(pair_rounds):
-            order = [s for s in servers if s is not bare]
-            shuffler.shuffle(order)
-            for server in order:
-                server.side_by_side.append(load_side_by_side(loadgen, bare, server, paths, duration))
         ours = next(s for s in servers if s.variant == "ours")
         note = check_control_socket(ours)
     finally:
         for server in servers:
             server.stop()
             shutil.rmtree(server.socket_dir, ignore_errors=True)
+    for _ in range(pair_rounds):
+        order = [s for s in servers if s.variant != "bare"]
+        shuffler.shuffle(order)
+        for server in order:
+            server.side_by_side.append(
+                fresh_pair_ratio(server.variant, n_routes, framework, paths, duration, loadgen, workdir)
+            )
     return servers, note
 
 
@@ -1022,9 +1056,11 @@ def side_by_side_table(
                     f"{bounded_verdict(-high, -low, at_most=-RPS_RATIO_TARGET, coverage=coverage)}"
                 )
     table.notes += [
-        f"each round loads a variant and the bare app at the same time for {duration:g} s, both servers pinned "
-        "to one CPU and each with its own load generator on the other: noise on that CPU hits both in the same "
-        "seconds; the ratio is of requests completed per CPU-second each server used (user + system, from /proc)",
+        "each round starts a new bare app and a new variant process (each process's hash seed and memory layout "
+        f"move its speed), warms both up for 1 s, then loads both at the same time for {duration:g} s, both "
+        "servers pinned to one CPU and each with its own load generator on the other: noise on that CPU hits "
+        "both in the same seconds; the ratio is of requests completed per CPU-second each server used "
+        "(user + system, from /proc)",
         "added CPU us per request: from the ratio and the bare app's CPU time per request in the rounds above",
     ]
     return table
@@ -1089,7 +1125,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--side-by-side-rounds",
         type=int,
-        help="rounds of each variant loaded beside bare (default 8, quick 2)",
+        help="rounds of each variant loaded beside bare, a new pair of processes each (default 12, quick 2)",
     )
     parser.add_argument("--duration", type=float, help="seconds of load per run (default 5, quick 2)")
     parser.add_argument("--connections", type=int, default=32, help="keep-alive connections of the load")
@@ -1109,7 +1145,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.rounds = args.rounds or (5 if quick else 21)
     args.batch = args.batch or (1000 if quick else 2000)
     args.uvicorn_rounds = args.uvicorn_rounds or (2 if quick else 3)
-    args.side_by_side_rounds = args.side_by_side_rounds or (2 if quick else 8)
+    args.side_by_side_rounds = args.side_by_side_rounds or (2 if quick else 12)
     args.duration = args.duration or (2.0 if quick else 5.0)
     return args
 
