@@ -67,3 +67,27 @@ def test_a_target_inside_the_interval_is_not_decided(bench: ModuleType) -> None:
     assert verdict(2500.0, 2600.0, at_most=3000.0, coverage=0.5).startswith("NOT DECIDED (too few rounds")
     with pytest.raises(ValueError):
         bench.median_interval([])
+
+
+def test_callgrind_totals_are_read_by_event_name_and_weighed_into_cycles(
+    bench: ModuleType, tmp_path: Path
+) -> None:
+    dump = tmp_path / "callgrind.out.1"
+    dump.write_text(
+        "version: 1\ncreator: callgrind-3.19.0\n"
+        "events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw Bc Bcm Bi Bim\n"
+        "fn=(1) main\n0 5 1 1 0 0 0 0 0 0 0 0 0 0\n"
+        "totals: 1000 300 200 10 20 30 1 2 3 400 40 50 5\n"
+    )
+    events = bench.callgrind_events(dump)
+    assert events["Ir"] == 1000 and events["Bim"] == 5 and events["DLmw"] == 3
+    per_request = {name: events[name] / 10 for name in bench._CG_EVENTS}
+    # Ir + 10 x (L1 misses + mispredicts) + 100 x LL misses, per request
+    assert bench.estimated_cycles(per_request) == pytest.approx((1000 + 10 * (60 + 45) + 100 * 6) / 10)
+
+
+def test_a_callgrind_dump_without_totals_is_an_error(bench: ModuleType, tmp_path: Path) -> None:
+    dump = tmp_path / "callgrind.out.1"
+    dump.write_text("events: Ir\nfn=(1) main\n0 5\n")
+    with pytest.raises(RuntimeError, match="no totals"):
+        bench.callgrind_events(dump)
