@@ -1,6 +1,6 @@
 """Per-request cost of ``ControlSocketMiddleware`` next to the alternatives (issue #3).
 
-Run ``python bench/bench_middleware.py`` (about 11 minutes; 22 with
+Run ``python bench/bench_middleware.py`` (about 21 minutes; 10 more with
 ``--instructions``) or add ``--quick`` (about two). Six variants of one app are compared in the same run:
 
 * ``bare``: the app alone;
@@ -1293,7 +1293,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--uvicorn-instructions",
         action="store_true",
         help="also count instructions and simulated cache misses per request of a real uvicorn process "
-        "with valgrind (bare, no-op, timing-only, ours; about 2 minutes each)",
+        "with valgrind (bare, no-op, timing-only, ours; about 3.5 minutes each)",
     )
     parser.add_argument("--instructions-worker", metavar="SPEC", help=argparse.SUPPRESS)
     parser.add_argument("--loadgen-worker", metavar="JSON", help=argparse.SUPPRESS)
