@@ -888,6 +888,11 @@ def callgrind_events(path: Path) -> dict[str, int]:
     raise RuntimeError(f"no totals in {path}")
 
 
+def callgrind_control(command: str, pid: int) -> None:
+    """Have the callgrind running ``pid`` carry out ``command`` (``--zero``, ``--dump``)."""
+    subprocess.run(["callgrind_control", command, str(pid)], check=True, capture_output=True, timeout=300)
+
+
 def count_under_uvicorn(variant: str, n_routes: int, framework: str, workdir: Path) -> dict[str, float]:
     """Callgrind's events per request of a real uvicorn process serving ``variant``.
 
@@ -911,15 +916,9 @@ def count_under_uvicorn(variant: str, n_routes: int, framework: str, workdir: Pa
     try:
         wait_until_ready(server, paths[-1], timeout=600)
         serve_requests(server.port, paths, warm_up)
-        for command in ("--zero", "--dump"):
-            subprocess.run(
-                ["callgrind_control", command, str(server.proc.pid)],
-                check=True,
-                capture_output=True,
-                timeout=300,
-            )
-            if command == "--zero":
-                serve_requests(server.port, paths, counted)
+        callgrind_control("--zero", server.proc.pid)
+        serve_requests(server.port, paths, counted)
+        callgrind_control("--dump", server.proc.pid)
         deadline = time.monotonic() + 60
         while not dump.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -976,9 +975,8 @@ def uvicorn_instructions_table(results: dict[tuple[str, int], dict[str, float]],
         "est. cycles: callgrind's estimate Ir + 10 x (L1 misses + mispredicted branches) + 100 x last-level "
         "misses, over caches it simulates (the VM has no hardware counters); real misses cost what the machine "
         "makes them cost, so it is a guide, not the target's measure",
-        "ours' count moves by several thousand from run to run where the bare app's repeats within a few "
-        "hundred: the event loop's turns per request and the work on its timer heap move with timing, which "
-        "valgrind slows down fifty-fold; read ours' row to within that",
+        "the counts move from run to run, ours' the most: the event loop's turns per request and the work "
+        "on its timer heap move with timing, which valgrind slows down fifty-fold",
     ]
     return table
 
