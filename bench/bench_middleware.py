@@ -950,20 +950,24 @@ def uvicorn_instructions_table(results: dict[tuple[str, int], dict[str, float]],
         results.items(), key=lambda item: (item[0][1], VARIANTS.index(item[0][0]))
     ):
         bare = results["bare", n_routes]
-
         diff = {name: events[name] - bare[name] for name in _CG_EVENTS}
         cycles, bare_cycles = estimated_cycles(events), estimated_cycles(bare)
+        added = (
+            ["-"] * 4
+            if variant == "bare"
+            else [
+                f"{diff['Ir']:+,.0f} ({diff['Ir'] / bare['Ir']:+.1%})",
+                f"{diff['I1mr'] + diff['D1mr'] + diff['D1mw']:+,.0f}",
+                f"{diff['Bcm'] + diff['Bim']:+,.0f}",
+                f"{cycles - bare_cycles:+,.0f} ({(cycles - bare_cycles) / bare_cycles:+.1%})",
+            ]
+        )
         table.rows.append(
             [
                 VARIANT_LABELS[variant],
                 str(n_routes),
                 f"{events['Ir']:,.0f}",
-                "-" if variant == "bare" else f"{diff['Ir']:+,.0f} ({diff['Ir'] / bare['Ir']:+.1%})",
-                "-" if variant == "bare" else f"{diff['I1mr'] + diff['D1mr'] + diff['D1mw']:+,.0f}",
-                "-" if variant == "bare" else f"{diff['Bcm'] + diff['Bim']:+,.0f}",
-                "-"
-                if variant == "bare"
-                else f"{cycles - bare_cycles:+,.0f} ({(cycles - bare_cycles) / bare_cycles:+.1%})",
+                *added,
                 f"{bare_cycles / cycles:.3f}",
             ]
         )
