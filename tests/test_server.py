@@ -400,6 +400,41 @@ def test_peer_that_stops_reading_is_dropped_after_the_write_timeout(
     assert 0 < received < count * size // 4
 
 
+@pytest.mark.parametrize("mode", ["line", "frame"])
+def test_requests_pipelined_by_a_peer_that_does_not_read_stay_bytes(
+    start_server: ServerFactory, connect_raw: RawConnector, mode: str
+) -> None:
+    """A peer that pipelines tiny requests and never reads its replies costs the
+    server what it sent, not an object per request: requests are parsed as they
+    are answered, and reading stops once the replies back up."""
+    server = start_server(timeout=5)
+    one = b"nope\n" if mode == "line" else encode_frame({"cmd": "nope", "close": False})
+    flood = one * ((1 << 20) // len(one))  # 1 MiB: about 200,000 requests in line mode
+    sock = connect_raw(server.path)
+    sock.setblocking(False)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        sent = 0
+        deadline = time.monotonic() + 1.5
+        while sent < len(flood) and time.monotonic() < deadline:
+            with contextlib.suppress(BlockingIOError):
+                sent += sock.send(flood[sent : sent + (1 << 16)])
+                continue
+            time.sleep(0.01)  # the server stopped reading: its replies are not taken
+        time.sleep(0.3)  # what it had read is answered or left unparsed by now
+        assert ping_ok(server.path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sent > 256 << 10, f"only {sent} bytes went out"  # more than one read's worth arrived
+    # Parsed at once, the first 256 KiB read alone would be tens of thousands of
+    # request objects (14 MB in line mode, 1.3 MB in frame mode here).
+    assert peak < 1 << 20, f"{peak} bytes allocated for {sent} bytes of unread requests"
+    sock.close()
+    assert ping_ok(server.path)
+
+
 # -- respond / close -------------------------------------------------------
 
 

@@ -63,6 +63,9 @@ Mode = Literal["frame", "line"]
 
 _QUIT_WORDS = frozenset({"quit", "exit"})
 
+_COMPACT_AFTER = 1 << 16
+"""Parsed bytes a connection's buffer keeps at its head before it drops them."""
+
 # First bytes that can begin a line of text: printable ASCII, whitespace and
 # the bytes that lead a multi-byte UTF-8 character.
 _LINE_START = frozenset([0x09, 0x0A, 0x0D, *range(0x20, 0x7F), *range(0xC2, 0xF5)])
@@ -528,130 +531,158 @@ def _split_words(text: str) -> list[str] | ProtocolViolation:
 class ConnectionProtocol:
     """The server side of one connection, without I/O.
 
-    Feed received bytes to :meth:`receive_data` (``b""`` for EOF) and act on
-    the events it returns; turn a response into bytes with :meth:`encode_reply`.
+    Feed received bytes to :meth:`feed` (``b""`` for EOF) and take the
+    events out one at a time with :meth:`next_event`, which parses only as
+    far as it is asked to: what a peer pipelines stays bytes until the
+    server is ready for it, so a flood of tiny requests costs the buffer it
+    arrived in, not an object per request. :meth:`receive_data` does both at
+    once. Turn a response into bytes with :meth:`encode_reply`.
     """
 
-    __slots__ = ("_buffer", "_closed", "_expect", "max_message_size", "mode")
+    __slots__ = ("_buffer", "_closed", "_eof", "_expect", "_pos", "max_message_size", "mode")
 
     def __init__(self, max_message_size: int = 1 << 20) -> None:
         self.max_message_size = min(max_message_size, HARD_MAX_MESSAGE_SIZE)
         self.mode: Mode | None = None
         self._buffer = bytearray()
+        self._pos = 0  # where the unparsed bytes begin in _buffer
         self._expect = -1  # frame body length once a header was read
+        self._eof = False
         self._closed = False
 
     @property
     def closed(self) -> bool:
-        """True once a fatal violation, ``quit`` or EOF ended the stream."""
+        """True once a fatal violation, ``quit`` or EOF ended the stream (and was taken out)."""
         return self._closed
 
     @property
     def has_partial(self) -> bool:
-        """True while part of a message has arrived and the rest is awaited."""
-        return bool(self._buffer) or self._expect >= 0
+        """True while bytes are waiting that :meth:`next_event` has not made into events.
+
+        Once :meth:`next_event` has returned None, that is part of a message
+        whose rest is awaited.
+        """
+        return len(self._buffer) > self._pos or self._expect >= 0
+
+    def feed(self, data: bytes) -> None:
+        """Take bytes from the peer; ``b""`` means the peer sent EOF. Parses nothing."""
+        if self._closed or self._eof:
+            return
+        if not data:
+            self._eof = True
+            return
+        if self.mode is None:
+            self.mode = "line" if data[0] in _LINE_START else "frame"
+        self._buffer += data
+
+    def next_event(self) -> Event | None:
+        """The next event, or None until more bytes (or EOF) are fed."""
+        if self._closed:
+            return None
+        if self.mode == "line":
+            return self._next_line()
+        if self.mode is None and not self._eof:
+            return None
+        return self._next_frame()  # a connection closed before its first byte ends here too
 
     def receive_data(self, data: bytes) -> list[Event]:
-        """Consume bytes from the peer; ``b""`` means the peer sent EOF."""
-        if self._closed:
-            return []
-        if self.mode is None:
-            if not data:
-                self._closed = True
-                return [Close()]
-            self.mode = "line" if data[0] in _LINE_START else "frame"
-        if self.mode == "frame":
-            return self._receive_frames(data)
-        return self._receive_lines(data)
-
-    def _fatal(self, error: str) -> list[Event]:
-        self._closed = True
-        self._buffer.clear()
-        return [ProtocolViolation(error, fatal=True)]
-
-    def _receive_frames(self, data: bytes) -> list[Event]:
-        buf = self._buffer
-        expect = self._expect
-        if not data:
-            if buf or expect >= 0:
-                have = len(buf)
-                if expect >= 0:
-                    return self._fatal(f"connection closed mid-frame: got {have} of {expect} bytes")
-                return self._fatal(f"connection closed mid-header: got {have} of {_HEADER_SIZE} bytes")
-            self._closed = True
-            return [Close()]
-        if buf:
-            # Part of a message is waiting: collect until the awaited part is
-            # complete, then parse from one bytes object (one copy per message).
-            buf += data
-            if len(buf) < (expect if expect >= 0 else _HEADER_SIZE):
-                return []
-            data = bytes(buf)
-            buf.clear()
+        """:meth:`feed`, then every event that is complete."""
+        self.feed(data)
         events: list[Event] = []
-        pos, end = 0, len(data)
-        while True:
-            if expect < 0:
-                if end - pos < _HEADER_SIZE:
-                    break
-                (expect,) = _HEADER.unpack_from(data, pos)
-                if data[pos + 4] != 0x3A or expect > self.max_message_size:  # not ":", or too long
-                    try:  # read_frame_header says which
-                        read_frame_header(data[pos : pos + _HEADER_SIZE], self.max_message_size)
-                    except ValueError as exc:
-                        self._expect = -1
-                        return [*events, *self._fatal(str(exc))]
-                pos += _HEADER_SIZE
-            if end - pos < expect:
-                break
-            body = data[pos : pos + expect]
-            pos += expect
-            expect = -1
-            try:
-                obj = _loads(body, request=True)
-            except ValueError as exc:  # UnicodeDecodeError is a ValueError
-                events.append(ProtocolViolation(f"invalid JSON: {exc}"))
-                continue
-            events.append(_request_from_obj(obj))
-        self._expect = expect
-        if pos < end:
-            buf += memoryview(data)[pos:]
+        while (event := self.next_event()) is not None:
+            events.append(event)
         return events
 
-    def _receive_lines(self, data: bytes) -> list[Event]:
+    def _fatal(self, error: str) -> ProtocolViolation:
+        self._closed = True
+        self._drop()
+        return ProtocolViolation(error, fatal=True)
+
+    def _close(self) -> Close:
+        self._closed = True
+        self._drop()
+        return Close()
+
+    def _drop(self) -> None:
+        self._buffer.clear()
+        self._pos = 0
+        self._expect = -1
+
+    def _consume(self, end: int) -> None:
+        """The bytes before ``end`` are parsed."""
         buf = self._buffer
-        events: list[Event] = []
-        if data:
-            buf += data
-        elif buf:
-            buf += b"\n"  # EOF ends the last, unterminated line
+        if end >= len(buf):
+            buf.clear()
+            end = 0
+        elif end > _COMPACT_AFTER:
+            del buf[:end]  # a bytearray drops its head without moving the rest, mostly
+            end = 0
+        self._pos = end
+
+    def _next_frame(self) -> Event | None:
+        buf, pos, expect = self._buffer, self._pos, self._expect
+        have = len(buf) - pos
+        if expect < 0:
+            if have < _HEADER_SIZE:
+                if not self._eof:
+                    return None
+                if have:
+                    return self._fatal(f"connection closed mid-header: got {have} of {_HEADER_SIZE} bytes")
+                return self._close()
+            (expect,) = _HEADER.unpack_from(buf, pos)
+            if buf[pos + 4] != 0x3A or expect > self.max_message_size:  # not ":", or too long
+                try:  # read_frame_header says which
+                    read_frame_header(bytes(buf[pos : pos + _HEADER_SIZE]), self.max_message_size)
+                except ValueError as exc:
+                    return self._fatal(str(exc))
+            pos += _HEADER_SIZE
+            have -= _HEADER_SIZE
+            self._pos, self._expect = pos, expect
+        if have < expect:
+            if self._eof:
+                return self._fatal(f"connection closed mid-frame: got {have} of {expect} bytes")
+            return None
+        end = pos + expect
+        with memoryview(buf) as view:
+            body = bytes(view[pos:end])
+        self._expect = -1
+        self._consume(end)
+        try:
+            obj = _loads(body, request=True)
+        except ValueError as exc:  # UnicodeDecodeError is a ValueError
+            return ProtocolViolation(f"invalid JSON: {exc}")
+        return _request_from_obj(obj)
+
+    def _next_line(self) -> Event | None:
+        buf = self._buffer
         while True:
-            nl = buf.find(b"\n")
+            pos = self._pos
+            nl = buf.find(b"\n", pos)
             if nl < 0:
-                break
-            raw = bytes(buf[:nl])
-            del buf[: nl + 1]
-            if len(raw) > self.max_message_size:
-                return [*events, *self._fatal(self._too_long(len(raw)))]
+                have = len(buf) - pos
+                if have > self.max_message_size:
+                    return self._fatal(self._too_long(have))
+                if not self._eof:
+                    return None
+                if not have:
+                    return self._close()
+                nl = len(buf)  # EOF ends the last, unterminated line
+            if nl - pos > self.max_message_size:
+                return self._fatal(self._too_long(nl - pos))
+            with memoryview(buf) as view:
+                raw = bytes(view[pos:nl])
+            self._consume(nl + 1)
             try:
                 # A byte order mark (a file a Windows editor saved, piped in) is dropped.
                 line = raw.decode("utf-8-sig")
             except UnicodeDecodeError as exc:
-                events.append(ProtocolViolation(f"line is not valid UTF-8: {exc}"))
-                continue
+                return ProtocolViolation(f"line is not valid UTF-8: {exc}")
             if not line.strip():
                 continue
             event = parse_line(line)
-            events.append(event)
             if isinstance(event, Close):
-                self._closed = True
-                return events
-        if len(buf) > self.max_message_size:
-            return [*events, *self._fatal(self._too_long(len(buf)))]
-        if not data:
-            self._closed = True
-            events.append(Close())
-        return events
+                return self._close()
+            return event
 
     def _too_long(self, size: int) -> str:
         return f"line of {size}+ bytes exceeds the limit of {self.max_message_size} bytes"

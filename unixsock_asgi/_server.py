@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import collections
 import concurrent.futures
 import contextvars
 import inspect
@@ -705,9 +704,8 @@ class _Connection(asyncio.Protocol):
         self._closing = False
         self.task: asyncio.Task[None] | None = None
         self._wake: asyncio.Future[None] | None = None  # the task waits on it for work
-        self._busy = False  # the task owns the requests in _held and _backlog
+        self._busy = False  # the task owns the held request and what is buffered behind it
         self._held: tuple[Request, Awaitable[Response] | None] | None = None
-        self._backlog: collections.deque[Event] = collections.deque()
         self._write_paused = False
         self._writable: asyncio.Future[None] | None = None
         self._write_timer: asyncio.TimerHandle | None = None
@@ -760,14 +758,18 @@ class _Connection(asyncio.Protocol):
         if self._refusal is not None:
             self._refuse(data)
             return
-        self._process(self._proto.receive_data(data))
+        self._proto.feed(data)
+        if not self._busy:  # else the task parses it when it gets to it
+            self._process()
 
     def eof_received(self) -> bool:
         if not self._closing:
             if self._refusal is not None:
                 self._refuse(b"")
             else:
-                self._process(self._proto.receive_data(b""))
+                self._proto.feed(b"")
+                if not self._busy:
+                    self._process()
         return not self._closing  # keep the transport until the replies are out
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -813,18 +815,22 @@ class _Connection(asyncio.Protocol):
 
     # -- requests ------------------------------------------------------------
 
-    def _process(self, events: list[Event]) -> None:
-        """Answer what can be answered now; hand the rest to the connection's task."""
-        if self._busy:
-            self._backlog.extend(events)
-            return
-        server, loop, task = self._server, self._loop, self.task
+    def _process(self) -> None:
+        """Answer what can be answered now; hand the rest to the connection's task.
+
+        Requests are parsed one at a time as they are answered: once the
+        peer stops taking replies (or a handler suspends), what it sent
+        behind stays unparsed bytes, and reading pauses.
+        """
+        server, loop, task, proto = self._server, self._loop, self.task, self._proto
         assert task is not None
-        mode = self._proto.mode or "frame"
-        for i, event in enumerate(events):
+        mode = proto.mode or "frame"
+        new_message = False
+        while (event := proto.next_event()) is not None:
+            new_message = True
             if isinstance(event, Request):
                 if _enter_task is None or _leave_task is None:
-                    self._hand_over(event, None, events[i + 1 :])
+                    self._hand_over(event, None)
                     return
                 _enter_task(loop, task)
                 try:
@@ -835,20 +841,18 @@ class _Connection(asyncio.Protocol):
                 finally:
                     _leave_task(loop, task)
                 if not isinstance(outcome, Response):
-                    self._hand_over(event, outcome, events[i + 1 :])
+                    self._hand_over(event, outcome)
                     return
                 if not self._answer(event, outcome):
                     return
             elif not self._other(event):
                 return
-            if self._write_paused and i + 1 < len(events):
-                self._hand_over(None, None, events[i + 1 :])
+            if self._write_paused and proto.has_partial:
+                self._hand_over(None, None)
                 return
-        self._arm_read(new_message=bool(events))
+        self._arm_read(new_message=new_message)
 
-    def _hand_over(
-        self, request: Request | None, outcome: Awaitable[Response] | None, rest: list[Event]
-    ) -> None:
+    def _hand_over(self, request: Request | None, outcome: Awaitable[Response] | None) -> None:
         self._busy = True
         self._deadline = None
         assert self._transport is not None
@@ -856,7 +860,6 @@ class _Connection(asyncio.Protocol):
         if request is not None:
             self._held = (request, outcome)
             self._running = request
-        self._backlog.extend(rest)
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
         if self._hangup_timer is None and _POLLHUP_IS_HANGUP:
@@ -912,7 +915,7 @@ class _Connection(asyncio.Protocol):
                 held[1].close()  # handed over, never awaited: the connection ended first
 
     async def _work_through(self) -> bool:
-        """Answer the held request and the backlog; False once the connection is closing."""
+        """Answer the held request and what is buffered behind it; False once the connection is closing."""
         server = self._server
         mode = self._proto.mode or "frame"
         held, self._held = self._held, None
@@ -923,13 +926,15 @@ class _Connection(asyncio.Protocol):
             response = begun if isinstance(begun, Response) else await begun
             if not self._answer(request, response):
                 return False
-        backlog = self._backlog
-        while backlog:
-            if self._write_paused:
+        proto = self._proto
+        while True:
+            if self._write_paused and proto.has_partial:
                 self._writable = self._loop.create_future()
                 await self._writable  # the write timer aborts a peer that stopped reading
                 self._writable = None
-            event = backlog.popleft()
+            event = proto.next_event()
+            if event is None:
+                break
             if isinstance(event, Request):
                 self._running = event
                 begun = server._begin(event, self._peer, mode)
@@ -975,7 +980,7 @@ class _Connection(asyncio.Protocol):
 
     def _refuse(self, data: bytes) -> None:
         assert self._refusal is not None and self._transport is not None
-        self._proto.receive_data(data)
+        self._proto.feed(data[:1])  # only to learn the framing to answer in: nothing is parsed
         self._transport.write(self._proto.encode_reply(None, Response.failure(self._refusal)))
         self.close()
 
