@@ -936,6 +936,36 @@ def test_what_workers_send_is_shown_as_text_never_as_terminal_controls(
         assert not {"\x1b", "\x07", "\r", "\x9b", "\u202e", "\x85", "\u2028"} & set(shown), (cmd, shown)
 
 
+def test_lone_surrogates_from_workers_are_shown_as_escapes_and_refused_as_arguments(
+    start_server: Any, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A JSON reply can escape a lone surrogate (a file name's undecodable byte, say); writing one to
+    # a UTF-8 terminal raised UnicodeEncodeError and the CLI died with a traceback.
+    from unixsock_asgi import Response
+
+    def handler(cmd: str, args: dict[str, Any]) -> Any:
+        if cmd == "fail":
+            return Response.failure("bad \udcff")
+        return {"name": "f\udcff"} if cmd == "obj" else "f\udcff"
+
+    server = start_server(handler)
+    for cmd, flags in (("text", ()), ("obj", ()), ("fail", ()), ("obj", ("--json",))):
+        status, out, err = run(capsys, "send", server.path, cmd, *flags)
+        assert status == (EXIT_FAILED if cmd == "fail" else EXIT_OK), err
+        assert "\\udcff" in out + err and "\udcff" not in out + err, (cmd, out, err)
+    # Typed as an argument, one is refused before anything is sent.
+    status, out, err = run(capsys, "send", server.path, "set", "name=greeting", 'value="\\ud800"')
+    assert status == EXIT_USAGE and out == ""
+    assert "argument 'value': a string holds a lone surrogate (\\ud800)" in err
+    # In a hand-edited overrides file: shown escaped, and skipped by workers.
+    Path(overrides_path(str(socket_dir))).write_text(
+        '{"version": 1, "overrides": [{"cmd": "set", "args": {"name": "greeting", "value": "\\ud800"}}]}'
+    )
+    status, out, err = run(capsys, "overrides", "show", str(socket_dir))
+    assert "(malformed, workers skip it)" in out and "\\ud800" in out, (out, err)
+    assert load_overrides(str(socket_dir)) == []
+
+
 def test_what_the_workers_user_leaves_in_the_directory_is_shown_as_text_never_as_terminal_controls(
     fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -811,7 +811,24 @@ def test_only_persistable_commands_are_applied_from_the_overrides_file(sock_dir:
     assert ran == []
 
 
-def test_a_command_on_the_app_loop_runs_on_when_its_client_hangs_up(sock_dir: Path) -> None:
+def _hang_up_after_sending(sock: Path, line: bytes) -> None:
+    with socket.socket(socket.AF_UNIX) as raw:
+        raw.connect(str(sock))
+        raw.sendall(line)  # as from socat, which gives up after 0.5 s
+        time.sleep(0.3)
+
+
+def _audit_lines(caplog: pytest.LogCaptureFixture, cmd: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "unixsock_asgi.audit" and f"cmd={cmd} " in r.getMessage()
+    ]
+
+
+def test_a_command_on_the_app_loop_runs_on_when_its_client_hangs_up_and_is_audited(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     commands = Commands()
     done: list[str] = []
 
@@ -823,15 +840,42 @@ def test_a_command_on_the_app_loop_runs_on_when_its_client_hangs_up(sock_dir: Pa
 
     sock = sock_dir / "c.sock"
     app = Starlette(middleware=[Middleware(ControlSocketMiddleware, path=str(sock), commands=commands)])
-    with TestClient(app):
-        with socket.socket(socket.AF_UNIX) as raw:
-            raw.connect(str(sock))
-            raw.sendall(b"reindex\n")  # as from socat, which gives up after 0.5 s
-            time.sleep(0.3)
+    with caplog.at_level(logging.INFO, logger="unixsock_asgi.audit"), TestClient(app):
+        _hang_up_after_sending(sock, b"reindex\n")
         deadline = time.monotonic() + 5
-        while not done and time.monotonic() < deadline:
+        while len(_audit_lines(caplog, "reindex")) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert done == ["reindexed"]
+    # No reply said how it ended: the audit log does, at the hang-up and when it ended.
+    hung_up, ended = _audit_lines(caplog, "reindex")
+    assert "status=cancelled" in hung_up
+    assert "status=success" in ended and ended.endswith("after its connection did; no reply)")
+
+
+def test_a_command_on_the_app_loop_whose_client_hung_up_is_still_bounded_by_app_timeout(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    commands = Commands()
+    done: list[str] = []
+
+    @commands.command
+    async def reindex() -> str:
+        await asyncio.sleep(4)
+        done.append("reindexed")
+        return "ok"
+
+    sock = sock_dir / "c.sock"
+    app = Starlette(
+        middleware=[Middleware(ControlSocketMiddleware, path=str(sock), commands=commands, app_timeout=1.5)]
+    )
+    with caplog.at_level(logging.INFO, logger="unixsock_asgi.audit"), TestClient(app):
+        _hang_up_after_sending(sock, b"reindex\n")
+        deadline = time.monotonic() + 5
+        while len(_audit_lines(caplog, "reindex")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ended = _audit_lines(caplog, "reindex")[-1]
+        assert "status=cancelled" in ended and "no reply" in ended
+        assert done == []
 
 
 def test_a_persisted_log_level_applies_to_a_logger_not_made_yet_beside_a_close_name(sock_dir: Path) -> None:
@@ -953,6 +997,30 @@ def test_read_only_commands_are_audited_at_debug_and_changes_at_info(
         ("stats", "DEBUG"),
         ("set", "INFO"),
     ]
+
+
+def test_names_from_the_socket_are_quoted_back_cut_short(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A megabyte of command name made a megabyte audit line and a reply twice its size.
+    caplog.set_level(logging.INFO, logger="unixsock_asgi.audit")
+    sock = sock_dir / "c.sock"
+    long_name = "x" * 500_000 + "\n"
+    with TestClient(_starlette(sock)):
+        control = Client(sock)
+        unknown = control.send(long_name)
+        assert isinstance(unknown, Response) and not unknown.ok
+        bad_arg = control.send("ping", {"y" * 500_000: 1})
+        assert isinstance(bad_arg, Response) and not bad_arg.ok
+    assert (
+        unknown.error
+        == f"unknown command {long_name[:200]!r}... (500001 characters); 'help' lists the commands"
+    )
+    assert bad_arg.error.startswith(f"unknown argument {'y' * 200!r}... (500000 characters) for 'ping'")
+    (line,) = [
+        r.getMessage() for r in caplog.records if r.name == "unixsock_asgi.audit" and "xxx" in r.getMessage()
+    ]
+    assert len(line) < 400 and "(500001 characters)" in line
 
 
 def test_get_log_level_of_a_long_unknown_name_is_refused_at_once(sock_dir: Path) -> None:

@@ -208,16 +208,57 @@ def test_utf8_only_no_utf16_guessing_or_encoded_surrogates() -> None:
 
 
 @pytest.mark.parametrize("mode", ["frame", "line"])
-def test_escaped_lone_surrogates_are_answered_with_ascii_escapes(mode: str) -> None:
-    # "\ud800" is valid JSON text but cannot be encoded as UTF-8: the reply must still go out.
+def test_requests_escaping_lone_surrogates_are_refused_and_the_connection_goes_on(mode: str) -> None:
+    # "\ud800" is valid JSON text but no Unicode text: let into a setting, it broke every
+    # response the app rendered with it (a JSON response cannot encode it) and the CLI's output.
     proto = ConnectionProtocol()
-    body = b'{"cmd": "\\ud800", "args": {"k": "\\udfff \xc5\xbc"}}'
-    req = only_request(proto.receive_data(body + b"\n" if mode == "line" else raw_frame(body)))
-    assert req.cmd == "\ud800"
-    data = proto.encode_reply(req, Response.success(req.args))
-    data.decode()  # valid UTF-8
-    reply, _ = decode_response(data if mode == "line" else data[5:])
-    assert reply.payload == {"k": "\udfff ż"}
+    bodies = [
+        b'{"cmd": "set", "args": {"name": "greeting", "value": "\\ud800"}, "id": 7, "close": false}',
+        b'{"cmd": "\\udfff", "close": false}',
+        b'{"cmd": "x", "args": {"\\udc80key": 1}, "close": false}',
+        b'{"cmd": "echo", "args": {"pair": "\\ud83d\\ude00", "text": "\\\\ud800"}, "close": false}',
+    ]
+    data = b"".join(b + b"\n" if mode == "line" else raw_frame(b) for b in bodies)
+    *events, fine = proto.receive_data(data)
+    refused = [e for e in events if isinstance(e, ProtocolViolation) and not e.fatal and not e.close]
+    assert len(refused) == len(events) == 3
+    errors = [e.error for e in refused]
+    assert errors == [
+        "a string holds a lone surrogate (\\ud800), which is not Unicode text",
+        "a string holds a lone surrogate (\\udfff), which is not Unicode text",
+        "a string holds a lone surrogate (\\udc80), which is not Unicode text",
+    ]
+    assert refused[0].id == 7
+    # A pair is one character; an escaped backslash before "ud800" is text.
+    assert isinstance(fine, Request) and fine.args == {"pair": "\U0001f600", "text": "\\ud800"}
+    # The refusal of a cmd that is itself a lone surrogate still goes out, ASCII-escaped.
+    data = proto.encode_reply(refused[1], Response.failure(errors[1]))
+    body = data if mode == "line" else data[5:]
+    body.decode()  # valid UTF-8
+    reply, _ = decode_response(body)
+    assert reply.error == errors[1]
+
+
+def test_line_mode_values_escaping_lone_surrogates_are_refused() -> None:
+    violation = parse_line('set name=greeting value="\\ud800"')
+    assert isinstance(violation, ProtocolViolation)
+    assert (
+        violation.error
+        == "argument 'value': a string holds a lone surrogate (\\ud800), which is not Unicode text"
+    )
+    assert parse_line("echo a=\\ud800") == Request("echo", {"a": "\\ud800"}, close=False)  # a plain word
+
+
+def test_replies_holding_lone_surrogates_go_out_ascii_escaped() -> None:
+    # A handler's own data (a file name's undecodable byte, say) may hold one: the reply still goes out.
+    for mode in ("frame", "line"):
+        proto = ConnectionProtocol()
+        proto.feed(b"p" if mode == "line" else b"\x00")
+        data = proto.encode_reply(Request("ls"), Response.success({"k": "\udfff \u017c"}))
+        body = data if mode == "line" else data[5:]
+        body.decode()  # valid UTF-8
+        reply, _ = decode_response(body)
+        assert reply.payload == {"k": "\udfff \u017c"}
 
 
 def test_deeply_nested_json_is_a_violation_not_a_crash() -> None:

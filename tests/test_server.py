@@ -1274,15 +1274,18 @@ def _traversable_tmp_root() -> str:
     pytest.fail("no world-traversable temporary directory to put the socket in")
 
 
-def exchange_as(uid: int, gid: int, path: str, data: bytes, timeout: float = 10.0) -> bytes:
-    """Fork a child that drops to ``uid``/``gid``, sends ``data`` to ``path`` and returns all it reads."""
+def exchange_as(
+    uid: int, gid: int, path: str, data: bytes, timeout: float = 10.0, groups: tuple[int, ...] = ()
+) -> bytes:
+    """Fork a child that drops to ``uid``/``gid`` (and supplementary ``groups``), sends ``data`` to
+    ``path`` and returns all it reads."""
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the child
         status = 2
         try:
             os.close(read_end)
-            os.setgroups([])
+            os.setgroups(list(groups))
             os.setgid(gid)
             os.setuid(uid)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -1362,6 +1365,19 @@ def test_peer_allowed_by_gid(start_server: ServerFactory, shared_dir: str) -> No
     start_server(path=path, socket_mode=0o666, allowed_gids={NOBODY})
     allowed = exchange_as(NOBODY, NOBODY, path, b"peer\nquit\n")
     assert json.loads(allowed)["payload"]["gid"] == NOBODY
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
+def test_peer_allowed_by_a_supplementary_group(start_server: ServerFactory, shared_dir: str) -> None:
+    # An operator is in "ops" as one of their groups, rarely as their primary one: the socket
+    # file's group permission lets them in, and so must the server's check.
+    ops, other = 4242, 4343
+    path = os.path.join(shared_dir, "ctl.sock")
+    start_server(path=path, socket_mode=0o666, allowed_gids={ops})
+    allowed = exchange_as(NOBODY, NOBODY, path, b"peer\nquit\n", groups=(other, ops))
+    assert json.loads(allowed)["payload"]["uid"] == NOBODY
+    refused = exchange_as(NOBODY, NOBODY, path, b"peer\nquit\n", groups=(other,))
+    assert json.loads(refused) == {"status": "failure", "error": "permission denied", "payload": None}
 
 
 # -- a Go client on the wire -----------------------------------------------
@@ -1536,6 +1552,31 @@ def test_a_slow_but_steady_reader_gets_a_reply_that_takes_longer_than_timeout(
             time.sleep(0.1)  # 256 KiB per 0.1 s: about 1.6 s in all, three times the timeout
         assert len(received) > size, f"cut off after {len(received)} bytes, {time.monotonic() - started:.1f}s"
         assert time.monotonic() - started > 1.0
+
+
+def test_a_reader_slower_than_the_socket_buffer_per_timeout_still_gets_the_whole_reply(
+    start_server: ServerFactory, connect_raw: RawConnector
+) -> None:
+    # A UNIX socket wakes its writer only once the peer has emptied three quarters of its buffer
+    # (about 160 KiB): a peer reading 100 KB/s seemed to take nothing for over a second, and was
+    # cut off after 219,264 bytes. The socket's own queue shows each 32 KiB it reads.
+    size = 300_000
+
+    async def handler(cmd: str, args: dict[str, Any]) -> str:
+        return "x" * size
+
+    server = start_server(handler, timeout=1.0)
+    sock = connect_raw(server.path, timeout=10)
+    send_frame(sock, {"cmd": "big"})
+    received = bytearray()
+    started = time.monotonic()
+    while len(received) < size and time.monotonic() - started < 20:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        received += chunk
+        time.sleep(0.04)  # about 100 KB/s: 3 s in all, three times the timeout
+    assert len(received) > size, f"cut off after {len(received)} bytes, {time.monotonic() - started:.1f}s"
 
 
 def test_plain_handlers_that_hang_neither_mislead_nor_keep_the_process_alive(tmp_path: Path) -> None:

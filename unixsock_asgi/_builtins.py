@@ -21,7 +21,7 @@ from typing import Any
 
 from ._commands import Commands
 from ._control import CommandContext, LogRestore
-from ._protocol import Response
+from ._protocol import Response, short_repr
 
 __all__ = ["builtin_commands"]
 
@@ -375,7 +375,7 @@ def set_(ctx: CommandContext, name: str, value: Any) -> Any:
     except KeyError as exc:
         return Response.failure(str(exc.args[0]))
     except (TypeError, ValueError) as exc:
-        return Response.failure(f"setting {name!r}: {exc}")
+        return Response.failure(f"setting {short_repr(name)}: {exc}")
     ctx.logger.info("setting %s changed from %s to %s", name, _logged(old), _logged(new))
     return {"name": name, "old": old, "new": new}
 

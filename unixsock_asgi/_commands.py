@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union, overload
 
+from ._protocol import short_repr
+
 __all__ = ["ArgumentError", "Command", "Commands", "Parameter"]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -78,7 +80,9 @@ class Command:
         unknown = sorted(set(args) - set(known))
         if unknown:
             expected = ", ".join(known) or "no arguments"
-            raise ArgumentError(f"unknown argument {unknown[0]!r} for {self.name!r}; it takes: {expected}")
+            raise ArgumentError(
+                f"unknown argument {short_repr(unknown[0])} for {self.name!r}; it takes: {expected}"
+            )
         kwargs: dict[str, Any] = {}
         for p in self.params:
             if p.name not in args:

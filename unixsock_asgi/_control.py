@@ -14,6 +14,8 @@ Where commands run:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import inspect
 import logging
 import os
@@ -25,8 +27,8 @@ from typing import Any
 
 from . import _compat
 from ._commands import ArgumentError, Command, Commands
-from ._protocol import Response
-from ._server import RequestContext, ServerConfig, UnixSockServer, _takes_context, raised_failure
+from ._protocol import STATUS_FAIL, STATUS_OK, Response, short_repr
+from ._server import RequestContext, ServerConfig, UnixSockServer, _takes_context, audit, raised_failure
 from ._settings import Settings
 from ._sockets import PeerCredentials
 from ._stats import Stats
@@ -298,9 +300,9 @@ class ControlPlane:
         ctx = CommandContext(self, peer, logging.getLogger(name), request_id)
         if command is None:
             if self.handler is None:
-                return Response.failure(f"unknown command {cmd!r}; 'help' lists the commands")
+                return Response.failure(f"unknown command {short_repr(cmd)}; 'help' lists the commands")
             call_args = (cmd, args, ctx) if self._handler_ctx else (cmd, args)
-            return _as_response(await self._run_on_app_loop(cmd, self.handler, call_args, {}))
+            return _as_response(await self._run_on_app_loop(cmd, self.handler, call_args, {}, peer))
         try:
             kwargs = command.bind(args)
         except ArgumentError as exc:
@@ -320,10 +322,15 @@ class ControlPlane:
             if inspect.isawaitable(result):
                 result = await result
             return _as_response(result)
-        return _as_response(await self._run_on_app_loop(cmd, command.func, (), kwargs))
+        return _as_response(await self._run_on_app_loop(cmd, command.func, (), kwargs, peer))
 
     async def _run_on_app_loop(
-        self, cmd: str, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        cmd: str,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        peer: PeerCredentials,
     ) -> Any:
         loop = self.app_loop
         assert loop is not None
@@ -350,6 +357,7 @@ class ControlPlane:
                 return raised_failure(cmd, exc)
             return result
 
+        begun = time.perf_counter()
         future = asyncio.run_coroutine_threadsafe(run(), loop)
         try:
             async with _compat.timeout(self.app_timeout):
@@ -378,8 +386,30 @@ class ControlPlane:
                 f"{cmd!r} did not finish within {self.app_timeout:g}s on the app's loop and is cancelled"
                 " at its next await (if it blocks the loop instead, it runs on to its end)"
             )
+        except asyncio.CancelledError:
+            # The connection ended (its peer hung up) while the call was on the app's loop: it
+            # runs on, bounded by app_timeout all the same, and since no reply will say how it
+            # ended, the audit log does.
+            remaining = self.app_timeout - (time.perf_counter() - begun)
+            asyncio.get_running_loop().call_later(max(0.0, remaining), future.cancel)
+            future.add_done_callback(functools.partial(_audit_unanswered, peer, cmd, begun))
+            raise
         except Exception as exc:
             return raised_failure(cmd, exc)
+
+
+def _audit_unanswered(
+    peer: PeerCredentials, cmd: str, begun: float, future: concurrent.futures.Future[Any]
+) -> None:
+    """The audit line of a command that ended on the app's loop after its connection did."""
+    if future.cancelled():
+        status = "cancelled"
+    elif future.exception() is not None:
+        status = STATUS_FAIL
+    else:
+        result = future.result()
+        status = str(result.status) if isinstance(result, Response) else STATUS_OK
+    audit(peer, cmd, status, begun, note=" (ended on the app's loop after its connection did; no reply)")
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:

@@ -27,11 +27,12 @@ from typing import Any, NamedTuple, TextIO
 from . import _compat
 from ._client import BACKLOG_FULL, AsyncClient
 from ._exceptions import BindError, ConnectError, TimeoutException, TransportError
-from ._protocol import HARD_MAX_MESSAGE_SIZE, STATUS_OK
+from ._protocol import HARD_MAX_MESSAGE_SIZE, STATUS_OK, check_unicode
 from ._sockets import check_private_directory, directory_lock, peer_credentials, probe
 from ._stats import histogram_problem, merge_histograms
 
 __all__ = [
+    "LONE_SURROGATES",
     "OVERRIDES_FILENAME",
     "PERSISTABLE_COMMANDS",
     "TERMINAL_CONTROLS",
@@ -340,6 +341,10 @@ def well_formed_override(entry: Any) -> dict[str, Any] | None:
     if isinstance(entry, dict) and isinstance(entry.get("cmd"), str):
         args = entry.get("args", {})
         if isinstance(args, dict):
+            try:
+                check_unicode(entry)  # a hand-edited "\\ud800": no request could carry it
+            except ValueError:
+                return None
             return {"cmd": entry["cmd"], "args": dict(args)}
     return None
 
@@ -1266,7 +1271,10 @@ TERMINAL_CONTROLS = (
     0x2029,
 )
 """Code points that drive a terminal (or make text read other than it is), tab and newline included."""
-_CONTROL_CHARACTERS = dict.fromkeys(TERMINAL_CONTROLS, "\ufffd")
+LONE_SURROGATES = range(0xD800, 0xE000)
+"""Code points a JSON string can escape but no text can hold: shown as escapes, never written raw
+(they cannot be encoded, and writing one would fail)."""
+_CONTROL_CHARACTERS = dict.fromkeys((*TERMINAL_CONTROLS, *LONE_SURROGATES), "\ufffd")
 
 
 def _format_value(value: Any) -> str:

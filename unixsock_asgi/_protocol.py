@@ -182,16 +182,39 @@ def _loads(text: bytes | str, *, request: bool = False) -> Any:
         # The decoder's scanner alone, without json.loads' two regex passes:
         # a message that is exactly one JSON value (the usual case) is done here.
         obj, end = scan_once(text, 0)
-        if end == len(text):
-            return obj
     except StopIteration:
-        pass  # not a value at offset 0 (or leading whitespace): let json.loads say why
+        end = -1  # not a value at offset 0 (or leading whitespace): let json.loads say why
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
-    try:
-        return decode(text)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
+    if end != len(text):
+        try:
+            obj = decode(text)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
+    return obj
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class NotUnicodeError(ValueError):
+    """A JSON string escapes a lone surrogate: valid JSON, but no Unicode text."""
+
+
+def check_unicode(obj: Any) -> None:
+    """Raise :class:`NotUnicodeError` if a string in ``obj`` (a key too) holds a lone surrogate.
+
+    JSON can escape one (``"\\ud800"``) though it is no Unicode text: it
+    cannot be encoded as UTF-8, so a setting or argument holding one would
+    break whatever later writes it out (a JSON response, a log file, a
+    terminal). Go's decoder replaces it with U+FFFD; a request holding one
+    is refused here instead, saying so.
+    """
+    match = _SURROGATE.search(json.dumps(obj, ensure_ascii=False))
+    if match:
+        raise NotUnicodeError(
+            f"a string holds a lone surrogate (\\u{ord(match.group()):04x}), which is not Unicode text"
+        )
 
 
 def _no_constant(name: str) -> Any:
@@ -374,7 +397,8 @@ def decode_response(body: bytes | str) -> tuple[Response, Any]:
     return Response(status, str(error), inner.get("payload")), obj.get("id")
 
 
-def _request_from_obj(obj: Any) -> Request | ProtocolViolation:
+def _request_from_obj(obj: Any, *, escapes: bool = True) -> Request | ProtocolViolation:
+    """The request a decoded JSON value makes; ``escapes``: its text had a ``\\u`` escape."""
     if not isinstance(obj, dict):
         return ProtocolViolation(f"request must be a JSON object, got {_json_type(obj)}")
     req_id = obj.get("id")
@@ -391,6 +415,11 @@ def _request_from_obj(obj: Any) -> Request | ProtocolViolation:
             close=obj.get("close") is True,  # said so: a bad request that did not keeps its connection
         )
 
+    if escapes:  # only an escape can put a lone surrogate in UTF-8 text
+        try:
+            check_unicode(obj)
+        except NotUnicodeError as exc:
+            return refused(str(exc))
     if cmd is None:
         return refused("request has no 'cmd'")
     if not isinstance(cmd, str):
@@ -409,6 +438,18 @@ def _request_from_obj(obj: Any) -> Request | ProtocolViolation:
     return Request(cmd, args, respond, close, req_id, go_client="response" in obj)
 
 
+SHOWN_CHARACTERS = 200
+"""At most this much of a name from the socket is quoted back in a message or a log line."""
+
+
+def short_repr(text: str) -> str:
+    """``repr(text)``, cut to ``SHOWN_CHARACTERS`` characters: a name from the socket, quoted
+    back in a reply or a log line, costs what a name costs, however long it was sent."""
+    if len(text) <= SHOWN_CHARACTERS:
+        return repr(text)
+    return f"{text[:SHOWN_CHARACTERS]!r}... ({len(text)} characters)"
+
+
 def _json_type(value: Any) -> str:
     if value is None:
         return "null"
@@ -424,10 +465,14 @@ def _json_type(value: Any) -> str:
 
 
 def _parse_value(text: str) -> Any:
+    """A JSON literal if ``text`` is one, else ``text``; NotUnicodeError for a lone surrogate."""
     try:
-        return _loads(text, request=True)
+        value = _loads(text, request=True)
     except ValueError:
         return text
+    if "\\u" in text:
+        check_unicode(value)
+    return value
 
 
 def parse_line(line: str) -> Request | ProtocolViolation | Close:
@@ -446,7 +491,7 @@ def parse_line(line: str) -> Request | ProtocolViolation | Close:
             return ProtocolViolation(f"invalid JSON: {exc}")
         if isinstance(obj, dict):
             obj.setdefault("close", False)
-        return _request_from_obj(obj)
+        return _request_from_obj(obj, escapes="\\u" in text)
     words = _split_words(text)
     if isinstance(words, ProtocolViolation):
         return words
@@ -457,8 +502,11 @@ def parse_line(line: str) -> Request | ProtocolViolation | Close:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            return ProtocolViolation(f"argument {pair!r} is not key=value")
-        args[key] = _parse_value(value)
+            return ProtocolViolation(f"argument {short_repr(pair)} is not key=value")
+        try:
+            args[key] = _parse_value(value)
+        except NotUnicodeError as exc:
+            return ProtocolViolation(f"argument {short_repr(key)}: {exc}")
     return Request(cmd, args, respond=True, close=False)
 
 
@@ -651,7 +699,7 @@ class ConnectionProtocol:
             obj = _loads(body, request=True)
         except ValueError as exc:  # UnicodeDecodeError is a ValueError
             return ProtocolViolation(f"invalid JSON: {exc}")
-        return _request_from_obj(obj)
+        return _request_from_obj(obj, escapes=b"\\u" in body)
 
     def _next_line(self) -> Event | None:
         buf = self._buffer

@@ -21,13 +21,17 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextvars
+import fcntl
 import inspect
 import logging
 import os
 import queue
 import re
 import select
+import socket
+import struct
 import sys
+import termios
 import threading
 import time
 import traceback
@@ -46,8 +50,9 @@ from ._protocol import (
     ProtocolViolation,
     Request,
     Response,
+    short_repr,
 )
-from ._sockets import BoundSocket, PeerCredentials, bind_unix_socket, peer_credentials
+from ._sockets import BoundSocket, PeerCredentials, bind_unix_socket, peer_credentials, peer_groups
 
 __all__ = ["Handler", "RequestContext", "ServerConfig", "UnixSockServer"]
 
@@ -337,13 +342,20 @@ class UnixSockServer:
 
     # -- connections -------------------------------------------------------
 
-    def _allowed(self, peer: PeerCredentials) -> bool:
+    def _allowed(self, peer: PeerCredentials, sock: socket.socket | None) -> bool:
+        """The server's own user, root, an allowed uid, or a peer in an allowed group: its
+        own (primary) group, or one of the supplementary groups it had when it connected,
+        as the socket file's group permission lets it in."""
         cfg = self.config
-        return peer.uid in (self._uid, 0) or peer.uid in cfg.allowed_uids or peer.gid in cfg.allowed_gids
+        if peer.uid in (self._uid, 0) or peer.uid in cfg.allowed_uids or peer.gid in cfg.allowed_gids:
+            return True
+        return bool(
+            cfg.allowed_gids and sock is not None and not cfg.allowed_gids.isdisjoint(peer_groups(sock))
+        )
 
-    def _refusal(self, peer: PeerCredentials) -> str | None:
+    def _refusal(self, peer: PeerCredentials, sock: socket.socket | None) -> str | None:
         """Why this peer may not talk now, or None (refusals logged once a second at most)."""
-        if not self._allowed(peer):
+        if not self._allowed(peer, sock):
             if (more := self._refusals_logged.allow()) is not None:
                 audit_logger.warning(
                     "refused peer pid=%d uid=%d gid=%d%s", peer.pid, peer.uid, peer.gid, _more(more)
@@ -423,16 +435,21 @@ class UnixSockServer:
             response = result if isinstance(result, Response) else Response(STATUS_OK, "", result)
         except TimeoutError:
             response = Response.failure(
-                f"handler for {request.cmd!r} timed out after {self.config.handler_timeout:g}s"
+                f"handler for {short_repr(request.cmd)} timed out after {self.config.handler_timeout:g}s"
             )
         except _NotStarted:
             response = Response.failure(
-                f"handler for {request.cmd!r} did not start within {self.config.handler_timeout:g}s:"
+                f"handler for {short_repr(request.cmd)} did not start within {self.config.handler_timeout:g}s:"
                 f" all {self.config.handler_threads} handler threads are busy (plain handlers that hang"
                 " hold them); it will not run"
             )
         except _HandlerRaised as raised:
             response = self._raised(request, raised.exc)
+        except asyncio.CancelledError:
+            # The connection ended while the handler ran (its peer hung up, or the server
+            # stops): no reply goes out, but the command was asked for all the same.
+            self._audit(request, peer, _CANCELLED, start)
+            raise
         self._audit(request, peer, response, start)
         return response
 
@@ -473,19 +490,37 @@ class UnixSockServer:
         return raised_failure(request.cmd, exc)
 
     def _audit(self, request: Request, peer: PeerCredentials, response: Response, start: float) -> None:
-        quiet = response.status == STATUS_OK and request.cmd in self.config.quiet_commands
-        level = logging.DEBUG if quiet else logging.INFO
-        if audit_logger.isEnabledFor(level):
-            audit_logger.log(
-                level,
-                "peer pid=%d uid=%d cmd=%s status=%s duration_ms=%.2f",
-                peer.pid,
-                peer.uid,
-                # A name as it is; anything else quoted, so a cmd cannot forge a log line.
-                request.cmd if _PLAIN_NAME.fullmatch(request.cmd) else repr(request.cmd),
-                response.status,
-                (time.perf_counter() - start) * 1000,
-            )
+        audit(peer, request.cmd, response.status, start, quiet=request.cmd in self.config.quiet_commands)
+
+
+_CANCELLED = Response("cancelled", "the connection ended before the handler did")
+"""What the audit line of a handler cancelled with its connection says (never sent)."""
+
+
+def audit(
+    peer: PeerCredentials, cmd: str, status: str, start: float, *, quiet: bool = False, note: str = ""
+) -> None:
+    """One line to the audit logger: who sent which command, how it ended, how long it took
+    (since ``start``, a ``time.perf_counter()``). A successful ``quiet`` command (read-only, the
+    kind tools poll) at DEBUG, the rest at INFO."""
+    level = logging.DEBUG if quiet and status == STATUS_OK else logging.INFO
+    if audit_logger.isEnabledFor(level):
+        audit_logger.log(
+            level,
+            "peer pid=%d uid=%d cmd=%s status=%s duration_ms=%.2f%s",
+            peer.pid,
+            peer.uid,
+            shown_name(cmd),
+            status,
+            (time.perf_counter() - start) * 1000,
+            note,
+        )
+
+
+def shown_name(cmd: str) -> str:
+    """A command name for a log line: as it is when a plain name, else quoted (so that it cannot
+    forge a log line), and cut short."""
+    return cmd if _PLAIN_NAME.fullmatch(cmd) else short_repr(cmd)
 
 
 class _NotStarted(Exception):
@@ -658,6 +693,30 @@ _HANGUP_CHECK_S = 1.0
 """How often a connection whose handler is running checks that its peer is still there."""
 
 
+_SIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None) if sys.platform.startswith("linux") else None
+_INT = struct.Struct("i")
+
+
+def _unread(transport: asyncio.Transport) -> int:
+    """Bytes written to the peer that it has not read yet, as far as this end can see.
+
+    The transport's buffer alone shrinks only when the socket takes more, and
+    a UNIX socket wakes its writer only once the peer has emptied three
+    quarters of its buffer (about 160 KiB): a peer reading 30 KB/s would seem
+    to take nothing for 5 s. On Linux the socket's own queue (SIOCOUTQ) is
+    counted too, which shrinks each time the peer has read a kernel buffer
+    (32 KiB or less).
+    """
+    size = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if _SIOCOUTQ is not None and sock is not None:
+        try:
+            size += _INT.unpack(fcntl.ioctl(sock.fileno(), _SIOCOUTQ, bytes(_INT.size)))[0]
+        except (OSError, ValueError):  # closed meanwhile
+            pass
+    return size
+
+
 def _peer_hung_up(transport: asyncio.Transport | None) -> bool:
     """Whether the peer closed its end altogether (POLLHUP; a half-close sets only POLLRDHUP)."""
     sock = transport.get_extra_info("socket") if transport is not None else None
@@ -715,7 +774,7 @@ class _Connection(asyncio.Protocol):
         self._deadline: float | None = None
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._in_message = False  # the read deadline is that of a message begun earlier
-        self._write_backlog = 0  # bytes waiting to go out when the write timer was set
+        self._write_backlog = 0  # bytes the peer had not read when the write timer was set
         self._hangup_timer: asyncio.TimerHandle | None = None
         self._running: Request | None = None  # the request whose handler the task is running
 
@@ -730,11 +789,12 @@ class _Connection(asyncio.Protocol):
             transport.abort()  # accepted while the server was stopping
             return
         server._connections.add(self)
+        sock = transport.get_extra_info("socket")
         try:
-            self._peer = peer_credentials(transport.get_extra_info("socket"))
+            self._peer = peer_credentials(sock)
         except OSError:
             pass
-        self._refusal = server._refusal(self._peer)
+        self._refusal = server._refusal(self._peer, sock)
         if self._refusal is not None:
             if server._refusing >= _REFUSING_MAX:
                 transport.abort()  # a flood: no reply, and no descriptor held for it
@@ -798,7 +858,7 @@ class _Connection(asyncio.Protocol):
         self._transport.pause_reading()
         self._deadline = None  # not reading: a message begun meanwhile is not the peer's delay
         if self._write_timer is None:
-            self._write_backlog = self._transport.get_write_buffer_size()
+            self._write_backlog = _unread(self._transport)
             self._write_timer = self._loop.call_later(self._timeout, self._write_stalled)
 
     def resume_writing(self) -> None:
@@ -998,7 +1058,7 @@ class _Connection(asyncio.Protocol):
             if self._write_timer is not None:  # the close timer watches the peer from now on
                 self._write_timer.cancel()
                 self._write_timer = None
-            self._write_backlog = transport.get_write_buffer_size()
+            self._write_backlog = _unread(transport)
             self._close_timer = self._loop.call_later(self._timeout, self._close_stalled)
         self._discard_unread()
         transport.close()
@@ -1047,7 +1107,7 @@ class _Connection(asyncio.Protocol):
         """Whether the peer took some of the waiting bytes since the last look (slowly is fine)."""
         if self._transport is None or self._lost:
             return False
-        backlog = self._transport.get_write_buffer_size()
+        backlog = _unread(self._transport)
         progressed = backlog < self._write_backlog
         self._write_backlog = backlog
         return progressed

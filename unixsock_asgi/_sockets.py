@@ -48,6 +48,27 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials:
     return PeerCredentials(pid, uid, gid)
 
 
+_SO_PEERGROUPS = 59  # Linux 4.13+; not in the socket module
+_NGROUPS_MAX = 65536
+
+
+def peer_groups(sock: socket.socket) -> frozenset[int]:
+    """The supplementary groups the peer had when it connected (``SO_PEERGROUPS``).
+
+    Empty where the kernel cannot say (before Linux 4.13, or not Linux).
+    """
+    size = 64
+    while True:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * size)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE and size < _NGROUPS_MAX:
+                size = _NGROUPS_MAX  # more groups than that first guess: ask for room for them all
+                continue
+            return frozenset()
+        return frozenset(struct.unpack(f"={len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+
+
 def probe(path: str, timeout: float = 1.0) -> PeerCredentials | None:
     """Connect to ``path`` and return the listener's credentials, or None if nothing answers.
 

@@ -34,6 +34,7 @@ from typing import Any, NoReturn, TextIO
 from . import __version__
 from ._fleet import (
     FOREIGN_STATS,
+    LONE_SURROGATES,
     STATUS_ERROR,
     TERMINAL_CONTROLS,
     AskedWorkers,
@@ -149,9 +150,17 @@ def format_args(args: Mapping[str, Any]) -> str:
     """``key=value ...`` as it would be typed: plain words bare, anything else as JSON."""
     parts = []
     for key, value in args.items():
-        text = value if isinstance(value, str) and _parse_value(value) == value and " " not in value else None
+        text = value if isinstance(value, str) and _reads_as_itself(value) and " " not in value else None
         parts.append(f"{key}={text if text is not None else json.dumps(value)}")
     return " ".join(parts)
+
+
+def _reads_as_itself(word: str) -> bool:
+    """Whether ``word`` typed as a value is that string (not a JSON literal, not refused)."""
+    try:
+        return bool(_parse_value(word) == word)
+    except ValueError:
+        return False
 
 
 def table(rows: Sequence[Sequence[str]], align: str = "") -> list[str]:
@@ -356,7 +365,7 @@ def failure_summary(outcome: FanOutResult, *, single_target: bool = False) -> st
 
 _UNSAFE = {
     code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-    for code in TERMINAL_CONTROLS
+    for code in (*TERMINAL_CONTROLS, *LONE_SURROGATES)
     if code not in (0x09, 0x0A)  # tab and newline lay text out; they do not drive the terminal
 }
 
@@ -381,7 +390,10 @@ def parse_command_args(pairs: Iterable[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UsageError(f"argument {pair!r} is not key=value")
-        args[key] = _parse_value(value)
+        try:
+            args[key] = _parse_value(value)
+        except ValueError as exc:  # a lone surrogate
+            raise UsageError(f"argument {key!r}: {exc}") from None
     return args
 
 
