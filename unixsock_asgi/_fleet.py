@@ -10,6 +10,7 @@ and keeps the overrides file that later workers apply during startup.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import datetime
 import errno
@@ -29,7 +30,7 @@ from ._client import BACKLOG_FULL, AsyncClient
 from ._exceptions import BindError, ConnectError, TimeoutException, TransportError
 from ._protocol import HARD_MAX_MESSAGE_SIZE, STATUS_OK, check_unicode
 from ._sockets import check_private_directory, directory_lock, peer_credentials, probe
-from ._stats import histogram_problem, merge_histograms
+from ._stats import GAMMA, histogram_problem, merge_histograms
 
 __all__ = [
     "LONE_SURROGATES",
@@ -1312,24 +1313,51 @@ class _Exposition:
         else:
             self.lines.append(f"{name} {_format_value(value)}")
 
-    def summary(self, name: str, histogram: Mapping[str, Any], labels: Mapping[str, Any]) -> None:
-        for quantile, key in (("0.5", "p50_s"), ("0.9", "p90_s"), ("0.99", "p99_s")):
-            self.sample(name, histogram.get(key), {**labels, "quantile": quantile})
-        self.sample(f"{name}_sum", histogram.get("sum_s", 0.0), labels)
-        self.sample(f"{name}_count", histogram.get("count", 0), labels)
+    def histogram(self, name: str, latency: Mapping[str, Any], labels: Mapping[str, Any]) -> None:
+        buckets = latency.get("buckets", ())
+        for bound, count in zip(LATENCY_BOUNDS, _counts_up_to(buckets, LATENCY_BOUNDS), strict=True):
+            self.sample(f"{name}_bucket", count, {**labels, "le": _format_value(bound)})
+        count = latency.get("count", 0)
+        self.sample(f"{name}_bucket", count, {**labels, "le": "+Inf"})
+        self.sample(f"{name}_sum", latency.get("sum_s", 0.0), labels)
+        self.sample(f"{name}_count", count, labels)
 
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"
 
 
+LATENCY_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""The ``le`` bounds of the Prometheus latency histogram, in seconds (and ``+Inf``)."""
+
+
+def _counts_up_to(buckets: Iterable[Sequence[int]], bounds: Sequence[float]) -> list[int]:
+    """How many latencies are at most each bound, from a histogram's ``[index, count]`` buckets.
+
+    A bucket holds (GAMMA**(index-1), GAMMA**index]; one that straddles a
+    bound is counted above it, so a count is off by at most the latencies
+    within 4 % under its bound.
+    """
+    counts = [0] * len(bounds)
+    for index, count in buckets:
+        upper = GAMMA**index
+        for k in range(bisect.bisect_left(bounds, upper), len(bounds)):
+            counts[k] += count
+    return counts
+
+
 def render_prometheus(outcome: FanOutResult, *, prefix: str = "asgi") -> str:
     """The fleet's ``stats`` in the Prometheus text exposition format.
 
-    Totals are the sums over the workers alive now: when a worker is replaced
-    its counts leave the sums, which Prometheus reads as a counter reset.
-    Latency is a summary whose quantiles are computed from merged buckets.
+    Counters and the latency histogram are per worker (labelled ``pid``): a
+    worker's counts only grow until it exits, restarts or is reset, which
+    Prometheus reads as the end of a series or a reset of it, so ``rate()``
+    and ``increase()`` are right however workers come and go; sum them in the
+    query. (Sums over the workers that answered would drop whenever one is
+    replaced or does not answer, and ``rate()`` would read each drop as a
+    burst of requests.) Gauges are summed over the fleet as well.
     """
     snapshots = [r for r in outcome.successes if isinstance(r.payload, Mapping)]
+    workers = [(r.pid, aggregate_stats([r.payload])) for r in snapshots]  # each checked as the total is
     total = aggregate_stats([r.payload for r in snapshots])
     out = _Exposition(prefix)
 
@@ -1344,32 +1372,37 @@ def render_prometheus(outcome: FanOutResult, *, prefix: str = "asgi") -> str:
     )
     out.sample(name, len(outcome.gone))
 
-    name = out.family("requests_total", "counter", "Finished HTTP requests by route and status class.")
-    for route, figures in total["routes"].items():
-        for status_class, n in sorted(figures["by_status"].items()):
-            out.sample(name, n, {"route": route, "status": status_class})
-    name = out.family("requests_by_method_total", "counter", "Finished HTTP requests by route and method.")
-    for route, figures in total["routes"].items():
-        for method, n in sorted(figures["by_method"].items()):
-            out.sample(name, n, {"route": route, "method": method})
-    name = out.family("exceptions_total", "counter", "Requests that raised an exception, by route template.")
-    for route, figures in total["routes"].items():
-        out.sample(name, figures["exceptions"], {"route": route})
     name = out.family(
-        "request_duration_seconds", "summary", "Request latency by route; quantiles from merged buckets."
+        "requests_total", "counter", "Finished HTTP requests by route, status class and worker."
     )
-    for route, figures in total["routes"].items():
-        out.summary(name, figures["latency"], {"route": route})
+    for pid, stats in workers:
+        for route, figures in stats["routes"].items():
+            for status_class, n in sorted(figures["by_status"].items()):
+                out.sample(name, n, {"route": route, "status": status_class, "pid": pid})
     name = out.family(
-        "fleet_request_duration_seconds", "summary", "Latency of all requests; quantiles from merged buckets."
+        "requests_by_method_total", "counter", "Finished HTTP requests by route, method and worker."
     )
-    out.summary(name, total["latency"], {})
+    for pid, stats in workers:
+        for route, figures in stats["routes"].items():
+            for method, n in sorted(figures["by_method"].items()):
+                out.sample(name, n, {"route": route, "method": method, "pid": pid})
+    name = out.family(
+        "exceptions_total", "counter", "Requests that raised an exception, by route template and worker."
+    )
+    for pid, stats in workers:
+        for route, figures in stats["routes"].items():
+            out.sample(name, figures["exceptions"], {"route": route, "pid": pid})
+    name = out.family("request_duration_seconds", "histogram", "Request latency by route and worker.")
+    for pid, stats in workers:
+        for route, figures in stats["routes"].items():
+            out.histogram(name, figures["latency"], {"route": route, "pid": pid})
     name = out.family("in_flight_requests", "gauge", "HTTP requests being served now, all workers.")
     out.sample(name, total["in_flight"])
     name = out.family("websockets_active", "gauge", "Open websocket connections, all workers.")
     out.sample(name, total["websockets"]["active"])
-    name = out.family("websockets_total", "counter", "Websocket connections accepted, all workers.")
-    out.sample(name, total["websockets"]["total"])
+    name = out.family("websockets_total", "counter", "Websocket connections accepted, by worker.")
+    for pid, stats in workers:
+        out.sample(name, stats["websockets"]["total"], {"pid": pid})
 
     per_worker: list[tuple[str, str, str, Callable[[Mapping[str, Any]], Any]]] = [
         ("worker_requests_total", "counter", "Finished HTTP requests of one worker.", _get("requests_total")),
