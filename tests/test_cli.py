@@ -558,7 +558,9 @@ def test_top_once_prints_one_frame_with_rates(
     lines = out.splitlines()
     assert "\x1b" not in out
     assert lines[0].startswith("unixsock-asgi top")
-    assert lines[0].endswith("(q quits)")  # into a pipe or a file no line is cut...
+    assert lines[0].endswith(
+        "every 0.2s"
+    )  # one frame: no "(q quits)"; into a pipe or a file no line is cut...
     assert all(len(line) < 80 for line in lines[1:]) and len(lines) <= 24  # ...and the table fits 80
     rows = {line.split()[0]: line.split() for line in lines if line.strip()[:1].isdigit() or "TOTAL" in line}
     assert set(rows) == {str(w.pid) for w in workers} | {"TOTAL"}
@@ -700,6 +702,28 @@ def test_top_keeps_a_worker_that_went_away_on_view_for_a_minute(fleet: Fleet, so
     table, header = refresh(204.0)
     assert table[str(fixed.pid)][1] == "GONE" and table[str(other.pid)][1] != "GONE"
     assert header == "workers 2 live, 1 gone"
+
+
+def test_top_lists_the_latest_exits_first(fleet: Fleet, socket_dir: Path) -> None:
+    # While workers recycle, the list outgrows the screen: the oldest exits are the ones to give way.
+    import asyncio
+
+    from unixsock_asgi._fleet import Target
+    from unixsock_asgi._top import TopView, _sample
+
+    first, second, stays = fleet.start(3)
+    target = Target(str(socket_dir), is_directory=True)
+    view = TopView(str(socket_dir))
+    view.update(asyncio.run(_sample(target, timeout=2.0)), now=100.0)
+    first.stop()
+    view.update(asyncio.run(_sample(target, timeout=2.0)), now=101.0)
+    second.stop()
+    rows = view.update(asyncio.run(_sample(target, timeout=2.0)), now=102.0)
+    assert [(r.pid, r.status) for r in rows] == [
+        (stays.pid, "success"),
+        (second.pid, "gone"),
+        (first.pid, "gone"),
+    ]
 
 
 def test_top_takes_no_rate_across_a_restart_or_a_stats_reset(fleet: Fleet, socket_dir: Path) -> None:

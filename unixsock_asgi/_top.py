@@ -192,10 +192,19 @@ class TopView:
             row.p99_s = _quantile(delta, 0.99)
         self._previous = seen
         self._answered = {socket: row for socket, row in self._answered.items() if socket in listed}
-        return rows + sorted((g.row for g in self._gone.values()), key=lambda r: (r.pid or 0, r.socket))
+        # The latest exits first: when the screen cannot hold them all, the oldest give way.
+        recent = sorted(self._gone.values(), key=lambda g: (-g.missed_at, g.row.pid or 0, g.row.socket))
+        return rows + [g.row for g in recent]
 
     def frame(
-        self, outcome: FanOutResult, rows: list[WorkerRow], *, width: int, height: int, interval: float
+        self,
+        outcome: FanOutResult,
+        rows: list[WorkerRow],
+        *,
+        width: int,
+        height: int,
+        interval: float,
+        interactive: bool = True,
     ) -> list[str]:
         """The lines of one screen, each at most ``width - 1`` columns, at most ``height`` lines."""
         live = [r for r in rows if r.status == "success"]
@@ -209,7 +218,8 @@ class TopView:
                 merged[i] = merged.get(i, 0) + c
         clock = time.strftime("%H:%M:%S")
         header = [
-            f"unixsock-asgi top  {self.label}  {clock}  every {interval:g}s  (q quits)",
+            f"unixsock-asgi top  {self.label}  {clock}  every {interval:g}s"
+            + ("  (q quits)" if interactive else ""),
             f"workers {len(live)} live"
             + (f", {silent} not answering" if silent else "")
             + (f", {gone} gone" if gone else "")
@@ -322,7 +332,7 @@ async def _print_once(target: Target, interval: float, timeout: float, out: Text
     tty = out.isatty()
     height = size.lines if tty else len(rows) + 16
     width = size.columns if tty else 1000
-    for line in view.frame(outcome, rows, width=width, height=height, interval=interval):
+    for line in view.frame(outcome, rows, width=width, height=height, interval=interval, interactive=False):
         out.write(line + "\n")
     out.flush()
     nobody = nobody_answered(target, outcome)
