@@ -443,6 +443,21 @@ def test_persist_refuses_what_cannot_be_durable_before_sending_anything(
     assert not Path(overrides_path(str(socket_dir))).exists()
 
 
+def test_persist_with_an_overrides_file_it_cannot_read_sends_nothing(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It used to apply the change everywhere, then fail to persist it and print none of the answers.
+    (worker,) = fleet.start(1)
+    path = Path(overrides_path(str(socket_dir)))
+    path.write_text('{"version": 1, "overrides": [')  # cut short
+    path.chmod(0o600)
+    status, out, err = run(capsys, "send", str(socket_dir), "health_fail", "--persist", "--json")
+    assert status == EXIT_USAGE and out == ""
+    assert "cannot read overrides" in one_line(err) and "(nothing was sent)" in one_line(err)
+    assert worker.commands_seen == []
+    assert path.read_text() == '{"version": 1, "overrides": ['  # left for the operator to fix
+
+
 def test_persist_needs_a_directory_target(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
     (worker,) = fleet.start(1)
     status, _, err = run(capsys, "send", str(worker.path), "health_fail", "--persist")

@@ -516,12 +516,16 @@ def cmd_send(ns: argparse.Namespace) -> int:
         try:
             override_key(ns.cmd, args)
             check_can_persist(target.path)
-        except OverrideError as exc:
-            raise UsageError(f"--persist: {exc}") from None
+            read_overrides_document(target.path)  # a file it could not rewrite: say so before sending
+        except (OverrideError, OverridesFileError) as exc:
+            raise UsageError(f"--persist: {exc} (nothing was sent)") from None
     outcome = _run_fan_out(target, ns.cmd, args, reply_timeout(args, ns.timeout))
-    persisted = not_persisted = ""
+    persisted = not_persisted = unpersisted = ""
     if ns.persist:
-        persisted, not_persisted = _persist(target.path, ns.cmd, args, outcome)
+        try:
+            persisted, not_persisted = _persist(target.path, ns.cmd, args, outcome)
+        except _Failed as exc:  # the workers' answers are still shown first
+            unpersisted = str(exc)
         if persisted:
             _catch_up(target, ns.cmd, args, reply_timeout(args, ns.timeout), outcome)
     if ns.json:
@@ -543,6 +547,8 @@ def cmd_send(ns: argparse.Namespace) -> int:
         print(f"persisted to {persisted}: workers started later apply it", file=sys.stderr)
     elif not_persisted:
         print(f"not persisted: {not_persisted}", file=sys.stderr)
+    if unpersisted:
+        raise _Failed(unpersisted)
     if not outcome.all_ok:
         raise _Failed(failure_summary(outcome, single_target=not target.is_directory))
     return EXIT_OK
