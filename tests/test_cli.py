@@ -241,7 +241,7 @@ def test_a_directory_the_operator_may_not_list_exits_2_with_one_line(socket_dir:
     assert len(lines) == 3, lines
     assert all(
         line == f"unixsock-asgi: error: nothing to talk to: {socket_dir}: cannot list the directory: "
-        "Permission denied"
+        "Permission denied (owner uid 0, group 0, mode 0700; this is uid 65534)"
         for line in lines
     ), lines
 
@@ -1282,6 +1282,51 @@ def _listen_as_nobody(path: Path) -> tuple[int, int]:
     with os.fdopen(ready_r, "rb") as ready:
         assert ready.read(1) == b"r"
     return pid, counts_r
+
+
+def _as_nobody(work: Callable[[], str]) -> str:
+    """Run ``work`` in a child that is nobody; what it returns (or the exception it raised)."""
+    out_r, out_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            os.close(out_r)
+            os.setgroups([])
+            os.setgid(_NOBODY)
+            os.setuid(_NOBODY)
+            try:
+                text = work()
+            except Exception as exc:
+                text = f"{type(exc).__name__}: {exc}"
+            os.write(out_w, text.encode())
+        finally:
+            os._exit(0)
+    os.close(out_w)
+    with os.fdopen(out_r, "rb") as out:
+        text = out.read().decode()
+    os.waitpid(pid, 0)
+    return text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
+def test_a_directory_the_user_may_not_use_is_named_with_its_owner_and_mode() -> None:
+    # The middleware said "Permission denied: '/proc/self/fd/12'", the CLI only "Permission denied".
+    from unixsock_asgi._fleet import open_checked_directory, resolve_target
+
+    base = Path(tempfile.mkdtemp(prefix="usa-perm-"))  # in /tmp, which nobody may traverse
+    try:
+        os.chmod(base, 0o755)
+        private = base / "sock"
+        private.mkdir(mode=0o700)
+        expected = f"Permission denied (owner uid 0, group 0, mode 0700; this is uid {_NOBODY})"
+        assert _as_nobody(lambda: str(resolve_target(str(private)))) == (
+            f"TargetError: {private}: cannot list the directory: {expected}"
+        )
+        assert _as_nobody(lambda: str(open_checked_directory(str(private)))) == (
+            f"PermissionError: [Errno 13] {expected}: '{private}'"
+        )
+    finally:
+        shutil.rmtree(base)
 
 
 def _stop(pid: int) -> None:

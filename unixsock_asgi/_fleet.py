@@ -278,12 +278,23 @@ def open_checked_directory(directory: str) -> int:
             raise UntrustedDirectory(
                 errno.EPERM, f"not touched: {directory} belongs to uid {owner}, and {why}", directory
             )
-        return os.open(
-            f"/proc/self/fd/{walk.fd}" if _PROC_FDS else directory,
-            os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
-        )
+        try:
+            return os.open(
+                f"/proc/self/fd/{walk.fd}" if _PROC_FDS else directory,
+                os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+            )
+        except OSError as exc:  # named as the caller gave it, not as /proc/self/fd/N
+            raise OSError(exc.errno, _access_text(exc, os.fstat(walk.fd)), directory) from None
     finally:
         os.close(walk.fd)
+
+
+def _access_text(exc: OSError, st: os.stat_result) -> str:
+    """``exc``'s words, and for a refusal, who owns the directory, its mode and who asked."""
+    text = exc.strerror or str(exc)
+    if isinstance(exc, PermissionError):
+        text += f" (owner uid {st.st_uid}, group {st.st_gid}, mode {stat.S_IMODE(st.st_mode):04o}; this is uid {os.geteuid()})"
+    return text
 
 
 @dataclass(frozen=True)
@@ -383,7 +394,7 @@ def resolve_target(path: str) -> Target:
         try:
             os.listdir(path)
         except OSError as exc:
-            raise TargetError(f"{path}: cannot list the directory: {exc.strerror or exc}") from None
+            raise TargetError(f"{path}: cannot list the directory: {_access_text(exc, st)}") from None
         return Target(path, True)
     if stat.S_ISSOCK(st.st_mode):
         return Target(path, False)
