@@ -402,7 +402,11 @@ def health(ctx: CommandContext) -> dict[str, Any]:
 
 @command(diagnostic=True)
 def health_fail(ctx: CommandContext) -> dict[str, Any]:
-    """Make the health path answer 503 so a load balancer drains this worker."""
+    """Make the health path answer 503 so a load balancer drains this worker.
+
+    Workers that share a listening port (uvicorn --workers, gunicorn) are
+    drained together: send it to all of them, or the health check flaps.
+    """
     ctx.control.set_health(failing=True)
     return _health(ctx)
 
@@ -468,7 +472,13 @@ async def drain(ctx: CommandContext, timeout: float = 30.0, quiet: float = 1.0) 
             break
         if now >= deadline:
             waited = now - start
-            payload = {"drained": False, "in_flight": in_flight, "waited_s": waited, "arrived": arrived}
+            payload = {
+                "drained": False,
+                "in_flight": in_flight,
+                "waited_s": waited,
+                "arrived": arrived,
+                "websockets_active": stats.websockets_active,
+            }
             if in_flight:
                 return Response.failure(
                     f"still {in_flight} request(s) in flight after {waited:.1f}s", payload=payload

@@ -775,7 +775,10 @@ async def ask_worker(path: str, cmd: str, args: Mapping[str, Any], timeout: floa
         if client.peer_uid is None:  # never connected: the client was trying again all along
             result.error = f"no connection within {timeout:g}s: {BACKLOG_FULL}"
         else:
-            result.error = f"no reply within {timeout:g}s"
+            # It was sent: a stopped worker takes it when continued, a blocked loop may yet run it.
+            result.error = (
+                f"no reply within {timeout:g}s (it may still run there: check before sending it again)"
+            )
     except _UntrustedPeer as exc:
         result.error = str(exc)
     except ConnectError as exc:

@@ -200,6 +200,7 @@ def test_drain_waits_while_requests_still_arrive_and_answers_once_they_stop(
         assert still is not None and not still.ok
         assert "requests still arrive" in still.error or "in flight" in still.error, still.error
         assert still.payload["drained"] is False and still.payload["arrived"] > 0
+        assert still.payload["websockets_active"] == 0  # said on failure too
     finally:
         stop.set()
         sender.join(15)
