@@ -592,7 +592,9 @@ class ConnectionProtocol:
     def __init__(self, max_message_size: int = 1 << 20) -> None:
         self.max_message_size = min(max_message_size, HARD_MAX_MESSAGE_SIZE)
         self.mode: Mode | None = None
-        self._buffer = bytearray()
+        # The bytes as they came while each read holds whole messages (no copy), a
+        # bytearray that collects them once one is left over in part.
+        self._buffer: bytes | bytearray = b""
         self._pos = 0  # where the unparsed bytes begin in _buffer
         self._expect = -1  # frame body length once a header was read
         self._eof = False
@@ -621,17 +623,24 @@ class ConnectionProtocol:
             return
         if self.mode is None:
             self.mode = "line" if data[0] in _LINE_START else "frame"
-        self._buffer += data
+        buf, pos = self._buffer, self._pos
+        if pos >= len(buf):  # all parsed: parse from these bytes as they are
+            self._buffer, self._pos = data, 0
+        elif type(buf) is bytes:  # part of a message is left: collect from now on
+            self._buffer, self._pos = bytearray(memoryview(buf)[pos:]) + data, 0
+        else:
+            buf += data
 
     def next_event(self) -> Event | None:
         """The next event, or None until more bytes (or EOF) are fed."""
         if self._closed:
             return None
-        if self.mode == "line":
+        mode = self.mode
+        if mode == "frame":
+            return self._next_frame()
+        if mode == "line":
             return self._next_line()
-        if self.mode is None and not self._eof:
-            return None
-        return self._next_frame()  # a connection closed before its first byte ends here too
+        return self._next_frame() if self._eof else None  # closed before its first byte, or not yet
 
     def receive_data(self, data: bytes) -> list[Event]:
         """:meth:`feed`, then every event that is complete."""
@@ -652,20 +661,22 @@ class ConnectionProtocol:
         return Close()
 
     def _drop(self) -> None:
-        self._buffer.clear()
+        self._buffer = b""
         self._pos = 0
         self._expect = -1
 
-    def _consume(self, end: int) -> None:
-        """The bytes before ``end`` are parsed."""
-        buf = self._buffer
+    def _take(self, end: int, skip: int = 0) -> bytes:
+        """The unparsed bytes up to ``end``; parsing goes on ``skip`` bytes after them (a newline)."""
+        buf, pos = self._buffer, self._pos
+        taken = buf[pos:end]
+        end += skip
         if end >= len(buf):
-            buf.clear()
-            end = 0
-        elif end > _COMPACT_AFTER:
+            self._buffer, end = b"", 0
+        elif end > _COMPACT_AFTER and type(buf) is bytearray:
             del buf[:end]  # a bytearray drops its head without moving the rest, mostly
             end = 0
         self._pos = end
+        return taken if type(taken) is bytes else bytes(taken)
 
     def _next_frame(self) -> Event | None:
         buf, pos, expect = self._buffer, self._pos, self._expect
@@ -690,21 +701,25 @@ class ConnectionProtocol:
             if self._eof:
                 return self._fatal(f"connection closed mid-frame: got {have} of {expect} bytes")
             return None
-        end = pos + expect
-        with memoryview(buf) as view:
-            body = bytes(view[pos:end])
         self._expect = -1
-        self._consume(end)
+        if have == expect:  # the last of what was read (most often all of it): no compaction to do
+            body = buf[pos:]
+            self._buffer, self._pos = b"", 0
+        else:
+            body = self._take(pos + expect)
+        if type(body) is not bytes:
+            body = bytes(body)
         try:
             obj = _loads(body, request=True)
         except ValueError as exc:  # UnicodeDecodeError is a ValueError
             return ProtocolViolation(f"invalid JSON: {exc}")
-        return _request_from_obj(obj, escapes=b"\\u" in body)
+        # find(), not ``in``: ``bytes in bytes`` first tries the needle as an integer
+        # and raises and clears a TypeError every time (about 900 instructions).
+        return _request_from_obj(obj, escapes=body.find(b"\\u") >= 0)
 
     def _next_line(self) -> Event | None:
-        buf = self._buffer
         while True:
-            pos = self._pos
+            buf, pos = self._buffer, self._pos
             nl = buf.find(b"\n", pos)
             if nl < 0:
                 have = len(buf) - pos
@@ -717,9 +732,7 @@ class ConnectionProtocol:
                 nl = len(buf)  # EOF ends the last, unterminated line
             if nl - pos > self.max_message_size:
                 return self._fatal(self._too_long(nl - pos))
-            with memoryview(buf) as view:
-                raw = bytes(view[pos:nl])
-            self._consume(nl + 1)
+            raw = self._take(nl, skip=1)
             try:
                 # A byte order mark (a file a Windows editor saved, piped in) is dropped.
                 line = raw.decode("utf-8-sig")
