@@ -674,40 +674,60 @@ def test_client_gone_before_the_reply_does_not_hurt_the_server(
 # -- connection limit ------------------------------------------------------
 
 
-def test_excess_connections_are_told_busy_and_closed(
+def _hold_busy(path: str, n: int, connect_raw: RawConnector) -> list[socket.socket]:
+    """``n`` connections, each with a handler running (sleeping 3 s): none of them is idle."""
+    holders = [connect_raw(path, timeout=10) for _ in range(n)]
+    for sock in holders:
+        send_frame(sock, {"cmd": "sleep", "args": {"seconds": 3}, "close": False})
+    return holders
+
+
+def test_excess_connections_are_told_busy_and_closed_when_none_is_idle(
     start_server: ServerFactory, connect_raw: RawConnector
 ) -> None:
     server = start_server(max_connections=2)
-    first, second = Client(server.path, close=False), Client(server.path, close=False)
+    holders = _hold_busy(server.path, 2, connect_raw)
+    wait_until(lambda: server._active == 2 and all(c._busy for c in server._connections))
+    sock = connect_raw(server.path)
+    send_frame(sock, {"cmd": "ping"})
+    busy = recv_response(sock)
+    assert busy["status"] == "failure"
+    assert busy["error"] == "busy: 2 connections already open, none of them idle"
+    assert_eof(sock)
+    line_sock = connect_raw(server.path)
+    line_sock.sendall(b"ping\n")
+    assert "busy" in recv_line(line_sock)["error"]
+    assert_eof(line_sock)
+    # A peer that sends nothing and half-closes is told at once, in frames.
+    silent = connect_raw(server.path)
+    silent.shutdown(socket.SHUT_WR)
+    assert "busy" in recv_response(silent)["error"]
+    assert_eof(silent)
+    # The busy connections carry on, and once their handlers are done a new client gets in.
+    for holder in holders:
+        assert recv_response(holder)["payload"] == "slept"
+    assert ping_ok(server.path)
+
+
+def test_a_new_connection_at_the_limit_closes_the_one_idle_the_longest(
+    start_server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A tool that leaks idle connections used to lock every operator out until the idle timeout.
+    caplog.set_level(logging.WARNING, logger="unixsock_asgi.server")
+    server = start_server(max_connections=2)
+    oldest, newer = Client(server.path, close=False), Client(server.path, close=False)
     try:
-        for client in (first, second):
-            response = client.send("ping")  # the connection is now counted as active
-            assert response is not None
-            assert response.ok
-        sock = connect_raw(server.path)
-        send_frame(sock, {"cmd": "ping"})
-        busy = recv_response(sock)
-        assert busy["status"] == "failure"
-        assert "busy" in busy["error"]
-        assert_eof(sock)
-        line_sock = connect_raw(server.path)
-        line_sock.sendall(b"ping\n")
-        assert "busy" in recv_line(line_sock)["error"]
-        assert_eof(line_sock)
-        # A peer that sends nothing and half-closes is told at once, in frames.
-        silent = connect_raw(server.path)
-        silent.shutdown(socket.SHUT_WR)
-        assert "busy" in recv_response(silent)["error"]
-        assert_eof(silent)
-        # The kept connections still work.
-        again = first.send("ping")
-        assert again is not None
-        assert again.ok
+        for client in (oldest, newer):
+            assert client.send("ping").ok  # type: ignore[union-attr]
+            time.sleep(0.05)
+        assert Client(server.path).send("ping").ok  # type: ignore[union-attr]
+        assert "closed the connection idle the longest" in caplog.text
+        wait_until(lambda: server._active <= 2)
+        assert newer.send("ping").ok  # type: ignore[union-attr]  # on its own connection still
+        assert oldest.send("ping").ok  # type: ignore[union-attr]  # reconnected (closing newer, idle now)
     finally:
-        first.close()
-        second.close()
-    # Once they are closed a new client gets in (the server notices the closes asynchronously).
-    wait_until(lambda: ping_ok(server.path))
+        oldest.close()
+        newer.close()
 
 
 def test_a_peer_that_hangs_up_during_a_long_handler_frees_its_slot(
@@ -1739,16 +1759,14 @@ def test_a_directory_of_another_user_or_a_symlink_of_one_is_refused(
 
 
 def test_a_flood_of_refused_connections_holds_few_descriptors_and_logs_few_lines(
-    start_server: ServerFactory, caplog: pytest.LogCaptureFixture
+    start_server: ServerFactory, connect_raw: RawConnector, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="unixsock_asgi.server")
     server = start_server(max_connections=2)
-    holders = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
     flood: list[socket.socket] = []
+    holders = _hold_busy(server.path, 2, connect_raw)
     try:
-        for s in holders:
-            s.connect(server.path)
-        wait_until(lambda: server._active == 2)
+        wait_until(lambda: server._active == 2 and all(c._busy for c in server._connections))
         for _ in range(200):  # refused ("busy"), and they never send a byte
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             flood.append(s)

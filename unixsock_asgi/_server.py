@@ -78,7 +78,8 @@ class ServerConfig:
     handler_timeout: float = 30.0
     """Seconds a handler may run before the reply says it timed out."""
     max_connections: int = 64
-    """Connections served at once; more are answered "busy" and closed."""
+    """Connections served at once. A new one beyond them closes the one idle the longest;
+    when none is idle, it is answered "busy" and closed."""
     allowed_uids: frozenset[int] = frozenset()
     """Uids that may talk besides the server's own and root."""
     allowed_gids: frozenset[int] = frozenset()
@@ -361,12 +362,36 @@ class UnixSockServer:
                     "refused peer pid=%d uid=%d gid=%d%s", peer.pid, peer.uid, peer.gid, _more(more)
                 )
             return "permission denied"
-        if self._active >= self.config.max_connections:
-            refusal = f"busy: {self.config.max_connections} connections already open"
+        if self._active >= self.config.max_connections and not self._evict_idle():
+            refusal = f"busy: {self.config.max_connections} connections already open, none of them idle"
             if (more := self._refusals_logged.allow()) is not None:
                 logger.warning("refused a connection: %s%s", refusal, _more(more))
             return refusal
         return None
+
+    def _evict_idle(self) -> bool:
+        """Close the connection that has waited longest for its next request, to let a new one in.
+
+        False when none waits (each has a request running, half read, or
+        replies the peer has not taken). A tool that leaks idle connections
+        then costs the oldest of them, not every operator's access until the
+        idle timeout.
+        """
+        idle = [c for c in self._connections if c.waiting_since is not None]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda c: c.waiting_since or 0.0)
+        if (more := self._refusals_logged.allow()) is not None:
+            logger.warning(
+                "closed the connection idle the longest (peer pid=%d uid=%d) to let another in:"
+                " %d connections open%s",
+                oldest.peer.pid,
+                oldest.peer.uid,
+                self.config.max_connections,
+                _more(more),
+            )
+        oldest.evict()
+        return True
 
     def _encode(
         self, proto: ConnectionProtocol, request: Request | ProtocolViolation, response: Response
@@ -1045,6 +1070,34 @@ class _Connection(asyncio.Protocol):
         self.close()
 
     # -- closing and timeouts ------------------------------------------------
+
+    @property
+    def peer(self) -> PeerCredentials:
+        return self._peer
+
+    @property
+    def waiting_since(self) -> float | None:
+        """When the connection began to wait for its next request, or None if it is not waiting
+        (a request running or half read, replies not taken, closing, or not counted)."""
+        if (
+            not self._counted
+            or self._busy
+            or self._closing
+            or self._in_message
+            or self._write_paused
+            or self._deadline is None
+            or self._proto.has_partial
+            or (self._transport is not None and self._transport.get_write_buffer_size())
+        ):
+            return None
+        return self._deadline - self._idle_timeout
+
+    def evict(self) -> None:
+        """Close a waiting connection to make room: its slot is free at once."""
+        if self._counted:
+            self._counted = False
+            self._server._active -= 1
+        self.close()
 
     def close(self) -> None:
         """Close once what was written has gone out (within ``timeout``)."""
