@@ -997,6 +997,10 @@ def test_lone_surrogates_from_workers_are_shown_as_escapes_and_refused_as_argume
     status, out, err = run(capsys, "send", server.path, "set", "name=greeting", 'value="\\ud800"')
     assert status == EXIT_USAGE and out == ""
     assert "argument 'value': a string holds a lone surrogate (\\ud800)" in err
+    # So is a byte of the command line that is not UTF-8 (Python reads it as a lone surrogate).
+    for word in ("k=\udcff", "\udcff=1"):
+        status, out, err = run(capsys, "send", server.path, "set", word)
+        assert status == EXIT_USAGE and out == "" and "lone surrogate (\\udcff)" in err, err
     # In a hand-edited overrides file: shown escaped, and skipped by workers.
     Path(overrides_path(str(socket_dir))).write_text(
         '{"version": 1, "overrides": [{"cmd": "set", "args": {"name": "greeting", "value": "\\ud800"}}]}'

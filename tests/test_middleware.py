@@ -999,6 +999,35 @@ def test_read_only_commands_are_audited_at_debug_and_changes_at_info(
     ]
 
 
+def test_a_plain_command_that_runs_past_app_timeout_after_its_client_hung_up_is_audited_as_it_ended(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Nothing stops a plain function: the audit line must say it succeeded when it did,
+    # not that it was cancelled when app_timeout came.
+    commands = Commands()
+    done: list[str] = []
+
+    @commands.command
+    def restock() -> str:
+        time.sleep(2.5)  # blocks the app's loop past app_timeout
+        done.append("restocked")
+        return "ok"
+
+    sock = sock_dir / "c.sock"
+    app = Starlette(
+        middleware=[Middleware(ControlSocketMiddleware, path=str(sock), commands=commands, app_timeout=1.5)]
+    )
+    with caplog.at_level(logging.INFO, logger="unixsock_asgi.audit"), TestClient(app):
+        _hang_up_after_sending(sock, b"restock\n")
+        deadline = time.monotonic() + 6
+        while len(_audit_lines(caplog, "restock")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert done == ["restocked"]
+    hung_up, ended = _audit_lines(caplog, "restock")
+    assert "status=cancelled" in hung_up
+    assert "status=success" in ended and "no reply" in ended
+
+
 def test_names_from_the_socket_are_quoted_back_cut_short(
     sock_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -239,6 +239,21 @@ def test_requests_escaping_lone_surrogates_are_refused_and_the_connection_goes_o
     assert reply.error == errors[1]
 
 
+def test_the_surrogate_check_never_raises_on_json_nested_as_deep_as_the_decoder_takes() -> None:
+    # It re-encoded the request to look for surrogates, and json.dumps gave up (RecursionError)
+    # a few levels short of what the decoder had just parsed: the connection died unanswered.
+    kinds = set()
+    for depth in range(900, 1000):
+        body = b'{"cmd": "x", "args": {"a": ' + b"[" * depth + b'"\\u0041"' + b"]" * depth + b"}}"
+        for data in (raw_frame(body), b"x k=" + b"[" * depth + b'"\\u0041"' + b"]" * depth + b"\n"):
+            (event,) = ConnectionProtocol().receive_data(data)
+            assert isinstance(event, Request) or (
+                isinstance(event, ProtocolViolation) and "nested too deeply" in event.error
+            ), (depth, event)
+            kinds.add(type(event))
+    assert kinds == {Request, ProtocolViolation}  # both sides of the decoder's limit were reached
+
+
 def test_line_mode_values_escaping_lone_surrogates_are_refused() -> None:
     violation = parse_line('set name=greeting value="\\ud800"')
     assert isinstance(violation, ProtocolViolation)

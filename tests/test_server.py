@@ -1398,6 +1398,9 @@ def test_peer_allowed_by_a_supplementary_group(start_server: ServerFactory, shar
     assert json.loads(allowed)["payload"]["uid"] == NOBODY
     refused = exchange_as(NOBODY, NOBODY, path, b"peer\nquit\n", groups=(other,))
     assert json.loads(refused) == {"status": "failure", "error": "permission denied", "payload": None}
+    # More groups than Python's getsockopt reads (256) are found too.
+    many = exchange_as(NOBODY, NOBODY, path, b"peer\nquit\n", groups=(*range(5000, 5300), ops))
+    assert json.loads(many)["payload"]["uid"] == NOBODY
 
 
 # -- a Go client on the wire -----------------------------------------------

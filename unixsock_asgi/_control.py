@@ -14,8 +14,6 @@ Where commands run:
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import functools
 import inspect
 import logging
 import os
@@ -341,21 +339,37 @@ class ControlPlane:
         started: list[float] = []
         abandoned: list[bool] = []
         awaiting: list[bool] = []  # a plain function's body is done; what it returned is awaited
+        # The connection ended while the call was on the app's loop, and how the call ended:
+        # whichever of the two threads comes second writes the audit line no reply gives.
+        unanswered: list[bool] = []
+        ended: list[str] = []
 
         async def run() -> Any:
             with handshake:
                 if abandoned:
                     raise asyncio.CancelledError
                 started.append(time.monotonic())
+            status = "cancelled"
             try:
                 result = func(*args, **kwargs)
                 if inspect.isawaitable(result):
                     awaiting.append(True)
                     result = await result
+                status = str(result.status) if isinstance(result, Response) else STATUS_OK
+                return result
             except (SystemExit, KeyboardInterrupt) as exc:
                 # Raised out of a task, these would stop the app's loop: the whole server.
+                status = STATUS_FAIL
                 return raised_failure(cmd, exc)
-            return result
+            except Exception:
+                status = STATUS_FAIL
+                raise
+            finally:
+                with handshake:
+                    ended.append(status)
+                    late = bool(unanswered)
+                if late:
+                    audit(peer, cmd, status, begun, note=_UNANSWERED)
 
         begun = time.perf_counter()
         future = asyncio.run_coroutine_threadsafe(run(), loop)
@@ -388,28 +402,22 @@ class ControlPlane:
             )
         except asyncio.CancelledError:
             # The connection ended (its peer hung up) while the call was on the app's loop: it
-            # runs on, bounded by app_timeout all the same, and since no reply will say how it
-            # ended, the audit log does.
-            remaining = self.app_timeout - (time.perf_counter() - begun)
-            asyncio.get_running_loop().call_later(max(0.0, remaining), future.cancel)
-            future.add_done_callback(functools.partial(_audit_unanswered, peer, cmd, begun))
+            # runs on, bounded by app_timeout all the same (cancelled at its next await), and
+            # since no reply will say how it ended, the audit log does when it ends.
+            with handshake:
+                unanswered.append(True)
+                status = ended[0] if ended else None
+            if status is not None:  # it ended as the connection did
+                audit(peer, cmd, status, begun, note=_UNANSWERED)
+            else:
+                remaining = self.app_timeout - (time.perf_counter() - begun)
+                asyncio.get_running_loop().call_later(max(0.0, remaining), future.cancel)
             raise
         except Exception as exc:
             return raised_failure(cmd, exc)
 
 
-def _audit_unanswered(
-    peer: PeerCredentials, cmd: str, begun: float, future: concurrent.futures.Future[Any]
-) -> None:
-    """The audit line of a command that ended on the app's loop after its connection did."""
-    if future.cancelled():
-        status = "cancelled"
-    elif future.exception() is not None:
-        status = STATUS_FAIL
-    else:
-        result = future.result()
-        status = str(result.status) if isinstance(result, Response) else STATUS_OK
-    audit(peer, cmd, status, begun, note=" (ended on the app's loop after its connection did; no reply)")
+_UNANSWERED = " (ended on the app's loop after its connection did; no reply)"
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:

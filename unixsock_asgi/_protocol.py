@@ -210,11 +210,22 @@ def check_unicode(obj: Any) -> None:
     terminal). Go's decoder replaces it with U+FFFD; a request holding one
     is refused here instead, saying so.
     """
-    match = _SURROGATE.search(json.dumps(obj, ensure_ascii=False))
-    if match:
-        raise NotUnicodeError(
-            f"a string holds a lone surrogate (\\u{ord(match.group()):04x}), which is not Unicode text"
-        )
+    # Walked with a stack of its own, not re-encoded: what the decoder just managed
+    # to nest, json.dumps may not (a RecursionError, a few levels short of its limit).
+    pending = [obj]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            match = None if value.isascii() else _SURROGATE.search(value)
+            if match:
+                raise NotUnicodeError(
+                    f"a string holds a lone surrogate (\\u{ord(match.group()):04x}), which is not Unicode text"
+                )
+        elif isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
 
 
 def _no_constant(name: str) -> Any:

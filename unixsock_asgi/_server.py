@@ -351,7 +351,9 @@ class UnixSockServer:
         if peer.uid in (self._uid, 0) or peer.uid in cfg.allowed_uids or peer.gid in cfg.allowed_gids:
             return True
         return bool(
-            cfg.allowed_gids and sock is not None and not cfg.allowed_gids.isdisjoint(peer_groups(sock))
+            cfg.allowed_gids
+            and sock is not None
+            and not cfg.allowed_gids.isdisjoint(peer_groups(sock, peer.pid))
         )
 
     def _refusal(self, peer: PeerCredentials, sock: socket.socket | None) -> str | None:

@@ -49,24 +49,30 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials:
 
 
 _SO_PEERGROUPS = 59  # Linux 4.13+; not in the socket module
-_NGROUPS_MAX = 65536
+_GETSOCKOPT_MAX = 1024  # the most CPython's getsockopt reads: 256 groups
 
 
-def peer_groups(sock: socket.socket) -> frozenset[int]:
+def peer_groups(sock: socket.socket, pid: int) -> frozenset[int]:
     """The supplementary groups the peer had when it connected (``SO_PEERGROUPS``).
 
-    Empty where the kernel cannot say (before Linux 4.13, or not Linux).
+    More than 256 do not fit what Python's ``getsockopt`` reads: then those of
+    the peer's process ``pid`` now (``/proc/<pid>/status``; it is connected,
+    so it is that process). Empty where the kernel cannot say.
     """
-    size = 64
-    while True:
-        try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * size)
-        except OSError as exc:
-            if exc.errno == errno.ERANGE and size < _NGROUPS_MAX:
-                size = _NGROUPS_MAX  # more groups than that first guess: ask for room for them all
-                continue
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, _GETSOCKOPT_MAX)
+    except OSError as exc:
+        if exc.errno != errno.ERANGE:
             return frozenset()
-        return frozenset(struct.unpack(f"={len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+        try:
+            with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+                for line in status:
+                    if line.startswith("Groups:"):
+                        return frozenset(int(g) for g in line.split()[1:])
+        except (OSError, ValueError):
+            pass
+        return frozenset()
+    return frozenset(struct.unpack(f"={len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
 
 
 def probe(path: str, timeout: float = 1.0) -> PeerCredentials | None:

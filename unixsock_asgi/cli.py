@@ -64,7 +64,7 @@ from ._fleet import (
     well_formed_override,
     workers_owner,
 )
-from ._protocol import _parse_value
+from ._protocol import _parse_value, check_unicode
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "UsageError", "main"]
 
@@ -392,6 +392,8 @@ def parse_command_args(pairs: Iterable[str]) -> dict[str, Any]:
             raise UsageError(f"argument {pair!r} is not key=value")
         try:
             args[key] = _parse_value(value)
+            # Bytes of the command line that are not UTF-8 come as lone surrogates too.
+            check_unicode([key, args[key]])
         except ValueError as exc:  # a lone surrogate
             raise UsageError(f"argument {key!r}: {exc}") from None
     return args
