@@ -13,7 +13,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -811,11 +811,29 @@ def test_only_persistable_commands_are_applied_from_the_overrides_file(sock_dir:
     assert ran == []
 
 
-def _hang_up_after_sending(sock: Path, line: bytes) -> None:
-    with socket.socket(socket.AF_UNIX) as raw:
-        raw.connect(str(sock))
-        raw.sendall(line)  # as from socat, which gives up after 0.5 s
-        time.sleep(0.3)
+def _hang_up_on(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture, command: Callable[[], Any], *, app_timeout: float = 5.0
+) -> list[str]:
+    """Send ``command`` (registered alone) from a socat-like client that gives up after 0.3 s;
+    the audit lines about it once there are two (or after 6 s)."""
+    commands = Commands()
+    commands.command(command)
+    name = command.__name__
+    sock = sock_dir / "c.sock"
+    app = Starlette(
+        middleware=[
+            Middleware(ControlSocketMiddleware, path=str(sock), commands=commands, app_timeout=app_timeout)
+        ]
+    )
+    with caplog.at_level(logging.INFO, logger="unixsock_asgi.audit"), TestClient(app):
+        with socket.socket(socket.AF_UNIX) as raw:
+            raw.connect(str(sock))
+            raw.sendall(f"{name}\n".encode())
+            time.sleep(0.3)
+        deadline = time.monotonic() + 6
+        while len(_audit_lines(caplog, name)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return _audit_lines(caplog, name)
 
 
 def _audit_lines(caplog: pytest.LogCaptureFixture, cmd: str) -> list[str]:
@@ -829,25 +847,16 @@ def _audit_lines(caplog: pytest.LogCaptureFixture, cmd: str) -> list[str]:
 def test_a_command_on_the_app_loop_runs_on_when_its_client_hangs_up_and_is_audited(
     sock_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    commands = Commands()
     done: list[str] = []
 
-    @commands.command
     async def reindex() -> str:
         await asyncio.sleep(1.6)  # past the server's hang-up check
         done.append("reindexed")
         return "ok"
 
-    sock = sock_dir / "c.sock"
-    app = Starlette(middleware=[Middleware(ControlSocketMiddleware, path=str(sock), commands=commands)])
-    with caplog.at_level(logging.INFO, logger="unixsock_asgi.audit"), TestClient(app):
-        _hang_up_after_sending(sock, b"reindex\n")
-        deadline = time.monotonic() + 5
-        while len(_audit_lines(caplog, "reindex")) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert done == ["reindexed"]
+    hung_up, ended = _hang_up_on(sock_dir, caplog, reindex)
+    assert done == ["reindexed"]
     # No reply said how it ended: the audit log does, at the hang-up and when it ended.
-    hung_up, ended = _audit_lines(caplog, "reindex")
     assert "status=cancelled" in hung_up
     assert "status=success" in ended and ended.endswith("after its connection did; no reply)")
 
@@ -855,27 +864,16 @@ def test_a_command_on_the_app_loop_runs_on_when_its_client_hangs_up_and_is_audit
 def test_a_command_on_the_app_loop_whose_client_hung_up_is_still_bounded_by_app_timeout(
     sock_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    commands = Commands()
     done: list[str] = []
 
-    @commands.command
     async def reindex() -> str:
         await asyncio.sleep(4)
         done.append("reindexed")
         return "ok"
 
-    sock = sock_dir / "c.sock"
-    app = Starlette(
-        middleware=[Middleware(ControlSocketMiddleware, path=str(sock), commands=commands, app_timeout=1.5)]
-    )
-    with caplog.at_level(logging.INFO, logger="unixsock_asgi.audit"), TestClient(app):
-        _hang_up_after_sending(sock, b"reindex\n")
-        deadline = time.monotonic() + 5
-        while len(_audit_lines(caplog, "reindex")) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        ended = _audit_lines(caplog, "reindex")[-1]
-        assert "status=cancelled" in ended and "no reply" in ended
-        assert done == []
+    *_, ended = _hang_up_on(sock_dir, caplog, reindex, app_timeout=1.5)
+    assert "status=cancelled" in ended and "no reply" in ended
+    assert done == []
 
 
 def test_a_persisted_log_level_applies_to_a_logger_not_made_yet_beside_a_close_name(sock_dir: Path) -> None:
@@ -1004,26 +1002,15 @@ def test_a_plain_command_that_runs_past_app_timeout_after_its_client_hung_up_is_
 ) -> None:
     # Nothing stops a plain function: the audit line must say it succeeded when it did,
     # not that it was cancelled when app_timeout came.
-    commands = Commands()
     done: list[str] = []
 
-    @commands.command
     def restock() -> str:
         time.sleep(2.5)  # blocks the app's loop past app_timeout
         done.append("restocked")
         return "ok"
 
-    sock = sock_dir / "c.sock"
-    app = Starlette(
-        middleware=[Middleware(ControlSocketMiddleware, path=str(sock), commands=commands, app_timeout=1.5)]
-    )
-    with caplog.at_level(logging.INFO, logger="unixsock_asgi.audit"), TestClient(app):
-        _hang_up_after_sending(sock, b"restock\n")
-        deadline = time.monotonic() + 6
-        while len(_audit_lines(caplog, "restock")) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert done == ["restocked"]
-    hung_up, ended = _audit_lines(caplog, "restock")
+    hung_up, ended = _hang_up_on(sock_dir, caplog, restock, app_timeout=1.5)
+    assert done == ["restocked"]
     assert "status=cancelled" in hung_up
     assert "status=success" in ended and "no reply" in ended
 

@@ -1552,29 +1552,42 @@ def test_a_message_trickled_byte_by_byte_is_cut_off_timeout_after_it_began(
     assert ping_ok(server.path)
 
 
-def test_a_slow_but_steady_reader_gets_a_reply_that_takes_longer_than_timeout(
-    start_server: ServerFactory, connect_raw: RawConnector
-) -> None:
-    size = 4_000_000
+def _serve_big_replies(start_server: ServerFactory, size: int, timeout: float) -> UnixSockServer:
+    """A server that answers every command with ``size`` bytes of text."""
 
     async def handler(cmd: str, args: dict[str, Any]) -> str:
         return "x" * size
 
-    server = start_server(handler, timeout=0.5)
+    return start_server(handler, timeout=timeout)
+
+
+def _read_slowly(sock: socket.socket, size: int, chunk: int, pause: float) -> tuple[int, float]:
+    """Read until more than ``size`` bytes came (or EOF, or 20 s), ``chunk`` at a time with
+    ``pause`` after each; the bytes read and the seconds it took."""
+    received = 0
+    started = time.monotonic()
+    while received <= size and time.monotonic() - started < 20:
+        got = len(sock.recv(chunk))
+        if not got:
+            break
+        received += got
+        time.sleep(pause)
+    return received, time.monotonic() - started
+
+
+def test_a_slow_but_steady_reader_gets_a_reply_that_takes_longer_than_timeout(
+    start_server: ServerFactory, connect_raw: RawConnector
+) -> None:
+    size = 4_000_000
+    server = _serve_big_replies(start_server, size, timeout=0.5)
     for close in (True, False):
         sock = connect_raw(server.path, timeout=10)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         send_frame(sock, {"cmd": "big", "close": close})
-        received = bytearray()
-        started = time.monotonic()
-        while len(received) < size and time.monotonic() - started < 20:
-            chunk = sock.recv(1 << 18)
-            if not chunk:
-                break
-            received += chunk
-            time.sleep(0.1)  # 256 KiB per 0.1 s: about 1.6 s in all, three times the timeout
-        assert len(received) > size, f"cut off after {len(received)} bytes, {time.monotonic() - started:.1f}s"
-        assert time.monotonic() - started > 1.0
+        # 256 KiB per 0.1 s: about 1.6 s in all, three times the timeout
+        received, took = _read_slowly(sock, size, 1 << 18, 0.1)
+        assert received > size, f"cut off after {received} bytes, {took:.1f}s"
+        assert took > 1.0
 
 
 def test_a_reader_slower_than_the_socket_buffer_per_timeout_still_gets_the_whole_reply(
@@ -1584,22 +1597,11 @@ def test_a_reader_slower_than_the_socket_buffer_per_timeout_still_gets_the_whole
     # (about 160 KiB): a peer reading 100 KB/s seemed to take nothing for over a second, and was
     # cut off after 219,264 bytes. The socket's own queue shows each 32 KiB it reads.
     size = 300_000
-
-    async def handler(cmd: str, args: dict[str, Any]) -> str:
-        return "x" * size
-
-    server = start_server(handler, timeout=1.0)
+    server = _serve_big_replies(start_server, size, timeout=1.0)
     sock = connect_raw(server.path, timeout=10)
     send_frame(sock, {"cmd": "big"})
-    received = bytearray()
-    started = time.monotonic()
-    while len(received) < size and time.monotonic() - started < 20:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        received += chunk
-        time.sleep(0.04)  # about 100 KB/s: 3 s in all, three times the timeout
-    assert len(received) > size, f"cut off after {len(received)} bytes, {time.monotonic() - started:.1f}s"
+    received, took = _read_slowly(sock, size, 4096, 0.04)  # about 100 KB/s: 3 s, three times the timeout
+    assert received > size, f"cut off after {received} bytes, {took:.1f}s"
 
 
 def test_plain_handlers_that_hang_neither_mislead_nor_keep_the_process_alive(tmp_path: Path) -> None:

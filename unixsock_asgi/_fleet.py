@@ -1386,26 +1386,29 @@ def render_prometheus(outcome: FanOutResult, *, prefix: str = "asgi") -> str:
     )
     out.sample(name, len(outcome.gone))
 
-    name = out.family(
-        "requests_total", "counter", "Finished HTTP requests by route, status class and worker."
-    )
-    for pid, stats in workers:
-        for route, figures in stats["routes"].items():
-            for status_class, n in sorted(figures["by_status"].items()):
-                out.sample(name, n, {"route": route, "status": status_class, "pid": pid})
-    name = out.family(
-        "requests_by_method_total", "counter", "Finished HTTP requests by route, method and worker."
-    )
-    for pid, stats in workers:
-        for route, figures in stats["routes"].items():
-            for method, n in sorted(figures["by_method"].items()):
-                out.sample(name, n, {"route": route, "method": method, "pid": pid})
-    name = out.family(
-        "exceptions_total", "counter", "Requests that raised an exception, by route template and worker."
-    )
-    for pid, stats in workers:
-        for route, figures in stats["routes"].items():
-            out.sample(name, figures["exceptions"], {"route": route, "pid": pid})
+    per_route: list[tuple[str, str, Callable[[Mapping[str, Any]], list[tuple[dict[str, str], Any]]]]] = [
+        (
+            "requests_total",
+            "Finished HTTP requests by route, status class and worker.",
+            lambda figures: [({"status": k}, n) for k, n in sorted(figures["by_status"].items())],
+        ),
+        (
+            "requests_by_method_total",
+            "Finished HTTP requests by route, method and worker.",
+            lambda figures: [({"method": k}, n) for k, n in sorted(figures["by_method"].items())],
+        ),
+        (
+            "exceptions_total",
+            "Requests that raised an exception, by route template and worker.",
+            lambda figures: [({}, figures["exceptions"])],
+        ),
+    ]
+    for family_name, help_text, samples_of in per_route:
+        name = out.family(family_name, "counter", help_text)
+        for pid, stats in workers:
+            for route, figures in stats["routes"].items():
+                for labels, n in samples_of(figures):
+                    out.sample(name, n, {"route": route, **labels, "pid": pid})
     name = out.family("request_duration_seconds", "histogram", "Request latency by route and worker.")
     for pid, stats in workers:
         for route, figures in stats["routes"].items():
