@@ -408,7 +408,7 @@ def decode_response(body: bytes | str) -> tuple[Response, Any]:
     return Response(status, str(error), inner.get("payload")), obj.get("id")
 
 
-def _request_from_obj(obj: Any, *, escapes: bool = True) -> Request | ProtocolViolation:
+def _request_from_obj(obj: Any, *, escapes: bool) -> Request | ProtocolViolation:
     """The request a decoded JSON value makes; ``escapes``: its text had a ``\\u`` escape."""
     if not isinstance(obj, dict):
         return ProtocolViolation(f"request must be a JSON object, got {_json_type(obj)}")
@@ -476,14 +476,10 @@ def _json_type(value: Any) -> str:
 
 
 def _parse_value(text: str) -> Any:
-    """A JSON literal if ``text`` is one, else ``text``; NotUnicodeError for a lone surrogate."""
     try:
-        value = _loads(text, request=True)
+        return _loads(text, request=True)
     except ValueError:
         return text
-    if "\\u" in text:
-        check_unicode(value)
-    return value
 
 
 def parse_line(line: str) -> Request | ProtocolViolation | Close:
@@ -514,10 +510,12 @@ def parse_line(line: str) -> Request | ProtocolViolation | Close:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             return ProtocolViolation(f"argument {short_repr(pair)} is not key=value")
-        try:
-            args[key] = _parse_value(value)
-        except NotUnicodeError as exc:
-            return ProtocolViolation(f"argument {short_repr(key)}: {exc}")
+        args[key] = _parse_value(value)
+        if "\\u" in value:  # only an escape can put a lone surrogate in UTF-8 text
+            try:
+                check_unicode(args[key])
+            except NotUnicodeError as exc:
+                return ProtocolViolation(f"argument {short_repr(key)}: {exc}")
     return Request(cmd, args, respond=True, close=False)
 
 
@@ -713,13 +711,7 @@ class ConnectionProtocol:
                 return self._fatal(f"connection closed mid-frame: got {have} of {expect} bytes")
             return None
         self._expect = -1
-        if have == expect:  # the last of what was read (most often all of it): no compaction to do
-            body = buf[pos:]
-            self._buffer, self._pos = b"", 0
-        else:
-            body = self._take(pos + expect)
-        if type(body) is not bytes:
-            body = bytes(body)
+        body = self._take(pos + expect)
         try:
             obj = _loads(body, request=True)
         except ValueError as exc:  # UnicodeDecodeError is a ValueError

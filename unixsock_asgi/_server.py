@@ -475,7 +475,7 @@ class UnixSockServer:
         except asyncio.CancelledError:
             # The connection ended while the handler ran (its peer hung up, or the server
             # stops): no reply goes out, but the command was asked for all the same.
-            self._audit(request, peer, _CANCELLED, start)
+            audit(peer, request.cmd, "cancelled", start)
             raise
         self._audit(request, peer, response, start)
         return response
@@ -518,10 +518,6 @@ class UnixSockServer:
 
     def _audit(self, request: Request, peer: PeerCredentials, response: Response, start: float) -> None:
         audit(peer, request.cmd, response.status, start, quiet=request.cmd in self.config.quiet_commands)
-
-
-_CANCELLED = Response("cancelled", "the connection ended before the handler did")
-"""What the audit line of a handler cancelled with its connection says (never sent)."""
 
 
 def audit(

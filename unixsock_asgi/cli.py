@@ -150,17 +150,9 @@ def format_args(args: Mapping[str, Any]) -> str:
     """``key=value ...`` as it would be typed: plain words bare, anything else as JSON."""
     parts = []
     for key, value in args.items():
-        text = value if isinstance(value, str) and _reads_as_itself(value) and " " not in value else None
+        text = value if isinstance(value, str) and _parse_value(value) == value and " " not in value else None
         parts.append(f"{key}={text if text is not None else json.dumps(value)}")
     return " ".join(parts)
-
-
-def _reads_as_itself(word: str) -> bool:
-    """Whether ``word`` typed as a value is that string (not a JSON literal, not refused)."""
-    try:
-        return bool(_parse_value(word) == word)
-    except ValueError:
-        return False
 
 
 def table(rows: Sequence[Sequence[str]], align: str = "") -> list[str]:
@@ -390,11 +382,11 @@ def parse_command_args(pairs: Iterable[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UsageError(f"argument {pair!r} is not key=value")
+        args[key] = _parse_value(value)
         try:
-            args[key] = _parse_value(value)
-            # Bytes of the command line that are not UTF-8 come as lone surrogates too.
+            # Escaped (\\ud800) or bytes of the command line that are not UTF-8 (surrogateescape).
             check_unicode([key, args[key]])
-        except ValueError as exc:  # a lone surrogate
+        except ValueError as exc:
             raise UsageError(f"argument {key!r}: {exc}") from None
     return args
 
