@@ -119,6 +119,7 @@ class TopView:
         self._previous: dict[tuple[str, int | None], _Sample] = {}
         self._answered: dict[str, WorkerRow] = {}  # socket -> the row of its last answer
         self._gone: dict[tuple[str, int | None], _Gone] = {}
+        self._last_now: float | None = None  # when the previous fan-out was folded in
 
     def update(self, outcome: FanOutResult, now: float | None = None) -> list[WorkerRow]:
         """Fold in a new fan-out; return one row per worker, with deltas since the last one.
@@ -179,8 +180,15 @@ class TopView:
             key = (r.socket, r.pid)
             seen[key] = sample
             before = self._previous.get(key)
-            if before is None or requests < before.requests or at <= before.at or _reset(before, sample):
-                continue  # first sight, or counters were reset: no interval figures yet
+            if before is None or requests < before.requests or _reset(before, sample):
+                # First sight, a restart or a stats_reset: the figures are for this interval
+                # only when its counters started within it (a worker started since the last
+                # refresh), else there are none yet.
+                before = self._from_zero(snap, at)
+                if before is None:
+                    continue
+            if at <= before.at:
+                continue
             row.requests_per_s = (requests - before.requests) / (at - before.at)
             delta = {
                 i: c - before.buckets.get(i, 0)
@@ -191,10 +199,25 @@ class TopView:
             row.p50_s = _quantile(delta, 0.5)
             row.p99_s = _quantile(delta, 0.99)
         self._previous = seen
+        self._last_now = now
         self._answered = {socket: row for socket, row in self._answered.items() if socket in listed}
         # The latest exits first: when the screen cannot hold them all, the oldest give way.
         recent = sorted(self._gone.values(), key=lambda g: (-g.missed_at, g.row.pid or 0, g.row.socket))
         return rows + [g.row for g in recent]
+
+    def _from_zero(self, snap: Mapping[str, Any], at: float) -> _Sample | None:
+        """A zero sample at the previous refresh, for counters that started since then.
+
+        While workers recycle, new ones keep appearing: leaving them out of the
+        rates would make the total undercount the fleet's throughput.
+        """
+        since = snap.get("since_reset_s")
+        if self._last_now is None or isinstance(since, bool) or not isinstance(since, (int, float)):
+            return None
+        window = at - self._last_now
+        if not 0.0 <= since <= window:  # NaN fails this too
+            return None
+        return _Sample(self._last_now, 0, {}, None)
 
     def frame(
         self,
