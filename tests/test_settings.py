@@ -45,6 +45,26 @@ def test_set_validates_then_applies_and_returns_old_and_new() -> None:
     assert described == {"value": 0.5, "default": 0.5, "type": "number", "doc": ""}
 
 
+def test_assigning_a_setting_is_a_checked_set_that_every_reader_sees() -> None:
+    # As a plain attribute it would have hidden every later set() from settings.greeting,
+    # and skipped the checks.
+    settings = make()
+    settings.greeting = "hi"
+    settings["delay_s"] = 3
+    assert (settings.greeting, settings["greeting"], settings.delay_s) == ("hi", "hi", 3.0)
+    assert settings.set("greeting", "from the operator") == ("hi", "from the operator")
+    assert settings.greeting == "from the operator"
+    with pytest.raises(ValueError, match="at most 10"):
+        settings.delay_s = 11
+    with pytest.raises(KeyError, match="unknown setting 'colour'"):
+        settings["colour"] = "red"
+    with pytest.raises(AttributeError, match="no setting 'greting' is declared"):
+        settings.greting = "typo"
+    with pytest.raises(AttributeError, match="cannot be removed"):
+        del settings.greeting
+    assert settings.delay_s == 3.0 and "greting" not in vars(settings)
+
+
 def test_declaration_errors() -> None:
     with pytest.raises(ValueError, match="declared twice"):
         Settings(Setting("a", int, 1), Setting("a", int, 2))

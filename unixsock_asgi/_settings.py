@@ -104,6 +104,23 @@ class Settings:
             return values[name]
         raise AttributeError(name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # ``settings.greeting = "hi"`` is a set(): checked, and seen by every reader.
+        # Stored as a plain attribute, it would hide every later set() from code
+        # that reads ``settings.greeting``.
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        elif name in self.__dict__.get("_declared", ()):
+            self.set(name, value)
+        else:
+            raise AttributeError(f"no setting {name!r} is declared: declare it with Setting(...) first")
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self.set(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"settings cannot be removed ({name!r}): reset() puts one back to its default")
+
     def __contains__(self, name: object) -> bool:
         return name in self._declared
 
