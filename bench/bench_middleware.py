@@ -41,6 +41,7 @@ import http.client
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import math
 import os
 import platform
@@ -320,6 +321,10 @@ async def run_in_process(
     route_counts: Sequence[int], framework: str, rounds: int, batch: int, socket_dir: str
 ) -> list[InProcessCase]:
     """Time every variant at every route count, interleaved, ``rounds`` times."""
+    # In-process there is no lifespan, on purpose: ours' warning that it started no socket is no news.
+    logging.getLogger("unixsock_asgi").addFilter(
+        lambda record: not record.getMessage().startswith("no control socket")
+    )
     groups: list[list[InProcessCase]] = []
     for n_routes in route_counts:
         paths = request_paths(n_routes)

@@ -86,6 +86,26 @@ def test_nothing_starts_before_lifespan_and_everything_stops_after(sock_dir: Pat
     assert not real.exists()
 
 
+def test_requests_without_a_lifespan_say_once_why_there_is_no_socket(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # uvicorn --lifespan off, or the middleware on a mounted app: silent, it looked like a bug.
+    sock = sock_dir / "c.sock"
+    caplog.set_level(logging.WARNING, logger="unixsock_asgi")
+    http = TestClient(_starlette(sock))  # outside `with`: no lifespan
+    assert [http.get("/hello/x").status_code for _ in range(3)] == [200] * 3
+    said = [r for r in caplog.records if r.getMessage().startswith("no control socket")]
+    assert len(said) == 1 and "uvicorn --lifespan off" in said[0].getMessage() and not sock.exists()
+    caplog.clear()
+    with TestClient(_starlette(sock)) as http:  # with its lifespan: nothing to say
+        assert http.get("/hello/x").status_code == 200
+        _payload(Client(sock), "health_fail")
+        assert http.get("/health").status_code == 503 and http.get("/hello/x").status_code == 200
+        _payload(Client(sock), "health_ok")
+        assert http.get("/health").status_code == 404  # the app's own: it has no /health
+    assert not [r for r in caplog.records if r.getMessage().startswith("no control socket")]
+
+
 def test_recording_templates_statuses_exceptions_and_websockets(sock_dir: Path) -> None:
     sock = sock_dir / "c.sock"
     with TestClient(_starlette(sock), raise_server_exceptions=False) as http:
@@ -284,6 +304,28 @@ def test_a_ttl_leaves_a_level_the_app_set_meanwhile_alone(
         logger.disabled = False
         _wait_until(lambda: logger.level == logging.CRITICAL, "the revert")
         assert not logger.disabled
+
+
+def test_set_log_level_says_when_no_handler_takes_the_loggers_records(sock_dir: Path) -> None:
+    # Under plain uvicorn the root logger has no handler: a DEBUG level there shows nothing.
+    sock = sock_dir / "c.sock"
+    logger = logging.getLogger("usa.test.unhandled")
+    logger.propagate = False  # no handler of its own, none above it that it reaches
+    try:
+        with TestClient(_starlette(sock)):
+            control = Client(sock)
+            reply = _payload(control, "set_log_level", level="DEBUG", logger=logger.name)
+            assert "no handler takes this logger's records" in reply["note"]
+            assert "note" not in _payload(control, "set_log_level", level="ERROR", logger=logger.name)
+            handler = logging.NullHandler()
+            logger.addHandler(handler)
+            assert "note" not in _payload(control, "set_log_level", level="DEBUG", logger=logger.name)
+            logger.removeHandler(handler)
+            logger.propagate = True  # pytest's handlers on the root logger take them
+            assert "note" not in _payload(control, "set_log_level", level="DEBUG", logger=logger.name)
+    finally:
+        logger.propagate = True
+        logger.setLevel(logging.NOTSET)
 
 
 def test_set_log_level_says_when_a_logger_is_disabled_and_can_enable_it_until_the_ttl(sock_dir: Path) -> None:

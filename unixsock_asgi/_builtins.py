@@ -210,6 +210,12 @@ _DISABLED_NOTE = (
     " disable_existing_loggers=False): it logs nothing at any level; enable=true enables it"
 )
 
+_NO_HANDLER_NOTE = (
+    "no handler takes this logger's records: the process has configured no logging for it or"
+    " the loggers above it (uvicorn configures only its own), so its records below WARNING go"
+    " nowhere; configure logging in the app (logging.basicConfig, or uvicorn --log-config)"
+)
+
 
 @command(readonly=True, diagnostic=True)
 def loggers() -> dict[str, Any]:
@@ -319,6 +325,8 @@ def set_log_level(
     }
     if lg.disabled:
         result["note"] = _DISABLED_NOTE
+    elif number < logging.WARNING and not lg.hasHandlers():
+        result["note"] = _NO_HANDLER_NOTE  # a DEBUG level that shows nothing, and why
     if ttl is not None:
         loop = asyncio.get_running_loop()
         audit = logging.getLogger("unixsock_asgi")

@@ -176,7 +176,9 @@ class ControlPlane:
         self.retry_after = self.default_retry_after = retry_after
         self.health_failing = False
         self.maintenance = False
-        self.gate = False  # health_failing or maintenance: one check on the hot path
+        # Until a lifespan starts, the first request checks whether one ever will.
+        self.awaiting_lifespan = True
+        self.gate = True  # health_failing, maintenance or awaiting_lifespan: one check on the hot path
         self.lifespan_state: dict[str, Any] = {}
         self.app_state: Any = None
         self.app_loop: asyncio.AbstractEventLoop | None = None
@@ -191,16 +193,23 @@ class ControlPlane:
 
     # -- health and maintenance -------------------------------------------
 
+    def _regate(self) -> None:
+        self.gate = self.health_failing or self.maintenance or self.awaiting_lifespan
+
+    def lifespan_began(self) -> None:
+        self.awaiting_lifespan = False
+        self._regate()
+
     def set_health(self, failing: bool) -> None:
         self.health_failing = failing
-        self.gate = self.health_failing or self.maintenance
+        self._regate()
 
     def set_maintenance(self, on: bool, retry_after: int | None = None) -> None:
         """Maintenance on (with ``retry_after``, else the configured one) or off."""
         if on:
             self.retry_after = self.default_retry_after if retry_after is None else retry_after
         self.maintenance = on
-        self.gate = self.health_failing or self.maintenance
+        self._regate()
 
     # -- lifecycle --------------------------------------------------------
 

@@ -213,6 +213,16 @@ class ControlSocketMiddleware:
     async def _gated(self, scope: Scope, send: Send) -> bool:
         """Answer 503 when maintenance is on or the health check is made to fail."""
         control = self.control
+        if control.awaiting_lifespan:  # the first request, and no lifespan began
+            control.lifespan_began()  # (to say so once)
+            logger.warning(
+                "no control socket: %s got an HTTP request but no lifespan startup, so it never"
+                " started one; the server runs without the lifespan protocol (uvicorn --lifespan off),"
+                " or the middleware is not on the top-level app (a mounted app gets no lifespan)",
+                type(self).__name__,
+            )
+            if not control.gate:
+                return False
         path = self._app_path(scope)
         if control.maintenance and path not in control.maintenance_exempt:
             body = b'{"error":"maintenance","detail":"this server is in maintenance; retry later"}'
@@ -259,6 +269,7 @@ class ControlSocketMiddleware:
     # -- lifespan ------------------------------------------------------------
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.control.lifespan_began()
         app_received_startup = False
         startup_sent = False
         refused: str | None = None  # strict mode turned startup.complete into startup.failed

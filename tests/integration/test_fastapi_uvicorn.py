@@ -103,7 +103,11 @@ def test_lifespan_off_means_no_control_socket(start_server: StartServer, short_d
     sock = short_dir / "c.sock"
     server = start_server(*_uvicorn("--lifespan", "off"), env={"UNIXSOCK_TEST_SOCKET": str(sock)})
     assert httpx.get(server.url + "/block").status_code == 200
+    assert httpx.get(server.url + "/block").status_code == 200
     assert not sock.exists()
+    # Not silent: the first request says why there is no socket, once.
+    assert server.log().count("no control socket: ControlSocketMiddleware got an HTTP request") == 1
+    assert "(uvicorn --lifespan off)" in server.log()
 
 
 def test_a_client_that_goes_away_before_any_response_is_no_server_error(
