@@ -14,6 +14,18 @@ pytestmark = pytest.mark.timeout(120)
 MAX_REQUESTS = 40
 
 
+def _own_control_socket(directory: Path) -> list[str]:
+    """gunicorn 27's own control socket (the arbiter's, for gunicornc) in the test's directory:
+    by default it goes to ~/.gunicorn, which tests leave alone."""
+    import gunicorn.config
+
+    return (
+        ["--control-socket", str(directory / "gunicorn.ctl")]
+        if hasattr(gunicorn.config, "ControlSocket")
+        else []
+    )
+
+
 def test_recycled_gunicorn_workers_come_up_with_the_persisted_overrides(
     start_server: StartServer, short_dir: Path
 ) -> None:
@@ -21,6 +33,7 @@ def test_recycled_gunicorn_workers_come_up_with_the_persisted_overrides(
     server = start_server(
         "-m", "gunicorn", "example_app.app:app", "-k", "uvicorn.workers.UvicornWorker", "-w", "3",
         "--max-requests", str(MAX_REQUESTS), "-b", "127.0.0.1:{port}", "--log-level", "warning",
+        *_own_control_socket(short_dir),
         env={"EXAMPLE_APP_SOCKET_DIR": str(socket_dir)},
     )  # fmt: skip
     originals = wait_for_workers(socket_dir, 3)
