@@ -118,6 +118,24 @@ def test_send_groups_identical_answers(
     assert out == f"[3 workers {pids}] success\npong\n"
 
 
+def test_workers_are_named_by_pid_when_their_socket_name_has_none_or_is_the_pid(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # README's own path="/run/shop/{pid}.sock" made rows read "[worker 32187.sock]".
+    (named,) = fleet.start(1)
+    bare = ScriptedWorker(socket_dir)
+    bare.path = socket_dir / "777001.sock"
+    bare.server = UnixSockServer(str(bare.path), bare.handle)
+    unnamed = ScriptedWorker(socket_dir)
+    unnamed.path = socket_dir / "shop.sock"  # the process that listens is asked (this one, here)
+    unnamed.server = UnixSockServer(str(unnamed.path), unnamed.handle)
+    fleet.workers += [bare.start(), unnamed.start()]
+    status, out, _ = run(capsys, "send", str(socket_dir), "ping")
+    assert status == EXIT_OK
+    pids = sorted([named.pid, 777001, os.getpid()])
+    assert out == f"[3 workers {' '.join(map(str, pids))}] success\npong\n"
+
+
 def test_send_help_lists_commands_with_their_arguments(
     fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

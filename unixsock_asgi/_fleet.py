@@ -402,12 +402,12 @@ def resolve_target(path: str) -> Target:
 
 
 def pid_from_socket_name(path: str) -> int | None:
-    """The pid in a ``<name>-<pid>.sock`` file name, or None."""
+    """The pid in a ``<name>-<pid>.sock`` or ``<pid>.sock`` file name, or None."""
     match = _SOCKET_NAME.search(os.path.basename(path))
     return int(match.group(1)) if match else None
 
 
-_SOCKET_NAME = re.compile(r"-(\d+)\.sock$")
+_SOCKET_NAME = re.compile(r"(?:^|-)(\d+)\.sock$")
 
 
 # --------------------------------------------------------------------------- fan-out
@@ -727,6 +727,7 @@ class _OperatorClient(AsyncClient):
     """
 
     peer_uid: int | None = None
+    peer_pid: int | None = None
     home: tuple[int, int] | None = None
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -744,7 +745,9 @@ class _OperatorClient(AsyncClient):
         if sock is None:  # asyncio's UNIX transports have one; nothing is sent without knowing who listens
             writer.close()
             raise _UntrustedPeer("not asked: the server's credentials cannot be read")
-        uid = self.peer_uid = peer_credentials(sock).uid
+        credentials = peer_credentials(sock)
+        uid = self.peer_uid = credentials.uid
+        self.peer_pid = credentials.pid or None  # 0: in a pid namespace this process cannot see
         self.home = walk.home if walk is not None else None
         if walk is not None:
             problem = walk.untrusted(uid)
@@ -803,6 +806,8 @@ async def ask_worker(path: str, cmd: str, args: Mapping[str, Any], timeout: floa
         result.answered_at = time.monotonic()
         if isinstance(response.payload, dict) and isinstance(response.payload.get("pid"), int):
             result.pid = response.payload["pid"]
+        elif result.pid is None:
+            result.pid = client.peer_pid  # the process that listens there: its name has no pid
     finally:
         await client.aclose()
         result.elapsed_s = time.monotonic() - started

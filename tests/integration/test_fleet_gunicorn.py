@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -17,13 +18,8 @@ MAX_REQUESTS = 40
 def _own_control_socket(directory: Path) -> list[str]:
     """gunicorn 27's own control socket (the arbiter's, for gunicornc) in the test's directory:
     by default it goes to ~/.gunicorn, which tests leave alone."""
-    import gunicorn.config
-
-    return (
-        ["--control-socket", str(directory / "gunicorn.ctl")]
-        if hasattr(gunicorn.config, "ControlSocket")
-        else []
-    )
+    config = importlib.import_module("gunicorn.config")
+    return ["--control-socket", str(directory / "gunicorn.ctl")] if hasattr(config, "ControlSocket") else []
 
 
 def test_recycled_gunicorn_workers_come_up_with_the_persisted_overrides(
