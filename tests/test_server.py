@@ -1730,7 +1730,10 @@ def test_replies_give_the_few_obvious_non_json_types_their_json_form_and_refuse_
         "dataclass": {"id": 1, "tags": ["x"]},
     }
     reply = client.send("bytes")
-    assert reply is not None and reply.error == "reply could not be encoded: TypeError: a bytes is not JSON"
+    assert (
+        reply is not None
+        and reply.error == "reply could not be encoded: TypeError: a value of type bytes is not JSON"
+    )
     assert client.send("enum") == Response.success("fast")  # the connection goes on
 
 

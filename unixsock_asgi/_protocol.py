@@ -320,7 +320,7 @@ def _reply_default(value: Any) -> Any:
         kind = getattr(sys.modules.get(module), name, None)
         if kind is not None and isinstance(value, kind):
             return str(value)
-    raise TypeError(f"a {type(value).__name__} is not JSON")
+    raise TypeError(f"a value of type {type(value).__name__} is not JSON")
 
 
 # Built once: json.dumps with options builds a new encoder on every call.
