@@ -326,3 +326,64 @@ def test_an_integer_is_a_float_choice_and_a_union_takes_the_exact_type_first() -
     assert bound == {"ratio": 1.0, "speed": Speed.FULL, "n": 1, "color": Color.RED, "exact": 1}
     assert type(bound["n"]) is int and type(bound["exact"]) is int
     assert command.bind({"n": True, "color": "RED"}) == {"n": True, "color": "RED"}
+
+
+class Prefix(enum.Enum):
+    M = "mega"
+    m = "milli"
+
+
+class Mode(enum.Enum):
+    FAST = 1
+    QUICK = 1  # an alias of FAST
+
+
+def test_an_enum_name_matches_exactly_before_it_matches_in_another_case() -> None:
+    registry = Commands()
+
+    @registry.command
+    def scale(prefix: Prefix, mode: Mode = Mode.FAST) -> None:
+        return None
+
+    command = registry.get("scale")
+    assert command is not None
+    # "m" is milli: it matched M (mega) case-insensitively before, the first in the class.
+    assert command.bind({"prefix": "m"})["prefix"] is Prefix.m
+    assert command.bind({"prefix": "M"})["prefix"] is Prefix.M
+    with pytest.raises(ArgumentError, match="expected one of mega, milli"):
+        command.bind({"prefix": "µ"})
+    assert command.bind({"prefix": "milli", "mode": "QUICK"})["mode"] is Mode.FAST  # Mode["QUICK"] is
+    assert command.bind({"prefix": "milli", "mode": "quick"})["mode"] is Mode.FAST  # its case aside
+
+
+def test_a_union_of_containers_tries_every_option_strictly_item_by_item_first() -> None:
+    registry = Commands()
+
+    @registry.command
+    def pick(flags: list[bool] | list[int], colors: list[Color] | list[str] = []) -> None:  # noqa: B006
+        return None
+
+    command = registry.get("pick")
+    assert command is not None
+    # The type no longer depends on the values: [1, 0] were booleans, [1, 2] integers.
+    assert command.bind({"flags": [1, 0]})["flags"] == [1, 0]
+    assert [type(f) for f in command.bind({"flags": [1, 0]})["flags"]] == [int, int]
+    assert command.bind({"flags": [True, False]})["flags"] == [True, False]
+    assert command.bind({"flags": [], "colors": ["RED"]})["colors"] == ["RED"]  # as Color | str does
+    assert command.bind({"flags": [], "colors": ["red"]})["colors"] == [Color.RED]
+
+
+def test_help_names_any_json_value_and_literal_choices_as_clients_send_them() -> None:
+    registry = Commands()
+
+    @registry.command
+    def put(value: object, items: list[object], tint: Literal[Color.RED, None] = None) -> None:
+        return None
+
+    command = registry.get("put")
+    assert command is not None
+    types = {a["name"]: a["type"] for a in command.to_help()["args"]}
+    # "object" is what help calls a JSON object (a dict): object takes any value.
+    assert types == {"value": "any", "items": "array of any", "tint": "'red' | null"}
+    with pytest.raises(ArgumentError, match="expected one of 'red', null, got string 'blue'"):
+        command.bind({"value": 1, "items": [], "tint": "blue"})

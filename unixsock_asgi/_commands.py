@@ -289,7 +289,7 @@ def coerce(value: Any, annotation: Any, *, strict: bool = False) -> Any:
                 # By type too: 1 == True == 1.0, but Literal[1] does not take true or 1.0.
                 if _same(choice.value if isinstance(choice, enum.Enum) else choice, value, strictly):
                     return choice
-        raise ValueError(f"expected one of {', '.join(map(repr, choices))}, got {_describe(value)}")
+        raise ValueError(f"expected one of {', '.join(map(_literal_text, choices))}, got {_describe(value)}")
     if origin is list:
         if not isinstance(value, list):
             raise ValueError(f"expected an array, got {_describe(value)}")
@@ -297,7 +297,7 @@ def coerce(value: Any, annotation: Any, *, strict: bool = False) -> Any:
         items = []
         for i, item in enumerate(value):
             try:
-                items.append(coerce(item, item_type))
+                items.append(coerce(item, item_type, strict=strict))
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"item {i}: {exc}") from None
         return items
@@ -308,7 +308,7 @@ def coerce(value: Any, annotation: Any, *, strict: bool = False) -> Any:
         out = {}
         for key, item in value.items():
             try:
-                out[key] = coerce(item, value_type)
+                out[key] = coerce(item, value_type, strict=strict)
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"key {key!r}: {exc}") from None
         return out
@@ -365,9 +365,14 @@ def _coerce_enum(value: Any, enum_type: type[enum.Enum], strict: bool = False) -
         if _same(member.value, value, strict):
             return member
     if not strict and isinstance(value, str):
-        for member in enum_type:
-            if value.lower() == member.name.lower():
-                return member
+        # By name: an exact one (aliases included) before one that differs in case only,
+        # and that only when no other name does (M for mega, m for milli).
+        exact = enum_type.__members__.get(value)
+        if exact is not None:
+            return exact
+        folded = {m for name, m in enum_type.__members__.items() if name.lower() == value.lower()}
+        if len(folded) == 1:
+            return folded.pop()
     choices = ", ".join(str(m.value) for m in enum_type)
     raise ValueError(f"expected one of {choices}, got {_describe(value)}")
 
@@ -405,8 +410,17 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
+def _literal_text(choice: Any) -> str:
+    """A Literal's choice as a client sends it: JSON words, an Enum member by its value."""
+    if isinstance(choice, enum.Enum):
+        choice = choice.value
+    if choice is None or isinstance(choice, bool):
+        return json.dumps(choice)
+    return repr(choice)
+
+
 def _type_name(annotation: Any) -> str:
-    if annotation is Any or annotation is _MISSING:
+    if annotation is Any or annotation is _MISSING or annotation is object:  # object: any JSON value
         return "any"
     origin = typing.get_origin(annotation)
     if origin is Union or (hasattr(types, "UnionType") and isinstance(annotation, types.UnionType)):
@@ -414,7 +428,7 @@ def _type_name(annotation: Any) -> str:
         name = " | ".join(_type_name(a) for a in args)
         return f"{name} | null" if len(args) < len(typing.get_args(annotation)) else name
     if origin is typing.Literal:
-        return " | ".join(repr(a) for a in typing.get_args(annotation))
+        return " | ".join(_literal_text(a) for a in typing.get_args(annotation))
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         return " | ".join(str(m.value) for m in annotation)
     names = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
