@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -27,7 +28,15 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
 
-from unixsock_asgi import Client, Commands, ControlSocketMiddleware, Response, Setting, Settings
+from unixsock_asgi import (
+    Client,
+    Commands,
+    ControlSocketMiddleware,
+    Response,
+    Setting,
+    Settings,
+    TimeoutException,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -916,6 +925,92 @@ def test_a_command_on_the_app_loop_whose_client_hung_up_is_still_bounded_by_app_
     *_, ended = _hang_up_on(sock_dir, caplog, reindex, app_timeout=1.5)
     assert "status=cancelled" in ended and "no reply" in ended
     assert done == []
+
+
+def test_a_command_whose_client_hung_up_while_the_loop_was_blocked_never_starts_after_app_timeout(
+    sock_dir: Path,
+) -> None:
+    # As for a client that waited ("did not start within ...: it will not run"): cancelling
+    # the call's future let it run once, when the loop unblocked, past its deadline.
+    ran: list[float] = []
+    commands = Commands()
+
+    @commands.command
+    def mark() -> str:
+        ran.append(time.monotonic())
+        return "marked"
+
+    async def block(request: Request) -> PlainTextResponse:
+        time.sleep(float(request.query_params["s"]))  # blocks the app's loop
+        return PlainTextResponse("done")
+
+    sock = sock_dir / "c.sock"
+    app = Starlette(
+        routes=[Route("/block", block)],
+        middleware=[Middleware(ControlSocketMiddleware, path=str(sock), commands=commands, app_timeout=2.0)],
+    )
+    with TestClient(app) as http:
+        # The hang-up is seen within a second (the server's check), well before app_timeout.
+        blocker = threading.Thread(target=http.get, args=("/block?s=4",))
+        blocker.start()
+        try:
+            time.sleep(0.3)
+            with pytest.raises(TimeoutException):
+                Client(sock, timeout=0.3).send("mark")  # hangs up, the loop still blocked
+        finally:
+            blocker.join(10)
+        assert _payload(Client(sock), "ping") == "pong"
+        time.sleep(0.3)  # what the loop had queued has run by now
+        assert ran == []
+        assert _payload(Client(sock), "mark") == "marked"  # the next one runs
+
+
+def test_a_command_that_raises_timeout_or_cancelled_error_itself_gets_its_failure(sock_dir: Path) -> None:
+    # Not "did not finish within 5s ... may yet finish" (a TimeoutError of its own), nor
+    # no reply at all (a CancelledError of its own was taken for its client hanging up).
+    commands = Commands()
+
+    @commands.command
+    def plain_timeout() -> None:
+        raise TimeoutError("upstream took too long")
+
+    @commands.command
+    async def async_timeout() -> None:
+        await asyncio.sleep(0)
+        raise TimeoutError("upstream took too long")
+
+    async def cancelled_job() -> None:
+        job = asyncio.ensure_future(asyncio.sleep(10))
+        await asyncio.sleep(0)
+        job.cancel()
+        await job
+
+    @commands.command
+    async def awaits_a_cancelled_job() -> None:
+        await cancelled_job()
+
+    @commands.command(diagnostic=True)
+    async def diagnostic_awaits_a_cancelled_job() -> None:
+        await cancelled_job()
+
+    sock = sock_dir / "c.sock"
+    app = Starlette(middleware=[Middleware(ControlSocketMiddleware, path=str(sock), commands=commands)])
+    expected = {
+        "plain_timeout": "TimeoutError: upstream took too long",
+        "async_timeout": "TimeoutError: upstream took too long",
+        "awaits_a_cancelled_job": "CancelledError",
+        "diagnostic_awaits_a_cancelled_job": "CancelledError",
+    }
+    if sys.version_info < (3, 11):  # pragma: no cover - 3.10 cannot tell a task's own CancelledError
+        del expected["awaits_a_cancelled_job"], expected["diagnostic_awaits_a_cancelled_job"]
+    with TestClient(app):
+        control = Client(sock, close=False)
+        for cmd, error in expected.items():
+            started = time.monotonic()
+            reply = control.send(cmd)
+            assert reply is not None and (reply.status, reply.error) == ("failure", error), cmd
+            assert time.monotonic() - started < 2.0
+        assert _payload(control, "ping") == "pong"  # on the same connection
 
 
 def test_a_persisted_log_level_applies_to_a_logger_not_made_yet_beside_a_close_name(sock_dir: Path) -> None:

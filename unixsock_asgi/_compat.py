@@ -7,7 +7,7 @@ import sys
 from types import TracebackType
 from typing import Any
 
-__all__ = ["timeout", "uncancel"]
+__all__ = ["cancelled_from_outside", "timeout", "uncancel"]
 
 
 class _Timeout:
@@ -51,3 +51,13 @@ def uncancel(task: asyncio.Task[Any]) -> None:
     """Withdraw a cancellation request that was handled (a no-op on 3.10, which does not count them)."""
     if sys.version_info >= (3, 11):
         task.uncancel()
+
+
+def cancelled_from_outside() -> bool:
+    """Whether the running task has been asked to stop (``Task.cancel``: a timeout, a hang-up),
+    as against a ``CancelledError`` that the code it awaited raised on its own (a task of
+    its own that was cancelled, say). Python 3.10 does not count the requests: always true."""
+    task = asyncio.current_task()
+    if sys.version_info < (3, 11) or task is None:
+        return True
+    return task.cancelling() > 0

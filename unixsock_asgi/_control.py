@@ -366,19 +366,32 @@ class ControlPlane:
                     result = await result
                 status = str(result.status) if isinstance(result, Response) else STATUS_OK
                 return result
-            except (SystemExit, KeyboardInterrupt) as exc:
-                # Raised out of a task, these would stop the app's loop: the whole server.
+            except asyncio.CancelledError as exc:
+                if _compat.cancelled_from_outside():  # app_timeout, or the app's loop closing
+                    raise
+                # Its own (it awaited a task that was cancelled): a failure like any other,
+                # not a hang-up that ends the connection without a reply.
                 status = STATUS_FAIL
                 return raised_failure(cmd, exc)
-            except Exception:
+            except (Exception, SystemExit, KeyboardInterrupt) as exc:
+                # Answered here, so that a TimeoutError it raises is not taken for app_timeout's,
+                # and SystemExit raised out of a task would stop the app's loop: the whole server.
                 status = STATUS_FAIL
-                raise
+                return raised_failure(cmd, exc)
             finally:
                 with handshake:
                     ended.append(status)
                     late = bool(unanswered)
                 if late:
                     audit(peer, cmd, status, begun, note=_UNANSWERED)
+
+        def give_up() -> None:
+            # Cancelling the future alone lets a call that has not started yet run once,
+            # when the loop unblocks: the cancellation reaches its task after its first step.
+            future.cancel()
+            with handshake:
+                if not started:
+                    abandoned.append(True)
 
         begun = time.perf_counter()
         future = asyncio.run_coroutine_threadsafe(run(), loop)
@@ -388,10 +401,7 @@ class ControlPlane:
                 # loop (only app_timeout does, below); it runs on, its reply unsent.
                 return await asyncio.shield(asyncio.wrap_future(future))
         except TimeoutError:
-            future.cancel()
-            with handshake:
-                if not started:
-                    abandoned.append(True)
+            give_up()
             if not started:
                 blocked = self.monitor.blocked_for()
                 return Response.failure(
@@ -420,7 +430,7 @@ class ControlPlane:
                 audit(peer, cmd, status, begun, note=_UNANSWERED)
             else:
                 remaining = self.app_timeout - (time.perf_counter() - begun)
-                asyncio.get_running_loop().call_later(max(0.0, remaining), future.cancel)
+                asyncio.get_running_loop().call_later(max(0.0, remaining), give_up)
             raise
         except Exception as exc:
             return raised_failure(cmd, exc)

@@ -440,8 +440,10 @@ class UnixSockServer:
         except StopIteration as done:
             result = done.value
             response = result if isinstance(result, Response) else Response(STATUS_OK, "", result)
-        except asyncio.CancelledError:
-            raise  # as when it is raised after the first step: the connection ends
+        except asyncio.CancelledError as exc:
+            if _compat.cancelled_from_outside():
+                raise  # as when it is raised after the first step: the connection ends
+            response = self._raised(request, exc)  # the handler's own (see _finish_handler)
         except BaseException as exc:  # SystemExit in a handler must not end the server
             response = self._raised(request, exc)
         else:
@@ -495,8 +497,12 @@ class UnixSockServer:
                     if inspect.isawaitable(result):
                         return await _await(result)
                     return result
-                except asyncio.CancelledError:
-                    raise
+                except asyncio.CancelledError as exc:
+                    if _compat.cancelled_from_outside():  # the timeout, a hang-up, the server stopping
+                        raise
+                    # The handler's own (it awaited a task that was cancelled): a failure,
+                    # not a hang-up that ends the connection without a reply.
+                    raise _HandlerRaised(exc) from None
                 except BaseException as exc:  # SystemExit in a handler must not end the server
                     raise _HandlerRaised(exc) from None
         except TimeoutError:
