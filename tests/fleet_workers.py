@@ -88,6 +88,7 @@ class ScriptedWorker:
         self.levels: dict[str, str] = {"": "WARNING"}
         self.settings: dict[str, Any] = {"greeting": "hello"}
         self.health_failing = False
+        self.maintenance = False
         self.reply_delay_s = reply_delay_s
         # Simulated traffic: this many requests are counted before each stats answer,
         # so that successive snapshots (top's refreshes) differ.
@@ -113,6 +114,7 @@ class ScriptedWorker:
                 self.stats.record("/items/{item_id}", "GET", 200, 0.002, False)
             snapshot = self.stats.snapshot(routes=bool(args.get("routes", True)))
             snapshot["pid"] = self.pid  # every stand-in lives in the test process
+            snapshot["control"] = {"health_failing": self.health_failing, "maintenance": self.maintenance}
             return snapshot
         if cmd == "set_log_level":
             level = str(args.get("level", "")).upper()

@@ -536,6 +536,54 @@ def test_ls_of_only_stale_sockets_exits_2_after_listing_them(
 # --------------------------------------------------------------------------- metrics
 
 
+def test_every_view_of_the_fleet_shows_what_an_operator_left_on(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A health_fail or maintenance_on forgotten after a deploy was seen only by asking 'health'.
+    failing, calm, in_maintenance = fleet.start(3)
+    failing.health_failing = True
+    in_maintenance.maintenance = True
+    flagged = f"set by an operator: health failing: {failing.pid}; maintenance: {in_maintenance.pid}"
+
+    status, out, _ = run(capsys, "ls", str(socket_dir))
+    assert status == EXIT_OK
+    states = {line.split()[1]: line.split("  ")[-1].strip() for line in out.splitlines()[1:]}
+    assert states == {
+        str(failing.pid): "live, health failing",
+        str(calm.pid): "live",
+        str(in_maintenance.pid): "live, maintenance",
+    }
+    status, out, _ = run(capsys, "ls", str(socket_dir), "--json")
+    flags = {w["pid"]: (w["health_failing"], w["maintenance"]) for w in json.loads(out)["workers"]}
+    assert flags == {failing.pid: (True, False), calm.pid: (False, False), in_maintenance.pid: (False, True)}
+
+    status, out, _ = run(capsys, "send", str(socket_dir), "stats")
+    assert status == EXIT_OK and flagged in out.splitlines()
+    status, out, _ = run(capsys, "send", str(socket_dir), "stats", "--json")
+    assert json.loads(out)["total"]["control"] == {"health_failing": 1, "maintenance": 1}
+    status, out, _ = run(capsys, "top", str(socket_dir), "--once", "--interval", "0.1")
+    assert status == EXIT_OK and out.splitlines()[2] == flagged
+
+    status, out, _ = run(capsys, "metrics", str(socket_dir))
+    samples = {
+        (s.name, s.labels.get("pid")): s.value
+        for f in text_string_to_metric_families(out)
+        for s in f.samples
+        if s.name in ("asgi_worker_health_failing", "asgi_worker_maintenance")
+    }
+    assert samples == {
+        ("asgi_worker_health_failing", str(failing.pid)): 1,
+        ("asgi_worker_health_failing", str(calm.pid)): 0,
+        ("asgi_worker_health_failing", str(in_maintenance.pid)): 0,
+        ("asgi_worker_maintenance", str(failing.pid)): 0,
+        ("asgi_worker_maintenance", str(calm.pid)): 0,
+        ("asgi_worker_maintenance", str(in_maintenance.pid)): 1,
+    }
+    failing.health_failing = in_maintenance.maintenance = False
+    status, out, _ = run(capsys, "send", str(socket_dir), "stats")
+    assert "set by an operator" not in out
+
+
 def test_metrics_prints_prometheus_text_and_can_write_a_file_atomically(
     fleet: Fleet, socket_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -124,6 +124,10 @@ def stats(ctx: CommandContext, routes: bool = True) -> dict[str, Any]:
         if blocked > process["loop_lag_s"]:
             process["loop_lag_s"] = blocked
             process["loop_lag_max_s"] = max(process["loop_lag_max_s"], blocked)
+    control = ctx.control
+    # What an operator set on this worker, where every view of the fleet shows it: a
+    # health_fail or maintenance left on after a deploy is otherwise seen by nobody.
+    payload["control"] = {"health_failing": control.health_failing, "maintenance": control.maintenance}
     return payload
 
 

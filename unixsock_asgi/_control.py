@@ -105,6 +105,7 @@ class _LoopMonitor:
             await asyncio.sleep(self.interval)
             lag = max(0.0, loop.time() - expected)
             stats.loop_lag_s = lag
+            stats.loop_lag_total_s += lag
             if lag > stats.loop_lag_max_s:
                 stats.loop_lag_max_s = lag
 

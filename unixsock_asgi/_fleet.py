@@ -1014,8 +1014,20 @@ def aggregate_stats(snapshots: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "cpu_s": _sum_or_none(p.get("cpu_s") for p in processes),
             "loop_lag_s": _max_or_none(p.get("loop_lag_s") for p in processes),
             "loop_lag_max_s": _max_or_none(p.get("loop_lag_max_s") for p in processes),
+            "loop_lag_total_s": _sum_or_none(p.get("loop_lag_total_s") for p in processes),
         },
+        # How many workers an operator set so (each worker's own payload says whether it is).
+        "control": {flag: sum(1 for s in snapshots if worker_flag(s, flag)) for flag in CONTROL_FLAGS},
     }
+
+
+CONTROL_FLAGS = ("health_failing", "maintenance")
+
+
+def worker_flag(snapshot: Mapping[str, Any], flag: str) -> bool:
+    """Whether a worker's ``stats`` says ``flag`` (``health_failing``, ``maintenance``) is on."""
+    control = snapshot.get("control")
+    return isinstance(control, Mapping) and control.get(flag) is True
 
 
 def group_identical(results: Iterable[WorkerResult]) -> list[dict[str, Any]]:
@@ -1445,6 +1457,31 @@ def render_prometheus(outcome: FanOutResult, *, prefix: str = "asgi") -> str:
             "Latest event-loop lag of one worker.",
             _get("process", "loop_lag_s"),
         ),
+        (
+            "worker_event_loop_lag_max_seconds",
+            "gauge",
+            "Longest event-loop lag of one worker since it started.",
+            _get("process", "loop_lag_max_s"),
+        ),
+        (
+            "worker_event_loop_lag_seconds_total",
+            "counter",
+            "Event-loop lag of one worker added up, measured every 0.5 s: its rate is the share"
+            " of time the loop ran late (a stall shows between two scrapes).",
+            _get("process", "loop_lag_total_s"),
+        ),
+        (
+            "worker_health_failing",
+            "gauge",
+            "1 while an operator makes one worker's health check fail (health_fail).",
+            _flag("health_failing"),
+        ),
+        (
+            "worker_maintenance",
+            "gauge",
+            "1 while one worker is in maintenance (maintenance_on).",
+            _flag("maintenance"),
+        ),
     ]
     for family_name, kind, help_text, read in per_worker:
         name = out.family(family_name, kind, help_text)
@@ -1453,6 +1490,14 @@ def render_prometheus(outcome: FanOutResult, *, prefix: str = "asgi") -> str:
             if _number(value) is not None:
                 out.sample(name, value, {"pid": r.pid})
     return out.text()
+
+
+def _flag(flag: str) -> Callable[[Mapping[str, Any]], Any]:
+    def read(payload: Mapping[str, Any]) -> Any:
+        control = payload.get("control")
+        return int(worker_flag(payload, flag)) if isinstance(control, Mapping) else None
+
+    return read
 
 
 def _get(*keys: str) -> Callable[[Mapping[str, Any]], Any]:

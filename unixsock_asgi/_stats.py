@@ -361,6 +361,8 @@ class Stats:
         self._started_mono = time.monotonic()
         self.loop_lag_s = 0.0
         self.loop_lag_max_s = 0.0
+        self.loop_lag_total_s = 0.0
+        """Every measured lag added up (a counter): its rate is the share of time the loop ran late."""
         self.started = 0
         """HTTP requests the middleware has started (never reset)."""
         self._finished = 0  # HTTP requests the middleware has finished and that are counted (never reset)
@@ -628,6 +630,7 @@ class Stats:
                 **process_figures(),
                 "loop_lag_s": self.loop_lag_s,
                 "loop_lag_max_s": self.loop_lag_max_s,
+                "loop_lag_total_s": self.loop_lag_total_s,
             },
         }
         if routes:

@@ -32,6 +32,7 @@ from .cli import (
     EXIT_FAILED,
     EXIT_OK,
     failure_summary,
+    flagged_workers,
     format_bytes,
     format_count,
     format_duration,
@@ -247,7 +248,10 @@ class TopView:
             + (f", {silent} not answering" if silent else "")
             + (f", {gone} gone" if gone else "")
             + (f", {len(outcome.stale)} stale socket(s)" if outcome.stale else ""),
-            "",
+            # A health_fail or maintenance left on after a deploy, where it is seen.
+            "set by an operator: " + "; ".join(flagged)
+            if (flagged := flagged_workers(outcome.results))
+            else "",
         ]
         # 77 columns: fits an 80x24 terminal.
         columns = f"{'PID':>7} {'REQ/S':>7} {'REQS':>8} {'INFL':>4} {'5XX':>5} {'EXC':>4}"

@@ -62,6 +62,7 @@ from ._fleet import (
     resolve_target,
     untrusted_overrides_file,
     well_formed_override,
+    worker_flag,
     workers_owner,
 )
 from ._protocol import _parse_value, check_unicode
@@ -176,6 +177,31 @@ def _status_count(snapshot: Mapping[str, Any], status_class: str) -> Any:
     return by_status.get(status_class, 0) if isinstance(by_status, Mapping) else None
 
 
+_FLAG_WORDS = {"health_failing": "health failing", "maintenance": "maintenance"}
+
+
+def worker_flags(snapshot: Any) -> list[str]:
+    """What an operator turned on in a worker (from its ``stats``): ``health failing``, ``maintenance``."""
+    if not isinstance(snapshot, Mapping):
+        return []
+    return [words for flag, words in _FLAG_WORDS.items() if worker_flag(snapshot, flag)]
+
+
+def flagged_workers(results: Sequence[WorkerResult]) -> list[str]:
+    """``health failing: 11770; maintenance: 11771 11772`` parts, for the workers so set."""
+    parts = []
+    results = sorted(results, key=lambda r: (r.pid or 0, r.socket))
+    for flag, words in _FLAG_WORDS.items():
+        pids = [
+            _worker_label(r)
+            for r in results
+            if r.ok and isinstance(r.payload, Mapping) and worker_flag(r.payload, flag)
+        ]
+        if pids:
+            parts.append(f"{words}: {' '.join(pids)}")
+    return parts
+
+
 def _worker_label(result: WorkerResult) -> str:
     return str(result.pid) if result.pid is not None else os.path.basename(result.socket)
 
@@ -221,6 +247,9 @@ def render_stats(outcome: FanOutResult, total: Mapping[str, Any]) -> list[str]:
             ]
     rows.append(_stats_row(f"TOTAL({total.get('workers', 0)})", total))
     lines = table(rows)
+    flagged = flagged_workers(outcome.results)
+    if flagged:
+        lines.append("set by an operator: " + "; ".join(flagged))
     routes = total.get("routes")
     if isinstance(routes, Mapping) and routes:
         route_rows = [["ROUTE", "REQUESTS", "5XX", "EXC", "P50", "P99"]]
@@ -601,6 +630,8 @@ def cmd_ls(ns: argparse.Namespace) -> int:
                     "pid": r.pid,
                     "state": "live" if r.ok else r.status,
                     "error": r.error,
+                    "health_failing": worker_flag(snap, "health_failing") if snap else None,
+                    "maintenance": worker_flag(snap, "maintenance") if snap else None,
                     "uptime_s": snap.get("uptime_s"),
                     "requests_total": snap.get("requests_total"),
                     "in_flight": snap.get("in_flight"),
@@ -612,7 +643,7 @@ def cmd_ls(ns: argparse.Namespace) -> int:
         rows = [["SOCKET", "PID", "UPTIME", "REQUESTS", "IN-FLT", "STATE"]]
         for r in sorted(outcome.results, key=lambda r: os.path.basename(r.socket)):
             snap = r.payload if r.ok and isinstance(r.payload, Mapping) else {}
-            state = "live" if r.ok else f"{r.status.upper()}: {r.error}"
+            state = ", ".join(["live", *worker_flags(snap)]) if r.ok else f"{r.status.upper()}: {r.error}"
             rows.append(
                 [
                     os.path.basename(r.socket),
