@@ -597,18 +597,36 @@ def stacks(ctx: CommandContext, limit: int = 100) -> Any:
     return {"threads": threads, "count": len(frames), "omitted": len(frames) - len(threads)}
 
 
+def _running_frames(task: asyncio.Task[Any], thread_id: int | None) -> list[traceback.FrameSummary] | None:
+    """Where the task the loop is running now is (blocking it, if it takes long): its
+    thread's stack from the task's coroutine inwards, outermost first. A suspended
+    coroutine's chain of awaits stops at a running one, so it is read from the thread."""
+    frame = sys._current_frames().get(thread_id) if thread_id is not None else None
+    outermost = getattr(task.get_coro(), "cr_frame", None)
+    chain: list[types.FrameType] = []
+    while frame is not None and len(chain) < _STACK_LIMIT:
+        chain.append(frame)
+        if frame is outermost:
+            chain.reverse()
+            return list(traceback.StackSummary.extract(((f, f.f_lineno) for f in chain), lookup_lines=True))
+        frame = frame.f_back
+    return None  # it finished meanwhile, or it is deeper than shown
+
+
 @command(readonly=True, diagnostic=True)
 def tasks(ctx: CommandContext, limit: int = 100) -> Any:
-    """The app loop's asyncio tasks with the frames they are suspended in. At most
-    ``limit`` are shown, taken in turn from each coroutine; ``by_coro`` counts the tasks of
-    the 100 most numerous."""
+    """The app loop's asyncio tasks with the frames they are suspended in; the one the
+    loop is running now (the one blocking it, when it is blocked) is marked and comes
+    first. At most ``limit`` are shown, taken in turn from each coroutine; ``by_coro``
+    counts the tasks of the 100 most numerous."""
     if problem := _shown_limit(limit):
         return Response.failure(problem)
     loop = ctx.loop
     if loop is None:
-        return {"tasks": [], "count": 0, "by_coro": {}, "coroutines": 0, "omitted": 0}
+        return {"tasks": [], "count": 0, "by_coro": {}, "coroutines": 0, "omitted": 0, "running": None}
     groups: dict[str, list[asyncio.Task[Any]]] = {}
     everything = list(asyncio.all_tasks(loop))
+    running = asyncio.current_task(loop)  # read from this thread: None while the loop waits
     for task in everything:
         coro = task.get_coro()
         groups.setdefault(getattr(coro, "__qualname__", type(coro).__name__), []).append(task)
@@ -622,23 +640,31 @@ def tasks(ctx: CommandContext, limit: int = 100) -> Any:
             chosen.append((qualname, members[depth]))
         depth += 1
         live = [group for group in live if len(group[1]) > depth]
+    if running is not None and limit > 0 and all(task is not running for _, task in chosen):
+        if len(chosen) == limit:  # shown whatever the limit: it is the one an operator looks for
+            chosen.pop()
+        coro = running.get_coro()
+        chosen.append((getattr(coro, "__qualname__", type(coro).__name__), running))
     out: list[dict[str, Any]] = []
     for qualname, task in chosen:
+        frames = _running_frames(task, ctx.control.app_thread_id) if task is running else None
         out.append(
             {
                 "name": task.get_name(),
                 "coro": qualname,
                 "done": task.done(),
-                "stack": _frames(_awaited_frames(task.get_coro())),
+                "running": task is running,
+                "stack": _frames(frames if frames is not None else _awaited_frames(task.get_coro())),
             }
         )
-    out.sort(key=lambda t: t["name"])
+    out.sort(key=lambda t: (not t["running"], t["name"]))
     return {
         "tasks": out,
         "count": len(everything),
         "by_coro": {qualname: len(members) for qualname, members in ordered[:_BY_CORO_MAX]},
         "coroutines": len(ordered),
         "omitted": len(everything) - len(out),
+        "running": running.get_name() if running is not None else None,
     }
 
 

@@ -237,8 +237,17 @@ def test_ping_and_stacks_answer_while_a_route_blocks_the_loop(
         loop_stack = next(t for t in threads if t["app_loop"])["stack"]
         assert any("example_app/app.py" in line and "time.sleep(seconds)" in line for line in loop_stack)
         assert _payload(control, "stats", routes=False)["in_flight"] == 1
+        # tasks names the request that blocks the loop, first, and where in it: a running
+        # coroutine's chain of awaits ends at its outermost frame (uvicorn's run_asgi).
+        listed = _payload(control, "tasks", limit=1)
+        (running,) = listed["tasks"]
+        assert running["running"] is True and listed["running"] == running["name"]
+        assert " in run_asgi: " in running["stack"][0]
+        assert "example_app/app.py" in running["stack"][-1] and "time.sleep(seconds)" in running["stack"][-1]
     finally:
         blocker.join(20)
+    idle = _payload(control, "tasks")
+    assert idle["running"] is None and not any(t["running"] for t in idle["tasks"])
 
 
 def test_tasks_shows_the_await_a_request_is_suspended_in(start_server: StartServer, short_dir: Path) -> None:
