@@ -840,6 +840,34 @@ def test_top_takes_no_difference_across_a_restart_or_a_stats_reset(fleet: Fleet,
     assert refresh(110.0) == (5, None)
 
 
+def test_top_shows_5xx_per_second_over_the_interval(fleet: Fleet, socket_dir: Path) -> None:
+    # An error spike shows as a rate, like REQ/S: a count since start did not tell now from then.
+    import asyncio
+
+    from unixsock_asgi._fleet import Target
+    from unixsock_asgi._top import TopView, _sample
+
+    erring, calm = fleet.start(2)
+    erring.record(*[("/fail", 500, 0.01)] * 40)  # before top started: not in any interval
+    target = Target(str(socket_dir), is_directory=True)
+    view = TopView(str(socket_dir))
+
+    def refresh(now: float) -> tuple[dict[str, list[str]], list[str]]:
+        outcome = asyncio.run(_sample(target, timeout=2.0))
+        lines = view.frame(outcome, view.update(outcome, now=now), width=80, height=24, interval=2.0)
+        rows = {line.split()[0]: line.split() for line in lines if line.strip()[:1].isdigit()}
+        return rows, lines[-1].split()
+
+    rows, total = refresh(100.0)
+    assert rows[str(erring.pid)][4] == "-" and total[4] == "-"  # no interval yet
+    erring.record(*[("/fail", 500, 0.01)] * 6, *[("/", 200, 0.01)] * 4)
+    calm.record(*[("/", 200, 0.01)] * 10, ("/", 503, 0.01))
+    rows, total = refresh(102.0)
+    assert (rows[str(erring.pid)][4], rows[str(calm.pid)][4], total[4]) == ("3.0", "0.5", "3.5")
+    rows, total = refresh(104.0)
+    assert (rows[str(erring.pid)][4], total[4]) == ("0.0", "0.0")
+
+
 def test_top_counts_workers_that_started_since_the_last_refresh(fleet: Fleet, socket_dir: Path) -> None:
     # gunicorn recycling: the new worker's requests belong to the interval, and to TOTAL.
     import asyncio

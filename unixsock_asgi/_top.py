@@ -60,6 +60,8 @@ class _Sample:
     buckets: dict[int, int]
     epoch: Any = None
     """When its counters started (``started_at``) and how many times they were reset."""
+    errors: int = 0
+    """Its 5xx responses so far."""
 
 
 @dataclass
@@ -73,6 +75,8 @@ class WorkerRow:
     requests: Any = None
     in_flight: Any = None
     errors_5xx: Any = None
+    errors_per_s: float | None = None
+    """5xx responses per second over the last interval (what an error spike shows in)."""
     exceptions: Any = None
     p50_s: float | None = None
     p99_s: float | None = None
@@ -176,8 +180,10 @@ class TopView:
             row.rss_bytes = process.get("rss_bytes")
             row.uptime_s = snap.get("uptime_s")
             requests = int(row.requests or 0)
+            errors = row.errors_5xx if isinstance(row.errors_5xx, int) else 0
             at = r.answered_at if given is None and r.answered_at is not None else now
-            sample = _Sample(at, requests, _buckets(snap), (snap.get("started_at"), snap.get("resets")))
+            epoch = (snap.get("started_at"), snap.get("resets"))
+            sample = _Sample(at, requests, _buckets(snap), epoch, errors)
             key = (r.socket, r.pid)
             seen[key] = sample
             before = self._previous.get(key)
@@ -191,6 +197,7 @@ class TopView:
             if at <= before.at:
                 continue
             row.requests_per_s = (requests - before.requests) / (at - before.at)
+            row.errors_per_s = max(0, errors - before.errors) / (at - before.at)
             delta = {
                 i: c - before.buckets.get(i, 0)
                 for i, c in sample.buckets.items()
@@ -218,7 +225,7 @@ class TopView:
         window = at - self._last_now
         if not 0.0 <= since <= window:  # NaN fails this too
             return None
-        return _Sample(self._last_now, 0, {}, None)
+        return _Sample(self._last_now, 0, {}, None, 0)
 
     def frame(
         self,
@@ -254,7 +261,7 @@ class TopView:
             else "",
         ]
         # 77 columns: fits an 80x24 terminal.
-        columns = f"{'PID':>7} {'REQ/S':>7} {'REQS':>8} {'INFL':>4} {'5XX':>5} {'EXC':>4}"
+        columns = f"{'PID':>7} {'REQ/S':>7} {'REQS':>8} {'INFL':>4} {'5XX/S':>5} {'EXC':>4}"
         columns += f" {'P50':>7} {'P99':>7} {'LAG':>6} {'RSS':>6} {'UPTIME':>6}"
         body = [columns]
         room = max(1, height - len(header) - 3)  # column line, total line, overflow line
@@ -273,7 +280,7 @@ class TopView:
         total.requests_per_s = total_rate if have_rates else None
         total.requests = _sum("requests")
         total.in_flight = _sum("in_flight")
-        total.errors_5xx = _sum("errors_5xx")
+        total.errors_per_s = _sum("errors_per_s")
         total.exceptions = _sum("exceptions")
         total.p50_s = _quantile(merged, 0.5)
         total.p99_s = _quantile(merged, 0.99)
@@ -294,9 +301,10 @@ class TopView:
             whole = f"  {os.path.basename(r.socket)}" if label is None and r.pid is None else ""
             return f"{name:>7} {r.status.upper():>7}{whole}"
         rate = "-" if r.requests_per_s is None else f"{r.requests_per_s:.1f}"
+        errors = "-" if r.errors_per_s is None else f"{r.errors_per_s:.1f}"
         return (
             f"{name:>7} {rate:>7} {format_count(r.requests):>8} {format_count(r.in_flight):>4}"
-            f" {format_count(r.errors_5xx):>5} {format_count(r.exceptions):>4}"
+            f" {errors:>5} {format_count(r.exceptions):>4}"
             f" {format_duration(r.p50_s):>7} {format_duration(r.p99_s):>7}"
             f" {format_duration(r.loop_lag_s):>6} {format_bytes(r.rss_bytes):>6}"
             f" {format_uptime(r.uptime_s):>6}"
