@@ -714,6 +714,31 @@ def test_top_once_waits_for_a_hung_worker_once(
     assert "timeout: no reply within 2s" in one_line(err)
 
 
+def test_ls_waits_3s_for_a_hung_worker_and_says_what_its_silence_means(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # stats is answered from the control thread even while the app's loop is blocked: a
+    # silent worker is stopped or hung (and nothing was run that could run twice).
+    from unixsock_asgi._builtins import builtin_commands
+    from unixsock_asgi._fleet import READ_ONLY_BUILTINS
+
+    assert {c.name for c in builtin_commands if c.readonly and c.diagnostic} == READ_ONLY_BUILTINS
+    (quick,) = fleet.start(1)
+    (hung,) = fleet.start(1, reply_delay_s=10.0)
+    started = time.monotonic()
+    status, out, err = run(capsys, "ls", str(socket_dir))
+    assert 2.9 < time.monotonic() - started < 6.0  # its own 3 s, not the 10 s of send
+    assert status == EXIT_FAILED
+    row = next(line for line in out.splitlines() if str(hung.pid) in line)
+    assert "TIMEOUT: no reply within 3s ('stats' is answered even while the app's loop is blocked" in row
+    assert "may still run" not in row and "may still run" not in err
+    assert "live" in next(line for line in out.splitlines() if str(quick.pid) in line)
+    status, _, err = run(
+        capsys, "send", str(socket_dir), "set", "name=greeting", "value=hi", "--timeout", "0.5"
+    )
+    assert status == EXIT_FAILED and "it may still run there" in one_line(err)  # a change: it may
+
+
 def test_top_names_a_socket_without_a_pid_in_full(
     fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -763,6 +763,24 @@ _PROC_FDS = os.path.isdir("/proc/self/fd")
 """Without /proc, the CLI connects by the path it checked, and a rename in between goes unseen."""
 
 
+READ_ONLY_BUILTINS = frozenset(
+    (
+        "get",
+        "get_log_level",
+        "health",
+        "help",
+        "info",
+        "loggers",
+        "ping",
+        "settings",
+        "stacks",
+        "stats",
+        "tasks",
+    )
+)
+"""Built-in commands that change nothing, all answered on the control thread."""
+
+
 async def ask_worker(path: str, cmd: str, args: Mapping[str, Any], timeout: float) -> WorkerResult:
     """Send one command to one socket; never raises, never takes much longer than ``timeout``."""
     started = time.monotonic()
@@ -777,6 +795,11 @@ async def ask_worker(path: str, cmd: str, args: Mapping[str, Any], timeout: floa
         result.status = STATUS_TIMEOUT
         if client.peer_uid is None:  # never connected: the client was trying again all along
             result.error = f"no connection within {timeout:g}s: {BACKLOG_FULL}"
+        elif cmd in READ_ONLY_BUILTINS:  # nothing to run twice; and its silence says something
+            result.error = (
+                f"no reply within {timeout:g}s ({cmd!r} is answered even while the app's loop is"
+                " blocked: this process is stopped, hung or starved of CPU)"
+            )
         else:
             # It was sent: a stopped worker takes it when continued, a blocked loop may yet run it.
             result.error = (

@@ -80,6 +80,10 @@ PROG = "unixsock-asgi"
 DEFAULT_TIMEOUT = 10.0
 """Seconds to wait for a worker: longer than the workers' ``app_timeout`` (5 s), so
 that a worker whose app loop is blocked has the time to say so."""
+STATS_TIMEOUT = 3.0
+"""For ``ls`` and ``metrics``, which ask only ``stats``: the control thread answers it even
+while the app's loop is blocked (in 0.2 s, the CLI's start included), so a worker silent
+for 3 s is stopped or hung, and one such worker held every listing up for 10 s."""
 _WITHOUT_ROUTES = {"routes": False}  # ls and top need no per-route figures
 
 
@@ -828,7 +832,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="DIR", help="socket directory (or one socket file)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--remove-stale", action="store_true", help="remove the stale sockets listed")
-    with_timeout(p)
+    with_timeout(p, STATS_TIMEOUT)
     p.set_defaults(func=cmd_ls)
 
     p = sub.add_parser("shell", help="interactive prompt with history and completion")
@@ -865,7 +869,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output", metavar="FILE", help="write atomically to FILE (for node_exporter's textfile collector)"
     )
-    with_timeout(p)
+    with_timeout(p, STATS_TIMEOUT)
     p.set_defaults(func=cmd_metrics)
 
     p = sub.add_parser("overrides", help="show or clear the durable overrides of a socket directory")
