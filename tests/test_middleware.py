@@ -640,6 +640,7 @@ def test_maintenance_refuses_new_websocket_sessions_and_drain_counts_open_ones(s
             assert refused.value.code == 1013
             drained = _payload(control, "drain", timeout=1)
             assert drained["drained"] is True and drained["websockets_active"] == 1
+            assert "note" not in drained  # maintenance keeps new requests away
             open_session.send_text("still here")  # the open session goes on
             assert open_session.receive_text() == "still here"
         _payload(control, "maintenance_off")

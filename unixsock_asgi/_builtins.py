@@ -503,13 +503,22 @@ async def drain(ctx: CommandContext, timeout: float = 30.0, quiet: float = 1.0) 
             )
         await asyncio.sleep(min(0.02, max(0.0, deadline - now)))
     # Websocket sessions are long-lived and not waited for; how many are open is said.
-    return {
+    result: dict[str, Any] = {
         "drained": True,
         "in_flight": 0,
         "waited_s": time.monotonic() - start,
         "arrived": arrived,
         "websockets_active": stats.websockets_active,
     }
+    control = ctx.control
+    if not (control.health_failing or control.maintenance):
+        # True of the last `quiet` seconds only: nothing keeps the next request away.
+        result["note"] = (
+            f"nothing was in flight for {quiet:g}s, but this worker still takes requests ({arrived}"
+            " arrived while it drained): its health check passes and maintenance is off; send"
+            " health_fail (or maintenance_on) first for a drain that lasts"
+        )
+    return result
 
 
 # -- where is it stuck? ---------------------------------------------------------

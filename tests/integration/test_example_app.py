@@ -174,6 +174,8 @@ def test_health_fail_and_maintenance_change_responses(start_server: StartServer,
         assert http.get("/items/1").status_code == 200
     drained = _payload(control, "drain", timeout=2)
     assert drained["drained"] is True and drained["in_flight"] == 0
+    # Nothing keeps the next request away while the health check passes: said, not hidden.
+    assert "still takes requests (0 arrived while it drained)" in drained["note"]
 
 
 def test_drain_waits_while_requests_still_arrive_and_answers_once_they_stop(
@@ -207,7 +209,7 @@ def test_drain_waits_while_requests_still_arrive_and_answers_once_they_stop(
     assert not sender.is_alive()
     drained = _payload(control, "drain", timeout=5, quiet=0.3)
     assert drained["drained"] is True and drained["in_flight"] == 0
-    assert drained["waited_s"] >= 0.3 and drained["arrived"] == 0
+    assert drained["waited_s"] >= 0.3 and drained["arrived"] == 0 and "note" not in drained  # health_fail
     gated = _payload(control, "stats")["routes"]["/items/{item_id}"]["requests"]
     assert gated == sent  # what the drain waited for was counted, request by request
 
