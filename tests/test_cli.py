@@ -1284,6 +1284,13 @@ def test_views_built_on_stats_name_a_server_whose_stats_is_not_ours(
     }
     # Neither a worker with no requests nor silently left out of both counts.
     assert (samples["asgi_workers"], samples["asgi_workers_unreachable"]) == (1, 1)
+    up = {
+        (s.labels["pid"], s.labels["socket"]): s.value
+        for f in text_string_to_metric_families(out)
+        for s in f.samples
+        if s.name == "asgi_worker_up"
+    }  # which one, not just how many
+    assert up == {(str(worker.pid), worker.path.name): 1, ("51000", "svc-51000.sock"): 0}
 
     status, out, err = run(capsys, "top", str(socket_dir), "--once", "--interval", "0.1")
     assert status == EXIT_FAILED and expected in one_line(err)

@@ -1419,6 +1419,14 @@ def render_prometheus(outcome: FanOutResult, *, prefix: str = "asgi") -> str:
     out.sample(name, len(snapshots))
     name = out.family("workers_unreachable", "gauge", "Workers that did not answer (timeout or error).")
     out.sample(name, len(outcome.results) - len(outcome.successes))
+    name = out.family(
+        "worker_up", "gauge", "1 for a worker that answered the stats command, 0 for one that did not."
+    )
+    answered = {id(r) for r in snapshots}
+    for r in sorted(outcome.results, key=lambda r: (r.pid or 0, r.socket)):
+        # Which one is silent, not just how many: its socket too, for a name without a pid.
+        whose = {"pid": "" if r.pid is None else str(r.pid), "socket": os.path.basename(r.socket)}
+        out.sample(name, int(id(r) in answered), whose)
     name = out.family("stale_sockets", "gauge", "Socket files that nothing listens on any more.")
     out.sample(name, len(outcome.stale))
     name = out.family(
