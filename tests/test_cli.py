@@ -1019,6 +1019,18 @@ def test_shell_reads_commands_from_a_pipe(fleet: Fleet, socket_dir: Path) -> Non
     assert all(w.settings["motd"] == "hello world" for w in workers)
 
 
+def test_shell_from_a_pipe_does_not_wait_for_a_stopped_workers_help_first(
+    fleet: Fleet, socket_dir: Path
+) -> None:
+    # The help it asked every worker for is for tab completion, which piped commands do not use.
+    fleet.start(1)
+    fleet.start(1, reply_delay_s=10.0)
+    started = time.monotonic()
+    result = _cli("shell", str(socket_dir), "--timeout", "1.5", stdin="ping\n")
+    assert time.monotonic() - started < 2.9  # the ping's 1.5 s, not another 1.5 s for help before it
+    assert result.returncode == EXIT_FAILED and "pong" in result.stdout
+
+
 def test_shell_from_a_pipe_exits_1_when_a_command_failed(fleet: Fleet, socket_dir: Path) -> None:
     fleet.start(1)
     result = _cli("shell", str(socket_dir), stdin="set_log_level level=LOUD\nping\n")

@@ -141,13 +141,16 @@ def run_shell(target: Target, *, timeout: float, history_file: str) -> int:
     sockets = target.sockets()
     if not sockets:
         raise no_sockets(target)
-    # help answers on the control thread even while an app loop is blocked: a
-    # worker silent for this long (stopped, say) is "not answering", not waited for.
-    answers = asyncio.run(fan_out(sockets, "help", {}, timeout=min(timeout, _CATALOG_TIMEOUT)))
-    if not answers.results:
-        raise UsageError(f"nothing to talk to: no live worker at {target.path}")
-    catalog = CommandCatalog.from_help([r.payload for r in answers.successes])
     interactive = sys.stdin.isatty()
+    if interactive:
+        # For completion. help answers on the control thread even while an app loop is blocked:
+        # a worker silent for this long (stopped, say) is "not answering", not waited for.
+        answers = asyncio.run(fan_out(sockets, "help", {}, timeout=min(timeout, _CATALOG_TIMEOUT)))
+        if not answers.results:
+            raise UsageError(f"nothing to talk to: no live worker at {target.path}")
+        catalog = CommandCatalog.from_help([r.payload for r in answers.successes])
+    else:  # piped commands complete nothing: none waits for a stopped worker's help first
+        catalog = CommandCatalog.from_help([])
     readline = _setup_readline(catalog, history_file) if interactive else None
     prompt = f"{os.path.basename(target.path.rstrip('/')) or target.path}> " if interactive else ""
     if interactive:
