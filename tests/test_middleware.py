@@ -1012,6 +1012,13 @@ def test_a_command_that_raises_timeout_or_cancelled_error_itself_gets_its_failur
     async def diagnostic_awaits_a_cancelled_job() -> None:
         await cancelled_job()
 
+    @commands.command
+    async def cancelled_on_the_app_loop() -> None:  # as the app's loop does to its tasks at shutdown
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        await asyncio.sleep(1)
+
     sock = sock_dir / "c.sock"
     app = Starlette(middleware=[Middleware(ControlSocketMiddleware, path=str(sock), commands=commands)])
     expected = {
@@ -1019,9 +1026,13 @@ def test_a_command_that_raises_timeout_or_cancelled_error_itself_gets_its_failur
         "async_timeout": "TimeoutError: upstream took too long",
         "awaits_a_cancelled_job": "CancelledError",
         "diagnostic_awaits_a_cancelled_job": "CancelledError",
+        # Answered, and not audited as a hang-up ("ended ... after its connection did; no reply").
+        "cancelled_on_the_app_loop": "'cancelled_on_the_app_loop' was cancelled on the app's loop"
+        " (is the app shutting down?)",
     }
     if sys.version_info < (3, 11):  # pragma: no cover - 3.10 cannot tell a task's own CancelledError
         del expected["awaits_a_cancelled_job"], expected["diagnostic_awaits_a_cancelled_job"]
+        del expected["cancelled_on_the_app_loop"]
     with TestClient(app):
         control = Client(sock, close=False)
         for cmd, error in expected.items():
@@ -1042,6 +1053,42 @@ def test_a_persisted_log_level_applies_to_a_logger_not_made_yet_beside_a_close_n
     app = Starlette(middleware=[Middleware(ControlSocketMiddleware, socket_dir=str(sock_dir))])
     with TestClient(app):
         assert logging.getLogger("usa.replay.jobs").level == logging.DEBUG
+
+
+def test_tasks_shows_where_a_deep_running_task_blocks_the_loop(sock_dir: Path) -> None:
+    # Deeper than the 40 frames shown (a FastAPI app under a few middlewares is 26 deep
+    # already): the innermost 40, down to the blocking line, not run_asgi alone.
+    def layer(depth: int) -> None:
+        if depth == 0:
+            time.sleep(2)  # blocks the app's loop
+        else:
+            layer(depth - 1)
+
+    async def deep(request: Request) -> PlainTextResponse:
+        layer(60)
+        return PlainTextResponse("done")
+
+    sock = sock_dir / "c.sock"
+    app = Starlette(
+        routes=[Route("/deep", deep)], middleware=[Middleware(ControlSocketMiddleware, path=str(sock))]
+    )
+    with TestClient(app) as http:
+        blocker = threading.Thread(target=http.get, args=("/deep",))
+        blocker.start()
+        try:
+            control = Client(sock)
+            deadline = time.monotonic() + 5
+            listed = _payload(control, "tasks", limit=1)
+            while time.monotonic() < deadline and not any(
+                "time.sleep(2)" in line for t in listed["tasks"] for line in t["stack"]
+            ):
+                time.sleep(0.05)
+                listed = _payload(control, "tasks", limit=1)
+        finally:
+            blocker.join(10)
+    (running,) = listed["tasks"]
+    assert running["running"] is True and len(running["stack"]) == 40
+    assert "time.sleep(2)" in running["stack"][-1] and " in layer: " in running["stack"][0]
 
 
 def test_loop_lag_shows_a_block_while_it_lasts(sock_dir: Path) -> None:

@@ -613,13 +613,17 @@ def _running_frames(task: asyncio.Task[Any], thread_id: int | None) -> list[trac
     frame = sys._current_frames().get(thread_id) if thread_id is not None else None
     outermost = getattr(task.get_coro(), "cr_frame", None)
     chain: list[types.FrameType] = []
-    while frame is not None and len(chain) < _STACK_LIMIT:
+    while frame is not None and len(chain) < _RUNNING_DEPTH_MAX:
         chain.append(frame)
         if frame is outermost:
-            chain.reverse()
-            return list(traceback.StackSummary.extract(((f, f.f_lineno) for f in chain), lookup_lines=True))
+            # The innermost frames, as stacks shows them: where it is, under a deep middleware stack.
+            shown = chain[:_STACK_LIMIT][::-1]
+            return list(traceback.StackSummary.extract(((f, f.f_lineno) for f in shown), lookup_lines=True))
         frame = frame.f_back
-    return None  # it finished meanwhile, or it is deeper than shown
+    return None  # it finished meanwhile
+
+
+_RUNNING_DEPTH_MAX = 10_000  # frames walked up to the task's own: bounded, as every loop here
 
 
 @command(readonly=True, diagnostic=True)
@@ -636,6 +640,8 @@ def tasks(ctx: CommandContext, limit: int = 100) -> Any:
     groups: dict[str, list[asyncio.Task[Any]]] = {}
     everything = list(asyncio.all_tasks(loop))
     running = asyncio.current_task(loop)  # read from this thread: None while the loop waits
+    if running is not None and running not in everything:  # made since all_tasks was read
+        everything.append(running)
     for task in everything:
         coro = task.get_coro()
         groups.setdefault(getattr(coro, "__qualname__", type(coro).__name__), []).append(task)

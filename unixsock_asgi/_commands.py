@@ -426,7 +426,9 @@ def _type_name(annotation: Any) -> str:
     if origin is Union or (hasattr(types, "UnionType") and isinstance(annotation, types.UnionType)):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         name = " | ".join(_type_name(a) for a in args)
-        return f"{name} | null" if len(args) < len(typing.get_args(annotation)) else name
+        # Python 3.10 wraps a None default's annotation in Optional, around a Literal[..., None] too.
+        nullable = len(args) < len(typing.get_args(annotation)) and "null" not in name.split(" | ")
+        return f"{name} | null" if nullable else name
     if origin is typing.Literal:
         return " | ".join(_literal_text(a) for a in typing.get_args(annotation))
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):

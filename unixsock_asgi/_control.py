@@ -421,6 +421,11 @@ class ControlPlane:
                 " at its next await (if it blocks the loop instead, it runs on to its end)"
             )
         except asyncio.CancelledError:
+            if not _compat.cancelled_from_outside():
+                # Not this connection's task: the call's own, cancelled on the app's loop.
+                return Response.failure(
+                    f"{cmd!r} was cancelled on the app's loop (is the app shutting down?)"
+                )
             # The connection ended (its peer hung up) while the call was on the app's loop: it
             # runs on, bounded by app_timeout all the same (cancelled at its next await), and
             # since no reply will say how it ended, the audit log does when it ends.

@@ -763,26 +763,14 @@ _PROC_FDS = os.path.isdir("/proc/self/fd")
 """Without /proc, the CLI connects by the path it checked, and a rename in between goes unseen."""
 
 
-READ_ONLY_BUILTINS = frozenset(
-    (
-        "get",
-        "get_log_level",
-        "health",
-        "help",
-        "info",
-        "loggers",
-        "ping",
-        "settings",
-        "stacks",
-        "stats",
-        "tasks",
-    )
-)
-"""Built-in commands that change nothing, all answered on the control thread."""
+async def ask_worker(
+    path: str, cmd: str, args: Mapping[str, Any], timeout: float, *, polling: bool = False
+) -> WorkerResult:
+    """Send one command to one socket; never raises, never takes much longer than ``timeout``.
 
-
-async def ask_worker(path: str, cmd: str, args: Mapping[str, Any], timeout: float) -> WorkerResult:
-    """Send one command to one socket; never raises, never takes much longer than ``timeout``."""
+    ``polling``: the views' own ``stats`` (``ls``, ``top``, ``metrics``), which changes
+    nothing and which the control thread answers even while the app's loop is blocked.
+    """
     started = time.monotonic()
     # Our own workers: a stats reply with many routes may pass the client's 1 MiB default.
     client = _OperatorClient(path, timeout=timeout, max_message_size=HARD_MAX_MESSAGE_SIZE)
@@ -795,7 +783,7 @@ async def ask_worker(path: str, cmd: str, args: Mapping[str, Any], timeout: floa
         result.status = STATUS_TIMEOUT
         if client.peer_uid is None:  # never connected: the client was trying again all along
             result.error = f"no connection within {timeout:g}s: {BACKLOG_FULL}"
-        elif cmd in READ_ONLY_BUILTINS:  # nothing to run twice; and its silence says something
+        elif polling:  # nothing to run twice; and its silence says something
             result.error = (
                 f"no reply within {timeout:g}s ({cmd!r} is answered even while the app's loop is"
                 " blocked: this process is stopped, hung or starved of CPU)"
@@ -829,9 +817,9 @@ async def ask_worker(path: str, cmd: str, args: Mapping[str, Any], timeout: floa
         result.answered_at = time.monotonic()
         if isinstance(response.payload, dict) and isinstance(response.payload.get("pid"), int):
             result.pid = response.payload["pid"]
-        elif result.pid is None:
-            result.pid = client.peer_pid  # the process that listens there: its name has no pid
     finally:
+        if result.pid is None:  # its name has none: the process that listens there (answered or not)
+            result.pid = client.peer_pid
         await client.aclose()
         result.elapsed_s = time.monotonic() - started
         result.peer_uid, result.home = client.peer_uid, client.home
@@ -846,7 +834,12 @@ def _nothing_listens(path: str) -> bool:
 
 
 async def fan_out(
-    sockets: Iterable[str], cmd: str, args: Mapping[str, Any] | None = None, *, timeout: float = 5.0
+    sockets: Iterable[str],
+    cmd: str,
+    args: Mapping[str, Any] | None = None,
+    *,
+    timeout: float = 5.0,
+    polling: bool = False,
 ) -> FanOutResult:
     """Send ``cmd`` to every socket concurrently and collect every answer.
 
@@ -859,7 +852,7 @@ async def fan_out(
 
     async def bounded(path: str) -> WorkerResult:
         async with limit:
-            return await ask_worker(path, cmd, args or {}, timeout)
+            return await ask_worker(path, cmd, args or {}, timeout, polling=polling)
 
     answers = await asyncio.gather(*(bounded(p) for p in sockets))
     outcome = FanOutResult()
@@ -1411,7 +1404,9 @@ def render_prometheus(outcome: FanOutResult, *, prefix: str = "asgi") -> str:
     burst of requests.) Gauges are summed over the fleet as well.
     """
     snapshots = [r for r in outcome.successes if isinstance(r.payload, Mapping)]
-    workers = [(r.pid, aggregate_stats([r.payload])) for r in snapshots]  # each checked as the total is
+    workers = [
+        (_pid_label(r.pid), aggregate_stats([r.payload])) for r in snapshots
+    ]  # each checked as the total is
     total = aggregate_stats([r.payload for r in snapshots])
     out = _Exposition(prefix)
 
@@ -1425,7 +1420,7 @@ def render_prometheus(outcome: FanOutResult, *, prefix: str = "asgi") -> str:
     answered = {id(r) for r in snapshots}
     for r in sorted(outcome.results, key=lambda r: (r.pid or 0, r.socket)):
         # Which one is silent, not just how many: its socket too, for a name without a pid.
-        whose = {"pid": "" if r.pid is None else str(r.pid), "socket": os.path.basename(r.socket)}
+        whose = {"pid": _pid_label(r.pid), "socket": os.path.basename(r.socket)}
         out.sample(name, int(id(r) in answered), whose)
     name = out.family("stale_sockets", "gauge", "Socket files that nothing listens on any more.")
     out.sample(name, len(outcome.stale))
@@ -1519,8 +1514,13 @@ def render_prometheus(outcome: FanOutResult, *, prefix: str = "asgi") -> str:
         for r in snapshots:
             value = read(r.payload)
             if _number(value) is not None:
-                out.sample(name, value, {"pid": r.pid})
+                out.sample(name, value, {"pid": _pid_label(r.pid)})
     return out.text()
+
+
+def _pid_label(pid: int | None) -> str:
+    """One spelling in every family, so that queries can join on it: "" when not known."""
+    return "" if pid is None else str(pid)
 
 
 def _flag(flag: str) -> Callable[[Mapping[str, Any]], Any]:

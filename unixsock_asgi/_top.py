@@ -26,7 +26,7 @@ from collections.abc import Container, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from ._fleet import STATUS_TIMEOUT, FanOutResult, Target, fan_out, mark_foreign_stats
+from ._fleet import STATUS_TIMEOUT, FanOutResult, Target, fan_out, mark_foreign_stats, pid_from_socket_name
 from ._stats import LatencyHistogram
 from .cli import (
     EXIT_FAILED,
@@ -162,7 +162,7 @@ class TopView:
             rows.append(row)
             if not (r.ok and isinstance(r.payload, Mapping)):
                 known = self._answered.get(r.socket)
-                if row.pid is None and known is not None:
+                if known is not None and pid_from_socket_name(r.socket) is None:
                     row.pid = known.pid  # its socket's name has no pid: the one it answered with
                 continue
             row.last_answered = time.time()
@@ -297,11 +297,12 @@ class TopView:
             seen = time.strftime("%H:%M:%S", time.localtime(r.last_answered or 0))
             return f"{name:>7} {'GONE':>7} {format_count(r.requests):>8}  last answered {seen}"
         if r.status != "success":
-            # No pid to show: the socket's whole name, after the cut one.
-            whole = f"  {os.path.basename(r.socket)}" if label is None and r.pid is None else ""
+            # A pid its socket's name does not say (or none): the socket's whole name too.
+            named = label is None and (r.pid is None or pid_from_socket_name(r.socket) is None)
+            whole = f"  {os.path.basename(r.socket)}" if named else ""
             return f"{name:>7} {r.status.upper():>7}{whole}"
         rate = "-" if r.requests_per_s is None else f"{r.requests_per_s:.1f}"
-        errors = "-" if r.errors_per_s is None else f"{r.errors_per_s:.1f}"
+        errors = "-" if r.errors_per_s is None else f"{r.errors_per_s:.{1 if r.errors_per_s < 100 else 0}f}"
         return (
             f"{name:>7} {rate:>7} {format_count(r.requests):>8} {format_count(r.in_flight):>4}"
             f" {errors:>5} {format_count(r.exceptions):>4}"
@@ -328,7 +329,9 @@ def _decorate(lines: list[str], colour: bool) -> list[str]:
 
 async def _sample(target: Target, timeout: float, skip: Container[str] = ()) -> FanOutResult:
     sockets = [path for path in target.sockets() if path not in skip]
-    return mark_foreign_stats(await fan_out(sockets, "stats", {"routes": False}, timeout=timeout))
+    return mark_foreign_stats(
+        await fan_out(sockets, "stats", {"routes": False}, timeout=timeout, polling=True)
+    )
 
 
 def _label(target: Target) -> str:

@@ -473,13 +473,13 @@ def _resolve(path: str, *, directory_only: bool = False) -> Target:
 
 
 def _ask(
-    target: Target, cmd: str, args: Mapping[str, Any], timeout: float
+    target: Target, cmd: str, args: Mapping[str, Any], timeout: float, *, polling: bool = False
 ) -> tuple[FanOutResult, UsageError | _Failed | None]:
     """Every worker's answer, and what to say when no worker answered at all."""
     sockets = target.sockets()
     if not sockets:
         return FanOutResult(), no_sockets(target)
-    outcome = asyncio.run(fan_out(sockets, cmd, args, timeout=timeout))
+    outcome = asyncio.run(fan_out(sockets, cmd, args, timeout=timeout, polling=polling))
     return outcome, nobody_answered(target, outcome)
 
 
@@ -619,7 +619,9 @@ def cmd_ls(ns: argparse.Namespace) -> int:
     sockets = target.sockets()
     if not sockets:
         raise no_sockets(target)
-    outcome = mark_foreign_stats(asyncio.run(fan_out(sockets, "stats", _WITHOUT_ROUTES, timeout=ns.timeout)))
+    outcome = mark_foreign_stats(
+        asyncio.run(fan_out(sockets, "stats", _WITHOUT_ROUTES, timeout=ns.timeout, polling=True))
+    )
     try:
         removed = remove_stale_sockets(target.path) if ns.remove_stale and target.is_directory else []
     except UntrustedDirectory as exc:
@@ -634,8 +636,9 @@ def cmd_ls(ns: argparse.Namespace) -> int:
                     "pid": r.pid,
                     "state": "live" if r.ok else r.status,
                     "error": r.error,
-                    "health_failing": worker_flag(snap, "health_failing") if snap else None,
-                    "maintenance": worker_flag(snap, "maintenance") if snap else None,
+                    # None from a worker that does not say (an older version)
+                    "health_failing": worker_flag(snap, "health_failing") if "control" in snap else None,
+                    "maintenance": worker_flag(snap, "maintenance") if "control" in snap else None,
                     "uptime_s": snap.get("uptime_s"),
                     "requests_total": snap.get("requests_total"),
                     "in_flight": snap.get("in_flight"),
@@ -678,7 +681,7 @@ def cmd_metrics(ns: argparse.Namespace) -> int:
     # systemd removes a stopped service's RuntimeDirectory=), so that an alert
     # fires instead of the last file being served on and on.
     try:
-        outcome, down = _ask(_resolve(ns.target), "stats", {}, ns.timeout)
+        outcome, down = _ask(_resolve(ns.target), "stats", {}, ns.timeout, polling=True)
         mark_foreign_stats(outcome)
     except UsageError as exc:
         outcome, down = FanOutResult(), exc
