@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import shutil
 import socket
+import tempfile
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -58,6 +60,16 @@ async def default_handler(cmd: str, args: dict[str, Any], ctx: RequestContext) -
     if cmd == "raise":
         raise RuntimeError(str(args.get("message", "boom")))
     return Response.failure(f"unknown command {cmd!r}")
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short temporary directory, removed afterwards: UNIX socket paths must fit in 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="usa-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

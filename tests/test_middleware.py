@@ -8,13 +8,11 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -39,15 +37,6 @@ from unixsock_asgi import (
 )
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="usa-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _payload(client: Client, cmd: str, **args: Any) -> Any:
@@ -83,8 +72,8 @@ def _starlette(sock: Path, **options: Any) -> Starlette:
     )
 
 
-def test_nothing_starts_before_lifespan_and_everything_stops_after(sock_dir: Path) -> None:
-    sock = sock_dir / "c-{pid}.sock"
+def test_nothing_starts_before_lifespan_and_everything_stops_after(short_dir: Path) -> None:
+    sock = short_dir / "c-{pid}.sock"
     app = _starlette(sock)
     real = Path(str(sock).replace("{pid}", str(os.getpid())))
     assert not real.exists()  # construction binds nothing (gunicorn --preload forks after it)
@@ -96,10 +85,10 @@ def test_nothing_starts_before_lifespan_and_everything_stops_after(sock_dir: Pat
 
 
 def test_requests_without_a_lifespan_say_once_why_there_is_no_socket(
-    sock_dir: Path, caplog: pytest.LogCaptureFixture
+    short_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # uvicorn --lifespan off, or the middleware on a mounted app: silent, it looked like a bug.
-    sock = sock_dir / "c.sock"
+    sock = short_dir / "c.sock"
     caplog.set_level(logging.WARNING, logger="unixsock_asgi")
     http = TestClient(_starlette(sock))  # outside `with`: no lifespan
     assert [http.get("/hello/x").status_code for _ in range(3)] == [200] * 3
@@ -115,8 +104,8 @@ def test_requests_without_a_lifespan_say_once_why_there_is_no_socket(
     assert not [r for r in caplog.records if r.getMessage().startswith("no control socket")]
 
 
-def test_stats_says_what_an_operator_turned_on(sock_dir: Path) -> None:
-    sock = sock_dir / "c.sock"
+def test_stats_says_what_an_operator_turned_on(short_dir: Path) -> None:
+    sock = short_dir / "c.sock"
     with TestClient(_starlette(sock)):
         control = Client(sock)
         assert _payload(control, "stats", routes=False)["control"] == {
@@ -133,8 +122,8 @@ def test_stats_says_what_an_operator_turned_on(sock_dir: Path) -> None:
         assert _payload(control, "stats")["control"] == {"health_failing": False, "maintenance": True}
 
 
-def test_recording_templates_statuses_exceptions_and_websockets(sock_dir: Path) -> None:
-    sock = sock_dir / "c.sock"
+def test_recording_templates_statuses_exceptions_and_websockets(short_dir: Path) -> None:
+    sock = short_dir / "c.sock"
     with TestClient(_starlette(sock), raise_server_exceptions=False) as http:
         control = Client(sock)
         for name in ("a", "b", "c"):
@@ -157,7 +146,7 @@ def test_recording_templates_statuses_exceptions_and_websockets(sock_dir: Path) 
     assert stats["in_flight"] == 0
 
 
-def test_concurrent_requests_are_counted_exactly_and_in_flight_is_live(sock_dir: Path) -> None:
+def test_concurrent_requests_are_counted_exactly_and_in_flight_is_live(short_dir: Path) -> None:
     release = asyncio.Event()
     entered = 0
 
@@ -170,7 +159,7 @@ def test_concurrent_requests_are_counted_exactly_and_in_flight_is_live(sock_dir:
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    middleware = ControlSocketMiddleware(wait, path=str(sock_dir / "c.sock"))
+    middleware = ControlSocketMiddleware(wait, path=str(short_dir / "c.sock"))
 
     async def one(i: int) -> None:
         scope = {"type": "http", "method": "GET", "path": f"/r/{i}", "root_path": "", "headers": []}
@@ -198,26 +187,26 @@ def test_concurrent_requests_are_counted_exactly_and_in_flight_is_live(sock_dir:
     assert snap["by_status"] == {"2xx": 250}
 
 
-def test_an_app_without_lifespan_support_still_gets_a_control_socket(sock_dir: Path) -> None:
+def test_an_app_without_lifespan_support_still_gets_a_control_socket(short_dir: Path) -> None:
     async def bare(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             raise RuntimeError("no lifespan here")
         await PlainTextResponse("bare")(scope, receive, send)
 
-    sock = sock_dir / "c.sock"
+    sock = short_dir / "c.sock"
     with TestClient(ControlSocketMiddleware(bare, path=str(sock))) as http:
         assert http.get("/").text == "bare"
         assert _payload(Client(sock), "ping") == "pong"
     assert not sock.exists()
 
 
-def test_an_app_whose_startup_fails_still_fails_and_leaves_no_socket(sock_dir: Path) -> None:
+def test_an_app_whose_startup_fails_still_fails_and_leaves_no_socket(short_dir: Path) -> None:
     @asynccontextmanager
     async def broken_lifespan(app: Starlette) -> AsyncIterator[None]:
         raise RuntimeError("database unreachable")
         yield  # pragma: no cover
 
-    sock = sock_dir / "c.sock"
+    sock = short_dir / "c.sock"
     app = Starlette(
         lifespan=broken_lifespan, middleware=[Middleware(ControlSocketMiddleware, path=str(sock))]
     )
@@ -227,9 +216,9 @@ def test_an_app_whose_startup_fails_still_fails_and_leaves_no_socket(sock_dir: P
 
 
 def test_socket_trouble_never_breaks_the_app_unless_strict(
-    sock_dir: Path, caplog: pytest.LogCaptureFixture
+    short_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    blocker = sock_dir / "file"
+    blocker = short_dir / "file"
     blocker.write_text("keep me")
     with (
         caplog.at_level(logging.WARNING, "unixsock_asgi"),
@@ -244,7 +233,7 @@ def test_socket_trouble_never_breaks_the_app_unless_strict(
         pass
 
 
-def test_go_style_handler_gets_what_no_command_claims_on_the_app_loop(sock_dir: Path) -> None:
+def test_go_style_handler_gets_what_no_command_claims_on_the_app_loop(short_dir: Path) -> None:
     loops: list[asyncio.AbstractEventLoop] = []
 
     async def handler(cmd: str, args: dict[str, Any], ctx: Any) -> Response:
@@ -259,7 +248,7 @@ def test_go_style_handler_gets_what_no_command_claims_on_the_app_loop(sock_dir: 
         app_loop.append(asyncio.get_running_loop())
         return PlainTextResponse("ok")
 
-    sock = sock_dir / "c.sock"
+    sock = short_dir / "c.sock"
     app = Starlette(
         routes=[Route("/", capture)],
         middleware=[Middleware(ControlSocketMiddleware, path=str(sock), handler=handler)],
@@ -274,8 +263,8 @@ def test_go_style_handler_gets_what_no_command_claims_on_the_app_loop(sock_dir: 
     assert loops and all(loop is app_loop[0] for loop in loops)
 
 
-def test_set_log_level_ttl_over_ttl_reverts_to_the_first_level(sock_dir: Path) -> None:
-    sock = sock_dir / "c.sock"
+def test_set_log_level_ttl_over_ttl_reverts_to_the_first_level(short_dir: Path) -> None:
+    sock = short_dir / "c.sock"
     logger = logging.getLogger("usa.test.ttl")
     logger.setLevel(logging.WARNING)
     with TestClient(_starlette(sock)):
@@ -303,9 +292,9 @@ def _wait_until(check: Any, what: str, timeout: float = 5.0) -> None:
 
 
 def test_a_ttl_leaves_a_level_the_app_set_meanwhile_alone(
-    sock_dir: Path, caplog: pytest.LogCaptureFixture
+    short_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    sock = sock_dir / "c.sock"
+    sock = short_dir / "c.sock"
     logger = logging.getLogger("usa.test.ttl.app")
     logger.setLevel(logging.WARNING)
     with TestClient(_starlette(sock)), caplog.at_level(logging.INFO, logger="unixsock_asgi"):
@@ -333,9 +322,9 @@ def test_a_ttl_leaves_a_level_the_app_set_meanwhile_alone(
         assert not logger.disabled
 
 
-def test_set_log_level_says_when_no_handler_takes_the_loggers_records(sock_dir: Path) -> None:
+def test_set_log_level_says_when_no_handler_takes_the_loggers_records(short_dir: Path) -> None:
     # Under plain uvicorn the root logger has no handler: a DEBUG level there shows nothing.
-    sock = sock_dir / "c.sock"
+    sock = short_dir / "c.sock"
     logger = logging.getLogger("usa.test.unhandled")
     logger.propagate = False  # no handler of its own, none above it that it reaches
     try:
@@ -355,8 +344,10 @@ def test_set_log_level_says_when_no_handler_takes_the_loggers_records(sock_dir: 
         logger.setLevel(logging.NOTSET)
 
 
-def test_set_log_level_says_when_a_logger_is_disabled_and_can_enable_it_until_the_ttl(sock_dir: Path) -> None:
-    sock = sock_dir / "c.sock"
+def test_set_log_level_says_when_a_logger_is_disabled_and_can_enable_it_until_the_ttl(
+    short_dir: Path,
+) -> None:
+    sock = short_dir / "c.sock"
     logger = logging.getLogger("usa.test.disabled")
     logger.setLevel(logging.WARNING)
     logger.disabled = True  # what logging.config.dictConfig does to loggers made before it
@@ -393,7 +384,20 @@ def test_set_log_level_says_when_a_logger_is_disabled_and_can_enable_it_until_th
         logger.disabled = False
 
 
-def test_a_command_reported_as_not_started_never_runs_later(sock_dir: Path) -> None:
+async def _block(request: Request) -> PlainTextResponse:
+    time.sleep(float(request.query_params["s"]))  # blocks the app's loop on purpose
+    return PlainTextResponse("unblocked")
+
+
+def _blocking_app(sock: Path, commands: Commands, *, app_timeout: float) -> Starlette:
+    """An app whose ``GET /block?s=N`` blocks its loop for N seconds."""
+    middleware = Middleware(
+        ControlSocketMiddleware, path=str(sock), commands=commands, app_timeout=app_timeout
+    )
+    return Starlette(routes=[Route("/block", _block)], middleware=[middleware])
+
+
+def test_a_command_reported_as_not_started_never_runs_later(short_dir: Path) -> None:
     commands = Commands()
     calls: list[int] = []
 
@@ -403,18 +407,10 @@ def test_a_command_reported_as_not_started_never_runs_later(sock_dir: Path) -> N
         calls.append(1)
         return len(calls)
 
-    async def block(request: Request) -> PlainTextResponse:
-        time.sleep(1.5)  # blocks the app's loop on purpose
-        return PlainTextResponse("unblocked")
-
-    sock = sock_dir / "c.sock"
-    app = Starlette(
-        routes=[Route("/block", block)],
-        middleware=[Middleware(ControlSocketMiddleware, path=str(sock), commands=commands, app_timeout=0.3)],
-    )
-    with TestClient(app) as http:
+    sock = short_dir / "c.sock"
+    with TestClient(_blocking_app(sock, commands, app_timeout=0.3)) as http:
         control = Client(sock)
-        blocker = threading.Thread(target=http.get, args=("/block",))
+        blocker = threading.Thread(target=http.get, args=("/block?s=1.5",))
         blocker.start()
         try:
             deadline = time.monotonic() + 5
@@ -431,7 +427,7 @@ def test_a_command_reported_as_not_started_never_runs_later(sock_dir: Path) -> N
 
 
 def test_a_command_past_app_timeout_says_whether_it_may_still_finish(
-    sock_dir: Path, caplog: pytest.LogCaptureFixture
+    short_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     commands = Commands()
     done: list[str] = []
@@ -453,7 +449,7 @@ def test_a_command_past_app_timeout_says_whether_it_may_still_finish(
         stock: dict[str, int] = {}
         stock["missing"] += 1  # a bug in a command
 
-    sock = sock_dir / "c.sock"
+    sock = short_dir / "c.sock"
     app = Starlette(
         middleware=[Middleware(ControlSocketMiddleware, path=str(sock), commands=commands, app_timeout=0.3)]
     )
@@ -480,7 +476,7 @@ def test_a_command_past_app_timeout_says_whether_it_may_still_finish(
     assert '    stock["missing"] += 1  # a bug in a command' in raised[0].getMessage().split("\n")
 
 
-def test_tasks_and_stacks_show_at_most_limit_and_count_the_rest(sock_dir: Path) -> None:
+def test_tasks_and_stacks_show_at_most_limit_and_count_the_rest(short_dir: Path) -> None:
     async def idle(gate: asyncio.Event) -> None:
         await gate.wait()
 
@@ -516,7 +512,7 @@ def test_tasks_and_stacks_show_at_most_limit_and_count_the_rest(sock_dir: Path) 
         gate.set()
         await asyncio.gather(*spawned)
 
-    sock = sock_dir / "c.sock"
+    sock = short_dir / "c.sock"
     app = Starlette(lifespan=lifespan, middleware=[Middleware(ControlSocketMiddleware, path=str(sock))])
     with TestClient(app):
         control = Client(sock)
@@ -550,8 +546,8 @@ def test_tasks_and_stacks_show_at_most_limit_and_count_the_rest(sock_dir: Path) 
             assert reply is not None and reply.error == "limit must be between 0 and 10000, got -1"
 
 
-def test_set_logs_a_big_value_shortened(sock_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    sock = sock_dir / "c.sock"
+def test_set_logs_a_big_value_shortened(short_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    sock = short_dir / "c.sock"
     with TestClient(_starlette(sock, settings=Settings(Setting("motd", str, "hi")))):
         with caplog.at_level(logging.INFO, logger="unixsock_asgi"):
             reply = _payload(Client(sock), "set", name="motd", value="x" * 100_000)
@@ -563,7 +559,7 @@ def test_set_logs_a_big_value_shortened(sock_dir: Path, caplog: pytest.LogCaptur
     assert len(line) < 250
 
 
-def test_an_app_that_ignores_the_lifespan_scope_still_gets_a_control_socket(sock_dir: Path) -> None:
+def test_an_app_that_ignores_the_lifespan_scope_still_gets_a_control_socket(short_dir: Path) -> None:
     async def returns(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return  # the usual raw ASGI way of not supporting lifespan
@@ -576,18 +572,18 @@ def test_an_app_that_ignores_the_lifespan_scope_still_gets_a_control_socket(sock
         await PlainTextResponse("bare")(scope, receive, send)
 
     for n, app in enumerate((returns, takes_startup_and_returns)):
-        sock = sock_dir / f"c{n}.sock"
+        sock = short_dir / f"c{n}.sock"
         with TestClient(ControlSocketMiddleware(app, path=str(sock))) as http:
             assert http.get("/").text == "bare"
             assert _payload(Client(sock), "ping") == "pong"
         assert not sock.exists()
 
 
-def test_out_of_range_values_are_refused_by_name(sock_dir: Path) -> None:
+def test_out_of_range_values_are_refused_by_name(short_dir: Path) -> None:
     from unixsock_asgi import Setting, Settings
 
     settings = Settings(Setting("delay_s", float, 0.2, minimum=0, maximum=30))
-    sock = sock_dir / "c.sock"
+    sock = short_dir / "c.sock"
     app = _starlette(sock, settings=settings, maintenance_exempt="/hello/ok")  # one path, as a str
     with TestClient(app) as http:
         control = Client(sock)
@@ -619,7 +615,7 @@ def test_out_of_range_values_are_refused_by_name(sock_dir: Path) -> None:
         assert http.get("/hello/other").headers["retry-after"] == "30"
 
 
-def test_maintenance_refuses_new_websocket_sessions_and_drain_counts_open_ones(sock_dir: Path) -> None:
+def test_maintenance_refuses_new_websocket_sessions_and_drain_counts_open_ones(short_dir: Path) -> None:
     from starlette.websockets import WebSocketDisconnect
 
     async def echo(websocket: WebSocket) -> None:
@@ -627,7 +623,7 @@ def test_maintenance_refuses_new_websocket_sessions_and_drain_counts_open_ones(s
         await websocket.send_text(await websocket.receive_text())  # open until the client speaks
         await websocket.close()
 
-    sock = sock_dir / "c.sock"
+    sock = short_dir / "c.sock"
     app = Starlette(
         routes=[WebSocketRoute("/ws", echo)], middleware=[Middleware(ControlSocketMiddleware, path=str(sock))]
     )
@@ -649,7 +645,7 @@ def test_maintenance_refuses_new_websocket_sessions_and_drain_counts_open_ones(s
             assert session.receive_text() == "back"
 
 
-def test_a_command_that_raises_system_exit_fails_and_the_app_serves_on(sock_dir: Path) -> None:
+def test_a_command_that_raises_system_exit_fails_and_the_app_serves_on(short_dir: Path) -> None:
     commands = Commands()
 
     @commands.command
@@ -660,7 +656,7 @@ def test_a_command_that_raises_system_exit_fails_and_the_app_serves_on(sock_dir:
     def handler(cmd: str, args: dict[str, Any]) -> Any:
         raise KeyboardInterrupt
 
-    sock = sock_dir / "c.sock"
+    sock = short_dir / "c.sock"
     app = Starlette(
         routes=[Route("/hello/{name}", _hello)],
         middleware=[Middleware(ControlSocketMiddleware, path=str(sock), commands=commands, handler=handler)],
@@ -675,20 +671,20 @@ def test_a_command_that_raises_system_exit_fails_and_the_app_serves_on(sock_dir:
         assert _payload(control, "ping") == "pong"
 
 
-def test_an_app_command_raising_key_error_names_it(sock_dir: Path) -> None:
+def test_an_app_command_raising_key_error_names_it(short_dir: Path) -> None:
     commands = Commands()
 
     @commands.command
     async def price(item: str) -> float:
         return {"tea": 2.5}[item]
 
-    sock = sock_dir / "c.sock"
+    sock = short_dir / "c.sock"
     with TestClient(_starlette(sock, commands=commands)):
         reply = Client(sock).send("price", {"item": "coffee"})
         assert reply is not None and reply.error == "KeyError: 'coffee'"
 
 
-def test_ctx_app_state_is_the_apps_state_even_when_empty_at_startup(sock_dir: Path) -> None:
+def test_ctx_app_state_is_the_apps_state_even_when_empty_at_startup(short_dir: Path) -> None:
     commands = Commands()
 
     @commands.command(readonly=True)
@@ -699,7 +695,7 @@ def test_ctx_app_state_is_the_apps_state_even_when_empty_at_startup(sock_dir: Pa
         request.app.state.hits = getattr(request.app.state, "hits", 0) + 1
         return PlainTextResponse("ok")
 
-    sock = sock_dir / "c.sock"
+    sock = short_dir / "c.sock"
     app = Starlette(
         routes=[Route("/", count)],
         middleware=[Middleware(ControlSocketMiddleware, path=str(sock), commands=commands)],
@@ -710,7 +706,7 @@ def test_ctx_app_state_is_the_apps_state_even_when_empty_at_startup(sock_dir: Pa
         assert _payload(Client(sock), "hits") == 2
 
 
-def test_a_blocking_plain_diagnostic_command_does_not_stall_other_connections(sock_dir: Path) -> None:
+def test_a_blocking_plain_diagnostic_command_does_not_stall_other_connections(short_dir: Path) -> None:
     commands = Commands()
     release = threading.Event()
 
@@ -719,7 +715,7 @@ def test_a_blocking_plain_diagnostic_command_does_not_stall_other_connections(so
         release.wait(10)
         return "done"
 
-    sock = sock_dir / "c.sock"
+    sock = short_dir / "c.sock"
     with TestClient(_starlette(sock, commands=commands)):
         results: list[Any] = []
         slow = threading.Thread(target=lambda: results.append(Client(sock).send("wait_a_while")))
@@ -736,12 +732,12 @@ def test_a_blocking_plain_diagnostic_command_does_not_stall_other_connections(so
         assert results and results[0].payload == "done"
 
 
-def test_logger_names_from_the_socket_make_no_loggers_unless_set_and_bounded(sock_dir: Path) -> None:
+def test_logger_names_from_the_socket_make_no_loggers_unless_set_and_bounded(short_dir: Path) -> None:
     def made() -> set[str]:  # besides the ones of registered commands
         return {n for n in set(logging.root.manager.loggerDict) - known if not n.startswith("unixsock_asgi")}
 
     known = set(logging.root.manager.loggerDict)
-    sock = sock_dir / "c.sock"
+    sock = short_dir / "c.sock"
     with TestClient(_starlette(sock)):
         control = Client(sock)
         reply = _payload(control, "get_log_level", logger="usa.never.made.x")
@@ -767,10 +763,10 @@ def test_logger_names_from_the_socket_make_no_loggers_unless_set_and_bounded(soc
         assert logging.getLogger("usa.made.later").level == logging.DEBUG
 
 
-def test_set_log_level_on_a_name_close_to_an_existing_logger_asks_for_create(sock_dir: Path) -> None:
+def test_set_log_level_on_a_name_close_to_an_existing_logger_asks_for_create(short_dir: Path) -> None:
     # An operator's typo (uvicorn.acess) must not quietly make a logger nobody logs to.
     logging.getLogger("usa.typo.access")
-    sock = sock_dir / "c.sock"
+    sock = short_dir / "c.sock"
     with TestClient(_starlette(sock)):
         control = Client(sock)
         reply = control.send("set_log_level", {"level": "DEBUG", "logger": "usa.typo.acess"})
@@ -790,7 +786,7 @@ def test_set_log_level_on_a_name_close_to_an_existing_logger_asks_for_create(soc
 
 
 def test_app_commands_replacing_built_ins_are_warned_about(
-    sock_dir: Path, caplog: pytest.LogCaptureFixture
+    short_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     commands = Commands()
 
@@ -798,22 +794,22 @@ def test_app_commands_replacing_built_ins_are_warned_about(
     def my_set(key: str, value: str) -> str:
         return key
 
-    app = ControlSocketMiddleware(Starlette(), path=str(sock_dir / "d.sock"), commands=commands)
+    app = ControlSocketMiddleware(Starlette(), path=str(short_dir / "d.sock"), commands=commands)
 
     @commands.command(name="ping")  # after wrapping: still warned of, at startup
     def my_ping() -> str:
         return "mine"
 
     with caplog.at_level(logging.WARNING, logger="unixsock_asgi"), TestClient(app):
-        assert Client(sock_dir / "d.sock").send("ping").payload == "mine"  # type: ignore[union-attr]
+        assert Client(short_dir / "d.sock").send("ping").payload == "mine"  # type: ignore[union-attr]
     assert "the app's command(s) 'ping', 'set' replace the built-in one(s)" in caplog.text
 
 
 def test_commands_registered_after_wrapping_or_startup_are_found(
-    sock_dir: Path, caplog: pytest.LogCaptureFixture
+    short_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     commands = Commands()
-    app = ControlSocketMiddleware(Starlette(), path=str(sock_dir / "c.sock"), commands=commands)
+    app = ControlSocketMiddleware(Starlette(), path=str(short_dir / "c.sock"), commands=commands)
 
     @commands.command
     def early() -> str:
@@ -827,7 +823,7 @@ def test_commands_registered_after_wrapping_or_startup_are_found(
             """Registered while the server runs."""
             return "late"
 
-        control = Client(sock_dir / "c.sock")
+        control = Client(short_dir / "c.sock")
         with caplog.at_level(logging.DEBUG, logger="unixsock_asgi.audit"):
             assert _payload(control, "early") == "early" and _payload(control, "late") == "late"
         listed = {c["name"] for c in _payload(control, "help")["commands"]}
@@ -843,12 +839,12 @@ def test_commands_registered_after_wrapping_or_startup_are_found(
     }  # read-only: audited as such, though late
 
 
-def test_help_tells_of_the_go_style_handler(sock_dir: Path) -> None:
+def test_help_tells_of_the_go_style_handler(short_dir: Path) -> None:
     def handler(cmd: str, args: dict[str, Any]) -> Any:
         """Answers echo and friends."""
         return args
 
-    sock = sock_dir / "c.sock"
+    sock = short_dir / "c.sock"
     with TestClient(_starlette(sock, handler=handler)):
         control = Client(sock)
         listing = _payload(control, "help")
@@ -858,7 +854,7 @@ def test_help_tells_of_the_go_style_handler(sock_dir: Path) -> None:
         assert reply is not None and "is not a registered command; the app's Go-style handler" in reply.error
 
 
-def test_only_persistable_commands_are_applied_from_the_overrides_file(sock_dir: Path) -> None:
+def test_only_persistable_commands_are_applied_from_the_overrides_file(short_dir: Path) -> None:
     commands = Commands()
     ran: list[int] = []
 
@@ -871,10 +867,10 @@ def test_only_persistable_commands_are_applied_from_the_overrides_file(sock_dir:
         "version": 1,
         "overrides": [{"cmd": "restock", "args": {"quantity": 99}}, {"cmd": "health_fail", "args": {}}],
     }
-    (sock_dir / "overrides.json").write_text(json.dumps(document))
+    (short_dir / "overrides.json").write_text(json.dumps(document))
     app = Starlette(
         routes=[Route("/health", _hello)],
-        middleware=[Middleware(ControlSocketMiddleware, socket_dir=str(sock_dir), commands=commands)],
+        middleware=[Middleware(ControlSocketMiddleware, socket_dir=str(short_dir), commands=commands)],
     )
     with TestClient(app) as http:
         assert http.get("/health").status_code == 503  # health_fail was applied
@@ -882,14 +878,14 @@ def test_only_persistable_commands_are_applied_from_the_overrides_file(sock_dir:
 
 
 def _hang_up_on(
-    sock_dir: Path, caplog: pytest.LogCaptureFixture, command: Callable[[], Any], *, app_timeout: float = 5.0
+    short_dir: Path, caplog: pytest.LogCaptureFixture, command: Callable[[], Any], *, app_timeout: float = 5.0
 ) -> list[str]:
     """Send ``command`` (registered alone) from a socat-like client that gives up after 0.3 s;
     the audit lines about it once there are two (or after 6 s)."""
     commands = Commands()
     commands.command(command)
     name = command.__name__
-    sock = sock_dir / "c.sock"
+    sock = short_dir / "c.sock"
     app = Starlette(
         middleware=[
             Middleware(ControlSocketMiddleware, path=str(sock), commands=commands, app_timeout=app_timeout)
@@ -915,7 +911,7 @@ def _audit_lines(caplog: pytest.LogCaptureFixture, cmd: str) -> list[str]:
 
 
 def test_a_command_on_the_app_loop_runs_on_when_its_client_hangs_up_and_is_audited(
-    sock_dir: Path, caplog: pytest.LogCaptureFixture
+    short_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     done: list[str] = []
 
@@ -924,7 +920,7 @@ def test_a_command_on_the_app_loop_runs_on_when_its_client_hangs_up_and_is_audit
         done.append("reindexed")
         return "ok"
 
-    hung_up, ended = _hang_up_on(sock_dir, caplog, reindex)
+    hung_up, ended = _hang_up_on(short_dir, caplog, reindex)
     assert done == ["reindexed"]
     # No reply said how it ended: the audit log does, at the hang-up and when it ended.
     assert "status=cancelled" in hung_up
@@ -932,7 +928,7 @@ def test_a_command_on_the_app_loop_runs_on_when_its_client_hangs_up_and_is_audit
 
 
 def test_a_command_on_the_app_loop_whose_client_hung_up_is_still_bounded_by_app_timeout(
-    sock_dir: Path, caplog: pytest.LogCaptureFixture
+    short_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     done: list[str] = []
 
@@ -941,13 +937,13 @@ def test_a_command_on_the_app_loop_whose_client_hung_up_is_still_bounded_by_app_
         done.append("reindexed")
         return "ok"
 
-    *_, ended = _hang_up_on(sock_dir, caplog, reindex, app_timeout=1.5)
+    *_, ended = _hang_up_on(short_dir, caplog, reindex, app_timeout=1.5)
     assert "status=cancelled" in ended and "no reply" in ended
     assert done == []
 
 
 def test_a_command_whose_client_hung_up_while_the_loop_was_blocked_never_starts_after_app_timeout(
-    sock_dir: Path,
+    short_dir: Path,
 ) -> None:
     # As for a client that waited ("did not start within ...: it will not run"): cancelling
     # the call's future let it run once, when the loop unblocked, past its deadline.
@@ -959,16 +955,8 @@ def test_a_command_whose_client_hung_up_while_the_loop_was_blocked_never_starts_
         ran.append(time.monotonic())
         return "marked"
 
-    async def block(request: Request) -> PlainTextResponse:
-        time.sleep(float(request.query_params["s"]))  # blocks the app's loop
-        return PlainTextResponse("done")
-
-    sock = sock_dir / "c.sock"
-    app = Starlette(
-        routes=[Route("/block", block)],
-        middleware=[Middleware(ControlSocketMiddleware, path=str(sock), commands=commands, app_timeout=2.0)],
-    )
-    with TestClient(app) as http:
+    sock = short_dir / "c.sock"
+    with TestClient(_blocking_app(sock, commands, app_timeout=2.0)) as http:
         # The hang-up is seen within a second (the server's check), well before app_timeout.
         blocker = threading.Thread(target=http.get, args=("/block?s=4",))
         blocker.start()
@@ -984,7 +972,7 @@ def test_a_command_whose_client_hung_up_while_the_loop_was_blocked_never_starts_
         assert _payload(Client(sock), "mark") == "marked"  # the next one runs
 
 
-def test_a_command_that_raises_timeout_or_cancelled_error_itself_gets_its_failure(sock_dir: Path) -> None:
+def test_a_command_that_raises_timeout_or_cancelled_error_itself_gets_its_failure(short_dir: Path) -> None:
     # Not "did not finish within 5s ... may yet finish" (a TimeoutError of its own), nor
     # no reply at all (a CancelledError of its own was taken for its client hanging up).
     commands = Commands()
@@ -1019,7 +1007,7 @@ def test_a_command_that_raises_timeout_or_cancelled_error_itself_gets_its_failur
         task.cancel()
         await asyncio.sleep(1)
 
-    sock = sock_dir / "c.sock"
+    sock = short_dir / "c.sock"
     app = Starlette(middleware=[Middleware(ControlSocketMiddleware, path=str(sock), commands=commands)])
     expected = {
         "plain_timeout": "TimeoutError: upstream took too long",
@@ -1043,19 +1031,19 @@ def test_a_command_that_raises_timeout_or_cancelled_error_itself_gets_its_failur
         assert _payload(control, "ping") == "pong"  # on the same connection
 
 
-def test_a_persisted_log_level_applies_to_a_logger_not_made_yet_beside_a_close_name(sock_dir: Path) -> None:
+def test_a_persisted_log_level_applies_to_a_logger_not_made_yet_beside_a_close_name(short_dir: Path) -> None:
     logging.getLogger("usa.replay.jobz")  # close to the persisted name, which is not made yet
     document = {
         "version": 1,
         "overrides": [{"cmd": "set_log_level", "args": {"level": "DEBUG", "logger": "usa.replay.jobs"}}],
     }
-    (sock_dir / "overrides.json").write_text(json.dumps(document))
-    app = Starlette(middleware=[Middleware(ControlSocketMiddleware, socket_dir=str(sock_dir))])
+    (short_dir / "overrides.json").write_text(json.dumps(document))
+    app = Starlette(middleware=[Middleware(ControlSocketMiddleware, socket_dir=str(short_dir))])
     with TestClient(app):
         assert logging.getLogger("usa.replay.jobs").level == logging.DEBUG
 
 
-def test_tasks_shows_where_a_deep_running_task_blocks_the_loop(sock_dir: Path) -> None:
+def test_tasks_shows_where_a_deep_running_task_blocks_the_loop(short_dir: Path) -> None:
     # Deeper than the 40 frames shown (a FastAPI app under a few middlewares is 26 deep
     # already): the innermost 40, down to the blocking line, not run_asgi alone.
     def layer(depth: int) -> None:
@@ -1068,7 +1056,7 @@ def test_tasks_shows_where_a_deep_running_task_blocks_the_loop(sock_dir: Path) -
         layer(60)
         return PlainTextResponse("done")
 
-    sock = sock_dir / "c.sock"
+    sock = short_dir / "c.sock"
     app = Starlette(
         routes=[Route("/deep", deep)], middleware=[Middleware(ControlSocketMiddleware, path=str(sock))]
     )
@@ -1091,12 +1079,12 @@ def test_tasks_shows_where_a_deep_running_task_blocks_the_loop(sock_dir: Path) -
     assert "time.sleep(2)" in running["stack"][-1] and " in layer: " in running["stack"][0]
 
 
-def test_loop_lag_shows_a_block_while_it_lasts(sock_dir: Path) -> None:
+def test_loop_lag_shows_a_block_while_it_lasts(short_dir: Path) -> None:
     async def block(request: Request) -> PlainTextResponse:
         time.sleep(1.5)  # blocks the app's loop
         return PlainTextResponse("done")
 
-    sock = sock_dir / "c.sock"
+    sock = short_dir / "c.sock"
     app = Starlette(
         routes=[Route("/block", block)],
         middleware=[Middleware(ControlSocketMiddleware, path=str(sock))],
@@ -1120,20 +1108,20 @@ def test_loop_lag_shows_a_block_while_it_lasts(sock_dir: Path) -> None:
     assert after["loop_lag_max_s"] >= 1.0 and after["loop_lag_total_s"] >= 1.0
 
 
-def test_the_lag_monitor_can_say_how_long_the_loop_is_blocked_before_it_first_ran(sock_dir: Path) -> None:
+def test_the_lag_monitor_can_say_how_long_the_loop_is_blocked_before_it_first_ran(short_dir: Path) -> None:
     # The stats command asks it from the control thread: under uvicorn an app that blocks its
     # loop right after startup does so before the monitor task ever ran.
-    monitor = ControlSocketMiddleware(Starlette(), path=str(sock_dir / "c.sock")).control.monitor
+    monitor = ControlSocketMiddleware(Starlette(), path=str(short_dir / "c.sock")).control.monitor
     assert monitor.task is None
     assert monitor.blocked_for() == 0.0  # was: TypeError, float - dataclasses.Field
 
 
-def test_the_lag_monitor_counts_from_startup_not_from_when_the_middleware_was_made(sock_dir: Path) -> None:
-    control = ControlSocketMiddleware(Starlette(), path=str(sock_dir / "c.sock")).control
+def test_the_lag_monitor_counts_from_startup_not_from_when_the_middleware_was_made(short_dir: Path) -> None:
+    control = ControlSocketMiddleware(Starlette(), path=str(short_dir / "c.sock")).control
     control.monitor.last_tick -= 3600  # made an hour before startup (gunicorn --preload)
 
     async def start_and_look() -> float:
-        await control.start(str(sock_dir / "c.sock"), None, {})
+        await control.start(str(short_dir / "c.sock"), None, {})
         try:
             return control.monitor.blocked_for()  # before its task first ran: nothing awaited since
         finally:
@@ -1142,8 +1130,8 @@ def test_the_lag_monitor_counts_from_startup_not_from_when_the_middleware_was_ma
     assert asyncio.run(start_and_look()) < 1  # not the hour before startup
 
 
-def test_uptime_counts_from_the_fork_when_the_middleware_was_made_before_it(sock_dir: Path) -> None:
-    sock = sock_dir / "c.sock"
+def test_uptime_counts_from_the_fork_when_the_middleware_was_made_before_it(short_dir: Path) -> None:
+    sock = short_dir / "c.sock"
     app = ControlSocketMiddleware(Starlette(routes=[Route("/", _hello)]), path=str(sock))
     app.control.started_at -= 3600  # made an hour ago, in the parent (gunicorn --preload)...
     app.stats._started_mono -= 3600
@@ -1157,9 +1145,9 @@ def test_uptime_counts_from_the_fork_when_the_middleware_was_made_before_it(sock
 
 
 def test_a_socket_directory_others_may_write_is_refused_even_sticky_and_one_inside_is_made(
-    sock_dir: Path,
+    short_dir: Path,
 ) -> None:
-    shared = sock_dir / "shared"
+    shared = short_dir / "shared"
     shared.mkdir()
     os.chmod(shared, 0o1777)  # as /tmp, or an emptyDir made sticky: others may add sockets here
     app = Starlette(middleware=[Middleware(ControlSocketMiddleware, socket_dir=str(shared), strict=True)])
@@ -1189,12 +1177,12 @@ def test_a_socket_directory_others_may_write_is_refused_even_sticky_and_one_insi
 
 
 def test_read_only_commands_are_audited_at_debug_and_changes_at_info(
-    sock_dir: Path, caplog: pytest.LogCaptureFixture
+    short_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from unixsock_asgi import Setting, Settings
 
     caplog.set_level(logging.DEBUG, logger="unixsock_asgi.audit")
-    sock = sock_dir / "c.sock"
+    sock = short_dir / "c.sock"
     with TestClient(_starlette(sock, settings=Settings(Setting("delay_s", float, 0.2)))):
         control = Client(sock)
         _payload(control, "stats", routes=False)  # what top polls
@@ -1208,7 +1196,7 @@ def test_read_only_commands_are_audited_at_debug_and_changes_at_info(
 
 
 def test_a_plain_command_that_runs_past_app_timeout_after_its_client_hung_up_is_audited_as_it_ended(
-    sock_dir: Path, caplog: pytest.LogCaptureFixture
+    short_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Nothing stops a plain function: the audit line must say it succeeded when it did,
     # not that it was cancelled when app_timeout came.
@@ -1219,18 +1207,18 @@ def test_a_plain_command_that_runs_past_app_timeout_after_its_client_hung_up_is_
         done.append("restocked")
         return "ok"
 
-    hung_up, ended = _hang_up_on(sock_dir, caplog, restock, app_timeout=1.5)
+    hung_up, ended = _hang_up_on(short_dir, caplog, restock, app_timeout=1.5)
     assert done == ["restocked"]
     assert "status=cancelled" in hung_up
     assert "status=success" in ended and "no reply" in ended
 
 
 def test_names_from_the_socket_are_quoted_back_cut_short(
-    sock_dir: Path, caplog: pytest.LogCaptureFixture
+    short_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A megabyte of command name made a megabyte audit line and a reply twice its size.
     caplog.set_level(logging.INFO, logger="unixsock_asgi.audit")
-    sock = sock_dir / "c.sock"
+    sock = short_dir / "c.sock"
     long_name = "x" * 500_000 + "\n"
     with TestClient(_starlette(sock)):
         control = Client(sock)
@@ -1249,8 +1237,8 @@ def test_names_from_the_socket_are_quoted_back_cut_short(
     assert len(line) < 400 and "(500001 characters)" in line
 
 
-def test_get_log_level_of_a_long_unknown_name_is_refused_at_once(sock_dir: Path) -> None:
-    sock = sock_dir / "c.sock"
+def test_get_log_level_of_a_long_unknown_name_is_refused_at_once(short_dir: Path) -> None:
+    sock = short_dir / "c.sock"
     with TestClient(_starlette(sock)):
         control = Client(sock, max_message_size=4 << 20)
         started = time.monotonic()
@@ -1260,7 +1248,7 @@ def test_get_log_level_of_a_long_unknown_name_is_refused_at_once(sock_dir: Path)
         assert time.monotonic() - started < 5
 
 
-def test_a_request_told_the_client_has_gone_before_responding_counts_499(sock_dir: Path) -> None:
+def test_a_request_told_the_client_has_gone_before_responding_counts_499(short_dir: Path) -> None:
     async def upload(request: Request) -> PlainTextResponse:
         return PlainTextResponse(str(len(await request.body())))  # ClientDisconnect when aborted
 
@@ -1282,7 +1270,7 @@ def test_a_request_told_the_client_has_gone_before_responding_counts_499(sock_di
                 Mount("/silent", silent),
             ]
         ),
-        path=str(sock_dir / "c.sock"),
+        path=str(short_dir / "c.sock"),
     )
 
     async def call(path: str, method: str, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -7,13 +7,9 @@ import grp
 import io
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from starlette.testclient import TestClient
 
 from unixsock_asgi import Client
@@ -25,21 +21,12 @@ def python_blocks() -> list[str]:
     return re.findall(r"^```python\n(.*?)^```$", README.read_text(encoding="utf-8"), flags=re.M | re.S)
 
 
-@pytest.fixture
-def run_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="usa-readme-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def run_block(source: str, run_dir: Path) -> tuple[dict[str, Any], str]:
-    """Execute one block, its /run paths moved into ``run_dir``; return its namespace and output."""
-    source = source.replace("/run/shop", str(run_dir / "shop")).replace("/run/me", str(run_dir / "me"))
+def run_block(source: str, short_dir: Path) -> tuple[dict[str, Any], str]:
+    """Execute one block, its /run paths moved into ``short_dir``; return its namespace and output."""
+    source = source.replace("/run/shop", str(short_dir / "shop")).replace("/run/me", str(short_dir / "me"))
     # The operations group of the example is this process's own group here.
     source = source.replace('getgrnam("ops")', f"getgrnam({grp.getgrgid(os.getgid()).gr_name!r})")
-    (run_dir / "me").mkdir(exist_ok=True, mode=0o700)
+    (short_dir / "me").mkdir(exist_ok=True, mode=0o700)
     namespace: dict[str, Any] = {"__name__": "readme_example"}
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -53,14 +40,14 @@ def test_readme_has_the_examples_these_tests_run() -> None:
     assert "async def restock" in blocks[0] and "UnixSockServer" in blocks[3]
 
 
-def test_every_python_block_of_readme_runs(run_dir: Path) -> None:
+def test_every_python_block_of_readme_runs(short_dir: Path) -> None:
     for block in python_blocks():
-        run_block(block, run_dir)  # raises if a name is missing, an import is wrong...
+        run_block(block, short_dir)  # raises if a name is missing, an import is wrong...
 
 
-def test_add_it_to_your_app_does_what_readme_says(run_dir: Path) -> None:
-    namespace, _ = run_block(python_blocks()[0], run_dir)
-    socket_path = str(run_dir / "shop" / f"shop-{os.getpid()}.sock")
+def test_add_it_to_your_app_does_what_readme_says(short_dir: Path) -> None:
+    namespace, _ = run_block(python_blocks()[0], short_dir)
+    socket_path = str(short_dir / "shop" / f"shop-{os.getpid()}.sock")
     with TestClient(namespace["app"]) as http:
         control = Client(socket_path)
         reply = control.send("restock", {"item_id": 1, "quantity": 4})
@@ -74,8 +61,8 @@ def test_add_it_to_your_app_does_what_readme_says(run_dir: Path) -> None:
     assert not os.path.exists(socket_path)
 
 
-def test_the_server_and_client_example_prints_what_readme_says(run_dir: Path) -> None:
+def test_the_server_and_client_example_prints_what_readme_says(short_dir: Path) -> None:
     block = python_blocks()[3]
-    _, out = run_block(block, run_dir)
+    _, out = run_block(block, short_dir)
     promised = re.search(r"print\(.*\)\s+# (.*)$", block, flags=re.M)
     assert promised is not None and out == promised.group(1) + "\n"

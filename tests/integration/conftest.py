@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .harness import short_dir, start_server
+from .harness import start_server
 
-__all__ = ["short_dir", "start_server"]
+__all__ = ["start_server"]

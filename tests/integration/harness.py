@@ -126,16 +126,3 @@ def start_server(tmp_path: Path) -> Iterator[StartServer]:
     finally:
         for server in started:
             server.stop()
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A short temporary directory: UNIX socket paths must fit in 107 bytes."""
-    import shutil
-    import tempfile
-
-    path = Path(tempfile.mkdtemp(prefix="usa-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
