@@ -796,7 +796,10 @@ async def ask_worker(
     except _UntrustedPeer as exc:
         result.error = str(exc)
     except ConnectError as exc:
-        if _nothing_listens(path):
+        if BACKLOG_FULL in str(exc):  # the client's own timeout came first (Python 3.10's shim)
+            result.status = STATUS_TIMEOUT
+            result.error = f"no connection within {timeout:g}s: {BACKLOG_FULL}"
+        elif _nothing_listens(path):
             result.status = STATUS_STALE
             result.error = "nothing listens on this socket (its process is gone)"
         else:

@@ -164,6 +164,27 @@ class Close:
 Event = Request | ProtocolViolation | Close
 
 
+MAX_NESTING = 500
+"""How deep a request's arrays and objects may nest: the same on every Python (the decoder
+gives up near 1,000 levels on 3.11 and takes 5,000 and more on 3.13), and deeper than any
+command's arguments need."""
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def _too_deep(text: str) -> bool:
+    """Whether ``text`` nests arrays and objects more than :data:`MAX_NESTING` deep."""
+    if text.count("[") + text.count("{") <= MAX_NESTING:  # two C scans: a command ends here
+        return False
+    depth = 0
+    for bracket in _BRACKETS.findall(_JSON_STRING.sub("", text)):  # brackets outside strings
+        depth += 1 if bracket in "[{" else -1
+        if depth > MAX_NESTING:
+            return True
+    return False
+
+
 def _loads(text: bytes | str, *, request: bool = False) -> Any:
     """Parse JSON; every failure is a ValueError.
 
@@ -176,6 +197,8 @@ def _loads(text: bytes | str, *, request: bool = False) -> Any:
     strict = request and _long_digit_run(text)
     if isinstance(text, bytes):
         text = text.decode()
+    if request and _too_deep(text):
+        raise ValueError(f"JSON nested too deeply (more than {MAX_NESTING} levels)")
     # Integers are checked one by one (a Python call each) only where one may be too big.
     scan_once, decode = (_scan_request, _decode_request) if strict else (_scan_once, _decode)
     try:
