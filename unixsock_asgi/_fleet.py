@@ -1407,9 +1407,8 @@ def render_prometheus(outcome: FanOutResult, *, prefix: str = "asgi") -> str:
     burst of requests.) Gauges are summed over the fleet as well.
     """
     snapshots = [r for r in outcome.successes if isinstance(r.payload, Mapping)]
-    workers = [
-        (_pid_label(r.pid), aggregate_stats([r.payload])) for r in snapshots
-    ]  # each checked as the total is
+    # Each worker's checked as the total is.
+    workers = [(_pid_label(r.pid), aggregate_stats([r.payload])) for r in snapshots]
     total = aggregate_stats([r.payload for r in snapshots])
     out = _Exposition(prefix)
 

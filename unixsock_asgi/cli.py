@@ -33,6 +33,7 @@ from typing import Any, NoReturn, TextIO
 
 from . import __version__
 from ._fleet import (
+    CONTROL_FLAGS,
     FOREIGN_STATS,
     LONE_SURROGATES,
     STATUS_ERROR,
@@ -181,7 +182,7 @@ def _status_count(snapshot: Mapping[str, Any], status_class: str) -> Any:
     return by_status.get(status_class, 0) if isinstance(by_status, Mapping) else None
 
 
-_FLAG_WORDS = {"health_failing": "health failing", "maintenance": "maintenance"}
+_FLAG_WORDS = {flag: flag.replace("_", " ") for flag in CONTROL_FLAGS}  # "health failing", "maintenance"
 
 
 def worker_flags(snapshot: Any) -> list[str]:
