@@ -895,6 +895,36 @@ def test_top_shows_5xx_per_second_over_the_interval(fleet: Fleet, socket_dir: Pa
     assert (rows[str(erring.pid)][4], total[4]) == ("0.0", "0.0")
 
 
+def test_top_shows_4xx_per_second_where_the_terminal_has_room(fleet: Fleet, socket_dir: Path) -> None:
+    # A bad deploy's broken links or a client hammering a wrong token: 4xx, not 5xx.
+    import asyncio
+
+    from unixsock_asgi._fleet import Target
+    from unixsock_asgi._top import WIDE_COLUMNS, TopView, _sample
+
+    probing, calm = fleet.start(2)
+    target = Target(str(socket_dir), is_directory=True)
+    view = TopView(str(socket_dir))
+
+    def refresh(now: float, width: int) -> list[str]:
+        outcome = asyncio.run(_sample(target, timeout=2.0))
+        return view.frame(outcome, view.update(outcome, now=now), width=width, height=24, interval=2.0)
+
+    refresh(100.0, 80)
+    probing.record(*[("/items/{item_id}", 404, 0.01)] * 8, *[("/login", 401, 0.01)] * 2, ("/", 500, 0.01))
+    calm.record(*[("/", 200, 0.01)] * 3)
+    lines = refresh(102.0, WIDE_COLUMNS + 1)
+    assert lines[3].split()[4:6] == ["4XX/S", "5XX/S"]
+    assert all(len(line) <= WIDE_COLUMNS for line in lines)
+    rows = {line.split()[0]: line.split() for line in lines[4:]}
+    assert rows[str(probing.pid)][4:6] == ["5.0", "0.5"] and rows[str(calm.pid)][4:6] == ["0.0", "0.0"]
+    assert rows["TOTAL"][4:6] == ["5.0", "0.5"]
+    # One column less and it is the 80-column table.
+    lines = refresh(104.0, WIDE_COLUMNS)
+    assert "4XX/S" not in lines[3] and lines[3].split()[4] == "5XX/S"
+    assert all(len(line) < 80 for line in lines)
+
+
 def test_top_counts_workers_that_started_since_the_last_refresh(fleet: Fleet, socket_dir: Path) -> None:
     # gunicorn recycling: the new worker's requests belong to the interval, and to TOTAL.
     import asyncio

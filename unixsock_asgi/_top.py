@@ -47,6 +47,8 @@ _QUIT_KEYS = frozenset("qQ")
 GONE_SHOWN_S = 60.0
 """How long a worker that answered and then vanished (exited, recycled, killed) stays on the view."""
 STATUS_GONE = "gone"
+WIDE_COLUMNS = 83
+"""Terminals wider than this get a ``4XX/S`` column (the view is 77 columns without it)."""
 _NOBODY = object()
 _ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
@@ -62,6 +64,8 @@ class _Sample:
     """When its counters started (``started_at``) and how many times they were reset."""
     errors: int = 0
     """Its 5xx responses so far."""
+    client_errors: int = 0
+    """Its 4xx responses so far."""
 
 
 @dataclass
@@ -77,6 +81,8 @@ class WorkerRow:
     errors_5xx: Any = None
     errors_per_s: float | None = None
     """5xx responses per second over the last interval (what an error spike shows in)."""
+    client_errors_per_s: float | None = None
+    """4xx responses per second over the last interval (shown on terminals wide enough)."""
     exceptions: Any = None
     p50_s: float | None = None
     p99_s: float | None = None
@@ -181,9 +187,12 @@ class TopView:
             row.uptime_s = snap.get("uptime_s")
             requests = int(row.requests or 0)
             errors = row.errors_5xx if isinstance(row.errors_5xx, int) else 0
+            client_errors = by_status.get("4xx", 0)
+            if isinstance(client_errors, bool) or not isinstance(client_errors, int):
+                client_errors = 0
             at = r.answered_at if given is None and r.answered_at is not None else now
             epoch = (snap.get("started_at"), snap.get("resets"))
-            sample = _Sample(at, requests, _buckets(snap), epoch, errors)
+            sample = _Sample(at, requests, _buckets(snap), epoch, errors, client_errors)
             key = (r.socket, r.pid)
             seen[key] = sample
             before = self._previous.get(key)
@@ -198,6 +207,7 @@ class TopView:
                 continue
             row.requests_per_s = (requests - before.requests) / (at - before.at)
             row.errors_per_s = max(0, errors - before.errors) / (at - before.at)
+            row.client_errors_per_s = max(0, client_errors - before.client_errors) / (at - before.at)
             delta = {
                 i: c - before.buckets.get(i, 0)
                 for i, c in sample.buckets.items()
@@ -225,7 +235,7 @@ class TopView:
         window = at - self._last_now
         if not 0.0 <= since <= window:  # NaN fails this too
             return None
-        return _Sample(self._last_now, 0, {}, None, 0)
+        return _Sample(self._last_now, 0, {}, None, 0, 0)
 
     def frame(
         self,
@@ -236,8 +246,12 @@ class TopView:
         height: int,
         interval: float,
         interactive: bool = True,
+        wide: bool | None = None,
     ) -> list[str]:
-        """The lines of one screen, each at most ``width - 1`` columns, at most ``height`` lines."""
+        """The lines of one screen, each at most ``width - 1`` columns, at most ``height`` lines.
+
+        ``wide`` adds the ``4XX/S`` column; by default, when the width has room for it.
+        """
         live = [r for r in rows if r.status == "success"]
         gone = sum(1 for r in rows if r.status == STATUS_GONE)
         silent = len(rows) - len(live) - gone
@@ -260,14 +274,17 @@ class TopView:
             if (flagged := flagged_workers(outcome.results))
             else "",
         ]
-        # 77 columns: fits an 80x24 terminal.
-        columns = f"{'PID':>7} {'REQ/S':>7} {'REQS':>8} {'INFL':>4} {'5XX/S':>5} {'EXC':>4}"
+        # 77 columns: fits an 80x24 terminal; one wider by 6 shows 4xx responses per second too.
+        if wide is None:
+            wide = width > WIDE_COLUMNS
+        columns = f"{'PID':>7} {'REQ/S':>7} {'REQS':>8} {'INFL':>4}"
+        columns += f" {'4XX/S':>5} {'5XX/S':>5} {'EXC':>4}" if wide else f" {'5XX/S':>5} {'EXC':>4}"
         columns += f" {'P50':>7} {'P99':>7} {'LAG':>6} {'RSS':>6} {'UPTIME':>6}"
         body = [columns]
         room = max(1, height - len(header) - 3)  # column line, total line, overflow line
         shown = rows if len(rows) <= room else rows[: room - 1]
         for r in shown:
-            body.append(self._row_text(r))
+            body.append(self._row_text(r, wide=wide))
         if len(shown) < len(rows):
             body.append(f"{'':>7} ... {len(rows) - len(shown)} more worker(s) not shown")
 
@@ -281,17 +298,18 @@ class TopView:
         total.requests = _sum("requests")
         total.in_flight = _sum("in_flight")
         total.errors_per_s = _sum("errors_per_s")
+        total.client_errors_per_s = _sum("client_errors_per_s")
         total.exceptions = _sum("exceptions")
         total.p50_s = _quantile(merged, 0.5)
         total.p99_s = _quantile(merged, 0.99)
         total.loop_lag_s = max(lags) if lags else None
         total.rss_bytes = _sum("rss_bytes")
-        body.append(self._row_text(total, label="TOTAL"))
+        body.append(self._row_text(total, label="TOTAL", wide=wide))
         limit = max(20, width - 1)
         return [terminal_safe(line)[:limit] for line in header + body][: max(height, 1)]
 
     @staticmethod
-    def _row_text(r: WorkerRow, label: str | None = None) -> str:
+    def _row_text(r: WorkerRow, label: str | None = None, *, wide: bool = False) -> str:
         name = label or (str(r.pid) if r.pid is not None else os.path.basename(r.socket)[:7])
         if r.status == STATUS_GONE:
             seen = time.strftime("%H:%M:%S", time.localtime(r.last_answered or 0))
@@ -302,14 +320,20 @@ class TopView:
             whole = f"  {os.path.basename(r.socket)}" if named else ""
             return f"{name:>7} {r.status.upper():>7}{whole}"
         rate = "-" if r.requests_per_s is None else f"{r.requests_per_s:.1f}"
-        errors = "-" if r.errors_per_s is None else f"{r.errors_per_s:.{1 if r.errors_per_s < 100 else 0}f}"
+        errors = _per_second(r.errors_per_s)
+        client_errors = f" {_per_second(r.client_errors_per_s):>5}" if wide else ""
         return (
             f"{name:>7} {rate:>7} {format_count(r.requests):>8} {format_count(r.in_flight):>4}"
-            f" {errors:>5} {format_count(r.exceptions):>4}"
+            f"{client_errors} {errors:>5} {format_count(r.exceptions):>4}"
             f" {format_duration(r.p50_s):>7} {format_duration(r.p99_s):>7}"
             f" {format_duration(r.loop_lag_s):>6} {format_bytes(r.rss_bytes):>6}"
             f" {format_uptime(r.uptime_s):>6}"
         ).rstrip()
+
+
+def _per_second(rate: float | None) -> str:
+    """A rate in a 5-column cell: one decimal below 100."""
+    return "-" if rate is None else f"{rate:.{1 if rate < 100 else 0}f}"
 
 
 def _colour_allowed(stream: TextIO) -> bool:
@@ -370,7 +394,12 @@ async def _print_once(target: Target, interval: float, timeout: float, out: Text
     tty = out.isatty()
     height = size.lines if tty else len(rows) + 16
     width = size.columns if tty else 1000
-    for line in view.frame(outcome, rows, width=width, height=height, interval=interval, interactive=False):
+    # Into a pipe, the 80-column table (what scripts and README show), whatever the width.
+    wide = None if tty else False
+    frame = view.frame(
+        outcome, rows, width=width, height=height, interval=interval, interactive=False, wide=wide
+    )
+    for line in frame:
         out.write(line + "\n")
     out.flush()
     nobody = nobody_answered(target, outcome)
