@@ -109,7 +109,32 @@ def test_plain_enum_and_optional_bounded_settings() -> None:
     assert settings.set("level", "low") == (Level.HIGH, Level.LOW)
     assert settings.set("max_items", 5) == (None, 5)
     assert settings.set("cap", None) == (10, None)
-    with pytest.raises(ValueError, match="cap must be at least 1"):
+    with pytest.raises(ValueError, match=r"setting 'cap': must be at least 1, got 0"):
         settings.set("cap", 0)
     with pytest.raises(TypeError, match="minimum and maximum apply to int and float settings, not string"):
         Setting("name", str, "x", minimum=1)
+
+
+def test_a_declaration_is_checked_where_it_is_written() -> None:
+    import datetime
+
+    # A type no JSON value has could never be set: refused like a command argument's.
+    with pytest.raises(TypeError, match="setting 'when' is typed datetime, which no JSON value is"):
+        Setting("when", datetime.datetime, datetime.datetime(2020, 1, 1))
+    with pytest.raises(ValueError, match="setting 'n': its default 'abc' is refused: expected an integer"):
+        Setting("n", int, "abc")
+    with pytest.raises(ValueError, match="setting 'n': its default 0 is refused: must be at least 1"):
+        Setting("n", int, 0, minimum=1)
+
+
+def test_a_typo_in_a_read_names_the_settings_there_are() -> None:
+    settings = make()
+    with pytest.raises(KeyError, match="unknown setting 'greting'; settings: greeting, delay_s, enabled"):
+        _ = settings["greting"]
+    with pytest.raises(AttributeError, match="unknown setting 'greting'; settings: greeting, delay_s"):
+        _ = settings.greting
+    with pytest.raises(ValueError, match=r"^setting 'delay_s': must be at most 10, got 11\.0$"):
+        settings.set("delay_s", 11)  # the name once
+    import copy
+
+    assert copy.copy(settings)["greeting"] == "hello"  # dunder probes are plain AttributeErrors

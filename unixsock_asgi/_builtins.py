@@ -21,7 +21,7 @@ from typing import Any
 
 from ._commands import Commands
 from ._control import CommandContext, LogRestore
-from ._protocol import Response, short_repr
+from ._protocol import Response
 
 __all__ = ["builtin_commands"]
 
@@ -386,8 +386,8 @@ def set_(ctx: CommandContext, name: str, value: Any) -> Any:
         old, new = ctx.settings.set(name, value)
     except KeyError as exc:
         return Response.failure(str(exc.args[0]))
-    except (TypeError, ValueError) as exc:
-        return Response.failure(f"setting {short_repr(name)}: {exc}")
+    except (TypeError, ValueError) as exc:  # its message names the setting
+        return Response.failure(str(exc))
     ctx.logger.info("setting %s changed from %s to %s", name, _logged(old), _logged(new))
     return {"name": name, "old": old, "new": new}
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ._commands import _type_name, coerce
+from ._commands import _type_name, _unsupported, coerce
 
 __all__ = ["Setting", "Settings"]
 
@@ -34,20 +34,28 @@ class Setting:
     """Extra check: raise ValueError with a message to refuse a value."""
 
     def __post_init__(self) -> None:
+        if problem := _unsupported(self.type):
+            raise TypeError(f"setting {self.name!r} is typed {_type_name(self.type)}, {problem}")
         if (self.minimum is not None or self.maximum is not None) and not _numeric(self.type):
             raise TypeError(
                 f"setting {self.name!r}: minimum and maximum apply to int and float settings,"
                 f" not {_type_name(self.type)}"
             )
+        try:
+            self.check(self.default)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"setting {self.name!r}: its default {self.default!r} is refused: {exc}"
+            ) from None
 
     def check(self, value: Any) -> Any:
         """Return ``value`` converted to the setting's type, or raise ValueError."""
         value = coerce(value, self.type)
         if value is not None:  # None: an optional setting's "unset", with no bounds to check
             if self.minimum is not None and value < self.minimum:
-                raise ValueError(f"{self.name} must be at least {self.minimum}, got {value!r}")
+                raise ValueError(f"must be at least {self.minimum}, got {value!r}")
             if self.maximum is not None and value > self.maximum:
-                raise ValueError(f"{self.name} must be at most {self.maximum}, got {value!r}")
+                raise ValueError(f"must be at most {self.maximum}, got {value!r}")
         if self.validate is not None:
             self.validate(value)
         return value
@@ -96,13 +104,19 @@ class Settings:
         self._values[setting.name] = default
 
     def __getitem__(self, name: str) -> Any:
-        return self._values[name]
+        try:
+            return self._values[name]
+        except KeyError:
+            self._require(name)  # says which settings there are
+            raise
 
     def __getattr__(self, name: str) -> Any:
         values = self.__dict__.get("_values")
         if values is not None and name in values:
             return values[name]
-        raise AttributeError(name)
+        if name.startswith("_") or values is None:  # copy, pickle and the like probe for dunders
+            raise AttributeError(name)
+        raise AttributeError(f"unknown setting {name!r}; settings: {self._known()}")
 
     def __setattr__(self, name: str, value: Any) -> None:
         # ``settings.greeting = "hi"`` is a set(): checked, and seen by every reader.
@@ -133,9 +147,17 @@ class Settings:
         return self._values[name]
 
     def set(self, name: str, value: Any) -> tuple[Any, Any]:
-        """Validate and apply a new value; return ``(old, new)``."""
+        """Validate and apply a new value; return ``(old, new)``.
+
+        KeyError for an undeclared name; ValueError or TypeError, naming the setting, for a refused value.
+        """
         setting = self._require(name)
-        new = setting.check(value)
+        try:
+            new = setting.check(value)
+        except (TypeError, ValueError) as exc:
+            raise (TypeError if isinstance(exc, TypeError) else ValueError)(
+                f"setting {name!r}: {exc}"
+            ) from None
         with self._lock:
             old = self._values[name]
             self._values[name] = new
@@ -162,5 +184,7 @@ class Settings:
         try:
             return self._declared[name]
         except KeyError:
-            known = ", ".join(self._declared) or "none are declared"
-            raise KeyError(f"unknown setting {name!r}; settings: {known}") from None
+            raise KeyError(f"unknown setting {name!r}; settings: {self._known()}") from None
+
+    def _known(self) -> str:
+        return ", ".join(self._declared) or "none are declared"
