@@ -706,6 +706,33 @@ def test_ctx_app_state_is_the_apps_state_even_when_empty_at_startup(short_dir: P
         assert _payload(Client(sock), "hits") == 2
 
 
+def test_ctx_app_is_the_app_the_server_runs_however_the_middleware_is_added(short_dir: Path) -> None:
+    # In a middleware list Starlette wraps it around its ExceptionMiddleware: ctx.app is the
+    # Starlette instance all the same, as when it wraps the app by hand.
+    commands = Commands()
+
+    @commands.command(readonly=True)
+    async def app_title(ctx: Any) -> Any:
+        return [type(ctx.app).__name__, getattr(ctx.app.state, "title", None)]
+
+    sock = short_dir / "c.sock"
+
+    def made(how: str) -> Any:
+        options: dict[str, Any] = {"path": str(sock), "commands": commands}
+        if how == "list":
+            app = Starlette(middleware=[Middleware(ControlSocketMiddleware, **options)])
+        else:
+            app = Starlette()
+        app.state.title = how
+        if how == "add_middleware":
+            app.add_middleware(ControlSocketMiddleware, **options)
+        return ControlSocketMiddleware(app, **options) if how == "by hand" else app
+
+    for how in ("list", "add_middleware", "by hand"):
+        with TestClient(made(how)):
+            assert _payload(Client(sock), "app_title") == ["Starlette", how]
+
+
 def test_a_blocking_plain_diagnostic_command_does_not_stall_other_connections(short_dir: Path) -> None:
     commands = Commands()
     release = threading.Event()

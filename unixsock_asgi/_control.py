@@ -47,8 +47,11 @@ class CommandContext:
 
     @property
     def app(self) -> Any:
-        """The ASGI app the middleware wraps."""
-        return self.control.app
+        """The app the server runs: Starlette's or FastAPI's instance (the lifespan's
+        ``scope["app"]``), also when the middleware sits in its middleware list; else
+        the ASGI app the middleware wraps."""
+        host = self.control.host_app
+        return host if host is not None else self.control.app
 
     @property
     def state(self) -> dict[str, Any]:
@@ -182,6 +185,7 @@ class ControlPlane:
         self.gate = True  # health_failing, maintenance or awaiting_lifespan: one check on the hot path
         self.lifespan_state: dict[str, Any] = {}
         self.app_state: Any = None
+        self.host_app: Any = None  # the lifespan's scope["app"]: see CommandContext.app
         self.app_loop: asyncio.AbstractEventLoop | None = None
         self.app_thread_id: int | None = None
         self.server: UnixSockServer | None = None
@@ -224,8 +228,9 @@ class ControlPlane:
         state = scope.get("state")
         if isinstance(state, dict):
             self.lifespan_state = state
+        self.host_app = scope.get("app")
         # Not ``or``: Starlette's State has a length, so an empty one is false.
-        app_state = getattr(scope.get("app"), "state", None)
+        app_state = getattr(self.host_app, "state", None)
         self.app_state = app_state if app_state is not None else getattr(self.app, "state", None)
         if socket_dir is not None:
             from ._fleet import remove_stale_sockets
