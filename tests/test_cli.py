@@ -1152,7 +1152,7 @@ def test_help_shows_defaults_and_the_go_style_handler() -> None:
         "drain [timeout=<number, default 30>] [logger=<string>]",
         f"{'':36}  Wait.",
         "",
-        "Any other command goes to the app's handler legacy: Answers echo.",
+        "Any other command goes to the app's handler, legacy: Answers echo.",
     ]
 
 

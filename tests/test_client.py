@@ -206,6 +206,10 @@ def test_large_reply_arrives_whole(start_server: ServerFactory, tracker: Connect
 def test_empty_command_is_refused_before_sending(sock_path: str) -> None:
     with pytest.raises(ValueError, match="non-empty string"):
         Client(sock_path).send("")
+    # A list of pairs made a dict quietly; anything else failed inside dict().
+    for args in ([("a", 1)], [1, 2], "a=1"):
+        with pytest.raises(TypeError, match="args must be a dict \\(a JSON object\\) or None, not"):
+            Client(sock_path).send("ping", args)  # type: ignore[call-overload]
 
 
 def test_close_false_keeps_the_connection_and_close_ends_it(
@@ -280,7 +284,8 @@ def test_async_client(start_server: ServerFactory, tracker: ConnectionTracker) -
         with pytest.raises(CommandFailed):
             failed.raise_for_status()
 
-        assert await AsyncClient(server.path).send("note", respond=False) is None
+        respond = False  # typed bool: the overload for respond=False is typed None, which mypy will not test
+        assert await AsyncClient(server.path).send("note", respond=respond) is None
 
         async with AsyncClient(server.path, close=False) as client:
             first = _payload(await client.send("conn"))
@@ -335,6 +340,16 @@ def test_stale_socket_is_a_connect_error(sock_path: str) -> None:
             asyncio.run(AsyncClient(sock_path).send("ping"))
     finally:
         stale.close()
+
+
+def test_a_path_that_is_no_socket_is_named_for_what_it_is(tmp_path: Path) -> None:
+    # Connecting to a plain file is refused like a stale socket: it is not one.
+    plain = tmp_path / "app.sock"
+    plain.write_text("")
+    with pytest.raises(ConnectError, match=r"app.sock: that path is a regular file, not a socket"):
+        Client(plain).send("ping")
+    with pytest.raises(ConnectError, match="that path is a directory, not a socket"):
+        asyncio.run(AsyncClient(tmp_path).send("ping"))
 
 
 def test_a_full_backlog_is_named_as_such_by_both_clients(

@@ -390,3 +390,19 @@ def test_help_names_any_json_value_and_literal_choices_as_clients_send_them() ->
         ArgumentError, match=r"expected (one of 'red', null|'red' \| null), got string 'blue'"
     ):
         command.bind({"value": 1, "items": [], "tint": "blue"})
+
+
+def test_argument_error_is_caught_as_the_librarys_and_as_a_value_error() -> None:
+    from unixsock_asgi import UnixSockError
+
+    commands = Commands()
+
+    @commands.command
+    def scale(workers: int) -> int:
+        return workers
+
+    with pytest.raises(ArgumentError) as info:
+        command = commands.get("scale")
+        assert command is not None
+        command.bind({"workers": "many"})
+    assert isinstance(info.value, UnixSockError) and isinstance(info.value, ValueError)

@@ -8,9 +8,11 @@ import errno
 import math
 import os
 import socket
+import stat
 import time
+from collections.abc import Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal, overload
 
 from . import _compat
 from ._exceptions import ConnectError, ProtocolError, TimeoutException, TransportError
@@ -33,7 +35,7 @@ def _connect_error(path: str, exc: OSError) -> ConnectError:
     if isinstance(exc, FileNotFoundError):
         hint = "no socket file there; is the server running, and is the path right?"
     elif isinstance(exc, ConnectionRefusedError):
-        hint = "nothing is listening (a stale socket left by a process that is gone?)"
+        hint = _not_a_socket(path) or "nothing is listening (a stale socket left by a process that is gone?)"
     elif isinstance(exc, PermissionError):
         hint = "permission denied; check the socket's owner, group and mode"
     elif exc.errno in (errno.ENOTSOCK, errno.ECONNREFUSED):
@@ -41,6 +43,20 @@ def _connect_error(path: str, exc: OSError) -> ConnectError:
     else:
         hint = exc.strerror or str(exc)
     return ConnectError(f"cannot connect to {path}: {hint}")
+
+
+def _not_a_socket(path: str) -> str:
+    """What is at ``path`` when it is not a socket (connecting to a plain file is refused too)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return ""
+    if stat.S_ISSOCK(mode):
+        return ""
+    what = (
+        "a directory" if stat.S_ISDIR(mode) else "a regular file" if stat.S_ISREG(mode) else "a special file"
+    )
+    return f"that path is {what}, not a socket (is the path right?)"
 
 
 BACKLOG_FULL = "the server's backlog is full (it accepts no connections: stopped, hung or flooded)"
@@ -110,6 +126,8 @@ class _BaseClient:
     ) -> tuple[bytes, bool, bool]:
         if not isinstance(cmd, str) or not cmd:
             raise ValueError("cmd must be a non-empty string")
+        if args is not None and not isinstance(args, Mapping):
+            raise TypeError(f"args must be a dict (a JSON object) or None, not {type(args).__name__}")
         respond = self.respond if respond is None else respond
         close = self.close_after if close is None else close
         return encode_request(Request(cmd, dict(args or {}), respond, close)), respond, close
@@ -200,6 +218,36 @@ class Client(_BaseClient):
         self.close()
         return None
 
+    @overload
+    def send(
+        self,
+        cmd: str,
+        args: dict[str, Any] | None = None,
+        *,
+        respond: Literal[True],
+        close: bool | None = None,
+    ) -> Response: ...
+    @overload
+    def send(
+        self, cmd: str, args: dict[str, Any] | None, respond: Literal[True], close: bool | None = None
+    ) -> Response: ...
+    @overload
+    def send(
+        self,
+        cmd: str,
+        args: dict[str, Any] | None = None,
+        *,
+        respond: Literal[False],
+        close: bool | None = None,
+    ) -> None: ...
+    @overload
+    def send(
+        self,
+        cmd: str,
+        args: dict[str, Any] | None = None,
+        respond: bool | None = None,
+        close: bool | None = None,
+    ) -> Response | None: ...
     def send(
         self,
         cmd: str,
@@ -207,7 +255,11 @@ class Client(_BaseClient):
         respond: bool | None = None,
         close: bool | None = None,
     ) -> Response | None:
-        """Send one command; return its Response, or None when ``respond`` is false."""
+        """Send one command; return its Response, or None when ``respond`` is false.
+
+        ``respond`` left out takes the client's (``options()``), so type checkers see
+        ``Response | None``; ``respond=True`` is typed ``Response``.
+        """
         frame, respond, close = self._prepare(cmd, args, respond, close)
         sock = self._reusable()
         reused = sock is not None
@@ -355,6 +407,36 @@ class AsyncClient(_BaseClient):
         reader, writer = self._reader, self._writer = await self._connect()
         return reader, writer, False
 
+    @overload
+    async def send(
+        self,
+        cmd: str,
+        args: dict[str, Any] | None = None,
+        *,
+        respond: Literal[True],
+        close: bool | None = None,
+    ) -> Response: ...
+    @overload
+    async def send(
+        self, cmd: str, args: dict[str, Any] | None, respond: Literal[True], close: bool | None = None
+    ) -> Response: ...
+    @overload
+    async def send(
+        self,
+        cmd: str,
+        args: dict[str, Any] | None = None,
+        *,
+        respond: Literal[False],
+        close: bool | None = None,
+    ) -> None: ...
+    @overload
+    async def send(
+        self,
+        cmd: str,
+        args: dict[str, Any] | None = None,
+        respond: bool | None = None,
+        close: bool | None = None,
+    ) -> Response | None: ...
     async def send(
         self,
         cmd: str,
@@ -362,7 +444,11 @@ class AsyncClient(_BaseClient):
         respond: bool | None = None,
         close: bool | None = None,
     ) -> Response | None:
-        """Send one command; return its Response, or None when ``respond`` is false."""
+        """Send one command; return its Response, or None when ``respond`` is false.
+
+        ``respond`` left out takes the client's (``options()``), so type checkers see
+        ``Response | None``; ``respond=True`` is typed ``Response``.
+        """
         frame, respond, close = self._prepare(cmd, args, respond, close)
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # used from another loop (a later asyncio.run): start afresh there

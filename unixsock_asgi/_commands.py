@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union, overload
 
+from ._exceptions import UnixSockError
 from ._protocol import short_repr
 
 __all__ = ["ArgumentError", "Command", "Commands", "Parameter"]
@@ -29,8 +30,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 _MISSING: Any = inspect.Parameter.empty
 
 
-class ArgumentError(ValueError):
-    """A command's arguments do not fit its signature."""
+class ArgumentError(UnixSockError, ValueError):
+    """A command's arguments do not fit its signature (from :meth:`Command.bind`; the
+    server answers it as a failure naming the argument)."""
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@
     │   ├── TimeoutException    no reply within the timeout
     │   └── ProtocolError       the peer broke the wire protocol
     ├── CommandFailed           the server answered "failure" (raise_for_status)
+    ├── ArgumentError           arguments that do not fit a command (also a ValueError)
     └── BindError               a server cannot take its socket path
 """
 

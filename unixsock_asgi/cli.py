@@ -314,7 +314,7 @@ def render_help(payload: Any) -> list[str]:
         doc = _doc_summary(handler.get("doc"))
         lines += [
             "",
-            f"Any other command goes to the app's handler {handler.get('name')}"
+            f"Any other command goes to the app's handler, {handler.get('name')}"
             + (f": {doc}" if doc else "."),
         ]
     return lines
