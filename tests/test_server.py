@@ -31,6 +31,7 @@ import pytest
 from unixsock_asgi import (
     BindError,
     Client,
+    ControlSocketMiddleware,
     RequestContext,
     Response,
     ServerConfig,
@@ -1064,6 +1065,24 @@ def test_handler_forms(
         assert payload["mode"] == "frame"
     else:
         assert payload["thread"].startswith(thread_prefix)
+
+
+def test_a_handler_that_cannot_take_cmd_and_args_is_refused_when_given(tmp_path: Path) -> None:
+    # Not at every command, as "takes 1 positional argument but 2 were given".
+    from starlette.applications import Starlette
+
+    def one_arg(cmd: str) -> None: ...
+
+    def four_args(cmd: str, args: dict[str, Any], ctx: Any, extra: int) -> None: ...
+
+    for handler in (one_arg, four_args):
+        with pytest.raises(TypeError, match=r"cannot be called as \(cmd, args\) nor as \(cmd, args, ctx\)"):
+            UnixSockServer(str(tmp_path / "s.sock"), handler)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"the handler .*(one_arg|four_args)\(cmd"):
+            ControlSocketMiddleware(Starlette(), path=str(tmp_path / "m.sock"), handler=handler)
+    with pytest.raises(TypeError, match="must be a function of"):
+        UnixSockServer(str(tmp_path / "s.sock"), "ping")  # type: ignore[arg-type]
+    assert not list(tmp_path.iterdir())  # nothing was bound
 
 
 def test_handler_may_return_a_response(start_server: ServerFactory) -> None:

@@ -105,10 +105,22 @@ class RequestContext:
 
 
 def _takes_context(fn: Callable[..., Any]) -> bool:
+    """Whether a handler takes ``(cmd, args, ctx)``; TypeError when it takes neither that nor ``(cmd, args)``."""
+    if not callable(fn):
+        raise TypeError(f"the handler must be a function of (cmd, args) or (cmd, args, ctx), not {fn!r}")
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return False
+    for given in ((None, None, None), (None, None)):
+        try:
+            sig.bind(*given)
+            break
+        except TypeError:
+            continue
+    else:
+        name = getattr(fn, "__qualname__", repr(fn))
+        raise TypeError(f"the handler {name}{sig} cannot be called as (cmd, args) nor as (cmd, args, ctx)")
     positional = 0
     for p in sig.parameters.values():
         if p.kind is p.VAR_POSITIONAL:
