@@ -284,6 +284,23 @@ def test_replies_holding_lone_surrogates_go_out_ascii_escaped() -> None:
         assert reply.payload == {"k": "\udfff \u017c"}
 
 
+@pytest.mark.timeout(20)
+def test_the_nesting_check_is_linear_in_an_unclosed_string_of_escaped_quotes() -> None:
+    # Past 500 brackets the check blanks out strings: a pattern that handled escapes itself
+    # restarted at every quote of '"\\"\\"...' and took 88 s for 128 KB (hours at 1 MiB),
+    # holding the GIL, so the web app froze with the control loop.
+    body = b"[" * (MAX_NESTING + 1) + b'"' + b'\\"' * 500_000  # just under 1 MiB
+    (event,) = ConnectionProtocol().receive_data(raw_frame(body))
+    assert isinstance(event, ProtocolViolation) and event.error.startswith("invalid JSON")
+    line = b'{"cmd":"echo","args":{"text":' + body[1:] + b"\n"
+    (event,) = ConnectionProtocol().receive_data(line)
+    assert isinstance(event, ProtocolViolation) and event.error.startswith("invalid JSON")
+    # Escapes taken out first still leave brackets inside strings out of the count.
+    inside = '{"cmd": "x", "args": {"a": "' + '\\\\\\"[{' * 600 + '"}}'
+    (event,) = ConnectionProtocol().receive_data(inside.encode() + b"\n")
+    assert isinstance(event, Request) and event.args == {"a": '\\"[{' * 600}
+
+
 def test_deeply_nested_json_is_a_violation_not_a_crash() -> None:
     proto = ConnectionProtocol()
     violation = only_violation(proto.receive_data(raw_frame(b"[" * 100_000)))
