@@ -322,6 +322,36 @@ def test_a_ttl_leaves_a_level_the_app_set_meanwhile_alone(
         assert not logger.disabled
 
 
+def test_quietening_the_audit_log_from_the_socket_leaves_a_trace(
+    short_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Else one command muted the record of itself and of every command after it.
+    sock = short_dir / "c.sock"
+    audit = logging.getLogger("unixsock_asgi.audit")
+    with TestClient(_starlette(sock)), caplog.at_level(logging.INFO, logger="unixsock_asgi"):
+        control = Client(sock)
+        refused = control.send("set_log_level", {"level": "ERROR", "logger": "unixsock_asgi.audit"})
+        assert refused is not None and refused.error.startswith(
+            "the audit logger 'unixsock_asgi.audit' is not quietened from the socket"
+        )
+        assert audit.level == logging.NOTSET
+        caplog.clear()
+        _payload(control, "set_log_level", level="ERROR", logger="unixsock_asgi", ttl=0.3)
+        (warning,) = [r for r in caplog.records if r.name == "unixsock_asgi.audit"]
+        assert warning.levelno == logging.WARNING and warning.getMessage() == (
+            f"peer pid={os.getpid()} uid={os.getuid()} sets the level of 'unixsock_asgi' to ERROR for 0.3s:"
+            " the audit lines of later commands are not logged while it stands"
+        )
+        _wait_until(lambda: logging.getLogger("unixsock_asgi").level == logging.INFO, "the revert")
+        caplog.clear()
+        # Louder, or a logger the audit lines do not pass through: nothing to say.
+        _payload(control, "set_log_level", level="DEBUG", logger="unixsock_asgi.audit")
+        _payload(control, "set_log_level", level="CRITICAL", logger="usa.test.elsewhere")
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    audit.setLevel(logging.NOTSET)
+    logging.getLogger("usa.test.elsewhere").setLevel(logging.NOTSET)
+
+
 def test_set_log_level_says_when_no_handler_takes_the_loggers_records(short_dir: Path) -> None:
     # Under plain uvicorn the root logger has no handler: a DEBUG level there shows nothing.
     sock = short_dir / "c.sock"

@@ -22,6 +22,7 @@ from typing import Any
 from ._commands import Commands
 from ._control import CommandContext, LogRestore
 from ._protocol import Response
+from ._server import audit_logger
 
 __all__ = ["builtin_commands"]
 
@@ -303,6 +304,22 @@ def set_log_level(
         lg = logging.getLogger(logger)
         made = True
     key = lg.name
+    if lg is audit_logger and number > logging.INFO:
+        return Response.failure(
+            f"the audit logger {key!r} is not quietened from the socket (it records who sent what);"
+            " its level is the app's logging configuration's to set"
+        )
+    if audit_logger.isEnabledFor(logging.INFO) and _audit_level_after(lg, number) > logging.INFO:
+        # Said while it is still heard: the audit lines of the commands that follow are not.
+        audit_logger.warning(
+            "peer pid=%d uid=%d sets the level of %r to %s%s: the audit lines of later commands"
+            " are not logged while it stands",
+            ctx.peer.pid,
+            ctx.peer.uid,
+            key,
+            logging.getLevelName(number),
+            f" for {ttl:g}s" if ttl is not None else "",
+        )
     restores = ctx.control.log_restores
     old = lg.level
     original, redisable = old, False
@@ -353,6 +370,17 @@ def set_log_level(
         restores[key] = LogRestore(loop.call_later(ttl, restore), original, number, redisable)
         result["reverts_to"] = logging.getLevelName(original)
     return result
+
+
+def _audit_level_after(lg: logging.Logger, number: int) -> int:
+    """The audit logger's effective level once ``lg`` is set to ``number``."""
+    current: logging.Logger | None = audit_logger
+    while current is not None:
+        level = number if current is lg else current.level
+        if level:
+            return level
+        current = current.parent
+    return logging.NOTSET
 
 
 # -- runtime settings ---------------------------------------------------------
