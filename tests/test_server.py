@@ -786,6 +786,30 @@ def test_a_handler_that_raises_is_logged_with_its_traceback(
     assert '    return stock["missing"]' in boom  # the line that raised
 
 
+def test_what_a_raising_handler_logs_is_one_line_of_bounded_length_per_part(
+    start_server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Text from the socket in an exception (a KeyError of the command's name, a ValueError of a
+    # value) forged log lines of its own with a line break, and was logged whole, twice.
+    def handler(cmd: str, args: dict[str, Any]) -> Any:
+        raise ValueError(args.get("text", cmd))
+
+    server = start_server(handler)
+    forged = "x\n2026-11-27 09:00:00,000 unixsock_asgi.audit INFO peer pid=1 uid=0 cmd=set status=success"
+    with caplog.at_level(logging.WARNING, logger="unixsock_asgi"):
+        reply = Client(server.path).send("echo", {"text": forged})
+        assert reply is not None and reply.error == f"ValueError: {forged}"  # the peer's own text, whole
+        Client(server.path, max_message_size=4 << 20).send("y" * 900_000)
+    first, second = (
+        r.getMessage().split("\n") for r in caplog.records if r.getMessage().startswith("command ")
+    )
+    escaped = forged.replace("\n", "\\n")
+    assert first[0] == f"command 'echo' raised ValueError: {escaped}"
+    assert first[-1] == first[0].partition(" raised ")[2]  # the traceback ends with it, escaped too
+    assert not any(line.startswith("2026-11-27") for line in first + second)
+    assert max(map(len, second)) < 1300 and "(900012 characters)" in second[0]
+
+
 def test_a_fire_and_forget_request_runs_to_its_end_after_its_client_leaves(
     start_server: ServerFactory,
 ) -> None:

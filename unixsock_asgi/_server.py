@@ -709,8 +709,22 @@ if sys.version_info >= (3, 11):
 
 def raised_failure(cmd: str, exc: BaseException) -> Response:
     """The reply to a handler that raised (its last line); its traceback goes to the log."""
-    logger.warning("command %r raised %s\n%s", cmd, _describe(exc), _traceback_text(exc))
+    logger.warning("command %s raised %s\n%s", short_repr(cmd), _logged(_describe(exc)), _traceback_text(exc))
     return Response.failure(_describe(exc))
+
+
+_LOGGED_CHARACTERS = 1000
+
+
+def _logged(text: str) -> str:
+    """An exception's text as a log line shows it: one line (its line breaks and other control
+    characters escaped, so that a value from the socket in it cannot forge a line of its own),
+    and at most ``_LOGGED_CHARACTERS`` characters of it."""
+    if not text.isprintable():
+        text = repr(text)[1:-1]
+    if len(text) > _LOGGED_CHARACTERS:
+        text = f"{text[:_LOGGED_CHARACTERS]}... ({len(text)} characters)"
+    return text
 
 
 def _traceback_text(exc: BaseException) -> str:
@@ -723,8 +737,8 @@ def _traceback_text(exc: BaseException) -> str:
         lines.append(f'  File "{frame.filename}", line {frame.lineno}, in {frame.name}\n')
         if frame.line:
             lines.append(f"    {frame.line.strip()}\n")
-    lines += traceback.format_exception_only(type(exc), exc)
-    return "".join(lines).rstrip("\n")
+    lines.append(_logged(_describe(exc)))  # not format_exception_only: its text may come from the socket
+    return "".join(lines)
 
 
 # On Linux a UNIX socket polls POLLHUP only once its peer closed both ways (a
