@@ -94,6 +94,8 @@ class ScriptedWorker:
         # so that successive snapshots (top's refreshes) differ.
         self.requests_per_stats_call = requests_per_stats_call
         self.commands_seen: list[tuple[str, dict[str, Any]]] = []
+        # Figures a broken or hostile worker reports: put over its snapshot's, one level deep.
+        self.stats_overrides: dict[str, Any] = {}
         self.server = UnixSockServer(str(self.path), self.handle)
 
     def record(self, *samples: tuple[str, int, float], method: str = "GET", exception: bool = False) -> None:
@@ -115,6 +117,11 @@ class ScriptedWorker:
             snapshot = self.stats.snapshot(routes=bool(args.get("routes", True)))
             snapshot["pid"] = self.pid  # every stand-in lives in the test process
             snapshot["control"] = {"health_failing": self.health_failing, "maintenance": self.maintenance}
+            for key, value in self.stats_overrides.items():
+                if isinstance(value, dict) and isinstance(snapshot.get(key), dict):
+                    snapshot[key] = {**snapshot[key], **value}
+                else:
+                    snapshot[key] = value
             return snapshot
         if cmd == "set_log_level":
             level = str(args.get("level", "")).upper()

@@ -925,6 +925,38 @@ def test_top_shows_4xx_per_second_where_the_terminal_has_room(fleet: Fleet, sock
     assert all(len(line) < 80 for line in lines)
 
 
+def test_absurd_figures_from_workers_never_crash_or_flood_the_views(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A broken or hostile worker the operator trusts: 1e308 overflowed the duration's rounding
+    # (a traceback from send, top and live top), counts beyond a double's integers were summed
+    # (past what JSON may print, at 4,300 digits), a huge uptime was printed whole. One
+    # worker's figures must not take the fleet's view down.
+    workers = fleet.start(2)
+    for worker in workers:
+        worker.record(("/", 200, 0.01))
+        worker.stats_overrides = {
+            "uptime_s": 10**300,
+            "by_status": {"2xx": 10**300, "5xx": "many"},
+            "process": {"loop_lag_s": 1e308, "rss_bytes": 1e308, "loop_lag_total_s": 1e308},
+        }
+    for argv in (
+        ["send", str(socket_dir), "stats"],
+        ["send", "--json", str(socket_dir), "stats"],
+        ["top", str(socket_dir), "--once", "--interval", "0.1"],
+        ["ls", str(socket_dir)],
+        ["metrics", str(socket_dir)],
+    ):
+        status, out, err = run(capsys, *argv)
+        assert status == 0 and "Traceback" not in err, (argv, err)
+        if "--json" not in argv:  # which gives each worker's payload as it came
+            longest = max(map(len, out.splitlines()))
+            assert longest < 200, (argv, longest)
+    status, out, _ = run(capsys, "send", "--json", str(socket_dir), "stats")
+    total = json.loads(out)["total"]
+    assert total["by_status"] == {} and total["process"]["loop_lag_s"] is None
+
+
 def test_top_counts_workers_that_started_since_the_last_refresh(fleet: Fleet, socket_dir: Path) -> None:
     # gunicorn recycling: the new worker's requests belong to the interval, and to TOTAL.
     import asyncio

@@ -944,17 +944,27 @@ def mark_foreign_stats(outcome: FanOutResult) -> FanOutResult:
 def _add_counts(into: dict[str, int], counts: Any) -> None:
     if isinstance(counts, Mapping):
         for key, n in counts.items():
-            if isinstance(n, (int, float)):
-                into[key] = into.get(key, 0) + int(n)
+            if _is_count(n):
+                into[key] = into.get(key, 0) + n
+
+
+def _count(value: Any) -> int:
+    """A count from a reply, or 0 when it is none (a string, a float, beyond a double's integers)."""
+    return value if _is_count(value) else 0
+
+
+_NUMBER_LIMIT = 2.0**63
+"""Figures beyond this are no process's: dropped rather than summed (two 1e308 make infinity)."""
 
 
 def _number(value: Any) -> float | None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return None
     try:
-        return float(value)
+        number = float(value)
     except OverflowError:  # an integer beyond a double, from another kind of server
         return None
+    return number if -_NUMBER_LIMIT < number < _NUMBER_LIMIT else None  # NaN fails this too
 
 
 def _sum_or_none(values: Iterable[Any]) -> float | None:
@@ -1001,8 +1011,8 @@ def aggregate_stats(snapshots: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             merged = routes.setdefault(
                 template, {"requests": 0, "exceptions": 0, "by_status": {}, "by_method": {}}
             )
-            merged["requests"] += int(route.get("requests", 0))
-            merged["exceptions"] += int(route.get("exceptions", 0))
+            merged["requests"] += _count(route.get("requests", 0))
+            merged["exceptions"] += _count(route.get("exceptions", 0))
             _add_counts(merged["by_status"], route.get("by_status"))
             _add_counts(merged["by_method"], route.get("by_method"))
             route_latencies.setdefault(template, []).extend(_histograms([route.get("latency")]))

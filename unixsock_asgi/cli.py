@@ -107,10 +107,24 @@ class _ArgumentParser(argparse.ArgumentParser):
 # --------------------------------------------------------------------------- formatting
 
 
+def _finite(value: Any) -> float | None:
+    """A number a worker reported, as a float; None for anything else, infinite or beyond a double."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def format_duration(seconds: Any) -> str:
     """Latency for humans: ``850us``, ``12.3ms``, ``1.25s``; ``-`` when unknown."""
-    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not math.isfinite(seconds):
+    seconds = _finite(seconds)
+    if seconds is None:
         return "-"
+    if abs(seconds) >= 1e6:  # no latency: what a broken or hostile worker sends, kept short
+        return f"{seconds:.3g}s"
     # The unit after rounding: 0.9997 s is 1s, not 1e+03ms.
     if round(seconds * 1e6) < 1000:
         return f"{seconds * 1e6:.0f}us"
@@ -121,9 +135,12 @@ def format_duration(seconds: Any) -> str:
 
 def format_uptime(seconds: Any) -> str:
     """Uptime for humans: ``42s``, ``7m03s``, ``2h05m``, ``3d04h``."""
-    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+    number = _finite(seconds)
+    if number is None:
         return "-"
-    s = int(seconds)
+    if abs(number) >= 1e9:  # over thirty years: kept short
+        return f"{number:.3g}s"
+    s = int(number)
     if s < 60:
         return f"{s}s"
     if s < 3600:
@@ -135,11 +152,13 @@ def format_uptime(seconds: Any) -> str:
 
 def format_bytes(n: Any) -> str:
     """Sizes for humans in at most 5 characters, binary units: ``512K``, ``48.2M``, ``1.5G``."""
-    if not isinstance(n, (int, float)) or isinstance(n, bool):
+    value = _finite(n)
+    if value is None:
         return "-"
-    value = float(n)
     for unit in ("B", "K", "M", "G", "T"):
         if value < 1000 or unit == "T":
+            if value >= 1e6:  # no process's: kept short
+                return f"{value:.3g}{unit}"
             return f"{value:.1f}{unit}" if value < 100 and unit != "B" else f"{value:.0f}{unit}"
         value /= 1024
     raise AssertionError("unreachable")  # pragma: no cover
@@ -147,8 +166,11 @@ def format_bytes(n: Any) -> str:
 
 def format_count(n: Any) -> str:
     """An integer, or ``-`` when unknown."""
-    if isinstance(n, bool) or not isinstance(n, (int, float)):
+    number = _finite(n)
+    if number is None:
         return "-"
+    if abs(number) >= 1e15:  # beyond any count a process makes: kept short
+        return f"{number:.3g}"
     return str(int(n))
 
 
