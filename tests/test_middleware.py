@@ -34,6 +34,7 @@ from unixsock_asgi import (
     Setting,
     Settings,
     TimeoutException,
+    UnixSockError,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -932,6 +933,44 @@ def test_only_persistable_commands_are_applied_from_the_overrides_file(short_dir
     with TestClient(app) as http:
         assert http.get("/health").status_code == 503  # health_fail was applied
     assert ran == []
+
+
+def test_the_socket_takes_commands_only_once_the_persisted_overrides_are_applied(short_dir: Path) -> None:
+    # A set sent the moment a recycled worker's socket appeared answered success, and the
+    # override applied a moment later undid it on every worker.
+    def slow_to_apply(value: Any) -> None:
+        if value == "persisted":
+            time.sleep(0.5)  # the override is being applied: the socket must not answer yet
+
+    settings = Settings(Setting("greeting", str, "hello", validate=slow_to_apply))
+    document = {
+        "version": 1,
+        "overrides": [{"cmd": "set", "args": {"name": "greeting", "value": "persisted"}}],
+    }
+    (short_dir / "overrides.json").write_text(json.dumps(document))
+    first_answer: list[Any] = []
+
+    def ask_as_soon_as_it_appears() -> None:
+        deadline = time.monotonic() + 10
+        while not first_answer and time.monotonic() < deadline:
+            for path in short_dir.glob("*.sock"):
+                with contextlib.suppress(OSError, UnixSockError):  # not listening yet, say
+                    first_answer.append(_payload(Client(path), "get", name="greeting")["value"])
+                    return
+            time.sleep(0.001)
+
+    asker = threading.Thread(target=ask_as_soon_as_it_appears)
+    asker.start()
+    app = Starlette(
+        middleware=[Middleware(ControlSocketMiddleware, socket_dir=str(short_dir), settings=settings)]
+    )
+    try:
+        with TestClient(app):
+            asker.join(10)
+    finally:
+        first_answer.append(None)  # stops the asker, should it still ask
+        asker.join(10)
+    assert first_answer[0] == "persisted"
 
 
 def _hang_up_on(

@@ -248,6 +248,10 @@ class ControlPlane:
                 "the app's command(s) %s replace the built-in one(s) of the same name",
                 ", ".join(map(repr, replaced)),
             )
+        if socket_dir is not None:
+            # Before the socket takes commands: an operator's change sent as soon as it
+            # appears must not be undone by an override applied a moment later.
+            await self._apply_overrides(socket_dir)
         options = dict(self.server_options)
         options.setdefault("handler_timeout", max(330.0, self.app_timeout * 2))
         # What changes something stays at INFO in the audit log; what only reads (and is polled) not.
@@ -261,8 +265,6 @@ class ControlPlane:
         # monitor would read that wait as the loop's lag until its task first runs.
         self.monitor.last_tick = time.monotonic()
         self.monitor.task = self.app_loop.create_task(self.monitor.run(self.stats))
-        if socket_dir is not None:
-            await self._apply_overrides(socket_dir)
 
     async def _apply_overrides(self, socket_dir: str) -> None:
         from ._fleet import PERSISTABLE_COMMANDS, load_overrides
