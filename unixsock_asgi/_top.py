@@ -131,6 +131,8 @@ class TopView:
         self._answered: dict[str, WorkerRow] = {}  # socket -> the row of its last answer
         self._gone: dict[tuple[str, int | None], _Gone] = {}
         self._last_now: float | None = None  # when the previous fan-out was folded in
+        self.just_gone = 0
+        """Workers gone since the previous refresh: what they served after their last answer is in no rate."""
 
     def update(self, outcome: FanOutResult, now: float | None = None) -> list[WorkerRow]:
         """Fold in a new fan-out; return one row per worker, with deltas since the last one.
@@ -145,6 +147,7 @@ class TopView:
         """
         given = now
         now = time.monotonic() if now is None else now
+        self.just_gone = 0
         rows = []
         seen: dict[tuple[str, int | None], _Sample] = {}
         listed = {r.socket for r in outcome.results}
@@ -158,6 +161,7 @@ class TopView:
                 row = WorkerRow(last.pid, socket, STATUS_GONE, requests=last.requests)
                 row.last_answered = last.last_answered
                 self._gone[socket, last.pid] = _Gone(row, now)
+                self.just_gone += 1
         self._gone = {
             key: g
             for key, g in self._gone.items()
@@ -268,6 +272,8 @@ class TopView:
             f"workers {len(live)} live"
             + (f", {silent} not answering" if silent else "")
             + (f", {gone} gone" if gone else "")
+            # Counted no more: its requests after its last answer are in no rate (TOTAL is low).
+            + (f" ({self.just_gone} just now: TOTAL undercounts)" if self.just_gone else "")
             + (f", {len(outcome.stale)} stale socket(s)" if outcome.stale else ""),
             # A health_fail or maintenance left on after a deploy, where it is seen.
             "set by an operator: " + "; ".join(flagged)
