@@ -813,6 +813,35 @@ def test_top_keeps_a_worker_that_went_away_on_view_for_a_minute(fleet: Fleet, so
     assert header == "workers 2 live, 1 gone (1 just now: TOTAL undercounts)"
 
 
+def test_top_says_when_the_socket_directory_itself_is_gone(socket_dir: Path) -> None:
+    # The service stopped and its RuntimeDirectory removed: "0 live, 1 gone" alone did not say it.
+    import asyncio
+
+    from unixsock_asgi._fleet import Target
+    from unixsock_asgi._top import TopView, _sample
+
+    directory = socket_dir / "shop"
+    directory.mkdir()
+    worker = ScriptedWorker(directory).start()
+    target = Target(str(directory), is_directory=True)
+    view = TopView(str(directory))
+
+    def header(now: float) -> str:
+        outcome = asyncio.run(_sample(target, timeout=2.0))
+        return view.frame(outcome, view.update(outcome, now=now), width=100, height=24, interval=2.0)[1]
+
+    try:
+        assert header(100.0) == "workers 1 live"
+    finally:
+        worker.stop()
+    directory.rmdir()
+    assert header(102.0) == (
+        "workers 0 live, 1 gone (1 just now: TOTAL undercounts); the socket directory is gone"
+    )
+    directory.mkdir()  # back, empty: watched again
+    assert header(104.0) == "workers 0 live, 1 gone"
+
+
 def test_top_lists_the_latest_exits_first(fleet: Fleet, socket_dir: Path) -> None:
     # While workers recycle, the list outgrows the screen: the oldest exits are the ones to give way.
     import asyncio

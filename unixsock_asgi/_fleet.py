@@ -467,6 +467,8 @@ class FanOutResult:
     results: list[WorkerResult] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)
     gone: list[str] = field(default_factory=list)
+    directory_gone: bool = False
+    """The directory asked is no longer there (``top`` goes on watching for it)."""
 
     @property
     def all_ok(self) -> bool:

@@ -274,7 +274,8 @@ class TopView:
             + (f", {gone} gone" if gone else "")
             # Counted no more: its requests after its last answer are in no rate (TOTAL is low).
             + (f" ({self.just_gone} just now: TOTAL undercounts)" if self.just_gone else "")
-            + (f", {len(outcome.stale)} stale socket(s)" if outcome.stale else ""),
+            + (f", {len(outcome.stale)} stale socket(s)" if outcome.stale else "")
+            + ("; the socket directory is gone" if outcome.directory_gone else ""),
             # A health_fail or maintenance left on after a deploy, where it is seen.
             "set by an operator: " + "; ".join(flagged)
             if (flagged := flagged_workers(outcome.results))
@@ -359,9 +360,11 @@ def _decorate(lines: list[str], colour: bool) -> list[str]:
 
 async def _sample(target: Target, timeout: float, skip: Container[str] = ()) -> FanOutResult:
     sockets = [path for path in target.sockets() if path not in skip]
-    return mark_foreign_stats(
+    outcome = mark_foreign_stats(
         await fan_out(sockets, "stats", {"routes": False}, timeout=timeout, polling=True)
     )
+    outcome.directory_gone = target.is_directory and not sockets and not os.path.isdir(target.path)
+    return outcome
 
 
 def _label(target: Target) -> str:
