@@ -693,7 +693,9 @@ def test_excess_connections_are_told_busy_and_closed_when_none_is_idle(
     send_frame(sock, {"cmd": "ping"})
     busy = recv_response(sock)
     assert busy["status"] == "failure"
-    assert busy["error"] == "busy: 2 connections already open, none of them idle"
+    assert busy["error"] == (
+        "busy: 2 connections already open, each running a command or reading a message begun under a second ago"
+    )
     assert_eof(sock)
     line_sock = connect_raw(server.path)
     line_sock.sendall(b"ping\n")
@@ -729,6 +731,30 @@ def test_a_new_connection_at_the_limit_closes_the_one_idle_the_longest(
     finally:
         oldest.close()
         newer.close()
+
+
+def test_a_new_connection_at_the_limit_closes_one_trickling_its_message(
+    start_server: ServerFactory, connect_raw: RawConnector, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Each finishing a message just before the timeout and beginning the next was never idle
+    # nor timed out: a peer holding every slot so locked out everyone, root included.
+    caplog.set_level(logging.WARNING, logger="unixsock_asgi.server")
+    server = start_server(max_connections=2, timeout=30)
+    frame = encode_frame({"cmd": "ping", "close": False})
+    trickling = connect_raw(server.path)
+    trickling.sendall(frame[:3])
+    fresh = connect_raw(server.path)
+    fresh.sendall(frame[:3])  # begun just now: not taken for a trickler
+    wait_until(lambda: server._active == 2)
+    time.sleep(1.2)  # SLOW_MESSAGE_S and a little
+    fresh.sendall(frame[3:])
+    assert recv_response(fresh)["payload"] == "pong"
+    fresh.sendall(frame[:3])  # its next message, begun now
+    assert Client(server.path).send("ping", respond=True).ok
+    assert "closed the connection slowest to send its message" in caplog.text
+    assert_eof(trickling)
+    fresh.sendall(frame[3:])
+    assert recv_response(fresh)["payload"] == "pong"  # untouched
 
 
 def test_a_peer_that_hangs_up_during_a_long_handler_frees_its_slot(

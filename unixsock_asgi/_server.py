@@ -377,7 +377,10 @@ class UnixSockServer:
                 )
             return "permission denied"
         if self._active >= self.config.max_connections and not self._evict_idle():
-            refusal = f"busy: {self.config.max_connections} connections already open, none of them idle"
+            refusal = (
+                f"busy: {self.config.max_connections} connections already open,"
+                " each running a command or reading a message begun under a second ago"
+            )
             if (more := self._refusals_logged.allow()) is not None:
                 logger.warning("refused a connection: %s%s", refusal, _more(more))
             return refusal
@@ -391,14 +394,26 @@ class UnixSockServer:
         then costs the oldest of them, not every operator's access until the
         idle timeout.
         """
-        idle = [c for c in self._connections if c.waiting_since is not None]
+        idle = [(since, c) for c in self._connections if (since := c.waiting_since) is not None]
+        what = "idle the longest"
         if not idle:
-            return False
-        oldest = min(idle, key=lambda c: c.waiting_since or 0.0)
+            # Else one sending its message slowly: clients write a message at once, so one begun
+            # a second ago and not finished is a peer trickling bytes, and 64 of them, each
+            # finishing a message just in time and beginning the next, held every slot.
+            slow_since = asyncio.get_running_loop().time() - SLOW_MESSAGE_S
+            idle = [
+                (began, c)
+                for c in self._connections
+                if (began := c.message_began) is not None and began < slow_since
+            ]
+            what = "slowest to send its message"
+            if not idle:
+                return False
+        _, oldest = min(idle, key=lambda pair: pair[0])
         if (more := self._refusals_logged.allow()) is not None:
             logger.warning(
-                "closed the connection idle the longest (peer pid=%d uid=%d) to let another in:"
-                " %d connections open%s",
+                "closed the connection %s (peer pid=%d uid=%d) to let another in: %d connections open%s",
+                what,
                 oldest.peer.pid,
                 oldest.peer.uid,
                 self.config.max_connections,
@@ -570,6 +585,9 @@ class _NotStarted(Exception):
 
 _REFUSING_MAX = 16
 """Refused connections waiting (up to a second) to be told why; more are dropped at once."""
+SLOW_MESSAGE_S = 1.0
+"""With every slot taken and none idle, a connection whose message began this long ago and
+is not all there yet is closed to let a new one in (clients write a message at once)."""
 
 
 class _Throttle:
@@ -1121,6 +1139,15 @@ class _Connection(asyncio.Protocol):
         ):
             return None
         return self._deadline - self._idle_timeout
+
+    @property
+    def message_began(self) -> float | None:
+        """When the message being read began (loop time), or None if none is being read."""
+        if not self._counted or self._busy or self._closing or self._write_paused or not self._in_message:
+            return None
+        if self._deadline is None or not self._proto.has_partial:
+            return None
+        return self._deadline - self._timeout
 
     def evict(self) -> None:
         """Close a waiting connection to make room: its slot is free at once."""
