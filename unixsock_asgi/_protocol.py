@@ -502,7 +502,13 @@ def _json_type(value: Any) -> str:
     return "object"
 
 
+_JSON_FIRST = frozenset('{["-0123456789tfn')
+"""What a JSON value (without whitespace before it) can begin with."""
+
+
 def _parse_value(text: str) -> Any:
+    if not text or text[0] not in _JSON_FIRST:  # a plain word: no decoder and no exception for it
+        return text
     try:
         return _loads(text, request=True)
     except ValueError:
