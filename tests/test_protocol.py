@@ -301,6 +301,26 @@ def test_the_nesting_check_is_linear_in_an_unclosed_string_of_escaped_quotes() -
     assert isinstance(event, Request) and event.args == {"a": '\\"[{' * 600}
 
 
+@pytest.mark.timeout(20)
+def test_splitting_a_line_is_linear_in_quotes_after_equals_signs() -> None:
+    # Whether a quote after "=" begins a value looked for an earlier "=" in the word so far:
+    # 128 KB of "='" took 11 s, a 1 MiB line minutes, with the control loop blocked.
+    request = parse_line("cmd a=b" + "='" * 500_000)
+    assert isinstance(request, Request) and request.args == {"a": "b" + "='" * 500_000}
+    assert parse_line("set name=motd value='good morning'") == Request(
+        "set", {"name": "motd", "value": "good morning"}, close=False
+    )
+    # A value is JSON where it parses as JSON, whitespace before it included; a word without a decoder call.
+    assert parse_line("x a=' 5' b=' [1]' c=' x' d=nice").args == {  # type: ignore[union-attr]
+        "a": 5,
+        "b": [1],
+        "c": " x",
+        "d": "nice",
+    }
+    # Past the first "=", a quote is a letter: the word ends at the space.
+    assert parse_line("x a=b='c d'").error == 'argument "d\'" is not key=value'  # type: ignore[union-attr]
+
+
 def test_deeply_nested_json_is_a_violation_not_a_crash() -> None:
     proto = ConnectionProtocol()
     violation = only_violation(proto.receive_data(raw_frame(b"[" * 100_000)))

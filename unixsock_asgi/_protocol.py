@@ -503,11 +503,13 @@ def _json_type(value: Any) -> str:
 
 
 _JSON_FIRST = frozenset('{["-0123456789tfn')
-"""What a JSON value (without whitespace before it) can begin with."""
+"""What a JSON value can begin with, after any of ``_JSON_SPACE``."""
+_JSON_SPACE = frozenset(" \t\n\r")
 
 
 def _parse_value(text: str) -> Any:
-    if not text or text[0] not in _JSON_FIRST:  # a plain word: no decoder and no exception for it
+    first = text[:1] if text[:1] not in _JSON_SPACE else text.lstrip(" \t\n\r")[:1]  # ' 5' is JSON too
+    if not first or first not in _JSON_FIRST:  # a plain word: no decoder and no exception for it
         return text
     try:
         return _loads(text, request=True)
@@ -566,8 +568,11 @@ def _split_words(text: str) -> list[str] | ProtocolViolation:
     single = False
     quoted = False  # the current word had single quotes: '' is an empty word, not none
     closed_at = -1  # where the last single quote closed: 'a''b' goes on quoting
+    equals_at = -1  # where the current word's first "=" is: kept, not searched for (linear)
     escaped = False
     for ch in text:
+        if ch == "=" and equals_at < 0:
+            equals_at = len(current)  # appended below, in whichever branch
         if single:
             if ch == "'":
                 single = False
@@ -579,7 +584,7 @@ def _split_words(text: str) -> list[str] | ProtocolViolation:
             ch == "'"
             and depth == 0
             and not quote
-            and (not current or closed_at == len(current) or (current[-1] == "=" and "=" not in current[:-1]))
+            and (not current or closed_at == len(current) or equals_at == len(current) - 1)
         ):
             single = quoted = True
             continue
@@ -604,6 +609,7 @@ def _split_words(text: str) -> list[str] | ProtocolViolation:
                 current = []
                 quoted = False
                 closed_at = -1
+            equals_at = -1
             continue
         current.append(ch)
     if quote or single:
