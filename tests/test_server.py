@@ -757,6 +757,31 @@ def test_a_new_connection_at_the_limit_closes_one_trickling_its_message(
     assert recv_response(fresh)["payload"] == "pong"  # untouched
 
 
+def test_a_peer_that_ends_each_message_and_begins_the_next_in_one_write_is_a_trickler_too(
+    start_server: ServerFactory, connect_raw: RawConnector
+) -> None:
+    # Every message finished within a second, the next begun in the same write: no message was
+    # ever a second old, so two such peers held both slots (review of the eviction above).
+    server = start_server(max_connections=2, timeout=30)
+    frame = encode_frame({"cmd": "ping", "respond": False, "close": False})
+    peers = [connect_raw(server.path) for _ in range(2)]
+    for peer in peers:
+        peer.sendall(frame[:3])
+    wait_until(lambda: server._active == 2)
+    for _ in range(4):  # 1.6 s: each write ends a message and begins another
+        time.sleep(0.4)
+        for peer in peers:
+            peer.sendall(frame[3:] + frame[:3])
+    reply = Client(server.path).send("ping", respond=True)
+    assert reply.ok, reply.error
+    closed = 0
+    for peer in peers:
+        peer.settimeout(1.0)
+        with contextlib.suppress(OSError):  # the one left open times out here
+            closed += peer.recv(1) == b""
+    assert closed == 1  # the one half-sending the longest; the other carries on
+
+
 def test_a_peer_that_hangs_up_during_a_long_handler_frees_its_slot(
     start_server: ServerFactory, connect_raw: RawConnector
 ) -> None:

@@ -847,6 +847,9 @@ class _Connection(asyncio.Protocol):
         self._deadline: float | None = None
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._in_message = False  # the read deadline is that of a message begun earlier
+        # Since when some message has been arriving without a break (a message ended and the
+        # next begun in one read is no break): the connection limit's measure of a trickler.
+        self._partial_since: float | None = None
         self._write_backlog = 0  # bytes the peer had not read when the write timer was set
         self._hangup_timer: asyncio.TimerHandle | None = None
         self._running: Request | None = None  # the request whose handler the task is running
@@ -988,6 +991,7 @@ class _Connection(asyncio.Protocol):
     def _hand_over(self, request: Request | None, outcome: Awaitable[Response] | None) -> None:
         self._busy = True
         self._deadline = None
+        self._partial_since = None  # what is half read when the command is done counts from then
         assert self._transport is not None
         self._transport.pause_reading()
         if request is not None:
@@ -1142,12 +1146,11 @@ class _Connection(asyncio.Protocol):
 
     @property
     def message_began(self) -> float | None:
-        """When the message being read began (loop time), or None if none is being read."""
-        if not self._counted or self._busy or self._closing or self._write_paused or not self._in_message:
+        """Since when (loop time) part of a message has been waiting for the rest without a break,
+        or None if none is (a command running, replies not taken, or nothing half read)."""
+        if not self._counted or self._busy or self._closing or self._write_paused:
             return None
-        if self._deadline is None or not self._proto.has_partial:
-            return None
-        return self._deadline - self._timeout
+        return self._partial_since if self._proto.has_partial else None
 
     def evict(self) -> None:
         """Close a waiting connection to make room: its slot is free at once."""
@@ -1231,12 +1234,17 @@ class _Connection(asyncio.Protocol):
         """
         if self._write_paused:  # not reading until the peer takes its replies (resume_writing re-arms)
             self._deadline = None
+            self._partial_since = None
         elif not self._proto.has_partial:
             self._in_message = False
+            self._partial_since = None
             self._arm(self._idle_timeout)
-        elif new_message or not self._in_message or self._deadline is None:
-            self._in_message = True
-            self._arm(self._timeout)
+        else:
+            if self._partial_since is None:
+                self._partial_since = self._loop.time()
+            if new_message or not self._in_message or self._deadline is None:
+                self._in_message = True
+                self._arm(self._timeout)
 
     def _arm(self, delay: float) -> None:
         """Set the read deadline, without a timer per request.
