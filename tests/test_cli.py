@@ -967,13 +967,13 @@ def test_absurd_figures_from_workers_never_crash_or_flood_the_views(
         worker.record(("/", 200, 0.01))
         worker.stats_overrides = {
             "uptime_s": 10**300,
-            "by_status": {"2xx": 10**300, "5xx": "many"},
+            "by_status": {"2xx": 10**300, "4xx": 10**300, "5xx": 2**62, "3xx": "many"},
             "process": {"loop_lag_s": 1e308, "rss_bytes": 1e308, "loop_lag_total_s": 1e308},
         }
     for argv in (
         ["send", str(socket_dir), "stats"],
         ["send", "--json", str(socket_dir), "stats"],
-        ["top", str(socket_dir), "--once", "--interval", "0.1"],
+        ["top", str(socket_dir), "--once", "--interval", "0.1"],  # 4xx: 10**300 overflowed a float there
         ["ls", str(socket_dir)],
         ["metrics", str(socket_dir)],
     ):
@@ -985,6 +985,24 @@ def test_absurd_figures_from_workers_never_crash_or_flood_the_views(
     status, out, _ = run(capsys, "send", "--json", str(socket_dir), "stats")
     total = json.loads(out)["total"]
     assert total["by_status"] == {} and total["process"]["loop_lag_s"] is None
+
+
+def test_top_takes_counts_beyond_a_float_from_a_foreign_worker_without_a_crash() -> None:
+    # Another server's JSON may carry integers no double holds (ours refuses to send them):
+    # 4xx of 10**400 overflowed the rate's division, a count of 2**62 made a 19-column cell.
+    from unixsock_asgi._fleet import FanOutResult, WorkerResult
+    from unixsock_asgi._stats import Stats
+    from unixsock_asgi._top import TopView
+
+    view = TopView("/run/shop")
+    for now, four, five, requests in ((100.0, 0, 0, 0), (102.0, 10**400, 2**52, 2**52)):
+        snapshot = Stats().snapshot(routes=False)
+        snapshot.update(requests_total=requests, by_status={"4xx": four, "5xx": five})
+        outcome = FanOutResult([WorkerResult("/run/shop/app-7.sock", 7, "success", payload=snapshot)])
+        lines = view.frame(outcome, view.update(outcome, now=now), width=90, height=24, interval=2.0)
+    row = lines[4].split()
+    assert row[:6] == ["7", "2e+15", "4.5e+15", "0", "0.0", "2e+15"], row  # 4XX/S: no rate from it
+    assert len(lines[4]) <= 90
 
 
 def test_top_counts_workers_that_started_since_the_last_refresh(fleet: Fleet, socket_dir: Path) -> None:

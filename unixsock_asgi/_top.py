@@ -26,7 +26,16 @@ from collections.abc import Container, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from ._fleet import STATUS_TIMEOUT, FanOutResult, Target, fan_out, mark_foreign_stats, pid_from_socket_name
+from ._fleet import (
+    STATUS_TIMEOUT,
+    FanOutResult,
+    Target,
+    _is_count,
+    fan_out,
+    mark_foreign_stats,
+    mark_unusable_stats,
+    pid_from_socket_name,
+)
 from ._stats import LatencyHistogram
 from .cli import (
     EXIT_FAILED,
@@ -184,7 +193,7 @@ class TopView:
             assert isinstance(by_status, Mapping)
             row.requests = snap.get("requests_total")
             row.in_flight = snap.get("in_flight")
-            row.errors_5xx = by_status.get("5xx", 0)
+            row.errors_5xx = by_status.get("5xx", 0) if _is_count(by_status.get("5xx", 0)) else None
             row.exceptions = snap.get("exceptions_total")
             row.loop_lag_s = process.get("loop_lag_s")
             row.rss_bytes = process.get("rss_bytes")
@@ -192,7 +201,7 @@ class TopView:
             requests = int(row.requests or 0)
             errors = row.errors_5xx if isinstance(row.errors_5xx, int) else 0
             client_errors = by_status.get("4xx", 0)
-            if isinstance(client_errors, bool) or not isinstance(client_errors, int):
+            if not _is_count(client_errors):  # beyond a double's integers: no rate from it
                 client_errors = 0
             at = r.answered_at if given is None and r.answered_at is not None else now
             epoch = (snap.get("started_at"), snap.get("resets"))
@@ -326,7 +335,7 @@ class TopView:
             named = label is None and (r.pid is None or pid_from_socket_name(r.socket) is None)
             whole = f"  {os.path.basename(r.socket)}" if named else ""
             return f"{name:>7} {r.status.upper():>7}{whole}"
-        rate = "-" if r.requests_per_s is None else f"{r.requests_per_s:.1f}"
+        rate = "-" if r.requests_per_s is None else _fitted(r.requests_per_s, 7, ".1f")
         errors = _per_second(r.errors_per_s)
         client_errors = f" {_per_second(r.client_errors_per_s):>5}" if wide else ""
         return (
@@ -340,7 +349,13 @@ class TopView:
 
 def _per_second(rate: float | None) -> str:
     """A rate in a 5-column cell: one decimal below 100."""
-    return "-" if rate is None else f"{rate:.{1 if rate < 100 else 0}f}"
+    return "-" if rate is None else _fitted(rate, 5, ".1f" if rate < 100 else ".0f")
+
+
+def _fitted(number: float, width: int, spec: str) -> str:
+    """``number`` in ``spec``, or in e-notation where that is wider than ``width`` (no real rate is)."""
+    text = format(number, spec)
+    return text if len(text) <= width else format(number, ".0e")
 
 
 def _colour_allowed(stream: TextIO) -> bool:
@@ -360,8 +375,10 @@ def _decorate(lines: list[str], colour: bool) -> list[str]:
 
 async def _sample(target: Target, timeout: float, skip: Container[str] = ()) -> FanOutResult:
     sockets = [path for path in target.sockets() if path not in skip]
-    outcome = mark_foreign_stats(
-        await fan_out(sockets, "stats", {"routes": False}, timeout=timeout, polling=True)
+    # Figures it cannot take (counts that are not counts, histograms of other buckets) make a
+    # worker's row an error rather than the view's end.
+    outcome = mark_unusable_stats(
+        mark_foreign_stats(await fan_out(sockets, "stats", {"routes": False}, timeout=timeout, polling=True))
     )
     outcome.directory_gone = target.is_directory and not sockets and not os.path.isdir(target.path)
     return outcome
