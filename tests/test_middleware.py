@@ -336,6 +336,15 @@ def test_quietening_the_audit_log_from_the_socket_leaves_a_trace(
             "the audit logger 'unixsock_asgi.audit' is not quietened from the socket"
         )
         assert audit.level == logging.NOTSET
+        parent = logging.getLogger("unixsock_asgi")
+        audit.setLevel(logging.INFO)  # set so by the app, under a parent at WARNING
+        parent.setLevel(logging.WARNING)
+        for level in ("NOTSET", 0):  # inheriting WARNING: as quiet
+            refused = control.send("set_log_level", {"level": level, "logger": "unixsock_asgi.audit"})
+            assert refused is not None and "is not quietened from the socket" in refused.error
+        assert audit.level == logging.INFO
+        audit.setLevel(logging.NOTSET)
+        parent.setLevel(logging.INFO)
         caplog.clear()
         _payload(control, "set_log_level", level="ERROR", logger="unixsock_asgi", ttl=0.3)
         (warning,) = [r for r in caplog.records if r.name == "unixsock_asgi.audit"]

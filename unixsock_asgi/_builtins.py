@@ -304,7 +304,8 @@ def set_log_level(
         lg = logging.getLogger(logger)
         made = True
     key = lg.name
-    if lg is audit_logger and number > logging.INFO:
+    # NOTSET too, where what it would inherit is above INFO.
+    if lg is audit_logger and _audit_level_after(lg, number) > logging.INFO:
         return Response.failure(
             f"the audit logger {key!r} is not quietened from the socket (it records who sent what);"
             " its level is the app's logging configuration's to set"
