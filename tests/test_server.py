@@ -837,6 +837,24 @@ def test_a_handler_that_raises_is_logged_with_its_traceback(
     assert '    return stock["missing"]' in boom  # the line that raised
 
 
+def test_an_exception_whose_text_cannot_be_read_still_gets_its_failure_reply(
+    start_server: ServerFactory,
+) -> None:
+    class Unspeakable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+    def handler(cmd: str, args: dict[str, Any]) -> Any:
+        if cmd == "ping":
+            return "pong"
+        raise Unspeakable
+
+    server = start_server(handler)
+    reply = Client(server.path).send("x", respond=True)
+    assert reply.error == "Unspeakable: (its text could not be read)"
+    assert ping_ok(server.path)
+
+
 def test_what_a_raising_handler_logs_is_one_line_of_bounded_length_per_part(
     start_server: ServerFactory, caplog: pytest.LogCaptureFixture
 ) -> None:

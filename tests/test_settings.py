@@ -138,3 +138,20 @@ def test_a_typo_in_a_read_names_the_settings_there_are() -> None:
     import copy
 
     assert copy.copy(settings)["greeting"] == "hello"  # dunder probes are plain AttributeErrors
+
+
+def test_an_apps_validator_runs_once_per_value_and_its_error_class_stays() -> None:
+    class TooLoud(ValueError):
+        pass
+
+    seen: list[int] = []
+
+    def quiet_enough(volume: int) -> None:
+        seen.append(volume)
+        if volume > 10:
+            raise TooLoud(f"{volume} is too loud")
+
+    settings = Settings(Setting("volume", int, 1, validate=quiet_enough))
+    assert seen == [1]  # the default, checked once
+    with pytest.raises(TooLoud, match=r"^setting 'volume': 11 is too loud$"):
+        settings.set("volume", 11)

@@ -233,6 +233,10 @@ class Client(_BaseClient):
     ) -> Response: ...
     @overload
     def send(
+        self, cmd: str, args: dict[str, Any] | None, respond: Literal[False], close: bool | None = None
+    ) -> None: ...
+    @overload
+    def send(
         self,
         cmd: str,
         args: dict[str, Any] | None = None,
@@ -420,6 +424,10 @@ class AsyncClient(_BaseClient):
     async def send(
         self, cmd: str, args: dict[str, Any] | None, respond: Literal[True], close: bool | None = None
     ) -> Response: ...
+    @overload
+    async def send(
+        self, cmd: str, args: dict[str, Any] | None, respond: Literal[False], close: bool | None = None
+    ) -> None: ...
     @overload
     async def send(
         self,

@@ -143,7 +143,10 @@ def _to_response(result: Any) -> Response:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc)
+    try:
+        text = str(exc)
+    except Exception:  # a __str__ that raises: the failure reply still goes out
+        text = "(its text could not be read)"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

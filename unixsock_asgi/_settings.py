@@ -61,6 +61,18 @@ class Setting:
         return value
 
 
+def _naming(exc: TypeError | ValueError, message: str) -> Exception:
+    """``exc`` again, of its own class where that class takes a message (an app's
+    ValueError subclass stays catchable as such), with ``message``."""
+    try:
+        renamed = type(exc)(message)
+    except Exception:
+        renamed = None
+    if isinstance(renamed, (TypeError, ValueError)) and str(renamed) == message:
+        return renamed
+    return TypeError(message) if isinstance(exc, TypeError) else ValueError(message)
+
+
 def _numeric(annotation: Any) -> bool:
     """int, float, or an optional/union of them."""
     options = (
@@ -99,7 +111,7 @@ class Settings:
         """Add a setting; its default is checked like any other value."""
         if setting.name in self._declared:
             raise ValueError(f"setting {setting.name!r} is declared twice")
-        default = setting.check(setting.default)
+        default = coerce(setting.default, setting.type)  # checked whole when the Setting was made
         self._declared[setting.name] = setting
         self._values[setting.name] = default
 
@@ -155,9 +167,7 @@ class Settings:
         try:
             new = setting.check(value)
         except (TypeError, ValueError) as exc:
-            raise (TypeError if isinstance(exc, TypeError) else ValueError)(
-                f"setting {name!r}: {exc}"
-            ) from None
+            raise _naming(exc, f"setting {name!r}: {exc}") from None
         with self._lock:
             old = self._values[name]
             self._values[name] = new

@@ -157,7 +157,7 @@ def format_bytes(n: Any) -> str:
         return "-"
     for unit in ("B", "K", "M", "G", "T"):
         if value < 1000 or unit == "T":
-            if value >= 1e6:  # no process's: kept short
+            if abs(value) >= 1e6:  # no process's: kept short
                 return f"{value:.3g}{unit}"
             return f"{value:.1f}{unit}" if value < 100 and unit != "B" else f"{value:.0f}{unit}"
         value /= 1024
