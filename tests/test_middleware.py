@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.testclient import TestClient
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from unixsock_asgi import (
     Client,
@@ -135,6 +135,10 @@ def test_recording_templates_statuses_exceptions_and_websockets(short_dir: Path)
         assert http.get("/nowhere").status_code == 404
         with http.websocket_connect("/ws") as ws:
             assert ws.receive_text() == "hello"
+        # Refused at the handshake (no websocket route there): no connection to count.
+        for refused in ("/no-such-ws", "/hello/x"):
+            with pytest.raises(WebSocketDisconnect), http.websocket_connect(refused):
+                pass
         stats = _payload(control, "stats")
     routes = stats["routes"]
     assert routes["/hello/{name}"]["requests"] == 4
@@ -656,7 +660,6 @@ def test_out_of_range_values_are_refused_by_name(short_dir: Path) -> None:
 
 
 def test_maintenance_refuses_new_websocket_sessions_and_drain_counts_open_ones(short_dir: Path) -> None:
-    from starlette.websockets import WebSocketDisconnect
 
     async def echo(websocket: WebSocket) -> None:
         await websocket.accept()

@@ -317,6 +317,9 @@ def test_route_keys_of_root_mounts_and_str_subclasses() -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
+    async def item(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("item")
+
     stats = Stats()
     app = ControlSocketMiddleware(
         Starlette(routes=[Mount("/", app=raw)]), path="/nonexistent/unused.sock", stats=stats
@@ -324,9 +327,20 @@ def test_route_keys_of_root_mounts_and_str_subclasses() -> None:
     _serve(app, "/anything", 3)
     stats.record(Path.HEALTH, "GET", 503, 0.001, False)
     routes = stats.snapshot()["routes"]
-    # A root mount's catch-all is not a template of the app's: as before, unmatched.
-    assert routes[UNMATCHED]["requests"] == 3
+    # An app without routes at "/" (StaticFiles serving a single-page app, say) serves what
+    # it is given, like one at "/static": counted under its mount's template, not unmatched.
+    assert routes["/{path}"]["requests"] == 3 and UNMATCHED not in routes
     assert routes["/health"]["by_status"] == {"5xx": 1}
+    # An app with routes at "/": what none of them matches is unmatched, as at the top.
+    stats = Stats()
+    sub = Starlette(routes=[Route("/items/{id}", item)])
+    app = ControlSocketMiddleware(
+        Starlette(routes=[Mount("/", app=sub)]), path="/nonexistent/unused.sock", stats=stats
+    )
+    _serve(app, "/items/1", 2)
+    _serve(app, "/nothing/here", 1)
+    routes = stats.snapshot()["routes"]
+    assert routes["/items/{id}"]["requests"] == 2 and routes[UNMATCHED]["by_status"] == {"4xx": 1}
 
 
 def test_a_request_that_cannot_be_counted_fails_no_other_request(caplog: pytest.LogCaptureFixture) -> None:

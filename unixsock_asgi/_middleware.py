@@ -259,12 +259,21 @@ class ControlSocketMiddleware:
                 await send({"type": "websocket.close", "code": 1013, "reason": "maintenance"})
             return
         stats = self.stats
-        stats.websockets_active += 1
-        stats.websockets_total += 1
+        accepted = False  # a handshake the app refuses (closing first, or no route) is no connection
+
+        def send_watching(message: Message) -> Awaitable[None]:
+            nonlocal accepted
+            if not accepted and message["type"] == "websocket.accept":
+                accepted = True
+                stats.websockets_active += 1
+                stats.websockets_total += 1
+            return send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_watching)
         finally:
-            stats.websockets_active -= 1
+            if accepted:
+                stats.websockets_active -= 1
 
     # -- lifespan ------------------------------------------------------------
 

@@ -656,8 +656,10 @@ def _template_of(key: Any) -> str:
     name = getattr(key, "path_format", None) or UNMATCHED
     if not isinstance(name, str):
         raise TypeError(f"route {key!r} has no path_format string")
-    if name.endswith("/{path}") and getattr(key, "path", None) == "":
-        return UNMATCHED  # under Mount("/"), a request nothing inside matched
+    if name.endswith("/{path}") and getattr(key, "path", None) == "" and getattr(key, "routes", None):
+        # Under Mount("/") of an app with routes, a request none of them matched; an app
+        # without (StaticFiles at "/") serves what it is given: "/{path}".
+        return UNMATCHED
     return name
 
 
