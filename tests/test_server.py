@@ -757,13 +757,15 @@ def test_a_new_connection_at_the_limit_closes_one_trickling_its_message(
     assert recv_response(fresh)["payload"] == "pong"  # untouched
 
 
+@pytest.mark.parametrize("cmd", ["ping", "sleep"])  # answered inline, and by the connection's task
 def test_a_peer_that_ends_each_message_and_begins_the_next_in_one_write_is_a_trickler_too(
-    start_server: ServerFactory, connect_raw: RawConnector
+    start_server: ServerFactory, connect_raw: RawConnector, cmd: str
 ) -> None:
     # Every message finished within a second, the next begun in the same write: no message was
-    # ever a second old, so two such peers held both slots (review of the eviction above).
+    # ever a second old, so two such peers held both slots (review of the eviction above). A
+    # command that suspends (every one on 3.10) restarted the clock when it was done.
     server = start_server(max_connections=2, timeout=30)
-    frame = encode_frame({"cmd": "ping", "respond": False, "close": False})
+    frame = encode_frame({"cmd": cmd, "args": {"seconds": 0.01}, "respond": False, "close": False})
     peers = [connect_raw(server.path) for _ in range(2)]
     for peer in peers:
         peer.sendall(frame[:3])
@@ -772,6 +774,7 @@ def test_a_peer_that_ends_each_message_and_begins_the_next_in_one_write_is_a_tri
         time.sleep(0.4)
         for peer in peers:
             peer.sendall(frame[3:] + frame[:3])
+    time.sleep(0.1)  # their last commands done: a connection running one is never closed for another
     reply = Client(server.path).send("ping", respond=True)
     assert reply.ok, reply.error
     closed = 0

@@ -994,7 +994,8 @@ class _Connection(asyncio.Protocol):
     def _hand_over(self, request: Request | None, outcome: Awaitable[Response] | None) -> None:
         self._busy = True
         self._deadline = None
-        self._partial_since = None  # what is half read when the command is done counts from then
+        # _partial_since stays: a message begun before this command and still arriving after it
+        # is one that was not sent at once (a peer ending one and beginning the next in one write).
         assert self._transport is not None
         self._transport.pause_reading()
         if request is not None:
