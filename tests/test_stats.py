@@ -166,14 +166,20 @@ def test_the_totals_kept_as_routes_are_counted_equal_the_routes_added_up(seed: i
 def _serve(app: Any, path: str, n: int) -> None:
     """Push ``n`` GET requests for ``path`` through ``app`` (ASGI, in this thread)."""
 
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
     async def send(message: dict[str, Any]) -> None:
         pass
 
     async def run() -> None:
         for _ in range(n):
+            read = False
+
+            async def receive() -> dict[str, Any]:
+                nonlocal read
+                if read:  # what follows the body, as a server does: nothing until the client goes
+                    await asyncio.Event().wait()
+                read = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+
             scope = {
                 "type": "http",
                 "method": "GET",
@@ -699,6 +705,48 @@ def test_fastapi_include_prefixes_under_a_mount_with_a_path_parameter() -> None:
         _serve(app, f"/{tenant}/api/items/1", 2)
     assert stats.snapshot()["routes"] == {"/{tenant}/api/items/{item_id}": ANY}
     assert stats.snapshot()["requests_total"] == 4
+
+
+def test_an_app_at_the_root_mount_counts_by_whether_it_has_routes_behind_its_middleware(
+    tmp_path: Any,
+) -> None:
+    # A single-page app's StaticFiles at "/" beside FastAPI routes: FastAPI's router leaves no
+    # route in the scope for a mount, only the mounted app as its endpoint; and a routed app
+    # wrapped in middleware at "/" still has routes, so what none of them matches is unmatched.
+    from fastapi import FastAPI
+    from starlette.middleware.gzip import GZipMiddleware
+    from starlette.staticfiles import StaticFiles
+
+    (tmp_path / "app.js").write_text("ok")
+
+    async def item(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("item")
+
+    api = FastAPI()
+
+    @api.get("/api/items/{item_id}")
+    async def api_item(item_id: int) -> dict[str, int]:
+        return {"id": item_id}
+
+    api.mount("/", StaticFiles(directory=tmp_path))
+    stats = Stats()
+    app = ControlSocketMiddleware(api, path="/nonexistent/unused.sock", stats=stats)
+    _serve(app, "/app.js", 2)
+    _serve(app, "/missing.js", 1)
+    _serve(app, "/api/items/1", 1)
+    routes = stats.snapshot()["routes"]
+    assert routes["/{path}"]["by_status"] == {"2xx": 2, "4xx": 1}
+    assert routes["/api/items/{item_id}"]["requests"] == 1 and UNMATCHED not in routes
+
+    stats = Stats()
+    wrapped = GZipMiddleware(Starlette(routes=[Route("/items/{id}", item)]))
+    app = ControlSocketMiddleware(
+        Starlette(routes=[Mount("/", app=wrapped)]), path="/nonexistent/unused.sock", stats=stats
+    )
+    _serve(app, "/items/1", 1)
+    _serve(app, "/nothing/here", 1)
+    routes = stats.snapshot()["routes"]
+    assert routes["/items/{id}"]["requests"] == 1 and routes[UNMATCHED]["by_status"] == {"4xx": 1}
 
 
 def test_a_catch_all_exception_handler_answers_outside_what_add_middleware_adds() -> None:

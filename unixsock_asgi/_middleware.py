@@ -20,7 +20,7 @@ from ._builtins import builtin_commands
 from ._commands import Commands
 from ._control import AllCommands, ControlPlane
 from ._settings import Settings
-from ._stats import LIVE_LIMIT, UNMATCHED, Stats
+from ._stats import LIVE_LIMIT, UNMATCHED, Stats, routes_behind
 
 __all__ = ["ControlSocketMiddleware"]
 
@@ -439,13 +439,16 @@ def _mount_chains(
                 template = prefix + mount_path
                 pattern = _template_pattern(template)
                 chains.append((pattern, template, route))
+                mounted = getattr(route, "app", None)  # what a Mount puts in the scope as its endpoint
+                if mounted is not None and endpoints is not None and len(endpoints) < _MAX_CHAINS:
+                    endpoints.setdefault(id(mounted), []).append((route, under))
                 chains += _mount_chains(
-                    _routes_behind(route), template, depth + 1, path, endpoints=endpoints, under=pattern
+                    routes_behind(route), template, depth + 1, path, endpoints=endpoints, under=pattern
                 )
             elif getattr(route, "routes", None) or isinstance(getattr(route, "host", None), str):
                 # a Host: routes of its own (or behind middleware), no path
                 chains += _mount_chains(
-                    _routes_behind(route), prefix, depth + 1, path, endpoints=endpoints, under=under
+                    routes_behind(route), prefix, depth + 1, path, endpoints=endpoints, under=under
                 )
         except Exception:  # a route that fails to describe itself is left out of the tree, not the others
             logger.debug("mount tree: %r left out", route, exc_info=True)
@@ -453,29 +456,6 @@ def _mount_chains(
 
 
 _MAX_CHAINS = 1000
-_MAX_WRAPPERS = 16
-
-
-def _routes_behind(mount: Any) -> Any:
-    """A mount's routes, or those of the app it mounts behind middleware wrapped around it by hand.
-
-    Starlette's ``Mount.routes`` are its app's (``Mount(middleware=...)``
-    included); a ``Mount("/api", app=SomeMiddleware(sub_app))`` hides them, so
-    the ``app`` attribute that pure ASGI middleware keep is followed, through
-    at most ``_MAX_WRAPPERS`` of them.
-    """
-    app = mount
-    for _ in range(_MAX_WRAPPERS + 2):  # the mount, its wrappers, the app
-        try:
-            routes = getattr(app, "routes", None)
-            if isinstance(routes, list | tuple) and routes:
-                return routes
-            app = getattr(app, "app", None)
-        except Exception:  # a property that fails: no routes to be found this way
-            return None
-        if app is None:
-            break
-    return None
 
 
 def _mounted_key(route: Any, matched: str, chains: _MountChains) -> str:

@@ -647,6 +647,31 @@ def _status_class(status: Any) -> int:
     return status_class if 0 < status_class < 6 else 5
 
 
+_MAX_WRAPPERS = 16
+
+
+def routes_behind(mount: Any) -> Any:
+    """A mount's routes, or those of the app it mounts behind middleware wrapped around it by hand.
+
+    Starlette's ``Mount.routes`` are its app's (``Mount(middleware=...)``
+    included); a ``Mount("/api", app=SomeMiddleware(sub_app))`` hides them, so
+    the ``app`` attribute that pure ASGI middleware keep is followed, through
+    at most ``_MAX_WRAPPERS`` of them.
+    """
+    app = mount
+    for _ in range(_MAX_WRAPPERS + 2):  # the mount, its wrappers, the app
+        try:
+            routes = getattr(app, "routes", None)
+            if isinstance(routes, list | tuple) and routes:
+                return routes
+            app = getattr(app, "app", None)
+        except Exception:  # a property that fails: no routes to be found this way
+            return None
+        if app is None:
+            break
+    return None
+
+
 def _template_of(key: Any) -> str:
     """The route template a group of requests is counted under."""
     if isinstance(key, str):
@@ -656,9 +681,9 @@ def _template_of(key: Any) -> str:
     name = getattr(key, "path_format", None) or UNMATCHED
     if not isinstance(name, str):
         raise TypeError(f"route {key!r} has no path_format string")
-    if name.endswith("/{path}") and getattr(key, "path", None) == "" and getattr(key, "routes", None):
-        # Under Mount("/") of an app with routes, a request none of them matched; an app
-        # without (StaticFiles at "/") serves what it is given: "/{path}".
+    if name.endswith("/{path}") and getattr(key, "path", None) == "" and routes_behind(key):
+        # Under Mount("/") of an app with routes (behind middleware too), a request none of
+        # them matched; an app without (StaticFiles at "/") serves what it is given: "/{path}".
         return UNMATCHED
     return name
 
