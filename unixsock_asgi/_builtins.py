@@ -415,8 +415,8 @@ def set_(ctx: CommandContext, name: str, value: Any) -> Any:
         old, new = ctx.settings.set(name, value)
     except KeyError as exc:
         return Response.failure(str(exc.args[0]))
-    except (TypeError, ValueError) as exc:  # its message names the setting
-        return Response.failure(str(exc))
+    except (TypeError, ValueError) as exc:
+        return Response.failure(f"setting {name!r}: {exc}")
     ctx.logger.info("setting %s changed from %s to %s", name, _logged(old), _logged(new))
     return {"name": name, "old": old, "new": new}
 

@@ -61,18 +61,6 @@ class Setting:
         return value
 
 
-def _naming(exc: TypeError | ValueError, message: str) -> Exception:
-    """``exc`` again, of its own class where that class takes a message (an app's
-    ValueError subclass stays catchable as such), with ``message``."""
-    try:
-        renamed = type(exc)(message)
-    except Exception:
-        renamed = None
-    if isinstance(renamed, (TypeError, ValueError)) and str(renamed) == message:
-        return renamed
-    return TypeError(message) if isinstance(exc, TypeError) else ValueError(message)
-
-
 def _numeric(annotation: Any) -> bool:
     """int, float, or an optional/union of them."""
     options = (
@@ -161,13 +149,16 @@ class Settings:
     def set(self, name: str, value: Any) -> tuple[Any, Any]:
         """Validate and apply a new value; return ``(old, new)``.
 
-        KeyError for an undeclared name; ValueError or TypeError, naming the setting, for a refused value.
+        KeyError for an undeclared name; for a refused value, the ValueError or TypeError of the
+        check that refused it (an app's ``validate`` raising its own ValueError subclass: that one).
         """
         setting = self._require(name)
         try:
             new = setting.check(value)
         except (TypeError, ValueError) as exc:
-            raise _naming(exc, f"setting {name!r}: {exc}") from None
+            if hasattr(exc, "add_note"):  # 3.11+: the traceback names the setting
+                exc.add_note(f"refused as a value of setting {name!r}")
+            raise
         with self._lock:
             old = self._values[name]
             self._values[name] = new
