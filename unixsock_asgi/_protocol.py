@@ -503,13 +503,26 @@ def _json_type(value: Any) -> str:
 
 
 _JSON_FIRST = frozenset('{["-0123456789tfn')
-"""What a JSON value can begin with, after any of ``_JSON_SPACE``."""
-_JSON_SPACE = frozenset(" \t\n\r")
+"""What a JSON value can begin with, after whitespace."""
+_JSON_WHITESPACE = " \t\n\r"
+_JSON_LITERALS = {"true": True, "false": False, "null": None}
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 
 
 def _parse_value(text: str) -> Any:
-    first = text[:1] if text[:1] not in _JSON_SPACE else text.lstrip(" \t\n\r")[:1]  # ' 5' is JSON too
-    if not first or first not in _JSON_FIRST:  # a plain word: no decoder and no exception for it
+    """A line-mode value: the JSON it spells, else the text itself.
+
+    Only what can be JSON goes to the decoder (a plain word costs no decoder
+    call and no exception): a word beginning with a quote or a bracket, a
+    number as JSON writes one, or a literal.
+    """
+    value = text.strip(_JSON_WHITESPACE)  # ' 5' is JSON too
+    first = value[:1]
+    if not first or first not in _JSON_FIRST:
+        return text
+    if first in "tfn":
+        return _JSON_LITERALS.get(value, text)
+    if first not in '{["' and _JSON_NUMBER.fullmatch(value) is None:
         return text
     try:
         return _loads(text, request=True)
