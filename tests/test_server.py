@@ -1901,6 +1901,7 @@ def test_a_flood_of_refused_connections_holds_few_descriptors_and_logs_few_lines
     holders = _hold_busy(server.path, 2, connect_raw)
     try:
         wait_until(lambda: server._active == 2 and all(c._busy for c in server._connections))
+        began = time.monotonic()
         for _ in range(200):  # refused ("busy"), and they never send a byte
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             flood.append(s)
@@ -1908,9 +1909,11 @@ def test_a_flood_of_refused_connections_holds_few_descriptors_and_logs_few_lines
         wait_until(lambda: server._opening == 0)
         assert server._refusing <= 16
         # The others were dropped at once (each refused one waits up to a second to be told why).
-        wait_until(lambda: len(server._connections) <= 2 + 16, timeout=0.5)
+        wait_until(lambda: len(server._connections) <= 2 + 16, timeout=0.9)
+        took = time.monotonic() - began  # a second or more on a loaded machine
         lines = [r for r in caplog.records if "refused a connection" in r.getMessage()]
-        assert 1 <= len(lines) <= 3, len(lines)  # once a second, with how many were held back
+        # Once a second, with how many were held back.
+        assert 1 <= len(lines) <= 2 + int(took), (len(lines), took)
     finally:
         for s in holders + flood:
             s.close()
