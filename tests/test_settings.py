@@ -162,3 +162,15 @@ def test_an_apps_validator_runs_once_per_value_and_its_error_class_stays() -> No
     assert str(refused.value) == "11 is too loud"
     if sys.version_info >= (3, 11):  # and its traceback says which setting refused it
         assert refused.value.__notes__ == ["refused as a value of setting 'volume'"]
+    shared = ValueError("never")  # one object raised at every refusal: its note is not added again
+
+    def never(value: str) -> None:
+        raise shared
+
+    settings.declare(Setting("mode", str, "a", validate=lambda v: None if v == "a" else never(v)))
+    for _ in range(3):
+        with pytest.raises(ValueError, match="never"):
+            settings.set("mode", "b")
+    assert getattr(shared, "__notes__", []) == (
+        ["refused as a value of setting 'mode'"] if sys.version_info >= (3, 11) else []
+    )

@@ -156,8 +156,10 @@ class Settings:
         try:
             new = setting.check(value)
         except (TypeError, ValueError) as exc:
-            if hasattr(exc, "add_note"):  # 3.11+: the traceback names the setting
-                exc.add_note(f"refused as a value of setting {name!r}")
+            note = f"refused as a value of setting {name!r}"
+            # 3.11+: the traceback names the setting (once: a validator may raise one object each time)
+            if hasattr(exc, "add_note") and note not in getattr(exc, "__notes__", ()):
+                exc.add_note(note)
             raise
         with self._lock:
             old = self._values[name]
