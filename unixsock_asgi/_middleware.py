@@ -427,9 +427,7 @@ def _mount_chains(
         if len(chains) >= _MAX_CHAINS:
             break
         try:
-            endpoint = getattr(route, "endpoint", None)
-            if endpoint is not None and endpoints is not None and len(endpoints) < _MAX_CHAINS:
-                endpoints.setdefault(id(endpoint), []).append((route, under))
+            _index_endpoint(endpoints, getattr(route, "endpoint", None), route, under)
             mount_path, path_format = getattr(route, "path", None), getattr(route, "path_format", None)
             if (
                 isinstance(mount_path, str)
@@ -439,9 +437,8 @@ def _mount_chains(
                 template = prefix + mount_path
                 pattern = _template_pattern(template)
                 chains.append((pattern, template, route))
-                mounted = getattr(route, "app", None)  # what a Mount puts in the scope as its endpoint
-                if mounted is not None and endpoints is not None and len(endpoints) < _MAX_CHAINS:
-                    endpoints.setdefault(id(mounted), []).append((route, under))
+                # What a Mount puts in the scope as the endpoint (FastAPI's router sets no route).
+                _index_endpoint(endpoints, getattr(route, "app", None), route, under)
                 chains += _mount_chains(
                     routes_behind(route), template, depth + 1, path, endpoints=endpoints, under=pattern
                 )
@@ -456,6 +453,13 @@ def _mount_chains(
 
 
 _MAX_CHAINS = 1000
+
+
+def _index_endpoint(
+    endpoints: _Endpoints | None, endpoint: Any, route: Any, under: re.Pattern[str] | None
+) -> None:
+    if endpoint is not None and endpoints is not None and len(endpoints) < _MAX_CHAINS:
+        endpoints.setdefault(id(endpoint), []).append((route, under))
 
 
 def _mounted_key(route: Any, matched: str, chains: _MountChains) -> str:
