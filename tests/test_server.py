@@ -1028,15 +1028,31 @@ def test_stop_closes_open_connections_and_busy_handlers(
     start_server: ServerFactory, connect_raw: RawConnector, sock_path: str
 ) -> None:
     server = start_server()
-    sock = connect_raw(sock_path)
-    send_frame(sock, {"cmd": "sleep", "args": {"seconds": 60}})
+    busy = connect_raw(sock_path)
+    send_frame(busy, {"cmd": "sleep", "args": {"seconds": 60}, "id": 7})
+    busy_line = connect_raw(sock_path)
+    busy_line.sendall(b"sleep seconds=60\n")
+    unanswered = connect_raw(sock_path)  # respond=false: nobody waits for a reply
+    send_frame(unanswered, {"cmd": "sleep", "args": {"seconds": 60}, "respond": False, "close": False})
     idle = connect_raw(sock_path)
     send_frame(idle, {"cmd": "ping", "close": False})
     assert recv_response(idle)["payload"] == "pong"
+    time.sleep(0.2)  # the sleeps have begun
     start = time.monotonic()
     server.stop()
     assert time.monotonic() - start < 4
-    assert_eof(sock)
+    # A command cut short is told so, not left to read a connection closed as if the server crashed.
+    reply = recv_frame(busy)
+    assert reply["id"] == 7
+    assert reply["response"] == {
+        "status": "failure",
+        "error": "'sleep' did not finish: the server is stopping",
+        "payload": None,
+    }
+    assert_eof(busy)
+    assert recv_line(busy_line)["error"] == "'sleep' did not finish: the server is stopping"
+    assert_eof(busy_line)
+    assert_eof(unanswered)
     assert_eof(idle)
     assert not os.path.exists(sock_path)
 

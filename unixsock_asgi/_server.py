@@ -248,7 +248,10 @@ class UnixSockServer:
             return self
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop serving, close connections and remove the socket file if it is ours."""
+        """Stop serving, close connections and remove the socket file if it is ours.
+
+        A command still running is cut short, and its client told so in a failure reply.
+        """
         with self._lock:
             thread, loop = self._thread, self._loop
             if thread is None or loop is None:
@@ -348,13 +351,15 @@ class UnixSockServer:
         server.close()
         tasks = []
         for connection in list(self._connections):
-            connection.abort()
+            connection.stop()
             if connection.task is not None:
                 tasks.append(connection.task)
         if tasks:
             await asyncio.wait(tasks, timeout=1.0)
         while self._connections and loop.time() < deadline + 1.0:
             await asyncio.sleep(0.001)  # connection_lost closes the sockets
+        for connection in list(self._connections):
+            connection.abort()  # a peer that did not take its last reply meanwhile
 
     # -- connections -------------------------------------------------------
 
@@ -505,8 +510,8 @@ class UnixSockServer:
         except _HandlerRaised as raised:
             response = self._raised(request, raised.exc)
         except asyncio.CancelledError:
-            # The connection ended while the handler ran (its peer hung up, or the server
-            # stops): no reply goes out, but the command was asked for all the same.
+            # The connection ended while the handler ran: its peer hung up (no reply goes
+            # out), or the server stops (Connection.stop says so); it was asked for all the same.
             audit(peer, request.cmd, "cancelled", start)
             raise
         self._audit(request, peer, response, start)
@@ -856,6 +861,7 @@ class _Connection(asyncio.Protocol):
         self._write_backlog = 0  # bytes the peer had not read when the write timer was set
         self._hangup_timer: asyncio.TimerHandle | None = None
         self._running: Request | None = None  # the request whose handler the task is running
+        self._parting = False  # stopped by the server with a last reply on its way out
 
     # -- asyncio.Protocol ----------------------------------------------------
 
@@ -1046,7 +1052,8 @@ class _Connection(asyncio.Protocol):
                         self._transport.resume_reading()
                     self._arm_read(new_message=True)  # nothing was read meanwhile
         except (asyncio.CancelledError, ConnectionError, TimeoutError):
-            self.abort()
+            if not self._parting:  # else the reply that says why is on its way out
+                self.abort()
         except Exception:  # pragma: no cover - a bug here must not kill the server
             logger.exception("unexpected error on a control connection")
             self.abort()
@@ -1065,6 +1072,7 @@ class _Connection(asyncio.Protocol):
             self._running = request
             begun = server._begin(request, self._peer, mode) if started is None else started
             response = begun if isinstance(begun, Response) else await begun
+            self._running = None
             if not self._answer(request, response):
                 return False
         proto = self._proto
@@ -1080,6 +1088,7 @@ class _Connection(asyncio.Protocol):
                 self._running = event
                 begun = server._begin(event, self._peer, mode)
                 response = begun if isinstance(begun, Response) else await begun
+                self._running = None
                 if not self._answer(event, response):
                     return False
             elif not self._other(event):
@@ -1198,6 +1207,36 @@ class _Connection(asyncio.Protocol):
                     return
             except OSError:  # BlockingIOError: nothing more to read
                 return
+
+    def stop(self) -> None:
+        """The server is stopping: tell the peer whose command it cuts short, then close.
+
+        Without the reply its client would read a connection closed mid-command,
+        as if the server had crashed; every other connection is closed at once.
+        """
+        running, transport = self._running, self._transport
+        if (
+            running is None
+            or not running.respond
+            or self._closing
+            or transport is None
+            or transport.is_closing()
+        ):
+            self.abort()
+            return
+        self._closing = True  # the handler's own reply, should it still come, is not sent
+        self._parting = True
+        transport.write(
+            self._server._encode(
+                self._proto,
+                running,
+                Response.failure(f"{shown_name(running.cmd)!r} did not finish: the server is stopping"),
+            )
+        )
+        if self.task is not None:
+            self.task.cancel()
+        self._discard_unread()
+        transport.close()  # once the reply has gone out; the server aborts what is left after a second
 
     def abort(self) -> None:
         """Close at once, dropping whatever was not sent."""

@@ -289,6 +289,27 @@ def test_socket_is_removed_after_shutdown(start_server: StartServer, short_dir: 
     assert "example app stopping" in server.log()  # the app's own lifespan shutdown ran
 
 
+def test_a_drain_cut_short_by_the_shutdown_is_told_so(start_server: StartServer, short_dir: Path) -> None:
+    # A deploy tool's SIGTERM arrives while an operator's drain waits: the drain's
+    # client reads why it ended, not a connection closed as if the worker had crashed.
+    server, control = _example(start_server, short_dir / "s")
+    replies: list[Any] = []
+    waiting = Client(control.path, timeout=60)
+    drain = threading.Thread(
+        target=lambda: replies.append(waiting.send("drain", {"timeout": 60, "quiet": 60}))
+    )
+    drain.start()
+    try:
+        time.sleep(1.0)  # the control thread reads the command at once: the drain is waiting
+        assert server.stop() in (0, -15)
+    finally:
+        drain.join(20)
+    assert not drain.is_alive()
+    [reply] = replies
+    assert not reply.ok
+    assert reply.error == "'drain' did not finish: the server is stopping"
+
+
 def test_unusable_socket_dir_leaves_the_app_serving(start_server: StartServer, short_dir: Path) -> None:
     blocker = short_dir / "a-file"
     blocker.write_text("not a directory")
