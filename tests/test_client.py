@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import json
 import os
+import re
 import socket
 import struct
 import threading
@@ -106,9 +107,13 @@ def test_failure_and_raise_for_status(start_server: ServerFactory, tracker: Conn
     assert response is not None
     assert not response.ok
     assert (response.status, response.error, response.payload) == ("failure", "it failed", {"code": 7})
-    with pytest.raises(CommandFailed, match="it failed") as info:
+    with pytest.raises(CommandFailed) as info:
         response.raise_for_status()
+    # Which socket and which command: a loop over many workers logs what failed where.
+    assert str(info.value) == f"{server.path}: 'fail' failed: it failed"
     assert info.value.response is response
+    assert info.value.request is not None and info.value.request.cmd == "fail"
+    assert response.request is info.value.request and response.path == server.path
     assert isinstance(info.value, UnixSockError)
 
 
@@ -279,10 +284,13 @@ def test_async_client(start_server: ServerFactory, tracker: ConnectionTracker) -
         assert response is not None
         assert response.payload["args"] == {"x": 1}
 
-        failed = await AsyncClient(server.path).send("fail")
+        failed = await AsyncClient(server.path).send("fail", {"why": 1})
         assert failed is not None
-        with pytest.raises(CommandFailed):
+        with pytest.raises(
+            CommandFailed, match=f"^{re.escape(server.path)}: 'fail' failed: it failed$"
+        ) as info:
             failed.raise_for_status()
+        assert info.value.request is not None and info.value.request.args == {"why": 1}
 
         respond = False  # typed bool: the overload for respond=False is typed None, which mypy will not test
         assert await AsyncClient(server.path).send("note", respond=respond) is None
@@ -643,6 +651,8 @@ def test_a_request_too_large_for_the_server_gets_its_refusal(
     reply = Client(server.path).send("big", args)
     assert reply is not None and not reply.ok
     assert "exceeds the limit of 1048576 bytes" in reply.error
+    with pytest.raises(CommandFailed, match=f"^{re.escape(server.path)}: 'big' failed: message of"):
+        reply.raise_for_status()
     with pytest.raises(ProtocolError, match="refused the request: message of"):
         Client(server.path).send("big", args, respond=False)
 

@@ -679,11 +679,13 @@ def test_response_ok_and_raise_for_status() -> None:
     assert ok.raise_for_status() is ok
     failed = Response.failure("disk full", payload={"free": 0})
     assert not failed.ok
-    with pytest.raises(CommandFailed, match="disk full") as info:
+    with pytest.raises(CommandFailed, match=r"^disk full$") as info:
         failed.raise_for_status()
     assert info.value.response is failed
-    with pytest.raises(CommandFailed, match="command failed"):
+    with pytest.raises(CommandFailed, match=r"^command failed$") as info:
         Response("failure").raise_for_status()
+    assert info.value.request is None  # made by hand: nothing to name
+    assert Response.failure("x") == Response("failure", "x", path="/s")  # not part of equality
     assert failed.to_dict() == {"status": STATUS_FAIL, "error": "disk full", "payload": {"free": 0}}
 
 

@@ -123,14 +123,21 @@ class _BaseClient:
 
     def _prepare(
         self, cmd: str, args: dict[str, Any] | None, respond: bool | None, close: bool | None
-    ) -> tuple[bytes, bool, bool]:
+    ) -> tuple[Request, bytes]:
         if not isinstance(cmd, str) or not cmd:
             raise ValueError("cmd must be a non-empty string")
         if args is not None and not isinstance(args, Mapping):
             raise TypeError(f"args must be a dict (a JSON object) or None, not {type(args).__name__}")
         respond = self.respond if respond is None else respond
         close = self.close_after if close is None else close
-        return encode_request(Request(cmd, dict(args or {}), respond, close)), respond, close
+        request = Request(cmd, dict(args or {}), respond, close)
+        return request, encode_request(request)
+
+    def _answering(self, request: Request, response: Response | None) -> Response | None:
+        """``response``, told what it answers (for ``raise_for_status``'s message)."""
+        if response is not None:
+            response.request, response.path = request, self.path
+        return response
 
     def _header_length(self, header: bytes) -> int:
         if len(header) < _HEADER_SIZE:
@@ -264,7 +271,8 @@ class Client(_BaseClient):
         ``respond`` left out takes the client's (``options()``), so type checkers see
         ``Response | None``; ``respond=True`` is typed ``Response``.
         """
-        frame, respond, close = self._prepare(cmd, args, respond, close)
+        request, frame = self._prepare(cmd, args, respond, close)
+        respond, close = request.respond, request.close
         sock = self._reusable()
         reused = sock is not None
         if sock is None:
@@ -281,10 +289,10 @@ class Client(_BaseClient):
                 sock = self._sock = self._connect()
                 refusal = self._write(sock, frame)
             if refusal is not None:
-                return self._refused(refusal, respond)
+                return self._answering(request, self._refused(refusal, respond))
             reply = self._read_reply(sock) if respond else None
             finished = True
-            return reply
+            return self._answering(request, reply)
         except TimeoutError:
             self.close()
             raise self._timeout_error() from None
@@ -457,14 +465,14 @@ class AsyncClient(_BaseClient):
         ``respond`` left out takes the client's (``options()``), so type checkers see
         ``Response | None``; ``respond=True`` is typed ``Response``.
         """
-        frame, respond, close = self._prepare(cmd, args, respond, close)
+        request, frame = self._prepare(cmd, args, respond, close)
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # used from another loop (a later asyncio.run): start afresh there
             self._discard()
             self._loop = loop
             self._turn = asyncio.Lock()
         async with self._turn:
-            return await self._send(frame, respond, close)
+            return self._answering(request, await self._send(frame, request.respond, request.close))
 
     async def _send(self, frame: bytes, respond: bool, close: bool) -> Response | None:
         reader, writer, reused = await self._stream()

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ._protocol import Response
+    from ._protocol import Request, Response
 
 __all__ = [
     "BindError",
@@ -51,11 +51,21 @@ class ProtocolError(TransportError):
 
 
 class CommandFailed(UnixSockError):
-    """The server answered with status "failure" (raised by ``raise_for_status``)."""
+    """The server answered with status "failure" (raised by ``raise_for_status``).
+
+    ``response`` is the failure reply; ``request`` the command it answers
+    (None for a Response made by hand). The message names the socket and the
+    command when they are known.
+    """
 
     def __init__(self, message: str, *, response: Response) -> None:
         super().__init__(message)
         self.response = response
+
+    @property
+    def request(self) -> Request | None:
+        """The command as sent, when the response came from a client."""
+        return self.response.request
 
 
 class BindError(UnixSockError):

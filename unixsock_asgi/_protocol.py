@@ -73,11 +73,17 @@ _LINE_START = frozenset([0x09, 0x0A, 0x0D, *range(0x20, 0x7F), *range(0xC2, 0xF5
 
 @dataclass
 class Response:
-    """The outcome of one command: a status word, an error message and a payload."""
+    """The outcome of one command: a status word, an error message and a payload.
+
+    A client's reply also knows what it answers: ``request`` (the command as
+    sent) and ``path`` (the socket), both None on a Response made by hand.
+    """
 
     status: str = STATUS_OK
     error: str = ""
     payload: Any = None
+    request: Request | None = field(default=None, compare=False, repr=False, kw_only=True)
+    path: str | None = field(default=None, compare=False, repr=False, kw_only=True)
 
     @property
     def ok(self) -> bool:
@@ -99,11 +105,20 @@ class Response:
         return {"status": self.status, "error": self.error, "payload": self.payload}
 
     def raise_for_status(self) -> Response:
-        """Raise :class:`~unixsock_asgi.CommandFailed` unless the command succeeded."""
+        """Raise :class:`~unixsock_asgi.CommandFailed` unless the command succeeded.
+
+        Its message says which command failed on which socket, when the
+        response came from a client: ``/run/app/w-1.sock: 'set' failed: ...``.
+        """
         if not self.ok:
             from ._exceptions import CommandFailed
 
-            raise CommandFailed(self.error or "command failed", response=self)
+            error = self.error or "command failed"
+            if self.request is not None:
+                error = f"{self.request.cmd!r} failed: {error}"
+            if self.path is not None:
+                error = f"{self.path}: {error}"
+            raise CommandFailed(error, response=self)
         return self
 
 
