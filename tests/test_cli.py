@@ -523,6 +523,38 @@ def test_ls_lists_live_workers_and_flags_stale_sockets(
     assert not stale.exists()
 
 
+def test_ls_shows_each_workers_parent_when_two_masters_share_the_directory(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # gunicorn's USR2: the new master's workers serve beside the old one's until it is told to quit.
+    old, new, newer = fleet.start(3)
+    status, out, _ = run(capsys, "ls", str(socket_dir))
+    assert status == EXIT_OK and "PARENT" not in out  # one master: nothing to tell apart
+    old.stats_overrides = {"ppid": 4100}
+    new.stats_overrides = newer.stats_overrides = {"ppid": 5200}
+    make_stale_socket(socket_dir / "app-5.sock")
+    status, out, _ = run(capsys, "ls", str(socket_dir))
+    assert status == EXIT_OK
+    header, *lines = out.splitlines()
+    assert header.split() == ["SOCKET", "PID", "PARENT", "UPTIME", "REQUESTS", "IN-FLT", "STATE"]
+    rows = {line.split()[0]: line.split() for line in lines}
+    assert {name: row[1:3] for name, row in rows.items() if name != "app-5.sock"} == {
+        old.path.name: [str(old.pid), "4100"],
+        new.path.name: [str(new.pid), "5200"],
+        newer.path.name: [str(newer.pid), "5200"],
+    }
+    assert rows["app-5.sock"][1:7] == ["-"] * 5 + ["STALE:"]  # the columns stay in line
+    status, out, _ = run(capsys, "ls", str(socket_dir), "--json")
+    assert {w["pid"]: w["ppid"] for w in json.loads(out)["workers"]} == {
+        old.pid: 4100,
+        new.pid: 5200,
+        newer.pid: 5200,
+    }
+    old.stats_overrides = {"ppid": True}  # not a pid: shown as unknown, not as 1
+    status, out, _ = run(capsys, "ls", str(socket_dir), "--json")
+    assert {w["pid"]: w["ppid"] for w in json.loads(out)["workers"]}[old.pid] is None
+
+
 def test_ls_of_only_stale_sockets_exits_2_after_listing_them(
     socket_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -615,6 +615,7 @@ class Stats:
             route_payloads = {name: rs.to_payload() for name, rs in self._routes.items()} if routes else {}
         payload: dict[str, Any] = {
             "pid": os.getpid(),
+            "ppid": os.getppid(),  # the master: two of them in one directory is an upgrade under way
             "uptime_s": time.monotonic() - self._started_mono,
             "started_at": self.started_at,
             "since_reset_s": now - self.reset_at,

@@ -657,6 +657,7 @@ def cmd_ls(ns: argparse.Namespace) -> int:
                 {
                     "socket": r.socket,
                     "pid": r.pid,
+                    "ppid": _parent(snap),
                     "state": "live" if r.ok else r.status,
                     "error": r.error,
                     # None from a worker that does not say (an older version)
@@ -670,14 +671,25 @@ def cmd_ls(ns: argparse.Namespace) -> int:
         document = {"workers": workers, "stale": outcome.stale, "gone": outcome.gone, "removed": removed}
         print(json.dumps(document, indent=2, sort_keys=True))
     else:
-        rows = [["SOCKET", "PID", "UPTIME", "REQUESTS", "IN-FLT", "STATE"]]
+        snaps = {
+            r.socket: r.payload if r.ok and isinstance(r.payload, Mapping) else {} for r in outcome.results
+        }
+        # Workers of more than one master (gunicorn's USR2 upgrade under way, two services
+        # sharing the directory): a PARENT column tells the generations apart.
+        parents = {_parent(snap) for snap in snaps.values()} - {None}
+        with_parent = len(parents) > 1
+        rows = [
+            ["SOCKET", "PID", *(["PARENT"] if with_parent else []), "UPTIME", "REQUESTS", "IN-FLT", "STATE"]
+        ]
+        gap = ["-"] * (5 if with_parent else 4)
         for r in sorted(outcome.results, key=lambda r: os.path.basename(r.socket)):
-            snap = r.payload if r.ok and isinstance(r.payload, Mapping) else {}
+            snap = snaps[r.socket]
             state = ", ".join(["live", *worker_flags(snap)]) if r.ok else f"{r.status.upper()}: {r.error}"
             rows.append(
                 [
                     os.path.basename(r.socket),
                     format_count(r.pid),
+                    *([format_count(_parent(snap))] if with_parent else []),
                     format_uptime(snap.get("uptime_s")),
                     format_count(snap.get("requests_total")),
                     format_count(snap.get("in_flight")),
@@ -686,16 +698,22 @@ def cmd_ls(ns: argparse.Namespace) -> int:
             )
         for path in outcome.stale:
             state = "STALE: removed" if path in removed else "STALE: nothing listens (process gone)"
-            rows.append([os.path.basename(path), "-", "-", "-", "-", state])
+            rows.append([os.path.basename(path), *gap, state])
         for path in outcome.gone:
-            rows.append([os.path.basename(path), "-", "-", "-", "-", "GONE: exited while asked"])
-        _write(table(rows, align="lrrrrl"), sys.stdout)
+            rows.append([os.path.basename(path), *gap, "GONE: exited while asked"])
+        _write(table(rows, align="lrrrrrl" if with_parent else "lrrrrl"), sys.stdout)
     nobody = nobody_answered(target, outcome)
     if nobody is not None:
         raise nobody
     if not outcome.all_ok:
         raise _Failed(failure_summary(outcome))
     return EXIT_OK
+
+
+def _parent(snap: Mapping[str, Any]) -> int | None:
+    """The worker's parent pid as its ``stats`` says, or None (an older version, a strange value)."""
+    ppid = snap.get("ppid")
+    return ppid if isinstance(ppid, int) and not isinstance(ppid, bool) and 0 <= ppid < 2**32 else None
 
 
 def cmd_metrics(ns: argparse.Namespace) -> int:

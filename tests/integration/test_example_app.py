@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +72,7 @@ def test_stats_count_exactly_what_was_sent_per_route_template(
     assert stats["by_status"] == {"2xx": 15, "4xx": 6, "5xx": 2}
     assert stats["in_flight"] == 0 and stats["exceptions_total"] == 2
     assert stats["pid"] == server.proc.pid
+    assert stats["ppid"] == os.getpid()  # started by this test: its parent
     assert 0 < stats["latency"]["p50_s"] <= stats["latency"]["p99_s"] <= stats["latency"]["max_s"] * 1.05
     assert stats["process"]["rss_bytes"] > 0 and stats["process"]["open_fds"] > 0
 
