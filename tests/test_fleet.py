@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import random
+import socket
 import stat
 import threading
 import time
@@ -362,9 +363,34 @@ def test_a_worker_that_exits_while_asked_counts_as_gone_not_as_an_error(
 ) -> None:
     # A worker shutting down (a deploy, --max-requests) ends the connections it
     # holds: that is a worker gone, not an error; but the command may have run.
-    exiting_server(sock_path)
+    exiting_server(sock_path)  # it says so: "'slow' did not finish: the server is stopping"
     outcome = asyncio.run(fan_out([sock_path], "slow", timeout=5.0))
     assert (outcome.results, outcome.stale, outcome.gone) == ([], [], [sock_path])
+
+
+def test_a_worker_that_exits_while_asked_without_a_word_counts_as_gone(tmp_path: Path) -> None:
+    # A killed process, or an older version: the connection ends with no reply, and nothing listens.
+    path = str(tmp_path / "w.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+
+    def exit_once_asked() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(5)
+            conn.recv(1 << 16)
+            os.unlink(path)
+            listener.close()
+
+    exiting = threading.Thread(target=exit_once_asked)
+    exiting.start()
+    try:
+        outcome = asyncio.run(fan_out([path], "slow", timeout=5.0))
+    finally:
+        exiting.join(10)
+        listener.close()
+    assert (outcome.results, outcome.stale, outcome.gone) == ([], [], [path])
 
 
 def test_fan_out_runs_concurrently(fleet: Fleet) -> None:

@@ -1047,7 +1047,7 @@ def test_stop_closes_open_connections_and_busy_handlers(
     assert reply["response"] == {
         "status": "failure",
         "error": "'sleep' did not finish: the server is stopping",
-        "payload": None,
+        "payload": {"server_stopping": True},  # how the fleet tells a worker gone from one that failed
     }
     assert_eof(busy)
     assert recv_line(busy_line)["error"] == "'sleep' did not finish: the server is stopping"

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple, TextIO
 from . import _compat
 from ._client import BACKLOG_FULL, AsyncClient
 from ._exceptions import BindError, ConnectError, TimeoutException, TransportError
-from ._protocol import HARD_MAX_MESSAGE_SIZE, STATUS_OK, check_unicode
+from ._protocol import HARD_MAX_MESSAGE_SIZE, STATUS_OK, STOPPING_PAYLOAD, check_unicode
 from ._sockets import check_private_directory, directory_lock, peer_credentials, probe
 from ._stats import GAMMA, histogram_problem, merge_histograms
 
@@ -816,6 +816,12 @@ async def ask_worker(
             result.error = str(exc)
     else:
         assert response is not None  # respond=True
+        if not response.ok and response.payload == STOPPING_PAYLOAD:
+            # Cut short as its worker shut down (a deploy, a recycled worker): gone, as when the
+            # connection ends with no reply (an older version, a killed process).
+            result.status = STATUS_GONE
+            result.error = f"its process shut down while it was asked ({response.error})"
+            return result
         result.status = response.status
         result.error = response.error
         result.payload = response.payload

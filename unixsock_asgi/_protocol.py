@@ -27,8 +27,9 @@ import math
 import re
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal
 
 __all__ = [
@@ -57,6 +58,10 @@ HARD_MAX_MESSAGE_SIZE = 16 << 20
 """No frame may be larger than this, whatever a server or client allows."""
 
 _HEADER = struct.Struct(">I")
+STOPPING_PAYLOAD: Mapping[str, Any] = MappingProxyType({"server_stopping": True})
+"""The payload of the failure a command cut short by its server stopping gets: the fleet
+counts the worker as gone (a deploy, a recycled worker), not as failed."""
+
 _HEADER_SIZE = _HEADER.size + 1  # length + b":"
 
 Mode = Literal["frame", "line"]

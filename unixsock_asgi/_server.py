@@ -44,6 +44,7 @@ from typing import Any
 from . import _compat
 from ._protocol import (
     STATUS_OK,
+    STOPPING_PAYLOAD,
     ConnectionProtocol,
     Event,
     Mode,
@@ -1230,7 +1231,10 @@ class _Connection(asyncio.Protocol):
             self._server._encode(
                 self._proto,
                 running,
-                Response.failure(f"{shown_name(running.cmd)!r} did not finish: the server is stopping"),
+                Response.failure(
+                    f"{short_repr(running.cmd)} did not finish: the server is stopping",
+                    dict(STOPPING_PAYLOAD),
+                ),
             )
         )
         if self.task is not None:
