@@ -363,7 +363,7 @@ def test_a_worker_that_exits_while_asked_counts_as_gone_not_as_an_error(
 ) -> None:
     # A worker shutting down (a deploy, --max-requests) ends the connections it
     # holds: that is a worker gone, not an error; but the command may have run.
-    exiting_server(sock_path)  # it says so: "'slow' did not finish: the server is stopping"
+    exiting_server(sock_path)  # it says so: "'slow' was cut short: the server is stopping"
     outcome = asyncio.run(fan_out([sock_path], "slow", timeout=5.0))
     assert (outcome.results, outcome.stale, outcome.gone) == ([], [], [sock_path])
 

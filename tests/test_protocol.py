@@ -673,6 +673,23 @@ def test_decode_rejects_what_is_not_a_reply(body: bytes, message: str) -> None:
         decode_response(body)
 
 
+def test_a_relayed_reply_is_sent_as_on_the_wire_not_with_what_its_client_kept() -> None:
+    # A handler that returns another server's reply: its request (args may hold secrets)
+    # and the socket it came from stay where they were.
+    upstream = Response.failure("no", payload=[1])
+    upstream.request, upstream.path = Request("login", {"token": "secret"}), "/run/other.sock"
+    data = ConnectionProtocol(1 << 20).encode_reply(
+        Request("relay"), Response.success({"upstream": upstream, "sent": upstream.request})
+    )
+    body = data[data.index(b":") + 1 :]
+    decoded, _ = decode_response(body)
+    assert decoded.payload == {
+        "upstream": {"status": "failure", "error": "no", "payload": [1]},
+        "sent": Request("login", {"token": "secret"}).to_dict(),
+    }
+    assert "other.sock" not in body.decode()
+
+
 def test_response_ok_and_raise_for_status() -> None:
     ok = Response.success("pong")
     assert ok.ok

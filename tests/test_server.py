@@ -1046,15 +1046,45 @@ def test_stop_closes_open_connections_and_busy_handlers(
     assert reply["id"] == 7
     assert reply["response"] == {
         "status": "failure",
-        "error": "'sleep' did not finish: the server is stopping",
+        "error": "'sleep' was cut short: the server is stopping (it may have run in part, or finish unanswered)",
         "payload": {"server_stopping": True},  # how the fleet tells a worker gone from one that failed
     }
     assert_eof(busy)
-    assert recv_line(busy_line)["error"] == "'sleep' did not finish: the server is stopping"
+    assert (
+        recv_line(busy_line)["error"]
+        == "'sleep' was cut short: the server is stopping (it may have run in part, or finish unanswered)"
+    )
     assert_eof(busy_line)
     assert_eof(unanswered)
     assert_eof(idle)
     assert not os.path.exists(sock_path)
+
+
+def test_a_handler_cut_short_by_stop_may_still_clean_up(
+    start_server: ServerFactory, connect_raw: RawConnector
+) -> None:
+    # Cancelled once, at its await: what it awaits while it cleans up is not cancelled again
+    # when its connection closes after the reply (within the second stop() waits for it).
+    entered, cleaned = threading.Event(), threading.Event()
+
+    async def handler(cmd: str, args: dict[str, Any]) -> str:
+        entered.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.3)  # releasing a lock, closing a file...
+            cleaned.set()
+            raise
+        return "slept"
+
+    server = start_server(handler)
+    sock = connect_raw(server.path)
+    send_frame(sock, {"cmd": "job"})
+    assert entered.wait(5)
+    server.stop()
+    assert cleaned.is_set()
+    assert recv_response(sock)["error"].startswith("'job' was cut short: the server is stopping")
+    assert_eof(sock)
 
 
 def test_stop_during_a_burst_of_connections_leaves_no_socket_open(start_server: ServerFactory) -> None:

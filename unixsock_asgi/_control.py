@@ -449,7 +449,9 @@ class ControlPlane:
             return raised_failure(cmd, exc)
 
 
-_UNANSWERED = " (ended on the app's loop after its connection did; no reply)"
+_UNANSWERED = (
+    " (ended on the app's loop after its connection ended or its server stopped: its client was not told how)"
+)
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:

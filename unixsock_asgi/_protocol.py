@@ -360,6 +360,8 @@ def _reply_default(value: Any) -> Any:
             return sorted(value)
         except TypeError:
             return list(value)
+    if isinstance(value, (Response, Request)):  # a relayed reply: as on the wire, not what a client keeps
+        return value.to_dict()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     for module, name in (("decimal", "Decimal"), ("uuid", "UUID"), ("pathlib", "PurePath")):

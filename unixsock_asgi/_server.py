@@ -925,8 +925,8 @@ class _Connection(asyncio.Protocol):
         for timer in (self._deadline_timer, self._write_timer, self._close_timer, self._hangup_timer):
             if timer is not None:
                 timer.cancel()
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
+        if self.task is not None and not self.task.done() and not self._parting:
+            self.task.cancel()  # (a parting one was cancelled once: its clean-up may await)
         if self._writable is not None and not self._writable.done():
             self._writable.cancel()
         server = self._server
@@ -1232,7 +1232,10 @@ class _Connection(asyncio.Protocol):
                 self._proto,
                 running,
                 Response.failure(
-                    f"{short_repr(running.cmd)} did not finish: the server is stopping",
+                    # Cancelled at its next await; but a plain function on a thread, or
+                    # a command on the app's loop, may yet finish: nobody would hear of it.
+                    f"{short_repr(running.cmd)} was cut short: the server is stopping"
+                    " (it may have run in part, or finish unanswered)",
                     dict(STOPPING_PAYLOAD),
                 ),
             )
