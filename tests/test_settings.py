@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from typing import Any
 
 import pytest
 
@@ -71,6 +72,9 @@ def test_declaration_errors() -> None:
         Settings(Setting("a", int, 1), Setting("a", int, 2))
     with pytest.raises(ValueError, match="expected an integer"):
         Settings(Setting("a", int, "one"))
+    bounds: Any = (1, 65535)  # untyped, as from a config file: the type checker would refuse it
+    with pytest.raises(TypeError, match="positional"):  # the bounds go by name
+        Setting("port", int, 80, "", *bounds)
 
 
 def test_concurrent_sets_never_expose_a_value_that_was_not_set() -> None:

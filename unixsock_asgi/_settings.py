@@ -12,7 +12,7 @@ import threading
 import types
 import typing
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 from ._commands import _type_name, _unsupported, coerce
@@ -28,6 +28,7 @@ class Setting:
     type: Any
     default: Any
     doc: str = ""
+    _: KW_ONLY  # the checks go by name: in Setting("port", int, 80, "", 1, 65535) which is which?
     minimum: float | None = None
     maximum: float | None = None
     validate: Callable[[Any], None] | None = None
