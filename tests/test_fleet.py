@@ -42,6 +42,7 @@ from unixsock_asgi._fleet import (
     untrusted_peer,
     walk_path,
 )
+from unixsock_asgi._protocol import Response
 from unixsock_asgi._server import UnixSockServer
 from unixsock_asgi._stats import Stats
 
@@ -366,6 +367,19 @@ def test_a_worker_that_exits_while_asked_counts_as_gone_not_as_an_error(
     exiting_server(sock_path)  # it says so: "'slow' was cut short: the server is stopping"
     outcome = asyncio.run(fan_out([sock_path], "slow", timeout=5.0))
     assert (outcome.results, outcome.stale, outcome.gone) == ([], [], [sock_path])
+
+
+def test_a_live_workers_failure_that_looks_like_a_stop_is_a_failure(
+    start_server: Callable[..., UnixSockServer], sock_path: str
+) -> None:
+    # A handler relaying another server's "cut short" reply: its own worker is still there.
+    def relay(cmd: str, args: dict[str, Any]) -> Response:
+        return Response.failure("'apply' was cut short: the server is stopping", {"server_stopping": True})
+
+    start_server(relay, path=sock_path)
+    outcome = asyncio.run(fan_out([sock_path], "apply", timeout=5.0))
+    assert outcome.gone == [] and [r.status for r in outcome.results] == ["failure"]
+    assert outcome.results[0].error == "'apply' was cut short: the server is stopping"
 
 
 def test_a_worker_that_exits_while_asked_without_a_word_counts_as_gone(tmp_path: Path) -> None:

@@ -1087,6 +1087,30 @@ def test_a_handler_cut_short_by_stop_may_still_clean_up(
     assert_eof(sock)
 
 
+def test_a_handler_that_will_not_end_delays_stop_a_second_and_is_named(
+    start_server: ServerFactory, connect_raw: RawConnector, caplog: pytest.LogCaptureFixture
+) -> None:
+    entered = threading.Event()
+
+    async def handler(cmd: str, args: dict[str, Any]) -> str:
+        entered.set()
+        for _ in range(100):  # swallows every cancellation (bounded: 100 of them)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.5)
+        return "never"
+
+    server = start_server(handler)
+    sock = connect_raw(server.path)
+    send_frame(sock, {"cmd": "stubborn"})
+    assert entered.wait(5)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="unixsock_asgi.server"):
+        server.stop()
+    assert time.monotonic() - started < 3
+    assert "command stubborn did not end when cancelled: the server stops without it" in caplog.text
+    assert recv_response(sock)["error"].startswith("'stubborn' was cut short")
+
+
 def test_stop_during_a_burst_of_connections_leaves_no_socket_open(start_server: ServerFactory) -> None:
     server = start_server(max_connections=10_000)
     socks: list[socket.socket] = []

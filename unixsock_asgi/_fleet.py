@@ -28,7 +28,7 @@ from typing import Any, NamedTuple, TextIO
 from . import _compat
 from ._client import BACKLOG_FULL, AsyncClient
 from ._exceptions import BindError, ConnectError, TimeoutException, TransportError
-from ._protocol import HARD_MAX_MESSAGE_SIZE, STATUS_OK, STOPPING_PAYLOAD, check_unicode
+from ._protocol import HARD_MAX_MESSAGE_SIZE, STATUS_OK, check_unicode
 from ._sockets import check_private_directory, directory_lock, peer_credentials, probe
 from ._stats import GAMMA, histogram_problem, merge_histograms
 
@@ -816,9 +816,10 @@ async def ask_worker(
             result.error = str(exc)
     else:
         assert response is not None  # respond=True
-        if not response.ok and response.payload == STOPPING_PAYLOAD:
+        if not response.ok and _says_stopping(response.payload) and _nothing_listens(path):
             # Cut short as its worker shut down (a deploy, a recycled worker): gone, as when the
-            # connection ends with no reply (an older version, a killed process).
+            # connection ends with no reply (an older version, a killed process). Only if nothing
+            # listens any more: a live worker's handler may relay another server's such reply.
             result.status = STATUS_GONE
             result.error = f"its process shut down while it was asked ({response.error})"
             return result
@@ -835,6 +836,11 @@ async def ask_worker(
         result.elapsed_s = time.monotonic() - started
         result.peer_uid, result.home = client.peer_uid, client.home
     return result
+
+
+def _says_stopping(payload: Any) -> bool:
+    """Whether a failure's payload is the one a server stopping gives a command it cuts short."""
+    return isinstance(payload, dict) and len(payload) == 1 and payload.get("server_stopping") is True
 
 
 def _nothing_listens(path: str) -> bool:

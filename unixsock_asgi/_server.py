@@ -350,13 +350,23 @@ class UnixSockServer:
         while self._opening and loop.time() < deadline:
             await asyncio.sleep(0.001)  # each aborts itself in connection_made: the server is stopping
         server.close()
-        tasks = []
+        tasks: dict[asyncio.Task[None], _Connection] = {}
         for connection in list(self._connections):
             connection.stop()
             if connection.task is not None:
-                tasks.append(connection.task)
+                tasks[connection.task] = connection
         if tasks:
-            await asyncio.wait(tasks, timeout=1.0)
+            _, pending = await asyncio.wait(tasks, timeout=1.0)
+            for task in pending:
+                task.cancel()  # again: a cut-short handler had a second to clean up
+            if pending:
+                _, pending = await asyncio.wait(pending, timeout=0.1)
+            for task in pending:
+                running = tasks[task].running
+                logger.warning(
+                    "command %s did not end when cancelled: the server stops without it",
+                    shown_name(running.cmd) if running is not None else "(none)",
+                )
         while self._connections and loop.time() < deadline + 1.0:
             await asyncio.sleep(0.001)  # connection_lost closes the sockets
         for connection in list(self._connections):
@@ -1140,6 +1150,11 @@ class _Connection(asyncio.Protocol):
     @property
     def peer(self) -> PeerCredentials:
         return self._peer
+
+    @property
+    def running(self) -> Request | None:
+        """The request whose handler the connection's task runs, if any."""
+        return self._running
 
     @property
     def waiting_since(self) -> float | None:
