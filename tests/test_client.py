@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import json
 import os
+import pickle
 import re
 import socket
 import struct
@@ -114,6 +115,8 @@ def test_failure_and_raise_for_status(start_server: ServerFactory, tracker: Conn
     assert info.value.response is response
     assert info.value.request is not None and info.value.request.cmd == "fail"
     assert response.request is info.value.request and response.path == server.path
+    copied = pickle.loads(pickle.dumps(info.value))  # from a process pool's worker, say
+    assert (str(copied), copied.response, copied.request) == (str(info.value), response, response.request)
     assert isinstance(info.value, UnixSockError)
 
 

@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._protocol import Request, Response
@@ -66,6 +66,14 @@ class CommandFailed(UnixSockError):
     def request(self) -> Request | None:
         """The command as sent, when the response came from a client."""
         return self.response.request
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled (a process pool's worker raising it): ``response`` is keyword-only.
+        return (_command_failed, (str(self), self.response))
+
+
+def _command_failed(message: str, response: Response) -> CommandFailed:
+    return CommandFailed(message, response=response)
 
 
 class BindError(UnixSockError):
