@@ -659,6 +659,22 @@ def test_out_of_range_values_are_refused_by_name(short_dir: Path) -> None:
         assert http.get("/hello/other").headers["retry-after"] == "30"
 
 
+def test_maintenance_leaves_the_configured_health_path_alone_by_default(short_dir: Path) -> None:
+    # health_path="/healthz" with the default exemptions: the load balancer's probe must not
+    # fail with the rest in maintenance (it followed "/health", whatever the health path was).
+    sock = short_dir / "c.sock"
+    app = _starlette(sock, health_path="/hello/healthz")
+    with TestClient(app) as http:
+        control = Client(sock)
+        health = _payload(control, "maintenance_on")
+        assert health["maintenance_exempt"] == ["/hello/healthz"]
+        assert http.get("/hello/healthz").status_code == 200
+        assert http.get("/hello/other").status_code == 503
+        assert http.get("/health").status_code == 503  # not the health path here: gated like the rest
+        _payload(control, "health_fail")
+        assert http.get("/hello/healthz").status_code == 503  # its own health state, as configured
+
+
 def test_maintenance_refuses_new_websocket_sessions_and_drain_counts_open_ones(short_dir: Path) -> None:
 
     async def echo(websocket: WebSocket) -> None:

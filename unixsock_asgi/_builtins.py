@@ -430,6 +430,7 @@ def _health(ctx: CommandContext) -> dict[str, Any]:
         "health_failing": control.health_failing,
         "health_path": control.health_path,
         "maintenance": control.maintenance,
+        "maintenance_exempt": sorted(control.maintenance_exempt),
         "retry_after": control.retry_after,
         "in_flight": control.stats.in_flight,
     }

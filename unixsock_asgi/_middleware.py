@@ -76,7 +76,7 @@ class ControlSocketMiddleware:
         stats: Stats | None = None,
         strict: bool = False,
         health_path: str = "/health",
-        maintenance_exempt: Iterable[str] = ("/health",),
+        maintenance_exempt: Iterable[str] | None = None,
         retry_after: int = 30,
         app_timeout: float = 5.0,
         socket_mode: int = 0o600,
@@ -115,8 +115,12 @@ class ControlSocketMiddleware:
             },
             app_timeout=app_timeout,
             health_path=health_path,
-            # One path given as a str is that path, not its characters.
-            maintenance_exempt=(maintenance_exempt,)
+            # None: the health path, whichever it is (the load balancer goes on seeing the
+            # worker's own health in maintenance). One path given as a str is that path,
+            # not its characters.
+            maintenance_exempt=(health_path,)
+            if maintenance_exempt is None
+            else (maintenance_exempt,)
             if isinstance(maintenance_exempt, str)
             else tuple(maintenance_exempt),
             retry_after=retry_after,
