@@ -428,9 +428,18 @@ def test_persist_writes_the_overrides_file_after_every_worker_accepted(
 def test_persist_is_not_the_default(
     fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    fleet.start(1)
-    assert run(capsys, "send", str(socket_dir), "health_fail")[0] == EXIT_OK
+    (worker,) = fleet.start(1)
+    status, _, err = run(capsys, "send", str(socket_dir), "health_fail")
+    assert status == EXIT_OK
     assert not Path(overrides_path(str(socket_dir))).exists()
+    # A worker recycled during the drain that follows would come up healthy: say so where it is sent.
+    assert "come up without health_fail: --persist makes it stick" in one_line(err)
+    for quiet in (
+        ["send", str(socket_dir), "health_fail", "--persist"],
+        ["send", str(worker.path), "health_fail"],
+    ):
+        assert "--persist makes it stick" not in run(capsys, *quiet)[2]  # persisted, or one socket
+    assert "--persist makes it stick" not in run(capsys, "send", str(socket_dir), "ping")[2]
 
 
 def test_a_rejected_command_is_not_persisted(

@@ -1301,9 +1301,14 @@ def persist_override(
     ):
         document = read_overrides_document(directory, dir_fd)
         entries = [e for e in document["overrides"] if _entry_key(e) != key]
-        entries.append({"cmd": cmd, "args": dict(args)})
+        if cmd not in BACK_TO_DEFAULT:  # those only undo an earlier override: nothing is left to apply
+            entries.append({"cmd": cmd, "args": dict(args)})
         write_overrides(directory, entries, dir_fd)
     return entries
+
+
+BACK_TO_DEFAULT = frozenset({"health_ok", "maintenance_off"})
+"""Persisted, these remove the override of their state: a worker starts healthy and out of maintenance."""
 
 
 def clear_overrides(directory: str) -> int | None:

@@ -593,6 +593,14 @@ def cmd_send(ns: argparse.Namespace) -> int:
     else:
         _write(render_answers(ns.cmd, outcome, single_target=not target.is_directory), sys.stdout)
     stale_note(outcome)
+    if not ns.persist and target.is_directory and ns.cmd in _LOST_ON_RECYCLING and outcome.successes:
+        # A worker recycled meanwhile (--max-requests) comes up healthy: a drain then "succeeds"
+        # while the load balancer keeps sending to the new one.
+        print(
+            f"note: workers started from now on (recycled, --max-requests) come up without {ns.cmd}:"
+            " --persist makes it stick",
+            file=sys.stderr,
+        )
     if persisted:
         print(f"persisted to {persisted}: workers started later apply it", file=sys.stderr)
     elif not_persisted:
@@ -602,6 +610,9 @@ def cmd_send(ns: argparse.Namespace) -> int:
     if not outcome.all_ok:
         raise _Failed(failure_summary(outcome, single_target=not target.is_directory))
     return EXIT_OK
+
+
+_LOST_ON_RECYCLING = frozenset({"health_fail", "maintenance_on"})
 
 
 def _catch_up(
