@@ -1339,6 +1339,28 @@ def test_a_plain_command_that_runs_past_app_timeout_after_its_client_hung_up_is_
     assert "status=success" in ended and "no reply" in ended
 
 
+def test_a_typod_command_gets_the_names_it_is_close_to(short_dir: Path) -> None:
+    commands = Commands()
+
+    @commands.command
+    def db_count() -> int:
+        return 3
+
+    sock = short_dir / "c.sock"
+    with TestClient(_starlette(sock, commands=commands)):
+        control = Client(sock)
+        expectations = {
+            "db_cuont": "unknown command 'db_cuont' (did you mean 'db_count'?); 'help' lists the commands",
+            "stat": "unknown command 'stat' (did you mean 'stats'?); 'help' lists the commands",
+            "frobnicate": "unknown command 'frobnicate'; 'help' lists the commands",
+        }
+        for typo, error in expectations.items():
+            reply = control.send(typo)
+            assert reply is not None and reply.error == error
+        helped = control.send("help", {"command": "db_cuont"})
+        assert helped is not None and "(did you mean 'db_count'?)" in helped.error
+
+
 def test_names_from_the_socket_are_quoted_back_cut_short(
     short_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -20,7 +20,7 @@ import types
 from typing import Any
 
 from ._commands import Commands
-from ._control import CommandContext, LogRestore
+from ._control import CommandContext, LogRestore, unknown_command
 from ._protocol import Response
 from ._server import audit_logger
 
@@ -52,7 +52,7 @@ def help_(ctx: CommandContext, command: str = "") -> Any:
                 f"{command!r} is not a registered command; the app's Go-style handler ({_name_of(handler)})"
                 " answers it, and has no help of its own"
             )
-        return Response.failure(f"unknown command {command!r}; 'help' lists the commands")
+        return Response.failure(unknown_command(command, ctx.control.commands))
     if handler is not None and not command:
         doc = inspect.cleandoc(getattr(handler, "__doc__", None) or "").strip()
         return {"commands": commands, "handler": {"name": _name_of(handler), "doc": doc}}

@@ -14,12 +14,13 @@ Where commands run:
 from __future__ import annotations
 
 import asyncio
+import difflib
 import inspect
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,6 +116,16 @@ class _LoopMonitor:
     def blocked_for(self) -> float:
         """Seconds since the loop last ran the monitor, beyond the expected interval."""
         return max(0.0, time.monotonic() - self.last_tick - self.interval)
+
+
+def unknown_command(cmd: str, commands: Iterable[Command]) -> str:
+    """The failure for a command nobody answers, with the registered names it is close to."""
+    # Bounded: difflib's cost grows with the name's length times the names', and names are short.
+    near = (
+        difflib.get_close_matches(cmd, [c.name for c in commands], n=3, cutoff=0.75) if len(cmd) <= 64 else []
+    )
+    hint = f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""
+    return f"unknown command {short_repr(cmd)}{hint}; 'help' lists the commands"
 
 
 class AllCommands:
@@ -315,7 +326,7 @@ class ControlPlane:
         ctx = CommandContext(self, peer, logging.getLogger(name), request_id)
         if command is None:
             if self.handler is None:
-                return Response.failure(f"unknown command {short_repr(cmd)}; 'help' lists the commands")
+                return Response.failure(unknown_command(cmd, self.commands))
             call_args = (cmd, args, ctx) if self._handler_ctx else (cmd, args)
             return _as_response(await self._run_on_app_loop(cmd, self.handler, call_args, {}, peer))
         try:
