@@ -509,6 +509,20 @@ def test_overrides_needs_a_directory(fleet: Fleet, capsys: pytest.CaptureFixture
     assert "not a directory" in one_line(err)
 
 
+def test_a_workers_command_where_a_subcommand_goes_is_pointed_to_send(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status, _, err = run(capsys, "set", "/run/shop", "name=greeting", "value=hi there")
+    assert status == EXIT_USAGE
+    assert one_line(err).endswith(
+        "to run the workers' own 'set': unixsock-asgi send /run/shop set name=greeting 'value=hi there'"
+    )
+    status, _, err = run(capsys, "snd", "/run/shop", "ping")
+    assert status == EXIT_USAGE and one_line(err).endswith("did you mean 'send'?")
+    status, _, err = run(capsys, "send")  # a subcommand missing its arguments: argparse says so, alone
+    assert status == EXIT_USAGE and "did you mean" not in err and "workers' own" not in err
+
+
 # --------------------------------------------------------------------------- ls
 
 

@@ -23,10 +23,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import difflib
 import json
 import math
 import os
 import re
+import shlex
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NoReturn, TextIO
@@ -947,11 +949,33 @@ def _split_send_options(parser: argparse.ArgumentParser, argv: list[str]) -> arg
     return ns
 
 
+def _subcommand_hint(parser: argparse.ArgumentParser, words: list[str]) -> str:
+    """For ``unixsock-asgi stats DIR``: a worker's command where a subcommand goes."""
+    first = next((w for w in words if not w.startswith("-")), None)
+    subcommands: list[str] = []
+    for action in parser._subparsers._group_actions if parser._subparsers is not None else ():
+        subcommands += getattr(action, "choices", None) or ()
+    if first is None or first in subcommands or len(first) > 64:
+        return ""
+    near = difflib.get_close_matches(first, subcommands, n=1, cutoff=0.7)
+    if near:
+        return f"; did you mean {near[0]!r}?"
+    rest = words[words.index(first) + 1 :]
+    if rest and not rest[0].startswith("-"):
+        suggested = shlex.join(["send", rest[0], first, *rest[1:]])
+        return f"; to run the workers' own {first!r}: {PROG} {suggested}"
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (0, 1 or 2)."""
     parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
     try:
-        ns = _split_send_options(parser, list(sys.argv[1:] if argv is None else argv))
+        try:
+            ns = _split_send_options(parser, words)
+        except UsageError as exc:
+            raise UsageError(f"{exc}{_subcommand_hint(parser, words)}") from None
         status: int = ns.func(ns)
         return status
     except UsageError as exc:
