@@ -515,7 +515,7 @@ def test_a_workers_command_where_a_subcommand_goes_is_pointed_to_send(
     status, _, err = run(capsys, "set", "/run/shop", "name=greeting", "value=hi there")
     assert status == EXIT_USAGE
     assert one_line(err).endswith(
-        "to run the workers' own 'set': unixsock-asgi send /run/shop set name=greeting 'value=hi there'"
+        "to run the workers' own 'set', the subcommand is send: send /run/shop set name=greeting 'value=hi there'"
     )
     status, _, err = run(capsys, "snd", "/run/shop", "ping")
     assert status == EXIT_USAGE and one_line(err).endswith("did you mean 'send'?")

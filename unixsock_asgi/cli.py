@@ -963,7 +963,7 @@ def _subcommand_hint(parser: argparse.ArgumentParser, words: list[str]) -> str:
     rest = words[words.index(first) + 1 :]
     if rest and not rest[0].startswith("-"):
         suggested = shlex.join(["send", rest[0], first, *rest[1:]])
-        return f"; to run the workers' own {first!r}: {PROG} {suggested}"
+        return f"; to run the workers' own {first!r}, the subcommand is send: {suggested}"
     return ""
 
 
