@@ -365,6 +365,11 @@ def _check_existing(path: str) -> bool:
             raise BindError(f"{path!r}: permission denied") from None
         raise
     if creds is not None:
+        if creds.pid == os.getpid():
+            raise BindError(
+                f"this process already serves {path!r} (is ControlSocketMiddleware on the app twice,"
+                " or do two apps share a path or a socket_dir and name?)"
+            )
         who = f"pid {creds.pid}" if creds.pid > 0 else "an unknown pid"
         raise BindError(f"a live server ({who}) already answers on {path!r}")
     return True
