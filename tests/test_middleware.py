@@ -675,6 +675,25 @@ def test_maintenance_leaves_the_configured_health_path_alone_by_default(short_di
         assert http.get("/hello/healthz").status_code == 503  # its own health state, as configured
 
 
+def test_cors_outside_ours_adds_its_headers_to_the_maintenance_503s(short_dir: Path) -> None:
+    # What README advises for an API browsers call across origins: ours added first, CORS after.
+    from starlette.middleware.cors import CORSMiddleware
+
+    sock = short_dir / "c.sock"
+    app = Starlette(
+        routes=[Route("/hello/{name}", _hello)],
+        middleware=[  # the first listed is outermost
+            Middleware(CORSMiddleware, allow_origins=["*"]),
+            Middleware(ControlSocketMiddleware, path=str(sock)),
+        ],
+    )
+    with TestClient(app) as http:
+        _payload(Client(sock), "maintenance_on")  # the lifespan reached ours through CORS
+        gated = http.get("/hello/x", headers={"Origin": "https://shop.example"})
+        assert gated.status_code == 503 and gated.headers["retry-after"] == "30"
+        assert gated.headers["access-control-allow-origin"] == "*"  # a browser can read the 503
+
+
 def test_maintenance_refuses_new_websocket_sessions_and_drain_counts_open_ones(short_dir: Path) -> None:
 
     async def echo(websocket: WebSocket) -> None:
