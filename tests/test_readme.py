@@ -7,9 +7,12 @@ import grp
 import io
 import os
 import re
+import sys
+import types
 from pathlib import Path
 from typing import Any
 
+import pytest
 from starlette.testclient import TestClient
 
 from unixsock_asgi import Client
@@ -34,15 +37,37 @@ def run_block(source: str, short_dir: Path) -> tuple[dict[str, Any], str]:
     return namespace, out.getvalue()
 
 
+def import_shop(short_dir: Path, monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """The first block is ``shop.py``: importable as ``shop`` by the blocks after it."""
+    shop = types.ModuleType("shop")
+    shop.__dict__.update(run_block(python_blocks()[0], short_dir)[0])
+    monkeypatch.setitem(sys.modules, "shop", shop)
+    return shop
+
+
 def test_readme_has_the_examples_these_tests_run() -> None:
     blocks = python_blocks()
-    assert len(blocks) == 4, "a Python block was added to or removed from README: run it here too"
-    assert "async def restock" in blocks[0] and "UnixSockServer" in blocks[3]
+    assert len(blocks) == 5, "a Python block was added to or removed from README: run it here too"
+    assert "async def restock" in blocks[0] and "def default_settings" in blocks[1]
+    assert "UnixSockServer" in blocks[4]
 
 
-def test_every_python_block_of_readme_runs(short_dir: Path) -> None:
-    for block in python_blocks():
+def test_every_python_block_of_readme_runs(short_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import_shop(short_dir, monkeypatch)
+    for block in python_blocks()[1:]:
         run_block(block, short_dir)  # raises if a name is missing, an import is wrong...
+
+
+def test_the_settings_fixture_puts_back_what_a_test_set(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shop = import_shop(short_dir, monkeypatch)
+    namespace, _ = run_block(python_blocks()[1], short_dir)
+    fixture = namespace["default_settings"].__wrapped__()  # the generator pytest would drive
+    next(fixture)
+    shop.settings.set("greeting", "changed by a test")
+    assert next(fixture, "done") == "done"
+    assert shop.settings["greeting"] == "hello"
 
 
 def test_add_it_to_your_app_does_what_readme_says(short_dir: Path) -> None:
@@ -62,7 +87,7 @@ def test_add_it_to_your_app_does_what_readme_says(short_dir: Path) -> None:
 
 
 def test_the_server_and_client_example_prints_what_readme_says(short_dir: Path) -> None:
-    block = python_blocks()[3]
+    block = python_blocks()[4]
     _, out = run_block(block, short_dir)
     promised = re.search(r"print\(.*\)\s+# (.*)$", block, flags=re.M)
     assert promised is not None and out == promised.group(1) + "\n"
