@@ -595,14 +595,8 @@ def cmd_send(ns: argparse.Namespace) -> int:
     else:
         _write(render_answers(ns.cmd, outcome, single_target=not target.is_directory), sys.stdout)
     stale_note(outcome)
-    if not ns.persist and target.is_directory and ns.cmd in _LOST_ON_RECYCLING and outcome.successes:
-        # A worker recycled meanwhile (--max-requests) comes up healthy: a drain then "succeeds"
-        # while the load balancer keeps sending to the new one.
-        print(
-            f"note: workers started from now on (recycled, --max-requests) come up without {ns.cmd}:"
-            " --persist makes it stick",
-            file=sys.stderr,
-        )
+    if ns.cmd == "drain" and target.is_directory:
+        _note_workers_started_meanwhile(target, outcome)
     if persisted:
         print(f"persisted to {persisted}: workers started later apply it", file=sys.stderr)
     elif not_persisted:
@@ -614,7 +608,21 @@ def cmd_send(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_LOST_ON_RECYCLING = frozenset({"health_fail", "maintenance_on"})
+def _note_workers_started_meanwhile(target: Target, outcome: FanOutResult) -> None:
+    """After a drain: the workers that came up while it ran (a recycled one) were not drained,
+    and pass their health check unless health_fail was persisted."""
+    asked = {r.socket for r in outcome.results} | set(outcome.stale) | set(outcome.gone)
+    try:
+        late = [path for path in target.sockets() if path not in asked]
+    except OSError:  # the directory went away meanwhile: nothing to say about it here
+        return
+    if late:
+        names = ", ".join(os.path.basename(p) for p in late)
+        print(
+            f"note: {len(late)} worker(s) started while it ran and were not drained: {names}"
+            " (a worker started later comes up without a health_fail that was not sent with --persist)",
+            file=sys.stderr,
+        )
 
 
 def _catch_up(
