@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from typing import Any
@@ -677,7 +678,7 @@ def test_a_relayed_reply_is_sent_as_on_the_wire_not_with_what_its_client_kept() 
     # A handler that returns another server's reply: its request (args may hold secrets)
     # and the socket it came from stay where they were.
     upstream = Response.failure("no", payload=[1])
-    upstream.request, upstream.path = Request("login", {"token": "secret"}), "/run/other.sock"
+    upstream._answering(Request("login", {"token": "secret"}), "/run/other.sock")  # as a client does
     data = ConnectionProtocol(1 << 20).encode_reply(
         Request("relay"), Response.success({"upstream": upstream, "sent": upstream.request})
     )
@@ -702,7 +703,10 @@ def test_response_ok_and_raise_for_status() -> None:
     with pytest.raises(CommandFailed, match=r"^command failed$") as info:
         Response("failure").raise_for_status()
     assert info.value.request is None  # made by hand: nothing to name
-    assert Response.failure("x") == Response("failure", "x", path="/s")  # not part of equality
+    # What a client's reply knows is not part of it: not compared, shown, or in asdict() (a log line).
+    known = Response.failure("x")._answering(Request("login", {"token": "secret"}), "/s")
+    assert known == Response.failure("x") and "secret" not in repr(known)
+    assert dataclasses.asdict(known) == {"status": "failure", "error": "x", "payload": None}
     assert failed.to_dict() == {"status": STATUS_FAIL, "error": "disk full", "payload": {"free": 0}}
 
 

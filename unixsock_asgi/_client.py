@@ -135,9 +135,7 @@ class _BaseClient:
 
     def _answering(self, request: Request, response: Response | None) -> Response | None:
         """``response``, told what it answers (for ``raise_for_status``'s message)."""
-        if response is not None:
-            response.request, response.path = request, self.path
-        return response
+        return response._answering(request, self.path) if response is not None else None
 
     def _header_length(self, header: bytes) -> int:
         if len(header) < _HEADER_SIZE:

@@ -82,13 +82,28 @@ class Response:
 
     A client's reply also knows what it answers: ``request`` (the command as
     sent) and ``path`` (the socket), both None on a Response made by hand.
+    They are not fields: never sent, compared, shown or in ``dataclasses.asdict()``
+    (the request's arguments may hold a secret that a logged reply must not).
     """
 
     status: str = STATUS_OK
     error: str = ""
     payload: Any = None
-    request: Request | None = field(default=None, compare=False, repr=False, kw_only=True)
-    path: str | None = field(default=None, compare=False, repr=False, kw_only=True)
+
+    @property
+    def request(self) -> Request | None:
+        """The command this answers, as a client sent it (None on a Response made by hand)."""
+        return self.__dict__.get("_request")
+
+    @property
+    def path(self) -> str | None:
+        """The socket this came from, when a client received it."""
+        return self.__dict__.get("_path")
+
+    def _answering(self, request: Request, path: str) -> Response:
+        """Told by the client that received it what it answers."""
+        self.__dict__.update(_request=request, _path=path)
+        return self
 
     @property
     def ok(self) -> bool:
