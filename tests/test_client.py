@@ -10,6 +10,7 @@ import pickle
 import re
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -117,7 +118,21 @@ def test_failure_and_raise_for_status(start_server: ServerFactory, tracker: Conn
     assert response.request is info.value.request and response.path == server.path
     copied = pickle.loads(pickle.dumps(info.value))  # from a process pool's worker, say
     assert (str(copied), copied.response, copied.request) == (str(info.value), response, response.request)
+    own = _Refused("refused", response=response)
+    own.code = 7
+    if sys.version_info >= (3, 11):
+        own.add_note("while deploying")
+    copied = pickle.loads(pickle.dumps(own))
+    assert type(copied) is _Refused and copied.code == 7
+    if sys.version_info >= (3, 11):
+        assert copied.__notes__ == ["while deploying"]
     assert isinstance(info.value, UnixSockError)
+
+
+class _Refused(CommandFailed):
+    """An app's own failure class, with an attribute of its own."""
+
+    code = 0
 
 
 def test_respond_false_returns_none_and_still_delivers(

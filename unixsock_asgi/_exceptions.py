@@ -68,12 +68,15 @@ class CommandFailed(UnixSockError):
         return self.response.request
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Pickled (a process pool's worker raising it): ``response`` is keyword-only.
-        return (_command_failed, (str(self), self.response))
+        # Pickled (a process pool's worker raising it): ``response`` is keyword-only, so the
+        # class (a subclass too) is rebuilt without __init__, with its attributes and notes.
+        return (_rebuilt, (type(self), self.args), self.__dict__)
 
 
-def _command_failed(message: str, response: Response) -> CommandFailed:
-    return CommandFailed(message, response=response)
+def _rebuilt(cls: type[BaseException], args: tuple[Any, ...]) -> BaseException:
+    exc = cls.__new__(cls)
+    exc.args = args
+    return exc
 
 
 class BindError(UnixSockError):
