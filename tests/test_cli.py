@@ -434,6 +434,18 @@ def test_persist_is_not_the_default(
     assert not Path(overrides_path(str(socket_dir))).exists()
 
 
+def test_health_ok_persisted_says_that_the_override_is_gone(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet.start(1)
+    assert run(capsys, "send", str(socket_dir), "health_fail", "--persist")[0] == EXIT_OK
+    status, _, err = run(capsys, "send", str(socket_dir), "health_ok", "--persist")
+    assert status == EXIT_OK
+    path = overrides_path(str(socket_dir))
+    assert one_line(err) == f"{path}: no health override now: workers started later start without one"
+    assert load_overrides(str(socket_dir)) == []
+
+
 def test_a_drain_names_the_workers_that_started_while_it_ran(
     fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -453,6 +465,14 @@ def test_a_drain_names_the_workers_that_started_while_it_ran(
         " (a worker started later comes up without a health_fail that was not sent with --persist)"
     )
     assert run(capsys, "send", str(socket_dir), "drain", "timeout=0")[2] == ""  # none came meanwhile
+    # Its names are the directory's, whoever wrote there: shown as text, never as terminal controls.
+    starter = threading.Timer(0.2, lambda: make_stale_socket(socket_dir / "x\x1b]0;owned\x07-9.sock"))
+    starter.start()
+    try:
+        err = run(capsys, "send", str(socket_dir), "drain", "timeout=0.6")[2]
+    finally:
+        starter.join(5)
+    assert "\x1b" not in err and "\x07" not in err and "owned" in err
 
 
 def test_a_rejected_command_is_not_persisted(
@@ -534,6 +554,9 @@ def test_a_workers_command_where_a_subcommand_goes_is_pointed_to_send(
     assert status == EXIT_USAGE and one_line(err).endswith("did you mean 'send'?")
     status, _, err = run(capsys, "send")  # a subcommand missing its arguments: argparse says so, alone
     assert status == EXIT_USAGE and "did you mean" not in err and "workers' own" not in err
+    for argv in (["--timeout", "3", "ls", "/tmp"], ["oops", "ls", "/tmp"]):  # an option's value; a subcommand
+        status, _, err = run(capsys, *argv)
+        assert status == EXIT_USAGE and "workers' own" not in err, err
 
 
 # --------------------------------------------------------------------------- ls

@@ -133,6 +133,12 @@ def test_persist_replaces_the_override_of_the_same_state_and_keeps_order(socket_
     ]  # health_ok took health_fail's out: a worker starts healthy, nothing is left to apply
     persist_override(d, "maintenance_off", {})
     assert [e["cmd"] for e in load_overrides(d)] == ["set_log_level", "set_log_level", "set"]
+    written = os.stat(overrides_path(d)).st_ino  # a rewrite renames a new file into place
+    persist_override(d, "health_ok", {})  # nothing to take out: the file is left as it is
+    assert os.stat(overrides_path(d)).st_ino == written
+    os.unlink(overrides_path(d))
+    persist_override(d, "health_ok", {})
+    assert not os.path.exists(overrides_path(d))  # and none is made to hold nothing
 
 
 def test_persisted_file_is_private_and_no_temporary_file_is_left(socket_dir: Path) -> None:

@@ -33,6 +33,7 @@ from ._sockets import check_private_directory, directory_lock, peer_credentials,
 from ._stats import GAMMA, histogram_problem, merge_histograms
 
 __all__ = [
+    "BACK_TO_DEFAULT",
     "LONE_SURROGATES",
     "OVERRIDES_FILENAME",
     "PERSISTABLE_COMMANDS",
@@ -1301,7 +1302,10 @@ def persist_override(
     ):
         document = read_overrides_document(directory, dir_fd)
         entries = [e for e in document["overrides"] if _entry_key(e) != key]
-        if cmd not in BACK_TO_DEFAULT:  # those only undo an earlier override: nothing is left to apply
+        if cmd in BACK_TO_DEFAULT:  # those only undo an earlier override: nothing is left to apply
+            if len(entries) == len(document["overrides"]):
+                return entries  # none to undo: the file stays as it is (or absent)
+        else:
             entries.append({"cmd": cmd, "args": dict(args)})
         write_overrides(directory, entries, dir_fd)
     return entries

@@ -35,6 +35,7 @@ from typing import Any, NoReturn, TextIO
 
 from . import __version__
 from ._fleet import (
+    BACK_TO_DEFAULT,
     CONTROL_FLAGS,
     FOREIGN_STATS,
     LONE_SURROGATES,
@@ -597,7 +598,12 @@ def cmd_send(ns: argparse.Namespace) -> int:
     stale_note(outcome)
     if ns.cmd == "drain" and target.is_directory:
         _note_workers_started_meanwhile(target, outcome)
-    if persisted:
+    if persisted and ns.cmd in BACK_TO_DEFAULT:
+        state = "health" if ns.cmd == "health_ok" else "maintenance"
+        print(
+            f"{persisted}: no {state} override now: workers started later start without one", file=sys.stderr
+        )
+    elif persisted:
         print(f"persisted to {persisted}: workers started later apply it", file=sys.stderr)
     elif not_persisted:
         print(f"not persisted: {not_persisted}", file=sys.stderr)
@@ -618,11 +624,11 @@ def _note_workers_started_meanwhile(target: Target, outcome: FanOutResult) -> No
         return
     if late:
         names = ", ".join(os.path.basename(p) for p in late)
-        print(
+        note = (
             f"note: {len(late)} worker(s) started while it ran and were not drained: {names}"
-            " (a worker started later comes up without a health_fail that was not sent with --persist)",
-            file=sys.stderr,
+            " (a worker started later comes up without a health_fail that was not sent with --persist)"
         )
+        _write([note], sys.stderr)  # names from the directory: whoever may write there chose them
 
 
 def _catch_up(
@@ -959,17 +965,19 @@ def _split_send_options(parser: argparse.ArgumentParser, argv: list[str]) -> arg
 
 def _subcommand_hint(parser: argparse.ArgumentParser, words: list[str]) -> str:
     """For ``unixsock-asgi stats DIR``: a worker's command where a subcommand goes."""
-    first = next((w for w in words if not w.startswith("-")), None)
+    if not words or words[0].startswith("-"):
+        return ""  # an option first: the word after it may be its value, not a command
+    first = words[0]
     subcommands: list[str] = []
     for action in parser._subparsers._group_actions if parser._subparsers is not None else ():
         subcommands += getattr(action, "choices", None) or ()
-    if first is None or first in subcommands or len(first) > 64:
+    if first in subcommands or len(first) > 64:
         return ""
     near = difflib.get_close_matches(first, subcommands, n=1, cutoff=0.7)
     if near:
         return f"; did you mean {near[0]!r}?"
-    rest = words[words.index(first) + 1 :]
-    if rest and not rest[0].startswith("-"):
+    rest = words[1:]
+    if rest and not rest[0].startswith("-") and rest[0] not in subcommands:
         suggested = shlex.join(["send", rest[0], first, *rest[1:]])
         return f"; to run the workers' own {first!r}, the subcommand is send: {suggested}"
     return ""
