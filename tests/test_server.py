@@ -1108,6 +1108,46 @@ def test_a_handler_cut_short_by_stop_may_still_clean_up(
     assert_eof(sock)
 
 
+def test_a_connection_whose_command_was_answered_is_closed_at_stop_without_a_word(
+    start_server: ServerFactory, connect_raw: RawConnector
+) -> None:
+    # Its slow command finished and was answered: nothing runs, nothing is "cut short".
+    server = start_server()
+    sock = connect_raw(server.path)
+    send_frame(sock, {"cmd": "sleep", "args": {"seconds": 0.05}, "close": False})
+    assert recv_response(sock)["payload"] == "slept"
+    time.sleep(0.1)
+    server.stop()
+    assert_eof(sock)
+
+
+def test_a_handler_whose_clean_up_takes_too_long_is_cancelled_again(
+    start_server: ServerFactory, connect_raw: RawConnector
+) -> None:
+    entered, ended = threading.Event(), threading.Event()
+
+    async def handler(cmd: str, args: dict[str, Any]) -> str:
+        entered.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            try:
+                await asyncio.sleep(30)  # a clean-up that would outlast the server
+            finally:
+                ended.set()  # cut short by the second cancellation, a second after the first
+            raise
+        return "slept"
+
+    server = start_server(handler)
+    sock = connect_raw(server.path)
+    send_frame(sock, {"cmd": "job"})
+    assert entered.wait(5)
+    started = time.monotonic()
+    server.stop()
+    assert ended.is_set() and time.monotonic() - started < 3
+    assert recv_response(sock)["error"].startswith("'job' was cut short")
+
+
 def test_a_handler_that_will_not_end_delays_stop_a_second_and_is_named(
     start_server: ServerFactory, connect_raw: RawConnector, caplog: pytest.LogCaptureFixture
 ) -> None:
