@@ -52,6 +52,17 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     return status, out, err
 
 
+@contextlib.contextmanager
+def meanwhile(delay: float, action: Callable[[], Any]) -> Iterator[None]:
+    """Run ``action`` on a timer ``delay`` seconds into the block (a worker starting mid-command)."""
+    timer = threading.Timer(delay, action)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.join(5)
+
+
 def one_line(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1, f"expected a one-line message on stderr, got {lines}"
@@ -453,12 +464,8 @@ def test_a_drain_names_the_workers_that_started_while_it_ran(
     # health check; the drain's "drained" from the others must not read as the whole fleet's.
     fleet.start(1)  # the stand-in's drain takes its timeout
     late: list[Any] = []
-    starter = threading.Timer(0.2, lambda: late.extend(fleet.start(1)))
-    starter.start()
-    try:
+    with meanwhile(0.2, lambda: late.extend(fleet.start(1))):
         status, _, err = run(capsys, "send", str(socket_dir), "drain", "timeout=0.6")
-    finally:
-        starter.join(5)
     assert status == EXIT_OK
     assert one_line(err) == (
         f"note: 1 worker(s) started while it ran and were not drained: {late[0].path.name}"
@@ -466,12 +473,8 @@ def test_a_drain_names_the_workers_that_started_while_it_ran(
     )
     assert run(capsys, "send", str(socket_dir), "drain", "timeout=0")[2] == ""  # none came meanwhile
     # Its names are the directory's, whoever wrote there: shown as text, never as terminal controls.
-    starter = threading.Timer(0.2, lambda: make_stale_socket(socket_dir / "x\x1b]0;owned\x07-9.sock"))
-    starter.start()
-    try:
+    with meanwhile(0.2, lambda: make_stale_socket(socket_dir / "x\x1b]0;owned\x07-9.sock")):
         err = run(capsys, "send", str(socket_dir), "drain", "timeout=0.6")[2]
-    finally:
-        starter.join(5)
     assert "\x1b" not in err and "\x07" not in err and "owned" in err
 
 
@@ -1414,12 +1417,8 @@ def test_persist_reaches_a_worker_that_started_while_the_command_went_out(
     fleet.start(1)
     fleet.start(1, reply_delay_s=1.0)  # a slow one keeps the fan-out waiting
     late: list[ScriptedWorker] = []
-    timer = threading.Timer(0.3, lambda: late.extend(fleet.start(1)))
-    timer.start()
-    try:
+    with meanwhile(0.3, lambda: late.extend(fleet.start(1))):
         status, out, err = run(capsys, "send", str(socket_dir), "health_fail", "--persist")
-    finally:
-        timer.join()
     assert status == EXIT_OK, err
     assert late and late[0].health_failing, "the worker that started meanwhile missed the command"
     assert out.startswith("[3 workers "), out

@@ -1081,33 +1081,6 @@ def test_stop_closes_open_connections_and_busy_handlers(
     assert not os.path.exists(sock_path)
 
 
-def test_a_handler_cut_short_by_stop_may_still_clean_up(
-    start_server: ServerFactory, connect_raw: RawConnector
-) -> None:
-    # Cancelled once, at its await: what it awaits while it cleans up is not cancelled again
-    # when its connection closes after the reply (within the second stop() waits for it).
-    entered, cleaned = threading.Event(), threading.Event()
-
-    async def handler(cmd: str, args: dict[str, Any]) -> str:
-        entered.set()
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            await asyncio.sleep(0.3)  # releasing a lock, closing a file...
-            cleaned.set()
-            raise
-        return "slept"
-
-    server = start_server(handler)
-    sock = connect_raw(server.path)
-    send_frame(sock, {"cmd": "job"})
-    assert entered.wait(5)
-    server.stop()
-    assert cleaned.is_set()
-    assert recv_response(sock)["error"].startswith("'job' was cut short: the server is stopping")
-    assert_eof(sock)
-
-
 def test_a_connection_whose_command_was_answered_is_closed_at_stop_without_a_word(
     start_server: ServerFactory, connect_raw: RawConnector
 ) -> None:
@@ -1121,10 +1094,27 @@ def test_a_connection_whose_command_was_answered_is_closed_at_stop_without_a_wor
     assert_eof(sock)
 
 
-def test_a_handler_whose_clean_up_takes_too_long_is_cancelled_again(
-    start_server: ServerFactory, connect_raw: RawConnector
+def stop_while_it_runs(
+    server: UnixSockServer, connect_raw: RawConnector, cmd: str, entered: threading.Event
+) -> tuple[socket.socket, float]:
+    """Send ``cmd``, stop the server once its handler has begun; the connection and how long stop took."""
+    sock = connect_raw(server.path)
+    send_frame(sock, {"cmd": cmd})
+    assert entered.wait(5)
+    started = time.monotonic()
+    server.stop()
+    return sock, time.monotonic() - started
+
+
+@pytest.mark.parametrize("clean_up_s", [0.3, 30.0])
+def test_a_handler_cut_short_by_stop_may_clean_up_for_a_second(
+    start_server: ServerFactory, connect_raw: RawConnector, clean_up_s: float
 ) -> None:
+    # Cancelled once, at its await: what it awaits while it cleans up is not cancelled again
+    # when its connection closes after the reply; a clean-up that would outlast the server is,
+    # a second later.
     entered, ended = threading.Event(), threading.Event()
+    finished: list[bool] = []
 
     async def handler(cmd: str, args: dict[str, Any]) -> str:
         entered.set()
@@ -1132,20 +1122,18 @@ def test_a_handler_whose_clean_up_takes_too_long_is_cancelled_again(
             await asyncio.sleep(30)
         except asyncio.CancelledError:
             try:
-                await asyncio.sleep(30)  # a clean-up that would outlast the server
+                await asyncio.sleep(clean_up_s)  # releasing a lock, closing a file...
+                finished.append(True)
             finally:
-                ended.set()  # cut short by the second cancellation, a second after the first
+                ended.set()
             raise
         return "slept"
 
-    server = start_server(handler)
-    sock = connect_raw(server.path)
-    send_frame(sock, {"cmd": "job"})
-    assert entered.wait(5)
-    started = time.monotonic()
-    server.stop()
-    assert ended.is_set() and time.monotonic() - started < 3
-    assert recv_response(sock)["error"].startswith("'job' was cut short")
+    sock, took = stop_while_it_runs(start_server(handler), connect_raw, "job", entered)
+    assert ended.is_set() and took < 3
+    assert finished == ([True] if clean_up_s < 1 else [])
+    assert recv_response(sock)["error"].startswith("'job' was cut short: the server is stopping")
+    assert_eof(sock)
 
 
 def test_a_handler_that_will_not_end_delays_stop_a_second_and_is_named(
@@ -1160,14 +1148,9 @@ def test_a_handler_that_will_not_end_delays_stop_a_second_and_is_named(
                 await asyncio.sleep(0.5)
         return "never"
 
-    server = start_server(handler)
-    sock = connect_raw(server.path)
-    send_frame(sock, {"cmd": "stubborn"})
-    assert entered.wait(5)
-    started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="unixsock_asgi.server"):
-        server.stop()
-    assert time.monotonic() - started < 3
+        sock, took = stop_while_it_runs(start_server(handler), connect_raw, "stubborn", entered)
+    assert took < 3
     assert "command stubborn did not end when cancelled: the server stops without it" in caplog.text
     assert recv_response(sock)["error"].startswith("'stubborn' was cut short")
 
