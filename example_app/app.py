@@ -34,10 +34,13 @@ __all__ = ["app", "commands", "settings"]
 
 log = logging.getLogger("example_app")
 
+# Read by name (settings["greeting"]) or, typed for mypy, by the Setting itself (settings[DISCOUNT]).
+DISCOUNT = Setting("discount_percent", int, 0, "Discount applied to every price", minimum=0, maximum=90)
+
 settings = Settings(
     Setting("greeting", str, "hello", "What GET / answers with"),
     Setting("slow_delay_s", float, 0.2, "How long GET /slow takes", minimum=0, maximum=30),
-    Setting("discount_percent", int, 0, "Discount applied to every price", minimum=0, maximum=90),
+    DISCOUNT,
     Setting("show_stock", bool, True, "Whether item responses include the stock count"),
 )
 
@@ -85,7 +88,7 @@ async def index(request: Request) -> JSONResponse:
 
 async def list_items(request: Request) -> JSONResponse:
     catalog = request.state.catalog
-    discount: int = settings["discount_percent"]  # read once: a `set` may come meanwhile
+    discount = settings[DISCOUNT]  # an int; read once: a `set` may come meanwhile
     return JSONResponse(
         {
             "items": [
@@ -104,7 +107,7 @@ async def get_item(request: Request) -> JSONResponse:
         return JSONResponse({"error": f"no item {text[:40]}"}, status_code=404)
     # Rendered once per item and settings: a `set` shows on the next request. Each
     # setting is read once (a `set` may come meanwhile), and the key is what is rendered.
-    key = (item_id, settings["discount_percent"], settings["show_stock"])
+    key = (item_id, settings[DISCOUNT], settings["show_stock"])
     cache: dict[tuple[int, int, bool], dict[str, Any]] = request.app.state.render_cache
     body = cache.get(key)
     if body is None:

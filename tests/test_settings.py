@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -178,3 +178,24 @@ def test_an_apps_validator_runs_once_per_value_and_its_error_class_stays() -> No
     assert getattr(shared, "__notes__", []) == (
         ["refused as a value of setting 'mode'"] if sys.version_info >= (3, 11) else []
     )
+
+
+PAGE_SIZE = Setting("page_size", int, 20, minimum=1)
+LIMIT = Setting[int | None]("limit", int | None, None)
+
+
+def test_a_setting_object_reads_its_value_typed() -> None:
+    settings = Settings(PAGE_SIZE, LIMIT)
+    page_size: int = settings[PAGE_SIZE]  # mypy (strict, on the tests) checks these types
+    limit: int | None = settings[LIMIT]
+    assert (page_size, limit) == (20, None)
+    # Typed int, not Any: else mypy --strict would call this ignore unused.
+    not_text: str = settings[PAGE_SIZE]  # type: ignore[assignment]
+    assert cast(object, not_text) == 20
+    settings.set("page_size", 50)
+    assert settings[PAGE_SIZE] == 50
+    # Another declaration under the same name is not this one: its type may differ.
+    with pytest.raises(KeyError, match="not declared here by this Setting"):
+        settings[Setting("page_size", str, "20")]
+    with pytest.raises(KeyError, match="not declared here"):
+        Settings(LIMIT)[PAGE_SIZE]

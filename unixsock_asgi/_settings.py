@@ -1,7 +1,8 @@
 """Runtime settings: typed values an app declares and operators change live.
 
 App code reads ``settings["name"]`` (or ``settings.name``, for a name that is not
-also a method of :class:`Settings`, such as ``get``) on every request;
+also a method of :class:`Settings`, such as ``get``; or, typed, ``settings[SETTING]``
+with the :class:`Setting` it declared) on every request;
 ``set`` validates a new value first and then swaps it in with one dict store,
 so a reader sees the old value or the new one, never a half-applied change.
 """
@@ -13,20 +14,29 @@ import types
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import KW_ONLY, dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 from ._commands import _type_name, _unsupported, coerce
 
 __all__ = ["Setting", "Settings"]
 
 
+T = TypeVar("T")
+
+
 @dataclass(frozen=True)
-class Setting:
-    """The declaration of one runtime setting."""
+class Setting(Generic[T]):
+    """The declaration of one runtime setting.
+
+    Generic in its value's type, inferred from the default: ``settings[PAGE_SIZE]``
+    with ``PAGE_SIZE = Setting("page_size", int, 20)`` is an ``int`` to a type
+    checker (``Setting[int | None](...)`` for an optional one, whose default None
+    says nothing of the rest).
+    """
 
     name: str
     type: Any
-    default: Any
+    default: T
     doc: str = ""
     _: KW_ONLY  # the checks go by name: in Setting("port", int, 80, "", 1, 65535) which is which?
     minimum: float | None = None
@@ -89,14 +99,14 @@ class Settings:
         settings.set("greeting", "hi")  # from the control socket: ("hello", "hi")
     """
 
-    def __init__(self, *settings: Setting) -> None:
-        self._declared: dict[str, Setting] = {}
+    def __init__(self, *settings: Setting[Any]) -> None:
+        self._declared: dict[str, Setting[Any]] = {}
         self._values: dict[str, Any] = {}
         self._lock = threading.Lock()
         for setting in settings:
             self.declare(setting)
 
-    def declare(self, setting: Setting) -> None:
+    def declare(self, setting: Setting[Any]) -> None:
         """Add a setting; its default is checked like any other value."""
         if setting.name in self._declared:
             raise ValueError(f"setting {setting.name!r} is declared twice")
@@ -104,11 +114,19 @@ class Settings:
         self._declared[setting.name] = setting
         self._values[setting.name] = default
 
-    def __getitem__(self, name: str) -> Any:
+    @overload
+    def __getitem__(self, key: Setting[T]) -> T: ...
+    @overload
+    def __getitem__(self, key: str) -> Any: ...
+    def __getitem__(self, key: str | Setting[Any]) -> Any:
+        if isinstance(key, Setting):  # typed, and a typo is an undefined name, not a KeyError at run time
+            if self._declared.get(key.name) != key:
+                raise KeyError(f"setting {key.name!r} is not declared here by this Setting: {self._known()}")
+            return self._values[key.name]
         try:
-            return self._values[name]
+            return self._values[key]
         except KeyError:
-            self._require(name)  # says which settings there are
+            self._require(key)  # says which settings there are
             raise
 
     def __getattr__(self, name: str) -> Any:
@@ -184,7 +202,7 @@ class Settings:
             for name, s in self._declared.items()
         }
 
-    def _require(self, name: str) -> Setting:
+    def _require(self, name: str) -> Setting[Any]:
         try:
             return self._declared[name]
         except KeyError:
