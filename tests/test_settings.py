@@ -182,20 +182,28 @@ def test_an_apps_validator_runs_once_per_value_and_its_error_class_stays() -> No
 
 PAGE_SIZE = Setting("page_size", int, 20, minimum=1)
 LIMIT = Setting[int | None]("limit", int | None, None)
+RATIO = Setting("ratio", float, 1)  # a float, though its default is written as an int
+TAGS = Setting("tags", list[str], ["a"])  # a list default: unhashable, yet a Setting hashes
 
 
 def test_a_setting_object_reads_its_value_typed() -> None:
-    settings = Settings(PAGE_SIZE, LIMIT)
+    settings = Settings(PAGE_SIZE, LIMIT, RATIO, TAGS)
     page_size: int = settings[PAGE_SIZE]  # mypy (strict, on the tests) checks these types
     limit: int | None = settings[LIMIT]
-    assert (page_size, limit) == (20, None)
+    ratio: float = settings[RATIO]
+    tags: list[str] = settings[TAGS]
+    assert (page_size, limit, ratio, tags) == (20, None, 1.0, ["a"]) and type(ratio) is float
+    not_an_int: int = settings[RATIO]  # type: ignore[assignment]  # typed by `float`, not by the default 1
+    assert cast(object, not_an_int) == 1.0
+    assert PAGE_SIZE in settings and TAGS in settings and "tags" in settings and {TAGS: 1}[TAGS] == 1
+    assert Setting("tags", list[str], ["b"]) not in settings and object() not in settings
     # Typed int, not Any: else mypy --strict would call this ignore unused.
     not_text: str = settings[PAGE_SIZE]  # type: ignore[assignment]
     assert cast(object, not_text) == 20
     settings.set("page_size", 50)
     assert settings[PAGE_SIZE] == 50
     # Another declaration under the same name is not this one: its type may differ.
-    with pytest.raises(KeyError, match="not declared here by this Setting"):
+    with pytest.raises(KeyError, match="is not a setting declared here: page_size, limit, ratio, tags"):
         settings[Setting("page_size", str, "20")]
-    with pytest.raises(KeyError, match="not declared here"):
+    with pytest.raises(KeyError, match="is not a setting declared here"):
         Settings(LIMIT)[PAGE_SIZE]

@@ -9,12 +9,13 @@ so a reader sees the old value or the new one, never a half-applied change.
 
 from __future__ import annotations
 
+import builtins
 import threading
 import types
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import KW_ONLY, dataclass
-from typing import Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from ._commands import _type_name, _unsupported, coerce
 
@@ -28,11 +29,42 @@ T = TypeVar("T")
 class Setting(Generic[T]):
     """The declaration of one runtime setting.
 
-    Generic in its value's type, inferred from the default: ``settings[PAGE_SIZE]``
-    with ``PAGE_SIZE = Setting("page_size", int, 20)`` is an ``int`` to a type
-    checker (``Setting[int | None](...)`` for an optional one, whose default None
-    says nothing of the rest).
+    Generic in its value's type, taken from ``type`` when it is a class:
+    ``settings[PAGE_SIZE]`` with ``PAGE_SIZE = Setting("page_size", int, 20)`` is an
+    ``int`` to a type checker; ``Setting("ratio", float, 1)`` a ``float``. For a
+    type that is not a class (``int | None``, a ``Literal``) it comes from the
+    default, so say it for an optional one: ``Setting[int | None](..., None)``
+    (else it is ``None``); a default the check converts (an Enum member's name)
+    makes it ``object``.
     """
+
+    if TYPE_CHECKING:  # what a type checker sees of the dataclass's own __init__
+
+        @overload
+        def __init__(
+            self,
+            name: str,
+            type: builtins.type[T],
+            default: T,
+            doc: str = "",
+            *,
+            minimum: float | None = None,
+            maximum: float | None = None,
+            validate: Callable[[Any], None] | None = None,
+        ) -> None: ...
+        @overload
+        def __init__(
+            self,
+            name: str,
+            type: Any,
+            default: T,
+            doc: str = "",
+            *,
+            minimum: float | None = None,
+            maximum: float | None = None,
+            validate: Callable[[Any], None] | None = None,
+        ) -> None: ...
+        def __init__(self, *args: Any, **kwargs: Any) -> None: ...
 
     name: str
     type: Any
@@ -43,6 +75,9 @@ class Setting(Generic[T]):
     maximum: float | None = None
     validate: Callable[[Any], None] | None = None
     """Extra check: raise ValueError with a message to refuse a value."""
+
+    def __hash__(self) -> int:  # by name: a default may be a list (equal ones share the name)
+        return hash(self.name)
 
     def __post_init__(self) -> None:
         if problem := _unsupported(self.type):
@@ -119,15 +154,24 @@ class Settings:
     @overload
     def __getitem__(self, key: str) -> Any: ...
     def __getitem__(self, key: str | Setting[Any]) -> Any:
-        if isinstance(key, Setting):  # typed, and a typo is an undefined name, not a KeyError at run time
-            if self._declared.get(key.name) != key:
-                raise KeyError(f"setting {key.name!r} is not declared here by this Setting: {self._known()}")
+        if type(key) is str:
+            try:
+                return self._values[key]
+            except KeyError:
+                self._require(key)  # says which settings there are
+                raise
+        # A Setting: typed, and a typo is an undefined name, not a KeyError at run time.
+        if isinstance(key, Setting) and self._declared.get(key.name) is key:
             return self._values[key.name]
-        try:
-            return self._values[key]
-        except KeyError:
-            self._require(key)  # says which settings there are
-            raise
+        return self._values[self._declared_by(key)]  # an equal one, or a KeyError that says why
+
+    def _declared_by(self, setting: Any) -> str:
+        """The name of ``setting`` if it is one declared here (that very object, or an equal one)."""
+        name = getattr(setting, "name", None)
+        declared = self._declared.get(name) if isinstance(name, str) else None
+        if declared is None or (declared is not setting and declared != setting):
+            raise KeyError(f"{setting!r} is not a setting declared here: {self._known()}")
+        return declared.name
 
     def __getattr__(self, name: str) -> Any:
         values = self.__dict__.get("_values")
@@ -154,8 +198,13 @@ class Settings:
     def __delattr__(self, name: str) -> None:
         raise AttributeError(f"settings cannot be removed ({name!r}): reset() puts one back to its default")
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._declared
+    def __contains__(self, key: object) -> bool:
+        """A name, or a Setting, declared here."""
+        if isinstance(key, str):
+            return key in self._declared
+        name = getattr(key, "name", None)
+        declared = self._declared.get(name) if isinstance(name, str) else None
+        return declared is not None and (declared is key or declared == key)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._declared)
