@@ -967,17 +967,17 @@ def test_another_processs_live_server_on_the_path_is_refused_by_its_pid(sock_pat
         "import socket, sys; s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen();"
         " print('ready', flush=True); sys.stdin.read()"
     )
-    other = subprocess.Popen(
+    with subprocess.Popen(  # its pipes are closed on leaving
         [sys.executable, "-c", listener, sock_path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert other.stdout is not None and other.stdout.readline() == "ready\n"
-        with pytest.raises(BindError) as info:
-            UnixSockServer(sock_path, lambda cmd, args: None).start()
-        assert str(info.value) == f"a live server (pid {other.pid}) already answers on {sock_path!r}"
-    finally:
-        other.kill()
-        other.wait(5)
+    ) as other:
+        try:
+            assert other.stdout is not None and other.stdout.readline() == "ready\n"
+            with pytest.raises(BindError) as info:
+                UnixSockServer(sock_path, lambda cmd, args: None).start()
+            assert str(info.value) == f"a live server (pid {other.pid}) already answers on {sock_path!r}"
+        finally:
+            other.kill()
+            other.wait(5)
 
 
 @pytest.mark.parametrize("kind", ["file", "directory", "symlink"])
