@@ -28,7 +28,7 @@ from typing import Any, NamedTuple, TextIO
 from . import _compat
 from ._client import BACKLOG_FULL, AsyncClient
 from ._exceptions import BindError, ConnectError, TimeoutException, TransportError
-from ._protocol import HARD_MAX_MESSAGE_SIZE, STATUS_OK, check_unicode
+from ._protocol import HARD_MAX_MESSAGE_SIZE, STATUS_OK, STOPPING_PAYLOAD, check_unicode
 from ._sockets import check_private_directory, directory_lock, peer_credentials, probe
 from ._stats import GAMMA, histogram_problem, merge_histograms
 
@@ -841,7 +841,11 @@ async def ask_worker(
 
 def _says_stopping(payload: Any) -> bool:
     """Whether a failure's payload is the one a server stopping gives a command it cuts short."""
-    return isinstance(payload, dict) and len(payload) == 1 and payload.get("server_stopping") is True
+    return (
+        isinstance(payload, dict)
+        and payload.keys() == STOPPING_PAYLOAD.keys()
+        and all(payload[key] is value for key, value in STOPPING_PAYLOAD.items())  # True, not 1
+    )
 
 
 def _nothing_listens(path: str) -> bool:
