@@ -55,6 +55,9 @@ pytestmark = pytest.mark.timeout(30)
 
 # --------------------------------------------------------------------------- stale sockets
 
+DEEP_OVERRIDES = '{"overrides": [' + "[" * 1500 + "]" * 1500 + "]}"
+"""Nested deeper than the JSON parser recurses: 3 KB the workers' user may write by hand."""
+
 
 def test_remove_stale_sockets_removes_only_dead_sockets(fleet: Fleet, socket_dir: Path) -> None:
     (live,) = fleet.start(1)
@@ -81,8 +84,8 @@ def test_load_overrides_is_empty_without_a_file(socket_dir: Path) -> None:
 
 @pytest.mark.parametrize(
     "content",
-    ["{not json", "[1, 2]", '{"overrides": "nope"}', "", "\xff\xfe"],
-    ids=["syntax", "list", "no-list", "empty", "binary"],
+    ["{not json", "[1, 2]", '{"overrides": "nope"}', "", "\xff\xfe", DEEP_OVERRIDES],
+    ids=["syntax", "list", "no-list", "empty", "binary", "too-deep"],
 )
 def test_load_overrides_warns_and_returns_nothing_for_a_corrupt_file(
     socket_dir: Path, content: str, caplog: pytest.LogCaptureFixture
@@ -223,12 +226,13 @@ def test_a_ttl_of_null_is_not_a_ttl() -> None:
     assert override_key("set_log_level", {"level": "DEBUG", "ttl": None}) == ("log_level", "")
 
 
-def test_persist_never_overwrites_a_corrupt_file_but_clear_removes_it(socket_dir: Path) -> None:
+@pytest.mark.parametrize("content", ["{corrupt", DEEP_OVERRIDES], ids=["syntax", "too-deep"])
+def test_persist_never_overwrites_a_corrupt_file_but_clear_removes_it(socket_dir: Path, content: str) -> None:
     d = str(socket_dir)
-    Path(overrides_path(d)).write_text("{corrupt")
+    Path(overrides_path(d)).write_text(content)
     with pytest.raises(OverridesFileError, match="fix or clear it"):
         persist_override(d, "health_fail", {})
-    assert Path(overrides_path(d)).read_text() == "{corrupt"
+    assert Path(overrides_path(d)).read_text() == content
     assert clear_overrides(d) is None  # removed, though what it held is unknown
     assert not Path(overrides_path(d)).exists()
 
