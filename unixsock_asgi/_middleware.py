@@ -352,6 +352,14 @@ class ControlSocketMiddleware:
         if self.control.server is not None:
             return None
         path = self.socket_path()
+        enabled = _enable_own_loggers()
+        if enabled:
+            logger.warning(
+                "logger(s) %s had been disabled by a logging configuration that does not name them"
+                " (disable_existing_loggers): enabled again, as they carry the control socket's"
+                " warnings and its audit log; name them in the configuration to set their level",
+                ", ".join(enabled),
+            )
         try:
             self.control.app_thread_id = threading.get_ident()
             await self.control.start(path, self.socket_dir, dict(scope) | {"state": scope.get("state")})
@@ -365,6 +373,29 @@ class ControlSocketMiddleware:
             return error
         logger.info("control socket listening on %s", self.control.socket_path)
         return None
+
+
+def _enable_own_loggers() -> list[str]:
+    """Enable this library's loggers where a logging configuration disabled them; return their names.
+
+    ``logging.config.dictConfig`` (uvicorn's ``log_config`` too) disables every
+    logger made before it runs that it does not name, unless told
+    ``disable_existing_loggers: False``. Configured by ``uvicorn.run(app,
+    log_config=...)``, after the app's module and this library were imported,
+    that silences the warning that no control socket started and the audit log
+    of every command: by accident, as a configuration that meant to silence
+    them would name them.
+    """
+    enabled = []
+    for name, known in list(logging.root.manager.loggerDict.items()):
+        if (
+            (name == "unixsock_asgi" or name.startswith("unixsock_asgi."))
+            and isinstance(known, logging.Logger)
+            and known.disabled
+        ):
+            known.disabled = False
+            enabled.append(name)
+    return sorted(enabled)
 
 
 _MAX_MOUNT_DEPTH = 16

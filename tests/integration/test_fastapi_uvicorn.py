@@ -142,3 +142,38 @@ def test_a_client_that_goes_away_before_any_response_is_no_server_error(
     # The server's own account: one 500, the one a client received; none for the aborted ones.
     sent_500 = [line for line in server.log().splitlines() if '" 500 ' in line]
     assert len(sent_500) == 1 and '"GET /no-answer/x HTTP/1.1" 500' in sent_500[0], sent_500
+
+
+# ``uvicorn.run(app, log_config=...)`` in the app's own script: the configuration is
+# applied after the app's module (and ours) made their loggers, and disables them.
+_RUN_WITH_LOG_CONFIG = """
+import sys
+sys.path.insert(0, "tests/integration")
+import uvicorn
+from fastapi_app import app
+uvicorn.run(app, port={port}, log_config={
+    "version": 1,
+    "disable_existing_loggers": True,
+    "formatters": {"plain": {"format": "%(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"err": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["err"], "level": "INFO"},
+})
+"""
+
+
+def test_a_logging_config_that_disables_existing_loggers_does_not_silence_ours(
+    start_server: StartServer, short_dir: Path
+) -> None:
+    blocker = short_dir / "file"
+    blocker.write_text("x")
+    failed = start_server("-c", _RUN_WITH_LOG_CONFIG, env={"UNIXSOCK_TEST_SOCKET": str(blocker / "c.sock")})
+    assert httpx.get(failed.url + "/api/v1/users/1").status_code == 200  # serves on without a socket
+    log = failed.log()
+    assert "WARNING unixsock_asgi: control socket" in log and "could not start" in log
+    assert "unixsock_asgi, unixsock_asgi.audit" in log and "enabled again" in log
+
+    sock = short_dir / "c.sock"
+    server = start_server("-c", _RUN_WITH_LOG_CONFIG, env={"UNIXSOCK_TEST_SOCKET": str(sock)})
+    _payload(Client(sock), "set_log_level", level="DEBUG", logger="app")
+    wait_for(lambda: "INFO unixsock_asgi.audit:" in server.log(), 5, "the command in the audit log")
+    assert "set_log_level" in server.log()
