@@ -76,19 +76,38 @@ def _version(module: str) -> str | None:
     return str(version) if version is not None else None
 
 
+_ASGI_SERVERS = ("uvicorn", "hypercorn", "granian", "daphne")
+"""ASGI servers, by the top-level package their lifespan calls the app from."""
+
+
+def server_software(frame: types.FrameType | None) -> str | None:
+    """The ASGI server that runs the code of ``frame`` (its caller's frames), with gunicorn
+    when that runs it: ``"gunicorn 23.0.0 + uvicorn 0.34.0"``; None for one it does not know.
+
+    Told by the frames that called the lifespan, not by what is imported: an app
+    module that imports uvicorn (for ``uvicorn.run`` under ``__main__``) may run
+    under hypercorn or granian.
+    """
+    packages: set[str] = set()
+    server = None
+    while frame is not None:
+        name = frame.f_globals.get("__name__")
+        top = name.partition(".")[0] if isinstance(name, str) else ""
+        packages.add(top)
+        if server is None and top in _ASGI_SERVERS:
+            server = top  # the innermost: the one that speaks ASGI to the app
+        frame = frame.f_back
+    if server is None:
+        return None
+    software = f"{server} {_version(server)}"
+    return f"gunicorn {_version('gunicorn')} + {software}" if "gunicorn" in packages else software
+
+
 @command(readonly=True, diagnostic=True)
 def info(ctx: CommandContext) -> dict[str, Any]:
     """Pid, uptime, host, and versions of Python, the ASGI server and the framework."""
     from . import __version__
 
-    if "gunicorn" in sys.modules:
-        server = f"gunicorn {_version('gunicorn')} + uvicorn {_version('uvicorn')}"
-    elif "uvicorn" in sys.modules:
-        server = f"uvicorn {_version('uvicorn')}"
-    elif "hypercorn" in sys.modules:
-        server = f"hypercorn {_version('hypercorn')}"
-    else:
-        server = None
     framework = None
     for name in ("fastapi", "starlette"):
         if name in sys.modules:
@@ -101,7 +120,7 @@ def info(ctx: CommandContext) -> dict[str, Any]:
         "host": socket.gethostname(),
         "uptime_s": time.time() - control.started_at,
         "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "server": server,
+        "server": ctx.control.server_software,
         "framework": framework,
         "unixsock_asgi": __version__,
         "socket": control.socket_path,

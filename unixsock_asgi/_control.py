@@ -199,6 +199,8 @@ class ControlPlane:
         self.host_app: Any = None  # the lifespan's scope["app"]: see CommandContext.app
         self.app_loop: asyncio.AbstractEventLoop | None = None
         self.app_thread_id: int | None = None
+        self.server_software: str | None = None
+        """The ASGI server that started the lifespan (``info``'s ``server``)."""
         self.server: UnixSockServer | None = None
         self.socket_path: str | None = None
         self.socket_dir: str | None = None

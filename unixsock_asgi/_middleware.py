@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, NamedTuple
 
-from ._builtins import builtin_commands
+from ._builtins import builtin_commands, server_software
 from ._commands import Commands
 from ._control import AllCommands, ControlPlane
 from ._settings import Settings
@@ -283,6 +284,7 @@ class ControlSocketMiddleware:
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.control.lifespan_began()
+        self.control.server_software = server_software(sys._getframe())
         app_received_startup = False
         startup_sent = False
         refused: str | None = None  # strict mode turned startup.complete into startup.failed

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 
 from unixsock_asgi import Client
 
@@ -149,6 +150,7 @@ def test_a_client_that_goes_away_before_any_response_is_no_server_error(
 _RUN_WITH_LOG_CONFIG = """
 import sys
 sys.path.insert(0, "tests/integration")
+import gunicorn  # imported, as by a module that may also run under it: uvicorn runs the app here
 import uvicorn
 from fastapi_app import app
 uvicorn.run(app, port={port}, log_config={
@@ -177,3 +179,4 @@ def test_a_logging_config_that_disables_existing_loggers_does_not_silence_ours(
     _payload(Client(sock), "set_log_level", level="DEBUG", logger="app")
     wait_for(lambda: "INFO unixsock_asgi.audit:" in server.log(), 5, "the command in the audit log")
     assert "set_log_level" in server.log()
+    assert _payload(Client(sock), "info")["server"] == f"uvicorn {uvicorn.__version__}"

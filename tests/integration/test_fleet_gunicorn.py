@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,8 @@ def test_recycled_gunicorn_workers_come_up_with_the_persisted_overrides(
     assert sorted(r["pid"] for r in document["results"]) == sorted(originals)
     assert sum(r["payload"]["requests_total"] for r in document["results"]) == len(paths)
     assert document["total"]["requests_total"] == len(paths)
+    servers = {r["payload"]["server"] for r in cli_json("send", str(socket_dir), "info")["results"]}
+    assert servers == {f"gunicorn {version('gunicorn')} + uvicorn {version('uvicorn')}"}
 
     for argv in (
         ["set_log_level", "level=DEBUG", "logger=example_app"],
