@@ -23,7 +23,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route, WebSocketRoute
-from starlette.testclient import TestClient
+from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from unixsock_asgi import (
@@ -694,6 +694,17 @@ def test_cors_outside_ours_adds_its_headers_to_the_maintenance_503s(short_dir: P
         assert gated.headers["access-control-allow-origin"] == "*"  # a browser can read the 503
 
 
+def no_denial(http: TestClient) -> TestClient:
+    """A client of the same app served as by a server without the websocket.http.response extension."""
+    app = http.app
+
+    async def without_extension(scope: Any, receive: Any, send: Any) -> None:
+        extensions = {k: v for k, v in scope.get("extensions", {}).items() if k != "websocket.http.response"}
+        await app({**scope, "extensions": extensions}, receive, send)
+
+    return TestClient(without_extension)
+
+
 def test_maintenance_refuses_new_websocket_sessions_and_drain_counts_open_ones(short_dir: Path) -> None:
 
     async def echo(websocket: WebSocket) -> None:
@@ -708,10 +719,15 @@ def test_maintenance_refuses_new_websocket_sessions_and_drain_counts_open_ones(s
     with TestClient(app) as http:
         control = Client(sock)
         with http.websocket_connect("/ws") as open_session:
-            _payload(control, "maintenance_on")
-            with pytest.raises(WebSocketDisconnect) as refused, http.websocket_connect("/ws"):
+            _payload(control, "maintenance_on", retry_after=7)
+            # TestClient, like uvicorn and hypercorn, lets the app answer the handshake itself.
+            with pytest.raises(WebSocketDenialResponse) as denied, http.websocket_connect("/ws"):
                 pass
-            assert refused.value.code == 1013
+            assert denied.value.status_code == 503 and denied.value.headers["retry-after"] == "7"
+            assert denied.value.json()["error"] == "maintenance"
+            with pytest.raises(WebSocketDisconnect) as refused, no_denial(http).websocket_connect("/ws"):
+                pass
+            assert refused.value.code == 1013  # where the server would not let it
             drained = _payload(control, "drain", timeout=1)
             assert drained["drained"] is True and drained["websockets_active"] == 1
             assert "note" not in drained  # maintenance keeps new requests away

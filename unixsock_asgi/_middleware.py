@@ -34,6 +34,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 logger = logging.getLogger("unixsock_asgi")
 
 _MAINTENANCE = "<maintenance>"
+_MAINTENANCE_BODY = b'{"error":"maintenance","detail":"this server is in maintenance; retry later"}'
 CLIENT_CLOSED_REQUEST = 499
 """Status counted for a request whose app was told the client had gone (``http.disconnect``)
 before it started a response (nginx's "client closed request"): what the app
@@ -230,7 +231,7 @@ class ControlSocketMiddleware:
                 return False
         path = self._app_path(scope)
         if control.maintenance and path not in control.maintenance_exempt:
-            body = b'{"error":"maintenance","detail":"this server is in maintenance; retry later"}'
+            body = _MAINTENANCE_BODY
             headers = [(b"retry-after", str(control.retry_after).encode())]
             route = _MAINTENANCE
         elif control.health_failing and path == control.health_path:
@@ -259,9 +260,26 @@ class ControlSocketMiddleware:
         control = self.control
         if control.maintenance and self._app_path(scope) not in control.maintenance_exempt:
             # No new sessions during maintenance (open ones go on): refused at the
-            # handshake (servers answer 403), 1013 "try again later" where it is seen.
+            # handshake. Where the server lets the app answer the handshake itself
+            # (the websocket.http.response extension: uvicorn, hypercorn), with the
+            # 503 and Retry-After of any other request; else with 1013 "try again
+            # later", which servers turn into a 403 that says nothing of maintenance.
             if (await receive())["type"] == "websocket.connect":
-                await send({"type": "websocket.close", "code": 1013, "reason": "maintenance"})
+                if "websocket.http.response" in (scope.get("extensions") or {}):
+                    await send(
+                        {
+                            "type": "websocket.http.response.start",
+                            "status": 503,
+                            "headers": [
+                                (b"content-type", b"application/json"),
+                                (b"content-length", str(len(_MAINTENANCE_BODY)).encode()),
+                                (b"retry-after", str(control.retry_after).encode()),
+                            ],
+                        }
+                    )
+                    await send({"type": "websocket.http.response.body", "body": _MAINTENANCE_BODY})
+                else:
+                    await send({"type": "websocket.close", "code": 1013, "reason": "maintenance"})
             return
         stats = self.stats
         accepted = False  # a handshake the app refuses (closing first, or no route) is no connection

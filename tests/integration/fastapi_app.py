@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request, WebSocket
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
@@ -94,6 +94,13 @@ app.mount("/no-answer", no_answer)
 @app.post("/upload")
 async def upload(request: Request) -> dict[str, int]:
     return {"bytes": len(await request.body())}  # ClientDisconnect when the upload is aborted
+
+
+@app.websocket("/ws")
+async def echo(websocket: WebSocket) -> None:
+    await websocket.accept()
+    await websocket.send_text(await websocket.receive_text())
+    await websocket.close()
 
 
 app.add_middleware(

@@ -180,3 +180,35 @@ def test_a_logging_config_that_disables_existing_loggers_does_not_silence_ours(
     wait_for(lambda: "INFO unixsock_asgi.audit:" in server.log(), 5, "the command in the audit log")
     assert "set_log_level" in server.log()
     assert _payload(Client(sock), "info")["server"] == f"uvicorn {uvicorn.__version__}"
+
+
+def _handshake(port: int, path: str) -> str:
+    """The head of the server's answer to a websocket handshake, over plain HTTP on loopback."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:  # bounded by the timeout
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+    return head.partition(b"\r\n\r\n")[0].decode().lower()
+
+
+def test_maintenance_answers_a_websocket_handshake_503_with_retry_after(
+    start_server: StartServer, short_dir: Path
+) -> None:
+    sock = short_dir / "c.sock"
+    server = start_server(*_uvicorn(), env={"UNIXSOCK_TEST_SOCKET": str(sock)})
+    control = Client(sock)
+    assert _handshake(server.port, "/ws").startswith("http/1.1 101")
+    _payload(control, "maintenance_on", retry_after=9)
+    refused = _handshake(server.port, "/ws")
+    # As any other request, not the 403 a close before accepting becomes: a client can tell
+    # maintenance from a refusal, and when to come back.
+    assert refused.startswith("http/1.1 503") and "retry-after: 9" in refused.splitlines()
+    _payload(control, "maintenance_off")
+    assert _handshake(server.port, "/ws").startswith("http/1.1 101")
