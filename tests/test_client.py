@@ -162,6 +162,15 @@ def test_options_set_size_timeout_and_default_flags(
     response = client.send("conn")
     assert response is not None
     assert response.ok
+    client.options(timeout=60)  # by name, what is left out stays
+    assert (client.max_message_size, client.timeout, client.respond, client.close_after) == (
+        16 << 20,
+        60,
+        True,
+        True,
+    )
+    client.options(respond=False, timeout=None)
+    assert (client.timeout, client.respond) == (None, False)
 
 
 def test_reply_above_the_clients_limit_is_a_protocol_error(
@@ -406,8 +415,10 @@ def test_a_full_backlog_is_named_as_such_by_both_clients(
 def test_slow_handler_is_a_timeout(start_server: ServerFactory, tracker: ConnectionTracker) -> None:
     server = start_server(tracker)
     client = Client(server.path, timeout=0.3, close=False)
-    with pytest.raises(TimeoutException, match=r"no reply within 0\.3s"):
+    with pytest.raises(TimeoutException, match=r"no reply within 0\.3s") as info:
         client.send("sleep", {"seconds": 10})
+    # What to do about it, for a command that takes that long (not a guess at a blocked loop).
+    assert str(info.value).endswith("needs a longer timeout: timeout= or options(timeout=...))")
     client.options(1 << 20, 5.0, True, True)
     assert _payload(client.send("show"))["cmd"] == "show"  # a fresh connection after the timeout
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import errno
 import math
 import os
@@ -93,6 +94,14 @@ def _transport_error(path: str, exc: OSError) -> TransportError:
     return TransportError(f"{path}: {text}")
 
 
+class _Unchanged(enum.Enum):
+    UNCHANGED = enum.auto()
+
+
+_UNCHANGED = _Unchanged.UNCHANGED
+"""``options()``'s timeout left out (None is a timeout: none)."""
+
+
 class _BaseClient:
     """Options, framing and decoding: everything that is not I/O."""
 
@@ -111,15 +120,26 @@ class _BaseClient:
         self.respond = respond
         self.close_after = close
 
-    def options(self, max_length: int, timeout: float | None, respond: bool, close: bool) -> None:
+    def options(
+        self,
+        max_length: int | None = None,
+        timeout: float | _Unchanged | None = _UNCHANGED,
+        respond: bool | None = None,
+        close: bool | None = None,
+    ) -> None:
         """Set the maximum reply size, the timeout (None: wait for ever), and the default respond/close flags.
 
-        The Go client's ``Options(maxLength, timeout, respond, close)``.
+        The Go client's ``Options(maxLength, timeout, respond, close)``; what is
+        left out stays as it was: ``options(timeout=60)`` for a long ``drain``.
         """
-        self.max_message_size = min(max_length, HARD_MAX_MESSAGE_SIZE)
-        self.timeout = timeout
-        self.respond = respond
-        self.close_after = close
+        if max_length is not None:
+            self.max_message_size = min(max_length, HARD_MAX_MESSAGE_SIZE)
+        if not isinstance(timeout, _Unchanged):
+            self.timeout = timeout
+        if respond is not None:
+            self.respond = respond
+        if close is not None:
+            self.close_after = close
 
     def _prepare(
         self, cmd: str, args: dict[str, Any] | None, respond: bool | None, close: bool | None
@@ -166,9 +186,10 @@ class _BaseClient:
         raise ProtocolError(f"{self.path}: the server refused the request: {refusal.error}")
 
     def _timeout_error(self) -> TimeoutException:
+        # Not "is the loop blocked?": a server of ours says so itself, within its app_timeout.
         return TimeoutException(
-            f"{self.path}: no reply within {self.timeout:g}s (is the server's event loop blocked?"
-            " raise the timeout with options())"
+            f"{self.path}: no reply within {self.timeout:g}s (the command may still run there;"
+            " one that takes longer, a drain say, needs a longer timeout: timeout= or options(timeout=...))"
         )
 
 
