@@ -1353,6 +1353,37 @@ def test_what_workers_send_is_shown_as_text_never_as_terminal_controls(
         assert not {"\x1b", "\x07", "\r", "\x9b", "\u202e", "\x85", "\u2028"} & set(shown), (cmd, shown)
 
 
+def test_what_a_worker_sends_into_a_line_of_ours_cannot_start_another(
+    start_server: Any, fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from unixsock_asgi import Response
+
+    forged = "bad\n[worker 1] success"
+
+    def handler(cmd: str, args: dict[str, Any]) -> Any:
+        return Response.failure(forged) if cmd == "fail" else "first\nsecond"
+
+    start_server(handler, path=str(socket_dir / "app-1.sock"))
+    start_server(handler, path=str(socket_dir / "app-2.sock"))
+    status, out, err = run(capsys, "send", str(socket_dir), "fail")
+    assert status == EXIT_FAILED
+    assert out.splitlines() == ["[2 workers 1 2] failure: bad\\n[worker 1] success"]
+    assert one_line(err).endswith("app-1.sock, app-2.sock: failure: bad\\n[worker 1] success")
+    status, out, _ = run(capsys, "send", str(socket_dir / "app-1.sock"), "text")
+    assert out == "first\nsecond\n"  # a payload's text keeps its lines
+    for path in socket_dir.glob("app-*.sock"):
+        path.unlink()  # (their servers stop with the test)
+
+    (worker,) = fleet.start(1)
+    worker.record(("/x\n/forged\t1", 200, 0.001))
+    status, out, _ = run(capsys, "send", str(socket_dir), "stats")
+    assert status == EXIT_OK
+    (row,) = [line for line in out.splitlines() if line.startswith("/x")]
+    assert row.startswith("/x\\n/forged\\t1  ") and not any(
+        line.startswith("/forged") for line in out.splitlines()
+    )
+
+
 def test_lone_surrogates_from_workers_are_shown_as_escapes_and_refused_as_arguments(
     start_server: Any, socket_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -26,6 +26,7 @@ from .cli import (
     gone_text,
     help_topic,
     no_sockets,
+    one_line,
     render_answers,
     reply_timeout,
     stale_note,
@@ -181,7 +182,7 @@ def run_shell(target: Target, *, timeout: float, history_file: str) -> int:
             if isinstance(event, Close):
                 break
             if isinstance(event, ProtocolViolation):
-                print(terminal_safe(f"error: {event.error}"), file=sys.stderr)
+                print(terminal_safe(one_line(f"error: {event.error}")), file=sys.stderr)
                 any_failed = True
                 continue
             try:
@@ -200,7 +201,7 @@ def run_shell(target: Target, *, timeout: float, history_file: str) -> int:
                 continue
             if not outcome.results:
                 nobody = gone_text(outcome) if outcome.gone else f"no live worker at {target.path}"
-                print(terminal_safe(f"error: {nobody}"), file=sys.stderr)
+                print(terminal_safe(one_line(f"error: {nobody}")), file=sys.stderr)
                 any_failed = True
                 continue
             single = not target.is_directory

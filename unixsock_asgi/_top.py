@@ -47,6 +47,7 @@ from .cli import (
     format_duration,
     format_uptime,
     nobody_answered,
+    one_line,
     terminal_safe,
 )
 
@@ -322,7 +323,7 @@ class TopView:
         total.rss_bytes = _sum("rss_bytes")
         body.append(self._row_text(total, label="TOTAL", wide=wide))
         limit = max(20, width - 1)
-        return [terminal_safe(line)[:limit] for line in header + body][: max(height, 1)]
+        return [terminal_safe(one_line(line))[:limit] for line in header + body][: max(height, 1)]
 
     @staticmethod
     def _row_text(r: WorkerRow, label: str | None = None, *, wide: bool = False) -> str:

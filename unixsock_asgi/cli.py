@@ -191,6 +191,7 @@ def table(rows: Sequence[Sequence[str]], align: str = "") -> list[str]:
 
     Columns without a letter are right-aligned, except the first (a name).
     """
+    rows = [[one_line(cell) for cell in row] for row in rows]  # a route's name, an error: one row each
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for row in rows:
@@ -233,7 +234,7 @@ def flagged_workers(results: Sequence[WorkerResult]) -> list[str]:
 
 
 def _worker_label(result: WorkerResult) -> str:
-    return str(result.pid) if result.pid is not None else os.path.basename(result.socket)
+    return str(result.pid) if result.pid is not None else socket_name(result.socket)
 
 
 def _stats_row(label: str, snap: Mapping[str, Any]) -> list[str]:
@@ -272,7 +273,7 @@ def render_stats(outcome: FanOutResult, total: Mapping[str, Any]) -> list[str]:
         if r.ok:
             foreign += [
                 "",
-                f"{os.path.basename(r.socket)}: {FOREIGN_STATS}; it answered:",
+                f"{socket_name(r.socket)}: {FOREIGN_STATS}; it answered:",
                 *_payload_lines(r.payload),
             ]
     rows.append(_stats_row(f"TOTAL({total.get('workers', 0)})", total))
@@ -393,7 +394,7 @@ def render_answers(cmd: str, outcome: FanOutResult, *, single_target: bool) -> l
             who = "worker" if len(members) == 1 else f"{len(members)} workers"
             pids = " ".join(_worker_label(m) for m in members)
             head = f"[{who} {pids}] {first.status}"
-            lines.append(f"{head}: {first.error}" if first.error else head)
+            lines.append(f"{head}: {one_line(first.error)}" if first.error else head)
         # else one socket asked, and a failure is said once, on stderr (failure_summary)
         lines += body
     return lines
@@ -406,10 +407,12 @@ def failure_summary(outcome: FanOutResult, *, single_target: bool = False) -> st
     """
     bad = [r for r in outcome.results if not r.ok]
     if single_target and len(outcome.results) == 1 and bad:
-        return terminal_safe(f"{bad[0].status}: {bad[0].error or 'no message'}")
+        return terminal_safe(one_line(f"{bad[0].status}: {bad[0].error or 'no message'}"))
     reasons: dict[str, list[str]] = {}
     for r in bad:
-        reasons.setdefault(f"{r.status}: {r.error or 'no message'}", []).append(os.path.basename(r.socket))
+        reasons.setdefault(one_line(f"{r.status}: {r.error or 'no message'}"), []).append(
+            socket_name(r.socket)
+        )
     details = "; ".join(f"{', '.join(sockets)}: {reason}" for reason, sockets in reasons.items())
     return terminal_safe(f"{len(bad)} of {len(outcome.results)} workers did not succeed: {details}")
 
@@ -429,6 +432,25 @@ def terminal_safe(text: str) -> str:
     that overwrites the line.
     """
     return text.translate(_UNSAFE)
+
+
+_LINE_BREAKS = {0x0A: "\\n", 0x09: "\\t"}
+
+
+def one_line(text: str) -> str:
+    """``text`` kept on its line: newlines and tabs as escapes.
+
+    For what a worker or its socket's name puts in a line of ours (an error, a
+    table cell, a list of names): it cannot start a line that looks like
+    another worker's answer, nor push a table's columns about. Payload text
+    keeps its lines.
+    """
+    return text.translate(_LINE_BREAKS)
+
+
+def socket_name(path: str) -> str:
+    """A socket's file name, on one line (the directory's owner names its sockets)."""
+    return one_line(os.path.basename(path))
 
 
 # --------------------------------------------------------------------------- commands
@@ -543,13 +565,13 @@ def _write(lines: Iterable[str], out: TextIO) -> None:
 
 
 def gone_text(outcome: FanOutResult) -> str:
-    names = ", ".join(os.path.basename(p) for p in outcome.gone)
+    names = ", ".join(socket_name(p) for p in outcome.gone)
     return f"{len(outcome.gone)} worker(s) exited while asked (the command may have run there): {names}"
 
 
 def stale_note(outcome: FanOutResult) -> None:
     if outcome.stale:
-        names = ", ".join(os.path.basename(p) for p in outcome.stale)
+        names = ", ".join(socket_name(p) for p in outcome.stale)
         _write(
             [f"note: skipped {len(outcome.stale)} stale socket(s) (nothing listens there): {names}"],
             sys.stderr,
@@ -623,7 +645,7 @@ def _note_workers_started_meanwhile(target: Target, outcome: FanOutResult) -> No
     except OSError:  # the directory went away meanwhile: nothing to say about it here
         return
     if late:
-        names = ", ".join(os.path.basename(p) for p in late)
+        names = ", ".join(socket_name(p) for p in late)
         note = (
             f"note: {len(late)} worker(s) started while it ran and were not drained: {names}"
             " (a worker started later comes up without a health_fail that was not sent with --persist)"
