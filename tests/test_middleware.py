@@ -237,6 +237,16 @@ def test_socket_trouble_never_breaks_the_app_unless_strict(
     with pytest.raises(RuntimeError, match=r"control socket .* could not start"), TestClient(strict):
         pass
 
+    # An option that cannot work (a mode written in decimal) is such trouble too, found at startup.
+    caplog.clear()
+    with (
+        caplog.at_level(logging.WARNING, "unixsock_asgi"),
+        TestClient(_starlette(short_dir / "c.sock", socket_mode=600)) as http,
+    ):
+        assert http.get("/hello/x").text == "hi"
+    assert "did you mean 0o600?" in caplog.text and "serves on without it" in caplog.text
+    assert not (short_dir / "c.sock").exists()
+
 
 def test_go_style_handler_gets_what_no_command_claims_on_the_app_loop(short_dir: Path) -> None:
     loops: list[asyncio.AbstractEventLoop] = []

@@ -1005,6 +1005,39 @@ def test_something_else_at_the_path_is_never_clobbered(
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
 
 
+@pytest.mark.parametrize("kind", [socket.SOCK_DGRAM, socket.SOCK_SEQPACKET], ids=["dgram", "seqpacket"])
+def test_a_socket_of_another_type_at_the_path_is_left_alone(
+    start_server: ServerFactory, sock_path: str, kind: int
+) -> None:
+    with socket.socket(socket.AF_UNIX, kind) as other:
+        other.bind(sock_path)
+        with pytest.raises(BindError, match="is a socket of another type") as info:
+            start_server()
+        assert sock_path in str(info.value)
+        assert stat.S_ISSOCK(os.lstat(sock_path).st_mode)  # still there
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        (
+            "socket_mode",
+            600,
+            r"socket_mode 600 is not a permission mode .* \(did you mean 0o600\? 600 is decimal\)",
+        ),
+        ("socket_mode", 0o4777, "socket_mode 2559 is not a permission mode from 0o000 to 0o777$"),
+        ("max_connections", 0, "max_connections must be a whole number of at least 1, not 0"),
+        ("idle_timeout", float("nan"), "idle_timeout must be a positive number of seconds, not nan"),
+    ],
+)
+def test_options_that_cannot_work_are_refused_before_anything_is_bound(
+    sock_path: str, option: str, value: Any, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        UnixSockServer(sock_path, lambda cmd, args: None, **{option: value})
+    assert not os.path.exists(sock_path)
+
+
 def test_too_long_path_is_refused(start_server: ServerFactory, tmp_path: Path) -> None:
     with pytest.raises(BindError, match="longer than"):
         start_server(path=str(tmp_path / ("x" * 120)))

@@ -93,6 +93,22 @@ class ServerConfig:
     """Commands whose successes the audit log records at DEBUG, not INFO: read-only ones
     that tools poll (``top`` asks every worker for ``stats`` each refresh)."""
 
+    def __post_init__(self) -> None:
+        mode = self.socket_mode
+        if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+            hint = ""
+            if isinstance(mode, int) and set(str(mode)) <= set("01234567") and len(str(mode)) == 3:
+                hint = f" (did you mean 0o{mode}? {mode} is decimal)"
+            raise ValueError(f"socket_mode {mode!r} is not a permission mode from 0o000 to 0o777{hint}")
+        for name in ("max_connections", "handler_threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number of at least 1, not {value!r}")
+        for name in ("timeout", "idle_timeout", "handler_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+
 
 @dataclass
 class RequestContext:

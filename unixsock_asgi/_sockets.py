@@ -363,7 +363,11 @@ def _check_existing(path: str) -> bool:
     except OSError as exc:
         if exc.errno == errno.EACCES:
             raise BindError(f"{path!r}: permission denied") from None
-        raise
+        if exc.errno == errno.EPROTOTYPE:  # a datagram or seqpacket socket: not ours, and maybe live
+            raise BindError(
+                f"{path!r} is a socket of another type (datagram or seqpacket); refusing to replace it"
+            ) from None
+        raise BindError(f"cannot probe {path!r}: {exc.strerror}") from None
     if creds is not None:
         if creds.pid == os.getpid():
             raise BindError(
