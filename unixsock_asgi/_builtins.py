@@ -237,7 +237,8 @@ _DISABLED_NOTE = (
 _NO_HANDLER_NOTE = (
     "no handler takes this logger's records: the process has configured no logging for it or"
     " the loggers above it (uvicorn configures only its own), so its records below WARNING go"
-    " nowhere; configure logging in the app (logging.basicConfig, or uvicorn --log-config)"
+    " nowhere; give it or the root logger a handler (logging.basicConfig in the app, or a"
+    " root or logger entry with handlers in uvicorn's --log-config)"
 )
 
 

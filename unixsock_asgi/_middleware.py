@@ -223,7 +223,7 @@ class ControlSocketMiddleware:
             control.lifespan_began()  # (to say so once)
             logger.warning(
                 "no control socket: %s got an HTTP request but no lifespan startup, so it never"
-                " started one; the server runs without the lifespan protocol (uvicorn --lifespan off),"
+                " started one; the server runs without the lifespan protocol (uvicorn --lifespan off, daphne),"
                 " or the middleware is not on the top-level app (a mounted app gets no lifespan)",
                 type(self).__name__,
             )

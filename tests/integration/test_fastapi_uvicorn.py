@@ -108,7 +108,7 @@ def test_lifespan_off_means_no_control_socket(start_server: StartServer, short_d
     assert not sock.exists()
     # Not silent: the first request says why there is no socket, once.
     assert server.log().count("no control socket: ControlSocketMiddleware got an HTTP request") == 1
-    assert "(uvicorn --lifespan off)" in server.log()
+    assert "(uvicorn --lifespan off, daphne)" in server.log()
 
 
 def test_a_client_that_goes_away_before_any_response_is_no_server_error(
