@@ -743,6 +743,18 @@ def test_top_once_prints_one_frame_with_rates(
     assert rows["TOTAL"][2] == "20"  # 2 workers x 2 samples x 5 requests
 
 
+def test_top_once_with_routes_prints_the_routes_over_the_fleet(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet.start(2, requests_per_stats_call=5)
+    status, out, _ = run(capsys, "top", str(socket_dir), "--once", "--routes", "--interval", "0.2")
+    assert status == EXIT_OK
+    lines = out.splitlines()
+    assert lines[0].endswith("every 0.2s") and lines[3].split()[0] == "ROUTE"
+    (row,) = [line.split() for line in lines if line.startswith("/items/{item_id}")]
+    assert float(row[1]) > 0 and row[-1] == "20"  # 2 workers x 2 samples x 5 requests
+
+
 def test_a_worker_that_exits_while_asked_is_named_as_such(
     exiting_server: Callable[[str], str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1019,6 +1031,52 @@ def test_top_shows_5xx_per_second_over_the_interval(fleet: Fleet, socket_dir: Pa
     assert (rows[str(erring.pid)][4], total[4]) == ("0.0", "0.0")
 
 
+def test_top_routes_view_shows_each_routes_rates_over_the_fleet_busiest_first(
+    fleet: Fleet, socket_dir: Path
+) -> None:
+    # Which route is hot, or slow, right now: its requests/s, 5xx/s and percentiles over the
+    # last interval, the workers' counts added up and their latency buckets merged.
+    import asyncio
+
+    from unixsock_asgi._fleet import Target
+    from unixsock_asgi._top import TopView, _sample
+
+    one, two = fleet.start(2)
+    one.record(*[("/", 200, 0.001)] * 50)  # before the view: in the totals, in no rate
+    target = Target(str(socket_dir), is_directory=True)
+    view = TopView(str(socket_dir))
+
+    def refresh(now: float, *, routes: bool = True) -> dict[str, list[str]]:
+        view.show_routes = routes
+        outcome = asyncio.run(_sample(target, timeout=2.0, routes=routes))
+        lines = view.frame(outcome, view.update(outcome, now=now), width=80, height=24, interval=2.0)
+        assert all(len(line) < 80 for line in lines)
+        if not routes:
+            assert lines[3].split()[0] == "PID"
+            return {}
+        assert lines[0].endswith("(q quits, r workers)") and lines[3].split() == [
+            "ROUTE", "REQ/S", "5XX/S", "P50", "P99", "REQS"
+        ]  # fmt: skip
+        return {line.split()[0]: line.split()[1:] for line in lines[4:]}
+
+    refresh(100.0, routes=False)
+    assert refresh(102.0) == {"/": ["-", "-", "-", "-", "50"]}  # no route figures to compare yet
+    one.record(*[("/items/{item_id}", 200, 0.010)] * 6, *[("/", 200, 0.001)] * 2)
+    two.record(*[("/items/{item_id}", 200, 0.010)] * 10, *[("/fail", 500, 0.100)] * 4)
+    rows = refresh(104.0)
+    assert list(rows) == ["/items/{item_id}", "/fail", "/"]  # busiest first
+    assert rows["/items/{item_id}"][:2] == ["8.0", "0.0"] and rows["/items/{item_id}"][4] == "16"
+    assert rows["/items/{item_id}"][2].endswith("ms") and rows["/items/{item_id}"][2].startswith(("9.", "10"))
+    assert rows["/fail"][:2] == ["2.0", "2.0"] and rows["/"][:2] == ["1.0", "0.0"] and rows["/"][4] == "52"
+    rows = refresh(106.0)
+    assert rows["/fail"][:2] == ["0.0", "0.0"] and rows["/fail"][2] == "-"  # a quiet interval
+    # A stats_reset between two refreshes: no difference taken across it.
+    two.stats.reset()
+    two.record(("/fail", 500, 0.1))
+    rows = refresh(108.0)
+    assert rows["/fail"][4] == "1"
+
+
 def test_top_shows_4xx_per_second_where_the_terminal_has_room(fleet: Fleet, socket_dir: Path) -> None:
     # A bad deploy's broken links or a client hammering a wrong token: 4xx, not 5xx.
     import asyncio
@@ -1046,7 +1104,8 @@ def test_top_shows_4xx_per_second_where_the_terminal_has_room(fleet: Fleet, sock
     # One column less and it is the 80-column table.
     lines = refresh(104.0, WIDE_COLUMNS)
     assert "4XX/S" not in lines[3] and lines[3].split()[4] == "5XX/S"
-    assert all(len(line) < 80 for line in lines)
+    assert all(len(line) < 80 for line in lines[3:])  # (the title line fits the width it is given)
+    assert len(lines[0]) < WIDE_COLUMNS
 
 
 def test_absurd_figures_from_workers_never_crash_or_flood_the_views(

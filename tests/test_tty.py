@@ -86,6 +86,24 @@ def test_top_draws_refreshes_and_quits_on_q(spawn: Spawn, fleet: Fleet, socket_d
     assert _wait_exit(child) == 0
 
 
+def test_top_switches_to_the_routes_and_back_on_r(spawn: Spawn, fleet: Fleet, socket_dir: Path) -> None:
+    fleet.start(2, requests_per_stats_call=3)  # each answer counts 3 more /items/{item_id}
+    child = spawn("top", str(socket_dir), "--interval", "0.3")
+    child.expect(_TOTAL_ROW)
+    child.send("r")
+    child.expect(r"\(q quits, r workers\)")
+    child.expect(r"ROUTE +REQ/S +5XX/S +P50 +P99 +REQS")
+    # Its rate once two refreshes asked for routes: 3 requests per worker per answer.
+    child.expect(rb"/items/\{item_id\} +([0-9.]+) +0\.0 ")
+    child.expect(rb"/items/\{item_id\} +([0-9.]+) +0\.0 ")
+    assert float(child.match.group(1)) > 0
+    child.send("r")
+    child.expect(r"\(q quits, r routes\)")
+    child.expect(_TOTAL_ROW)
+    child.send("q")
+    assert _wait_exit(child) == 0
+
+
 def test_top_frames_fit_80x24_and_show_rates(spawn: Spawn, fleet: Fleet, socket_dir: Path) -> None:
     fleet.start(30, requests_per_stats_call=2)  # more workers than rows
     child = spawn("top", str(socket_dir), "--interval", "0.3", "--timeout", "2")

@@ -875,7 +875,9 @@ def cmd_top(ns: argparse.Namespace) -> int:
     """``top TARGET``: a live view of every worker."""
     from ._top import run_top
 
-    return run_top(_resolve(ns.target), interval=ns.interval, once=ns.once, timeout=ns.timeout)
+    return run_top(
+        _resolve(ns.target), interval=ns.interval, once=ns.once, timeout=ns.timeout, routes=ns.routes
+    )
 
 
 # --------------------------------------------------------------------------- parser
@@ -939,7 +941,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_timeout(p, runs=True)
     p.set_defaults(func=cmd_shell)
 
-    p = sub.add_parser("top", help="live view of every worker (q quits)")
+    p = sub.add_parser("top", help="live view of every worker, or of the routes (r toggles, q quits)")
     p.add_argument("target", metavar="TARGET", help="socket file or socket directory")
     p.add_argument(
         "--interval",
@@ -952,6 +954,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--once",
         action="store_true",
         help="print one frame and exit (implied when stdout is not a terminal)",
+    )
+    p.add_argument(
+        "--routes",
+        action="store_true",
+        help="show the routes over every worker, busiest first, rather than the workers (r toggles)",
     )
     with_timeout(p, 2.0)
     p.set_defaults(func=cmd_top)
