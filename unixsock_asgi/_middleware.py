@@ -241,18 +241,7 @@ class ControlSocketMiddleware:
         else:
             return False
         start = time.perf_counter()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 503,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    *headers,
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await _answer_503(send, body, headers)
         self.stats.record(route, scope["method"], 503, time.perf_counter() - start, False)
         return True
 
@@ -266,18 +255,8 @@ class ControlSocketMiddleware:
             # later", which servers turn into a 403 that says nothing of maintenance.
             if (await receive())["type"] == "websocket.connect":
                 if "websocket.http.response" in (scope.get("extensions") or {}):
-                    await send(
-                        {
-                            "type": "websocket.http.response.start",
-                            "status": 503,
-                            "headers": [
-                                (b"content-type", b"application/json"),
-                                (b"content-length", str(len(_MAINTENANCE_BODY)).encode()),
-                                (b"retry-after", str(control.retry_after).encode()),
-                            ],
-                        }
-                    )
-                    await send({"type": "websocket.http.response.body", "body": _MAINTENANCE_BODY})
+                    retry_after = [(b"retry-after", str(control.retry_after).encode())]
+                    await _answer_503(send, _MAINTENANCE_BODY, retry_after, kind="websocket.http")
                 else:
                     await send({"type": "websocket.close", "code": 1013, "reason": "maintenance"})
             return
@@ -393,6 +372,25 @@ class ControlSocketMiddleware:
             return error
         logger.info("control socket listening on %s", self.control.socket_path)
         return None
+
+
+async def _answer_503(
+    send: Send, body: bytes, headers: list[tuple[bytes, bytes]], kind: str = "http"
+) -> None:
+    """A 503 with a JSON ``body``: to a request (``kind`` "http"), or to a websocket handshake
+    refused ("websocket.http", the ``websocket.http.response`` extension)."""
+    await send(
+        {
+            "type": f"{kind}.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": f"{kind}.response.body", "body": body})
 
 
 def _enable_own_loggers() -> list[str]:
