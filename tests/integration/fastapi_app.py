@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request, WebSocket
+from fastapi import APIRouter, FastAPI, Request, WebSocket, WebSocketDisconnect
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
@@ -99,7 +99,10 @@ async def upload(request: Request) -> dict[str, int]:
 @app.websocket("/ws")
 async def echo(websocket: WebSocket) -> None:
     await websocket.accept()
-    await websocket.send_text(await websocket.receive_text())
+    try:
+        await websocket.send_text(await websocket.receive_text())
+    except WebSocketDisconnect:
+        return  # (a client that only shook hands)
     await websocket.close()
 
 
