@@ -28,7 +28,7 @@ from typing import Any, NamedTuple, TextIO
 from . import _compat
 from ._client import BACKLOG_FULL, AsyncClient
 from ._exceptions import BindError, ConnectError, TimeoutException, TransportError
-from ._protocol import HARD_MAX_MESSAGE_SIZE, STATUS_OK, STOPPING_PAYLOAD, _loads, check_unicode
+from ._protocol import HARD_MAX_MESSAGE_SIZE, STATUS_OK, STOPPING_PAYLOAD, check_unicode
 from ._sockets import check_private_directory, directory_lock, peer_credentials, probe
 from ._stats import GAMMA, histogram_problem, merge_histograms
 
@@ -170,7 +170,7 @@ def load_overrides(directory: str) -> list[dict[str, Any]]:
             if problem:
                 logger.warning("ignoring overrides file %s: %s", path, problem)
                 return []
-            document = _loads(fh.read())  # nesting too deep for the parser is a ValueError too
+            document = _parse_overrides(fh)
     except (OSError, ValueError) as exc:
         logger.warning("ignoring overrides file %s: %s", path, exc)
         return []
@@ -186,6 +186,15 @@ def load_overrides(directory: str) -> list[dict[str, Any]]:
         else:
             result.append(override)
     return result
+
+
+def _parse_overrides(fh: TextIO) -> Any:
+    """The overrides file's JSON; nesting too deep for the parser is a ValueError, like any
+    corrupt file (it was a RecursionError: no socket, and a traceback from the CLI)."""
+    try:
+        return json.load(fh)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def _open_overrides_file(directory: str, dir_fd: int | None = None) -> TextIO | None:
@@ -1190,7 +1199,7 @@ def read_overrides_document(directory: str, dir_fd: int | None = None) -> dict[s
         if fh is None:
             return {"version": OVERRIDES_FORMAT_VERSION, "overrides": []}
         with fh:
-            document = _loads(fh.read())
+            document = _parse_overrides(fh)
     except PermissionError:
         raise OverridesFileError(f"{path}: permission denied (run as the workers' user or root)") from None
     except (OSError, ValueError) as exc:
