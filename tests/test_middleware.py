@@ -36,6 +36,7 @@ from unixsock_asgi import (
     TimeoutException,
     UnixSockError,
 )
+from unixsock_asgi._fleet import persist_override
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -246,6 +247,17 @@ def test_socket_trouble_never_breaks_the_app_unless_strict(
         assert http.get("/hello/x").text == "hi"
     assert "did you mean 0o600?" in caplog.text and "serves on without it" in caplog.text
     assert not (short_dir / "c.sock").exists()
+    # Found before the directory's overrides are applied: a persisted maintenance_on is not
+    # left on in a worker with no socket to turn it off.
+    run = short_dir / "run"
+    run.mkdir(mode=0o700)
+    persist_override(str(run), "maintenance_on", {})
+    app = Starlette(
+        routes=[Route("/hello/{name}", _hello)],
+        middleware=[Middleware(ControlSocketMiddleware, socket_dir=str(run), socket_mode=600)],
+    )
+    with TestClient(app) as http:
+        assert http.get("/hello/x").status_code == 200
 
 
 def test_go_style_handler_gets_what_no_command_claims_on_the_app_loop(short_dir: Path) -> None:

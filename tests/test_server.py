@@ -1038,6 +1038,12 @@ def test_options_that_cannot_work_are_refused_before_anything_is_bound(
     assert not os.path.exists(sock_path)
 
 
+def test_options_read_from_a_configuration_keep_working(sock_path: str) -> None:
+    server = UnixSockServer(sock_path, lambda cmd, args: None, max_connections=8.0, handler_timeout=None)
+    assert server.config.max_connections == 8 and isinstance(server.config.max_connections, int)
+    assert server.config.handler_timeout is None  # no limit, as before options were checked
+
+
 def test_too_long_path_is_refused(start_server: ServerFactory, tmp_path: Path) -> None:
     with pytest.raises(BindError, match="longer than"):
         start_server(path=str(tmp_path / ("x" * 120)))

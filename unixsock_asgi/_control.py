@@ -14,6 +14,7 @@ Where commands run:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import difflib
 import inspect
 import logging
@@ -245,6 +246,13 @@ class ControlPlane:
         # Not ``or``: Starlette's State has a length, so an empty one is false.
         app_state = getattr(self.host_app, "state", None)
         self.app_state = app_state if app_state is not None else getattr(self.app, "state", None)
+        options = dict(self.server_options)
+        options.setdefault("handler_timeout", max(330.0, self.app_timeout * 2))
+        # What changes something stays at INFO in the audit log; what only reads (and is polled) not.
+        options.setdefault("quiet_commands", _ReadOnlyNames(self.commands))
+        # Options that cannot work fail here, before any override is applied: a persisted
+        # maintenance_on must not be left on in a worker that then has no socket to turn it off.
+        config = ServerConfig(path=path, **options)
         if socket_dir is not None:
             from ._fleet import remove_stale_sockets
             from ._sockets import ensure_private_directory
@@ -265,12 +273,7 @@ class ControlPlane:
             # Before the socket takes commands: an operator's change sent as soon as it
             # appears must not be undone by an override applied a moment later.
             await self._apply_overrides(socket_dir)
-        options = dict(self.server_options)
-        options.setdefault("handler_timeout", max(330.0, self.app_timeout * 2))
-        # What changes something stays at INFO in the audit log; what only reads (and is polled) not.
-        options.setdefault("quiet_commands", _ReadOnlyNames(self.commands))
-        config = ServerConfig(path=path, **options)
-        server = UnixSockServer(handler=self.dispatch, config=config)
+        server = UnixSockServer(handler=self.dispatch, config=dataclasses.replace(config, path=path))
         await self.app_loop.run_in_executor(None, server.start)
         self.server = server
         self.socket_path = server.path

@@ -76,8 +76,8 @@ class ServerConfig:
     """Seconds for the rest of a message to arrive once it has begun, and for a write."""
     idle_timeout: float = 60.0
     """Seconds a connection may sit between requests before it is closed."""
-    handler_timeout: float = 30.0
-    """Seconds a handler may run before the reply says it timed out."""
+    handler_timeout: float | None = 30.0
+    """Seconds a handler may run before the reply says it timed out (None: no limit)."""
     max_connections: int = 64
     """Connections served at once. A new one beyond them closes the one idle the longest;
     when none is idle, it is answered "busy" and closed."""
@@ -102,10 +102,15 @@ class ServerConfig:
             raise ValueError(f"socket_mode {mode!r} is not a permission mode from 0o000 to 0o777{hint}")
         for name in ("max_connections", "handler_threads"):
             value = getattr(self, name)
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)  # 8.0, read from a configuration
+                setattr(self, name, value)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a whole number of at least 1, not {value!r}")
         for name in ("timeout", "idle_timeout", "handler_timeout"):
             value = getattr(self, name)
+            if name == "handler_timeout" and value is None:
+                continue  # no limit
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
 
