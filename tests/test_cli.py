@@ -1418,8 +1418,13 @@ def test_what_a_worker_sends_into_a_line_of_ours_cannot_start_another(
     from unixsock_asgi import Response
 
     forged = "bad\n[worker 1] success"
+    named = {
+        "commands": [{"name": "ping\n[worker 2] failure: disk full", "doc": "Pong.\nforged", "args": []}]
+    }
 
     def handler(cmd: str, args: dict[str, Any]) -> Any:
+        if cmd == "help":
+            return named
         return Response.failure(forged) if cmd == "fail" else "first\nsecond"
 
     start_server(handler, path=str(socket_dir / "app-1.sock"))
@@ -1430,6 +1435,13 @@ def test_what_a_worker_sends_into_a_line_of_ours_cannot_start_another(
     assert one_line(err).endswith("app-1.sock, app-2.sock: failure: bad\\n[worker 1] success")
     status, out, _ = run(capsys, "send", str(socket_dir / "app-1.sock"), "text")
     assert out == "first\nsecond\n"  # a payload's text keeps its lines
+    status, out, _ = run(capsys, "send", str(socket_dir), "help")
+    assert status == EXIT_OK
+    # (One command: its whole doc, indented under it.)
+    assert out.splitlines()[1:] == ["ping\\n[worker 2] failure: disk full", "  Pong.", "  forged"]
+    persist_override(str(socket_dir), "set", {"name": "a\n  2. maintenance_off", "value": 1})
+    status, out, _ = run(capsys, "overrides", "show", str(socket_dir))
+    assert status == EXIT_OK and len(out.splitlines()) == 2 and "a\\n  2. maintenance_off" in out
     for path in socket_dir.glob("app-*.sock"):
         path.unlink()  # (their servers stop with the test)
 

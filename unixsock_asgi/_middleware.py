@@ -356,9 +356,10 @@ class ControlSocketMiddleware:
         enabled = _enable_own_loggers()
         if enabled:
             logger.warning(
-                "logger(s) %s had been disabled by a logging configuration that does not name them"
-                " (disable_existing_loggers): enabled again, as they carry the control socket's"
-                " warnings and its audit log; name them in the configuration to set their level",
+                "logger(s) %s were disabled, as a logging configuration applied after they were made"
+                " does to the loggers it does not name (disable_existing_loggers): enabled again, as"
+                " they carry the control socket's warnings and its audit log; to quieten them, name"
+                " them in the configuration with a level",
                 ", ".join(enabled),
             )
         try:

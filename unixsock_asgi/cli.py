@@ -325,7 +325,10 @@ def render_help(payload: Any) -> list[str]:
         doc = _plain(commands[0].get("doc")).strip()  # cleaned by the worker (inspect.getdoc)
         return [_help_signature(commands[0]), *(f"  {line}".rstrip() for line in doc.splitlines())]
     rows = [
-        (_help_signature(c), _doc_summary(c.get("doc")) + (" (read-only)" if c.get("readonly") else ""))
+        (
+            _help_signature(c),
+            one_line(_doc_summary(c.get("doc"))) + (" (read-only)" if c.get("readonly") else ""),
+        )
         for c in commands
     ]
     width = min(max((len(sig) for sig, _ in rows), default=0), _HELP_SIGNATURE_WIDTH)
@@ -340,7 +343,7 @@ def render_help(payload: Any) -> list[str]:
         doc = _doc_summary(handler.get("doc"))
         lines += [
             "",
-            f"Any other command goes to the app's handler, {handler.get('name')}"
+            one_line(f"Any other command goes to the app's handler, {handler.get('name')}")
             + (f": {doc}" if doc else "."),
         ]
     return lines
@@ -361,7 +364,7 @@ def _help_signature(command: Mapping[str, Any]) -> str:
         else:
             shown = default if isinstance(default, str) else json.dumps(default, ensure_ascii=False)
             params.append(f"[{arg.get('name')}=<{kind}, default {shown}>]")
-    return f"{command.get('name')} {' '.join(params)}".rstrip()
+    return one_line(f"{command.get('name')} {' '.join(params)}".rstrip())
 
 
 _HELP_SIGNATURE_WIDTH = 36
@@ -861,7 +864,7 @@ def _override_lines(entries: Iterable[Any]) -> Iterator[str]:
         if override is None:
             yield f"{i:3d}. (malformed, workers skip it) {json.dumps(entry, sort_keys=True, default=str)}"
         else:
-            yield f"{i:3d}. {override['cmd']} {format_args(override['args'])}".rstrip()
+            yield one_line(f"{i:3d}. {override['cmd']} {format_args(override['args'])}".rstrip())
 
 
 def cmd_shell(ns: argparse.Namespace) -> int:
