@@ -210,11 +210,15 @@ def test_top_draws_from_a_background_process_group(fleet: Fleet, socket_dir: Pat
 def test_ctrl_c_in_the_shell_stops_waiting_for_a_command_and_keeps_the_shell(
     spawn: Spawn, fleet: Fleet, socket_dir: Path, tmp_path: Path
 ) -> None:
-    fleet.start(1)
+    (worker,) = fleet.start(1)
     child = spawn("shell", str(socket_dir), "--history-file", "")
     child.expect(r"> ")
     child.send("drain timeout=30\r")  # the worker takes 30 s to answer
     child.expect("drain timeout=30")
+    # Ctrl-C once the shell waits for the answer (on a busy machine, not while it still reads the line).
+    deadline = time.monotonic() + 10
+    while not any(cmd == "drain" for cmd, _ in worker.commands_seen) and time.monotonic() < deadline:
+        time.sleep(0.02)
     child.sendintr()
     child.expect("stopped waiting")
     child.expect(r"> ")

@@ -172,20 +172,20 @@ def run_shell(target: Target, *, timeout: float, history_file: str) -> int:
             except KeyboardInterrupt:
                 print("^C")
                 continue
-            words = line.split()
-            if not words:
-                continue
-            topic = help_topic(words[0], words[1:])
-            if topic is not None:
-                line = f"help command={topic}"
-            event = parse_line(line)
-            if isinstance(event, Close):
-                break
-            if isinstance(event, ProtocolViolation):
-                print(terminal_safe(one_line(f"error: {event.error}")), file=sys.stderr)
-                any_failed = True
-                continue
             try:
+                words = line.split()
+                if not words:
+                    continue
+                topic = help_topic(words[0], words[1:])
+                if topic is not None:
+                    line = f"help command={topic}"
+                event = parse_line(line)
+                if isinstance(event, Close):
+                    break
+                if isinstance(event, ProtocolViolation):
+                    print(terminal_safe(one_line(f"error: {event.error}")), file=sys.stderr)
+                    any_failed = True
+                    continue
                 outcome = asyncio.run(
                     fan_out(
                         target.sockets(), event.cmd, event.args, timeout=reply_timeout(event.args, timeout)
