@@ -1055,26 +1055,28 @@ def test_top_routes_view_shows_each_routes_rates_over_the_fleet_busiest_first(
             assert lines[3].split()[0] == "PID"
             return {}
         assert lines[0].endswith("(q quits, r workers)") and lines[3].split() == [
-            "ROUTE", "REQ/S", "5XX/S", "P50", "P99", "REQS"
+            "ROUTE", "REQ/S", "4XX/S", "5XX/S", "P50", "P99", "REQS"
         ]  # fmt: skip
         return {line.split()[0]: line.split()[1:] for line in lines[4:]}
 
     refresh(100.0, routes=False)
-    assert refresh(102.0) == {"/": ["-", "-", "-", "-", "50"]}  # no route figures to compare yet
+    assert refresh(102.0) == {"/": ["-", "-", "-", "-", "-", "50"]}  # no route figures to compare yet
     one.record(*[("/items/{item_id}", 200, 0.010)] * 6, *[("/", 200, 0.001)] * 2)
-    two.record(*[("/items/{item_id}", 200, 0.010)] * 10, *[("/fail", 500, 0.100)] * 4)
+    two.record(*[("/items/{item_id}", 200, 0.010)] * 8, *[("/items/{item_id}", 404, 0.010)] * 2)
+    two.record(*[("/fail", 500, 0.100)] * 4)
     rows = refresh(104.0)
     assert list(rows) == ["/items/{item_id}", "/fail", "/"]  # busiest first
-    assert rows["/items/{item_id}"][:2] == ["8.0", "0.0"] and rows["/items/{item_id}"][4] == "16"
-    assert rows["/items/{item_id}"][2].endswith("ms") and rows["/items/{item_id}"][2].startswith(("9.", "10"))
-    assert rows["/fail"][:2] == ["2.0", "2.0"] and rows["/"][:2] == ["1.0", "0.0"] and rows["/"][4] == "52"
+    assert rows["/items/{item_id}"][:3] == ["8.0", "1.0", "0.0"] and rows["/items/{item_id}"][5] == "16"
+    assert rows["/items/{item_id}"][3].endswith("ms") and rows["/items/{item_id}"][3].startswith(("9.", "10"))
+    assert rows["/fail"][:3] == ["2.0", "0.0", "2.0"] and rows["/"][:3] == ["1.0", "0.0", "0.0"]
+    assert rows["/"][5] == "52"
     rows = refresh(106.0)
-    assert rows["/fail"][:2] == ["0.0", "0.0"] and rows["/fail"][2] == "-"  # a quiet interval
+    assert rows["/fail"][:3] == ["0.0", "0.0", "0.0"] and rows["/fail"][3] == "-"  # a quiet interval
     # A stats_reset between two refreshes: no difference taken across it.
     two.stats.reset()
     two.record(("/fail", 500, 0.1))
     rows = refresh(108.0)
-    assert rows["/fail"][4] == "1"
+    assert rows["/fail"][5] == "1"
 
 
 def test_top_shows_4xx_per_second_where_the_terminal_has_room(fleet: Fleet, socket_dir: Path) -> None:

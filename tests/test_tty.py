@@ -92,10 +92,10 @@ def test_top_switches_to_the_routes_and_back_on_r(spawn: Spawn, fleet: Fleet, so
     child.expect(_TOTAL_ROW)
     child.send("r")
     child.expect(r"\(q quits, r workers\)")
-    child.expect(r"ROUTE +REQ/S +5XX/S +P50 +P99 +REQS")
+    child.expect(r"ROUTE +REQ/S +4XX/S +5XX/S +P50 +P99 +REQS")
     # Its rate once two refreshes asked for routes: 3 requests per worker per answer.
-    child.expect(rb"/items/\{item_id\} +([0-9.]+) +0\.0 ")
-    child.expect(rb"/items/\{item_id\} +([0-9.]+) +0\.0 ")
+    child.expect(rb"/items/\{item_id\} +([0-9.]+) +0\.0 +0\.0 ")
+    child.expect(rb"/items/\{item_id\} +([0-9.]+) +0\.0 +0\.0 ")
     assert float(child.match.group(1)) > 0
     child.send("r")
     child.expect(r"\(q quits, r routes\)")

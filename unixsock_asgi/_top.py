@@ -112,6 +112,7 @@ class _RouteSample:
     requests: int
     errors: int
     buckets: dict[int, int]
+    client_errors: int = 0
 
 
 @dataclass
@@ -123,6 +124,8 @@ class RouteRow:
     """Its requests since the workers started (or their last ``stats_reset``), every worker's."""
     requests_per_s: float | None = None
     errors_per_s: float | None = None
+    client_errors_per_s: float | None = None
+    """4xx responses per second: a link broken by a deploy, a client retrying a bad token."""
     interval_buckets: dict[int, int] = field(default_factory=dict)
 
 
@@ -154,13 +157,16 @@ def _route_samples(snapshot: Mapping[str, Any]) -> dict[str, _RouteSample] | Non
         assert isinstance(by_status, Mapping)
         requests: Any = figures.get("requests")
         errors: Any = by_status.get("5xx", 0)
+        client_errors: Any = by_status.get("4xx", 0)
         if not (_is_count(requests) and _is_count(errors)):
             continue
+        if not _is_count(client_errors):
+            client_errors = 0
         try:
             buckets = _buckets(figures)
         except (TypeError, ValueError):
             buckets = {}
-        samples[str(name)] = _RouteSample(int(requests), int(errors), buckets)
+        samples[str(name)] = _RouteSample(int(requests), int(errors), buckets, int(client_errors))
     return samples
 
 
@@ -182,6 +188,9 @@ def _add_routes(
         then = before.get(name, _RouteSample(0, 0, {}))  # a route first served in this interval
         row.requests_per_s = (row.requests_per_s or 0.0) + max(0, sample.requests - then.requests) / seconds
         row.errors_per_s = (row.errors_per_s or 0.0) + max(0, sample.errors - then.errors) / seconds
+        row.client_errors_per_s = (row.client_errors_per_s or 0.0) + max(
+            0, sample.client_errors - then.client_errors
+        ) / seconds
         for i, c in sample.buckets.items():
             if c > then.buckets.get(i, 0):
                 row.interval_buckets[i] = row.interval_buckets.get(i, 0) + c - then.buckets.get(i, 0)
@@ -420,7 +429,7 @@ class TopView:
 
     def _route_lines(self, width: int, room: int) -> list[str]:
         """The routes over the fleet, busiest first: as many as ``room`` lines hold, with the column line."""
-        numbers = f" {'REQ/S':>7} {'5XX/S':>5} {'P50':>7} {'P99':>7} {'REQS':>8}"
+        numbers = f" {'REQ/S':>7} {'4XX/S':>5} {'5XX/S':>5} {'P50':>7} {'P99':>7} {'REQS':>8}"
         longest = max((len(one_line(r.route)) for r in self.routes), default=5)
         name_width = max(12, min(longest, width - 1 - len(numbers)))
         lines = [f"{'ROUTE':<{name_width}}{numbers}"]
@@ -436,7 +445,8 @@ class TopView:
             p50 = _quantile(r.interval_buckets, 0.5) if r.interval_buckets else None
             p99 = _quantile(r.interval_buckets, 0.99) if r.interval_buckets else None
             lines.append(
-                f"{name:<{name_width}} {rate:>7} {_per_second(r.errors_per_s):>5}"
+                f"{name:<{name_width}} {rate:>7} {_per_second(r.client_errors_per_s):>5}"
+                f" {_per_second(r.errors_per_s):>5}"
                 f" {format_duration(p50):>7} {format_duration(p99):>7} {format_count(r.requests):>8}"
             )
         if len(shown) < len(self.routes):
