@@ -35,6 +35,7 @@ from unixsock_asgi import (
     Settings,
     TimeoutException,
     UnixSockError,
+    UnixSockServer,
 )
 from unixsock_asgi._fleet import persist_override
 
@@ -258,6 +259,17 @@ def test_socket_trouble_never_breaks_the_app_unless_strict(
     )
     with TestClient(app) as http:
         assert http.get("/hello/x").status_code == 200
+    # Nor when the socket itself cannot be bound, after the overrides were applied (here
+    # another server answers on its path).
+    caplog.clear()
+    with UnixSockServer(str(run / f"taken-{os.getpid()}.sock"), lambda cmd, args: "pong"):
+        app = Starlette(
+            routes=[Route("/hello/{name}", _hello)],
+            middleware=[Middleware(ControlSocketMiddleware, socket_dir=str(run), name="taken")],
+        )
+        with caplog.at_level(logging.WARNING, "unixsock_asgi"), TestClient(app) as http:
+            assert http.get("/hello/x").status_code == 200
+    assert "persisted maintenance not kept: without its control socket" in caplog.text
 
 
 def test_go_style_handler_gets_what_no_command_claims_on_the_app_loop(short_dir: Path) -> None:

@@ -274,7 +274,11 @@ class ControlPlane:
             # appears must not be undone by an override applied a moment later.
             await self._apply_overrides(socket_dir)
         server = UnixSockServer(handler=self.dispatch, config=dataclasses.replace(config, path=path))
-        await self.app_loop.run_in_executor(None, server.start)
+        try:
+            await self.app_loop.run_in_executor(None, server.start)
+        except Exception:
+            self._drop_persisted_gates()
+            raise
         self.server = server
         self.socket_path = server.path
         # From now: made before a fork (gunicorn --preload) or long before startup, the
@@ -301,6 +305,22 @@ class ControlPlane:
                 logger.info("applied persisted override %s %s", cmd, args)
             else:
                 logger.warning("persisted override %s %s failed: %s", cmd, args, response.error)
+
+    def _drop_persisted_gates(self) -> None:
+        """Turn off what the overrides turned on that keeps requests away, in a worker
+        whose socket did not start: nothing could ever turn it off there."""
+        kept = [
+            name
+            for name, on in (("maintenance", self.maintenance), ("health_fail", self.health_failing))
+            if on
+        ]
+        if kept:
+            self.set_maintenance(False)
+            self.set_health(False)
+            logger.warning(
+                "persisted %s not kept: without its control socket nothing could turn it off in this worker",
+                " and ".join(kept),
+            )
 
     def stop(self) -> None:
         """Stop the server and the loop monitor; safe to call more than once."""
