@@ -14,6 +14,7 @@ import re
 import sys
 import threading
 import time
+import types
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, NamedTuple
 
@@ -254,9 +255,7 @@ class ControlSocketMiddleware:
             # with the 503 and Retry-After of any other request; else with 1013 "try
             # again later", which servers turn into a 403 that says nothing of maintenance.
             if (await receive())["type"] == "websocket.connect":
-                if "websocket.http.response" in (scope.get("extensions") or {}) and not _denial_logs_error(
-                    send
-                ):
+                if "websocket.http.response" in (scope.get("extensions") or {}) and not _denial_logs_error():
                     retry_after = [(b"retry-after", str(control.retry_after).encode())]
                     await _answer_503(send, _MAINTENANCE_BODY, retry_after, kind="websocket.http")
                 else:
@@ -377,13 +376,24 @@ class ControlSocketMiddleware:
         return None
 
 
-def _denial_logs_error(send: Send) -> bool:
-    """Whether ``send`` is uvicorn's websockets-sansio protocol's (its default with the
-    websockets package), which answers a handshake the app refuses with a response, then
-    logs "ASGI callable returned without completing handshake." at ERROR for it (uvicorn
-    PR 3138): an alert for every client turned away during maintenance."""
-    owner = getattr(send, "__self__", None)
-    return type(owner).__module__ == "uvicorn.protocols.websockets.websockets_sansio_impl"
+_SANSIO = "uvicorn.protocols.websockets.websockets_sansio_impl"
+
+
+def _denial_logs_error() -> bool:
+    """Whether uvicorn's websockets-sansio protocol (its default with the websockets
+    package) runs this handshake: it answers a handshake the app refuses with a response,
+    then logs "ASGI callable returned without completing handshake." at ERROR for it
+    (uvicorn PR 3138), an alert for every client turned away during maintenance.
+
+    Told by the frames that called the app, not by ``send``: a middleware outside this
+    one may have wrapped it.
+    """
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_globals.get("__name__") == _SANSIO:
+            return True
+        frame = frame.f_back
+    return False
 
 
 async def _answer_503(

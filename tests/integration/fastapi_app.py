@@ -2,6 +2,7 @@
 
 UNIXSOCK_TEST_SOCKET  socket path (``{pid}`` allowed)
 UNIXSOCK_TEST_STRICT  "1" for strict=True
+UNIXSOCK_TEST_WRAP_SEND  "1" for a middleware outside ours that wraps ``send`` (tracing does)
 """
 
 from __future__ import annotations
@@ -113,3 +114,20 @@ app.add_middleware(
     strict=os.environ.get("UNIXSOCK_TEST_STRICT") == "1",
     app_timeout=0.5,
 )
+
+
+class WrapSend:
+    """Wraps ``send``, as tracing middleware does."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def wrapped(message: Any) -> None:
+            await send(message)
+
+        await self.app(scope, receive, wrapped)
+
+
+if os.environ.get("UNIXSOCK_TEST_WRAP_SEND") == "1":
+    app.add_middleware(WrapSend)

@@ -198,12 +198,13 @@ def _handshake(port: int, path: str) -> str:
     return head.partition(b"\r\n\r\n")[0].decode().lower()
 
 
-@pytest.mark.parametrize("ws", ["websockets", "auto"])
+@pytest.mark.parametrize("ws", ["websockets", "auto", "auto-wrapped"])
 def test_maintenance_refuses_a_websocket_handshake_503_with_retry_after_where_it_can(
     start_server: StartServer, short_dir: Path, ws: str
 ) -> None:
     sock = short_dir / "c.sock"
-    server = start_server(*_uvicorn("--ws", ws), env={"UNIXSOCK_TEST_SOCKET": str(sock)})
+    env = {"UNIXSOCK_TEST_SOCKET": str(sock), "UNIXSOCK_TEST_WRAP_SEND": "1" if "wrapped" in ws else ""}
+    server = start_server(*_uvicorn("--ws", ws.partition("-")[0]), env=env)
     control = Client(sock)
     assert _handshake(server.port, "/ws").startswith("http/1.1 101")
     _payload(control, "maintenance_on", retry_after=9)
@@ -214,7 +215,8 @@ def test_maintenance_refuses_a_websocket_handshake_503_with_retry_after_where_it
         assert refused.startswith("http/1.1 503") and "retry-after: 9" in refused.splitlines()
     else:
         # uvicorn's default with the websockets package (websockets-sansio) logs an ERROR
-        # after such a response: there the close (a 403) it takes without one.
+        # after such a response: there the close (a 403) it takes without one, however
+        # wrapped the send it is given.
         assert refused.startswith("http/1.1 403")
     _payload(control, "maintenance_off")
     assert _handshake(server.port, "/ws").startswith("http/1.1 101")
