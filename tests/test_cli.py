@@ -1079,6 +1079,36 @@ def test_top_routes_view_shows_each_routes_rates_over_the_fleet_busiest_first(
     assert rows["/fail"][5] == "1"
 
 
+def test_top_routes_view_keeps_its_columns_whatever_the_routes_are_called(
+    fleet: Fleet, socket_dir: Path, start_server: Any
+) -> None:
+    import asyncio
+
+    from unixsock_asgi._fleet import Target
+    from unixsock_asgi._top import TopView, _cells, _sample
+
+    (worker,) = fleet.start(1)
+    worker.record(("/esc\x1b[31mred", 200, 0.001), ("/商品/{item_id}", 200, 0.001), ("/", 200, 0.001))
+    worker.record(("/" + "商" * 60, 200, 0.001))
+    # A worker of an older version, say, whose stats have no routes: the view says so.
+    older = Stats()
+    start_server(
+        lambda cmd, args: {**older.snapshot(routes=False), "pid": 41999},
+        path=str(socket_dir / "app-41999.sock"),
+    )
+    target = Target(str(socket_dir), is_directory=True)
+    view = TopView(str(socket_dir))
+    view.show_routes = True
+    for now in (100.0, 102.0):
+        outcome = asyncio.run(_sample(target, timeout=2.0, routes=True))
+        lines = view.frame(outcome, view.update(outcome, now=now), width=60, height=24, interval=2.0)
+    assert lines[1] == "workers 2 live; routes from 1 of them"
+    rows = lines[4:]
+    assert len(rows) == 4 and {_cells(row) for row in rows} == {_cells(lines[3])}  # aligned, as shown
+    assert any(row.startswith("/esc\\x1b[31...") for row in rows)  # shown as text, cut at 14 columns
+    assert all(row.split()[-1] == "1" for row in rows) and all(_cells(row) < 60 for row in rows)
+
+
 def test_top_shows_4xx_per_second_where_the_terminal_has_room(fleet: Fleet, socket_dir: Path) -> None:
     # A bad deploy's broken links or a client hammering a wrong token: 4xx, not 5xx.
     import asyncio

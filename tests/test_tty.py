@@ -229,6 +229,23 @@ def test_ctrl_c_in_the_shell_stops_waiting_for_a_command_and_keeps_the_shell(
     assert _wait_exit(child) == 0
 
 
+def test_ctrl_c_while_the_shell_prints_a_long_answer_keeps_the_shell(spawn: Spawn, tmp_path: Path) -> None:
+    from unixsock_asgi import UnixSockServer
+
+    # tasks limit=10000 prints megabytes: Ctrl-C stops the printing, not the shell.
+    answer = "\n".join(f"line {i:06d} " + "x" * 40 for i in range(18000))
+    with UnixSockServer(str(tmp_path / "app-1.sock"), lambda cmd, args: answer):
+        child = spawn("shell", str(tmp_path / "app-1.sock"), "--history-file", "")
+        child.expect(r"> ")
+        child.send("big\r")
+        child.expect("line 000100")  # then nothing more is read: the shell waits to write more
+        child.sendintr()
+        child.expect("the rest of the answer is not shown")
+        child.expect(r"> ")
+        child.send("quit\r")
+        assert _wait_exit(child) == 0
+
+
 def test_the_shell_says_which_workers_do_not_answer(spawn: Spawn, fleet: Fleet, socket_dir: Path) -> None:
     fleet.start(2)
     fleet.start(1, reply_delay_s=10.0)  # hung

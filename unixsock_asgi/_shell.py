@@ -205,8 +205,13 @@ def run_shell(target: Target, *, timeout: float, history_file: str) -> int:
                 any_failed = True
                 continue
             single = not target.is_directory
-            for text in render_answers(event.cmd, outcome, single_target=single):
-                print(terminal_safe(text))
+            try:
+                for text in render_answers(event.cmd, outcome, single_target=single):
+                    print(terminal_safe(text))
+            except KeyboardInterrupt:
+                if not interactive:
+                    raise
+                print("\n^C (the rest of the answer is not shown)", file=sys.stderr)  # tasks limit=10000, say
             stale_note(outcome)
             if not outcome.all_ok:
                 summary = failure_summary(outcome, single_target=single)

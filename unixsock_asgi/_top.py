@@ -22,6 +22,7 @@ import sys
 import termios
 import time
 import tty
+import unicodedata
 from collections.abc import Container, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -225,6 +226,9 @@ class TopView:
         self.routes: list[RouteRow] = []
         """The routes of the last refresh, busiest first (when the answers had routes)."""
         self._routes_previous: dict[tuple[str, int | None], dict[str, _RouteSample]] = {}
+        self.routes_answered = 0
+        """Workers whose last answer had their routes (one of an older version may not)."""
+        self._live = 0
 
     def update(self, outcome: FanOutResult, now: float | None = None) -> list[WorkerRow]:
         """Fold in a new fan-out; return one row per worker, with deltas since the last one.
@@ -261,6 +265,7 @@ class TopView:
         }
         routes: dict[str, RouteRow] = {}
         seen_routes: dict[tuple[str, int | None], dict[str, _RouteSample]] = {}
+        self.routes_answered = 0
         for r in sorted(outcome.results, key=lambda r: (r.pid or 0, r.socket)):
             row = WorkerRow(r.pid, r.socket, r.status)
             rows.append(row)
@@ -296,6 +301,7 @@ class TopView:
             routes_now = _route_samples(snap)
             if routes_now is not None:
                 seen_routes[key] = routes_now
+                self.routes_answered += 1
             before = self._previous.get(key)
             routes_before = self._routes_previous.get(key)
             if before is None or requests < before.requests or _reset(before, sample):
@@ -373,6 +379,8 @@ class TopView:
         keys = (
             ("  (q quits, r workers)" if self.show_routes else "  (q quits, r routes)") if interactive else ""
         )
+        undercounts = "the rates undercount" if self.show_routes else "TOTAL undercounts"
+        self._live = len(live)
         limit = max(20, width - 1)
         # The keys before the whole path: a long one gives way, from its start.
         room = max(10, limit - len(f"unixsock-asgi top    {clock}  every {interval:g}s{keys}"))
@@ -383,7 +391,12 @@ class TopView:
             + (f", {silent} not answering" if silent else "")
             + (f", {gone} gone" if gone else "")
             # Counted no more: its requests after its last answer are in no rate (TOTAL is low).
-            + (f" ({self.just_gone} just now: TOTAL undercounts)" if self.just_gone else "")
+            + (f" ({self.just_gone} just now: {undercounts})" if self.just_gone else "")
+            + (
+                f"; routes from {self.routes_answered} of them"
+                if self.show_routes and self.routes_answered < len(live)
+                else ""
+            )
             + (f", {len(outcome.stale)} stale socket(s)" if outcome.stale else "")
             + ("; the socket directory is gone" if outcome.directory_gone else ""),
             # A health_fail or maintenance left on after a deploy, where it is seen.
@@ -430,22 +443,25 @@ class TopView:
     def _route_lines(self, width: int, room: int) -> list[str]:
         """The routes over the fleet, busiest first: as many as ``room`` lines hold, with the column line."""
         numbers = f" {'REQ/S':>7} {'4XX/S':>5} {'5XX/S':>5} {'P50':>7} {'P99':>7} {'REQS':>8}"
-        longest = max((len(one_line(r.route)) for r in self.routes), default=5)
+        # Measured as shown: escapes for controls, two columns for a wide character.
+        names = [terminal_safe(one_line(r.route)) for r in self.routes]
+        longest = max((_cells(name) for name in names), default=5)
         name_width = max(12, min(longest, width - 1 - len(numbers)))
         lines = [f"{'ROUTE':<{name_width}}{numbers}"]
         if not self.routes:
-            lines.append("no request counted yet" if self._routes_previous else "asking for routes...")
+            if self._live == 0:
+                lines.append("no worker answered")
+            else:
+                lines.append("no request counted yet" if self._routes_previous else "asking for routes...")
             return lines
         shown = self.routes if len(self.routes) <= room else self.routes[: room - 1]
-        for r in shown:
-            name = one_line(r.route)
-            if len(name) > name_width:
-                name = name[: name_width - 3] + "..."
+        for r, shown_name in zip(shown, names[: len(shown)], strict=True):
+            name = _fit_cells(shown_name, name_width)
             rate = "-" if r.requests_per_s is None else _fitted(r.requests_per_s, 7, ".1f")
             p50 = _quantile(r.interval_buckets, 0.5) if r.interval_buckets else None
             p99 = _quantile(r.interval_buckets, 0.99) if r.interval_buckets else None
             lines.append(
-                f"{name:<{name_width}} {rate:>7} {_per_second(r.client_errors_per_s):>5}"
+                f"{name} {rate:>7} {_per_second(r.client_errors_per_s):>5}"
                 f" {_per_second(r.errors_per_s):>5}"
                 f" {format_duration(p50):>7} {format_duration(p99):>7} {format_count(r.requests):>8}"
             )
@@ -474,6 +490,25 @@ class TopView:
             f" {format_duration(r.loop_lag_s):>6} {format_bytes(r.rss_bytes):>6}"
             f" {format_uptime(r.uptime_s):>6}"
         ).rstrip()
+
+
+def _cells(text: str) -> int:
+    """The columns a terminal gives ``text``: two for a wide character, none for a combining one."""
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text
+    )
+
+
+def _fit_cells(text: str, width: int) -> str:
+    """``text`` in exactly ``width`` columns: cut with "..." where it is wider, padded where narrower."""
+    if _cells(text) > width:
+        kept = ""
+        for c in text:
+            if _cells(kept + c) > width - 3:
+                break
+            kept += c
+        text = kept + "..."
+    return text + " " * (width - _cells(text))
 
 
 def _per_second(rate: float | None) -> str:
