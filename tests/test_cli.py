@@ -1089,7 +1089,7 @@ def test_top_routes_view_keeps_its_columns_whatever_the_routes_are_called(
 
     (worker,) = fleet.start(1)
     worker.record(("/esc\x1b[31mred", 200, 0.001), ("/商品/{item_id}", 200, 0.001), ("/", 200, 0.001))
-    worker.record(("/" + "商" * 60, 200, 0.001))
+    worker.record(("/" + "商" * 60, 200, 0.001), ("/cafe\u0301" + "z" * 20, 200, 0.001))
     # A worker of an older version, say, whose stats have no routes: the view says so.
     older = Stats()
     start_server(
@@ -1104,9 +1104,12 @@ def test_top_routes_view_keeps_its_columns_whatever_the_routes_are_called(
         lines = view.frame(outcome, view.update(outcome, now=now), width=60, height=24, interval=2.0)
     assert lines[1] == "workers 2 live; routes from 1 of them"
     rows = lines[4:]
-    assert len(rows) == 4 and {_cells(row) for row in rows} == {_cells(lines[3])}  # aligned, as shown
+    # Aligned as shown, and cut by columns: a combining accent is a character in no column.
+    assert len(rows) == 5 and {_cells(row) for row in rows} == {_cells(lines[3])} == {59}
     assert any(row.startswith("/esc\\x1b[31...") for row in rows)  # shown as text, cut at 14 columns
     assert all(row.split()[-1] == "1" for row in rows) and all(_cells(row) < 60 for row in rows)
+    narrow = view.frame(outcome, view.update(outcome, now=104.0), width=40, height=12, interval=2.0)
+    assert all(_cells(line) <= 39 for line in narrow)  # a wide character takes two: no line wraps
 
 
 def test_top_shows_4xx_per_second_where_the_terminal_has_room(fleet: Fleet, socket_dir: Path) -> None:

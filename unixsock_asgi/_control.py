@@ -276,8 +276,8 @@ class ControlPlane:
         server = UnixSockServer(handler=self.dispatch, config=dataclasses.replace(config, path=path))
         try:
             await self.app_loop.run_in_executor(None, server.start)
-        except Exception:
-            self._drop_persisted_gates()
+        except Exception as exc:
+            self._drop_persisted_gates(exc)
             raise
         self.server = server
         self.socket_path = server.path
@@ -306,7 +306,7 @@ class ControlPlane:
             else:
                 logger.warning("persisted override %s %s failed: %s", cmd, args, response.error)
 
-    def _drop_persisted_gates(self) -> None:
+    def _drop_persisted_gates(self, why: Exception) -> None:
         """Turn off what the overrides turned on that keeps requests away, in a worker
         whose socket did not start: nothing could ever turn it off there."""
         kept = [
@@ -318,8 +318,11 @@ class ControlPlane:
             self.set_maintenance(False)
             self.set_health(False)
             logger.warning(
-                "persisted %s not kept: without its control socket nothing could turn it off in this worker",
+                "persisted %s not kept: this worker's control socket could not start (%s),"
+                " so nothing could turn %s off",
                 " and ".join(kept),
+                why,
+                "them" if len(kept) > 1 else "it",
             )
 
     def stop(self) -> None:

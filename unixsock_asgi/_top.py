@@ -406,7 +406,9 @@ class TopView:
         ]
         if self.show_routes:
             body = self._route_lines(width, max(1, height - len(header) - 2))
-            return [terminal_safe(one_line(line))[:limit] for line in header + body][: max(height, 1)]
+            return [_cut_cells(terminal_safe(one_line(line)), limit) for line in header + body][
+                : max(height, 1)
+            ]
         # 77 columns: fits an 80x24 terminal; one wider by 6 shows 4xx responses per second too.
         if wide is None:
             wide = width > WIDE_COLUMNS
@@ -438,7 +440,7 @@ class TopView:
         total.loop_lag_s = max(lags) if lags else None
         total.rss_bytes = _sum("rss_bytes")
         body.append(self._row_text(total, label="TOTAL", wide=wide))
-        return [terminal_safe(one_line(line))[:limit] for line in header + body][: max(height, 1)]
+        return [_cut_cells(terminal_safe(one_line(line)), limit) for line in header + body][: max(height, 1)]
 
     def _route_lines(self, width: int, room: int) -> list[str]:
         """The routes over the fleet, busiest first: as many as ``room`` lines hold, with the column line."""
@@ -497,6 +499,20 @@ def _cells(text: str) -> int:
     return sum(
         0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text
     )
+
+
+def _cut_cells(text: str, width: int) -> str:
+    """``text`` cut to at most ``width`` columns (a wide character takes two, a combining one none)."""
+    if len(text) <= width // 2 or _cells(text) <= width:  # (the usual line: no need to count)
+        return text
+    kept, used = [], 0
+    for c in text:
+        cells = _cells(c)
+        if used + cells > width:
+            break
+        kept.append(c)
+        used += cells
+    return "".join(kept)
 
 
 def _fit_cells(text: str, width: int) -> str:
