@@ -17,6 +17,7 @@ import threading
 import time
 import traceback
 import types
+from collections.abc import Iterator
 from typing import Any
 
 from ._commands import Commands
@@ -76,6 +77,14 @@ def _version(module: str) -> str | None:
     return str(version) if version is not None else None
 
 
+def caller_modules(frame: types.FrameType | None) -> Iterator[str]:
+    """The modules of ``frame`` and of each frame that called it, innermost first ("" where unnamed)."""
+    while frame is not None:
+        name = frame.f_globals.get("__name__")
+        yield name if isinstance(name, str) else ""
+        frame = frame.f_back
+
+
 _ASGI_SERVERS = ("uvicorn", "hypercorn", "granian", "daphne")
 """ASGI servers, by the top-level package their lifespan calls the app from."""
 
@@ -90,13 +99,11 @@ def server_software(frame: types.FrameType | None) -> str | None:
     """
     packages: set[str] = set()
     server = None
-    while frame is not None:
-        name = frame.f_globals.get("__name__")
-        top = name.partition(".")[0] if isinstance(name, str) else ""
+    for module in caller_modules(frame):
+        top = module.partition(".")[0]
         packages.add(top)
         if server is None and top in _ASGI_SERVERS:
             server = top  # the innermost: the one that speaks ASGI to the app
-        frame = frame.f_back
     if server is None:
         return None
     software = f"{server} {_version(server)}"

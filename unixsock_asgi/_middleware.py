@@ -14,11 +14,10 @@ import re
 import sys
 import threading
 import time
-import types
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, NamedTuple
 
-from ._builtins import builtin_commands, server_software
+from ._builtins import builtin_commands, caller_modules, server_software
 from ._commands import Commands
 from ._control import AllCommands, ControlPlane
 from ._settings import Settings
@@ -388,12 +387,7 @@ def _denial_logs_error() -> bool:
     Told by the frames that called the app, not by ``send``: a middleware outside this
     one may have wrapped it.
     """
-    frame: types.FrameType | None = sys._getframe(1)
-    while frame is not None:
-        if frame.f_globals.get("__name__") == _SANSIO:
-            return True
-        frame = frame.f_back
-    return False
+    return _SANSIO in caller_modules(sys._getframe(1))
 
 
 async def _answer_503(
