@@ -228,7 +228,6 @@ class TopView:
         self._routes_previous: dict[tuple[str, int | None], dict[str, _RouteSample]] = {}
         self.routes_answered = 0
         """Workers whose last answer had their routes (one of an older version may not)."""
-        self._live = 0
 
     def update(self, outcome: FanOutResult, now: float | None = None) -> list[WorkerRow]:
         """Fold in a new fan-out; return one row per worker, with deltas since the last one.
@@ -380,7 +379,6 @@ class TopView:
             ("  (q quits, r workers)" if self.show_routes else "  (q quits, r routes)") if interactive else ""
         )
         undercounts = "the rates undercount" if self.show_routes else "TOTAL undercounts"
-        self._live = len(live)
         limit = max(20, width - 1)
         # The keys before the whole path: a long one gives way, from its start.
         room = max(10, limit - len(f"unixsock-asgi top    {clock}  every {interval:g}s{keys}"))
@@ -405,10 +403,9 @@ class TopView:
             else "",
         ]
         if self.show_routes:
-            body = self._route_lines(width, max(1, height - len(header) - 2))
-            return [_cut_cells(terminal_safe(one_line(line)), limit) for line in header + body][
-                : max(height, 1)
-            ]
+            return _screen(
+                header + self._route_lines(width, max(1, height - len(header) - 2), len(live)), limit, height
+            )
         # 77 columns: fits an 80x24 terminal; one wider by 6 shows 4xx responses per second too.
         if wide is None:
             wide = width > WIDE_COLUMNS
@@ -440,10 +437,11 @@ class TopView:
         total.loop_lag_s = max(lags) if lags else None
         total.rss_bytes = _sum("rss_bytes")
         body.append(self._row_text(total, label="TOTAL", wide=wide))
-        return [_cut_cells(terminal_safe(one_line(line)), limit) for line in header + body][: max(height, 1)]
+        return _screen(header + body, limit, height)
 
-    def _route_lines(self, width: int, room: int) -> list[str]:
-        """The routes over the fleet, busiest first: as many as ``room`` lines hold, with the column line."""
+    def _route_lines(self, width: int, room: int, live: int) -> list[str]:
+        """The routes over the fleet, busiest first: as many as ``room`` lines hold, with the column line
+        (``live``: how many workers answered)."""
         numbers = f" {'REQ/S':>7} {'4XX/S':>5} {'5XX/S':>5} {'P50':>7} {'P99':>7} {'REQS':>8}"
         # Measured as shown: escapes for controls, two columns for a wide character.
         names = [terminal_safe(one_line(r.route)) for r in self.routes]
@@ -451,7 +449,7 @@ class TopView:
         name_width = max(12, min(longest, width - 1 - len(numbers)))
         lines = [f"{'ROUTE':<{name_width}}{numbers}"]
         if not self.routes:
-            if self._live == 0:
+            if not live:
                 lines.append("no worker answered")
             else:
                 lines.append("no request counted yet" if self._routes_previous else "asking for routes...")
@@ -501,6 +499,12 @@ def _cells(text: str) -> int:
     )
 
 
+def _screen(lines: list[str], limit: int, height: int) -> list[str]:
+    """The lines of a frame as shown: what a worker sent as text, each cut at ``limit`` columns,
+    at most ``height`` of them."""
+    return [_cut_cells(terminal_safe(one_line(line)), limit) for line in lines][: max(height, 1)]
+
+
 def _cut_cells(text: str, width: int) -> str:
     """``text`` cut to at most ``width`` columns (a wide character takes two, a combining one none)."""
     if len(text) <= width // 2 or _cells(text) <= width:  # (the usual line: no need to count)
@@ -518,12 +522,7 @@ def _cut_cells(text: str, width: int) -> str:
 def _fit_cells(text: str, width: int) -> str:
     """``text`` in exactly ``width`` columns: cut with "..." where it is wider, padded where narrower."""
     if _cells(text) > width:
-        kept = ""
-        for c in text:
-            if _cells(kept + c) > width - 3:
-                break
-            kept += c
-        text = kept + "..."
+        text = _cut_cells(text, width - 3) + "..."
     return text + " " * (width - _cells(text))
 
 
