@@ -173,6 +173,31 @@ def test_options_set_size_timeout_and_default_flags(
     assert (client.timeout, client.respond) == (None, False)
 
 
+@pytest.mark.parametrize("twin", [Client, AsyncClient])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"timeout": 0}, "timeout must be a positive number of seconds or None"),
+        ({"timeout": -1}, "timeout must be .* not -1"),
+        ({"timeout": float("nan")}, "timeout must be .* not nan"),
+        ({"timeout": "5"}, "timeout must be .* not '5'"),
+        ({"max_message_size": 0}, "max_message_size must be a whole number of bytes of at least 1, not 0"),
+    ],
+)
+def test_options_that_cannot_work_are_refused_by_both_twins(
+    twin: type[Client | AsyncClient], options: dict[str, Any], message: str, sock_path: str
+) -> None:
+    # Before: the blocking client failed in the socket layer, the async one said the
+    # server's backlog was full; a size below 1 failed every reply.
+    with pytest.raises(ValueError, match=message):
+        twin(sock_path, **options)
+    client = twin(sock_path)
+    given = {"max_length": options["max_message_size"]} if "max_message_size" in options else options
+    with pytest.raises(ValueError, match=message.replace("max_message_size", "max_length")):
+        client.options(**given)
+    assert (client.timeout, client.max_message_size) == (10.0, 1 << 20)  # left as they were
+
+
 def test_reply_above_the_clients_limit_is_a_protocol_error(
     start_server: ServerFactory, tracker: ConnectionTracker
 ) -> None:

@@ -275,6 +275,60 @@ def test_socket_trouble_never_breaks_the_app_unless_strict(
     )
 
 
+def test_paths_may_be_path_objects(short_dir: Path) -> None:
+    # pytest's tmp_path and pathlib are what an app's tests and settings hand over.
+    for options in ({"path": short_dir / "p-{pid}.sock"}, {"socket_dir": short_dir / "run", "name": "shop"}):
+        app = Starlette(
+            routes=[Route("/hello/{name}", _hello)],
+            middleware=[Middleware(ControlSocketMiddleware, **options)],
+        )
+        with TestClient(app) as http:
+            assert http.get("/hello/x").text == "hi"
+            (sock,) = list(short_dir.rglob("*.sock"))
+            assert sock.name in (f"p-{os.getpid()}.sock", f"shop-{os.getpid()}.sock")
+            assert _payload(Client(sock), "ping") == "pong"
+        assert not list(short_dir.rglob("*.sock"))
+    with pytest.raises(TypeError, match=r"path must be a str or os\.PathLike"):
+        ControlSocketMiddleware(_hello, path=b"/tmp/x.sock")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"app_timeout": -1}, "app_timeout must be a positive number of seconds, not -1"),
+        ({"app_timeout": float("nan")}, "app_timeout must be a positive number"),
+        ({"retry_after": "soon"}, "retry_after must be a whole number of seconds of at least 0, not 'soon'"),
+        (
+            {"health_path": "health"},
+            "health_path holds paths as the app sees them, starting with '/', not 'health'",
+        ),
+        ({"maintenance_exempt": ["/ok", "metrics"]}, "maintenance_exempt holds paths .* not 'metrics'"),
+        ({"name": "a/b"}, r"name must be a file name \(no '/'\), not 'a/b'"),
+        ({"max_message_size": 0}, "max_message_size must be a whole number of bytes from 1 to"),
+        ({"allowed_gids": [-3]}, "allowed_gids must hold whole numbers of at least 0"),
+    ],
+)
+def test_options_that_cannot_work_are_startup_trouble(
+    short_dir: Path, caplog: pytest.LogCaptureFixture, options: dict[str, Any], message: str
+) -> None:
+    def app(**strict: bool) -> Starlette:
+        where = (
+            {"path": str(short_dir / "c.sock")} if "name" not in options else {"socket_dir": str(short_dir)}
+        )
+        given: dict[str, Any] = {**where, **options, **strict}
+        return Starlette(
+            routes=[Route("/hello/{name}", _hello)],
+            middleware=[Middleware(ControlSocketMiddleware, **given)],
+        )
+
+    with caplog.at_level(logging.WARNING, "unixsock_asgi"), TestClient(app()) as http:
+        assert http.get("/hello/x").text == "hi"
+    assert re.search(message, caplog.text) and "serves on without it" in caplog.text
+    assert not list(short_dir.rglob("*.sock")) and not list(short_dir.glob("a"))
+    with pytest.raises(RuntimeError, match=message), TestClient(app(strict=True)):
+        pass
+
+
 def test_go_style_handler_gets_what_no_command_claims_on_the_app_loop(short_dir: Path) -> None:
     loops: list[asyncio.AbstractEventLoop] = []
 

@@ -32,6 +32,7 @@ from unixsock_asgi import (
     BindError,
     Client,
     ControlSocketMiddleware,
+    PeerCredentials,
     RequestContext,
     Response,
     ServerConfig,
@@ -1028,14 +1029,36 @@ def test_a_socket_of_another_type_at_the_path_is_left_alone(
         ("socket_mode", 0o4777, "socket_mode 2559 is not a permission mode from 0o000 to 0o777$"),
         ("max_connections", 0, "max_connections must be a whole number of at least 1, not 0"),
         ("idle_timeout", float("nan"), "idle_timeout must be a positive number of seconds, not nan"),
+        ("max_message_size", 0, "max_message_size must be a whole number of bytes from 1 to 16777216"),
+        ("max_message_size", 17 << 20, "max_message_size must be .* not 17825792"),
+        ("allowed_uids", 1000, "allowed_uids must be a collection of ids, not 1000"),
+        ("allowed_gids", ["staff"], r"allowed_gids must hold whole numbers of at least 0, not \['staff'\]"),
     ],
 )
 def test_options_that_cannot_work_are_refused_before_anything_is_bound(
     sock_path: str, option: str, value: Any, message: str
 ) -> None:
-    with pytest.raises(ValueError, match=message):
+    error = TypeError if option == "allowed_uids" else ValueError
+    with pytest.raises(error, match=message):
         UnixSockServer(sock_path, lambda cmd, args: None, **{option: value})
+    with pytest.raises(error, match=message):  # made directly: the same checks
+        ServerConfig(path=sock_path, **{option: value})
     assert not os.path.exists(sock_path)
+
+
+def test_a_config_made_directly_is_normalised_as_the_server_would(sock_path: str) -> None:
+    config = ServerConfig(path=Path(sock_path), allowed_uids=[os.getuid()], allowed_gids=range(3))  # type: ignore[arg-type]
+    assert config.path == sock_path and config.allowed_uids == frozenset({os.getuid()})
+    assert config.allowed_gids == frozenset({0, 1, 2})
+    server = UnixSockServer(handler=lambda cmd, args: "pong", config=config)
+    # A peer neither the owner nor root, so its supplementary groups (this process's: it is
+    # the far end of the pair) are asked: a list kept as given failed there (no isdisjoint).
+    near, far = socket.socketpair(socket.AF_UNIX)
+    with near, far:
+        stranger = PeerCredentials(pid=os.getpid(), uid=os.getuid() + 12345, gid=54321)
+        assert server._allowed(stranger, near) is bool({0, 1, 2} & set(os.getgroups()))
+    with pytest.raises(ValueError, match="path must be a non-empty str"):
+        ServerConfig(path="")
 
 
 def test_options_read_from_a_configuration_keep_working(sock_path: str) -> None:

@@ -102,6 +102,22 @@ _UNCHANGED = _Unchanged.UNCHANGED
 """``options()``'s timeout left out (None is a timeout: none)."""
 
 
+def _checked_timeout(timeout: float | None) -> float | None:
+    """A timeout as given: None (wait for ever) or a positive number of seconds."""
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf
+    ):
+        raise ValueError(f"timeout must be a positive number of seconds or None (no limit), not {timeout!r}")
+    return timeout
+
+
+def _checked_size(size: int, name: str) -> int:
+    """The largest reply accepted; more than the protocol allows is the protocol's limit."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"{name} must be a whole number of bytes of at least 1, not {size!r}")
+    return min(size, HARD_MAX_MESSAGE_SIZE)
+
+
 class _BaseClient:
     """Options, framing and decoding: everything that is not I/O."""
 
@@ -115,8 +131,8 @@ class _BaseClient:
         close: bool = True,
     ) -> None:
         self.path = os.fspath(path)
-        self.timeout = timeout
-        self.max_message_size = min(max_message_size, HARD_MAX_MESSAGE_SIZE)
+        self.timeout = _checked_timeout(timeout)
+        self.max_message_size = _checked_size(max_message_size, "max_message_size")
         self.respond = respond
         self.close_after = close
 
@@ -133,16 +149,16 @@ class _BaseClient:
         left out stays as it was: ``options(timeout=60)`` for a long ``drain``.
         """
         if max_length is not None:
-            self.max_message_size = min(max_length, HARD_MAX_MESSAGE_SIZE)
+            self.max_message_size = _checked_size(max_length, "max_length")
         if not isinstance(timeout, _Unchanged):
-            self.timeout = timeout
+            self.timeout = _checked_timeout(timeout)
         if respond is not None:
             self.respond = respond
         if close is not None:
             self.close_after = close
 
     def _prepare(
-        self, cmd: str, args: dict[str, Any] | None, respond: bool | None, close: bool | None
+        self, cmd: str, args: Mapping[str, Any] | None, respond: bool | None, close: bool | None
     ) -> tuple[Request, bytes]:
         if not isinstance(cmd, str) or not cmd:
             raise ValueError("cmd must be a non-empty string")

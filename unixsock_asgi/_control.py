@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import inspect
 import logging
+import math
 import os
 import threading
 import time
@@ -252,6 +253,7 @@ class ControlPlane:
         options.setdefault("quiet_commands", _ReadOnlyNames(self.commands))
         # Options that cannot work fail here, before any override is applied: a persisted
         # maintenance_on must not be left on in a worker that then has no socket to turn it off.
+        self._check_options()
         config = ServerConfig(path=path, **options)
         if socket_dir is not None:
             from ._fleet import remove_stale_sockets
@@ -285,6 +287,26 @@ class ControlPlane:
         # monitor would read that wait as the loop's lag until its task first runs.
         self.monitor.last_tick = time.monotonic()
         self.monitor.task = self.app_loop.create_task(self.monitor.run(self.stats))
+
+    def _check_options(self) -> None:
+        """The middleware's own options that cannot work: a ValueError naming the first."""
+        timeout = self.app_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+            raise ValueError(f"app_timeout must be a positive number of seconds, not {timeout!r}")
+        retry_after = self.default_retry_after
+        if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
+            raise ValueError(
+                f"retry_after must be a whole number of seconds of at least 0, not {retry_after!r}"
+            )
+        for name, paths in (
+            ("health_path", [self.health_path]),
+            ("maintenance_exempt", self.maintenance_exempt),
+        ):
+            for given in paths:
+                if not isinstance(given, str) or not given.startswith("/"):
+                    raise ValueError(
+                        f"{name} holds paths as the app sees them, starting with '/', not {given!r}"
+                    )
 
     async def _apply_overrides(self, socket_dir: str) -> None:
         from ._fleet import PERSISTABLE_COMMANDS, load_overrides

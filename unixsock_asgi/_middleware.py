@@ -68,9 +68,9 @@ class ControlSocketMiddleware:
     def __init__(
         self,
         app: ASGIApp,
-        path: str | None = None,
+        path: str | os.PathLike[str] | None = None,
         *,
-        socket_dir: str | None = None,
+        socket_dir: str | os.PathLike[str] | None = None,
         name: str = "app",
         handler: Callable[..., Any] | None = None,
         commands: Commands | None = None,
@@ -93,8 +93,8 @@ class ControlSocketMiddleware:
         if path is not None and socket_dir is not None:
             raise TypeError("pass path= or socket_dir=, not both")
         self.app = app
-        self.path = path
-        self.socket_dir = socket_dir
+        self.path = None if path is None else _fspath(path, "path")
+        self.socket_dir = None if socket_dir is None else _fspath(socket_dir, "socket_dir")
         self.name = name
         self.strict = strict
         # Looked up live (commands registered after this count); replaced built-ins are warned of at startup.
@@ -132,6 +132,9 @@ class ControlSocketMiddleware:
         """The socket path this process binds (depends on the pid)."""
         pid = str(os.getpid())
         if self.socket_dir is not None:
+            name = self.name
+            if not isinstance(name, str) or not name or "/" in name or "\0" in name:
+                raise ValueError(f"name must be a file name (no '/'), not {name!r}")
             return os.path.join(self.socket_dir, f"{self.name}-{pid}.sock")
         assert self.path is not None
         return self.path.replace("{pid}", pid)
@@ -350,7 +353,7 @@ class ControlSocketMiddleware:
         """Start the control server; return an error message instead of raising."""
         if self.control.server is not None:
             return None
-        path = self.socket_path()
+        path = self.path or self.socket_dir
         enabled = _enable_own_loggers()
         if enabled:
             logger.warning(
@@ -361,6 +364,7 @@ class ControlSocketMiddleware:
                 ", ".join(enabled),
             )
         try:
+            path = self.socket_path()
             self.control.app_thread_id = threading.get_ident()
             await self.control.start(path, self.socket_dir, dict(scope) | {"state": scope.get("state")})
         except Exception as exc:
@@ -373,6 +377,13 @@ class ControlSocketMiddleware:
             return error
         logger.info("control socket listening on %s", self.control.socket_path)
         return None
+
+
+def _fspath(path: str | os.PathLike[str], name: str) -> str:
+    text = os.fspath(path)
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be a str or os.PathLike[str], not {path!r}")
+    return text
 
 
 _SANSIO = "uvicorn.protocols.websockets.websockets_sansio_impl"

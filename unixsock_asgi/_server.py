@@ -43,6 +43,7 @@ from typing import Any
 
 from . import _compat
 from ._protocol import (
+    HARD_MAX_MESSAGE_SIZE,
     STATUS_OK,
     STOPPING_PAYLOAD,
     ConnectionProtocol,
@@ -94,6 +95,25 @@ class ServerConfig:
     that tools poll (``top`` asks every worker for ``stats`` each refresh)."""
 
     def __post_init__(self) -> None:
+        path = os.fspath(self.path)
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"path must be a non-empty str or os.PathLike[str], not {self.path!r}")
+        self.path = path
+        for name in ("allowed_uids", "allowed_gids"):
+            given = getattr(self, name)
+            try:
+                ids = frozenset(given)
+            except TypeError:
+                raise TypeError(f"{name} must be a collection of ids, not {given!r}") from None
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise ValueError(f"{name} must hold whole numbers of at least 0, not {given!r}")
+            setattr(self, name, ids)
+        size = self.max_message_size
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= HARD_MAX_MESSAGE_SIZE:
+            raise ValueError(
+                f"max_message_size must be a whole number of bytes from 1 to {HARD_MAX_MESSAGE_SIZE}"
+                f" (the protocol's limit), not {size!r}"
+            )
         mode = self.socket_mode
         if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
             hint = ""
@@ -196,9 +216,6 @@ class UnixSockServer:
         if config is None:
             if path is None:
                 raise TypeError("UnixSockServer needs a path or a config")
-            for key in ("allowed_uids", "allowed_gids"):
-                if key in options:
-                    options[key] = frozenset(options[key])
             config = ServerConfig(path=os.fspath(path), **options)
         elif options or path is not None:
             raise TypeError("pass either a config or a path and options, not both")
