@@ -207,3 +207,20 @@ def test_a_setting_object_reads_its_value_typed() -> None:
         settings[Setting("page_size", str, "20")]
     with pytest.raises(KeyError, match="is not a setting declared here"):
         Settings(LIMIT)[PAGE_SIZE]
+
+
+def test_a_setting_object_is_written_and_reset_as_its_name_is() -> None:
+    settings = Settings(PAGE_SIZE, LIMIT)
+    old, new = settings.set(PAGE_SIZE, 30)
+    pair: tuple[int, int] = (old, new)  # typed by the Setting (mypy --strict runs on the tests)
+    assert pair == (20, 30) and settings.get(PAGE_SIZE) == 30 and settings["page_size"] == 30
+    settings[LIMIT] = 7
+    assert settings.get("limit") == 7
+    assert settings.reset(PAGE_SIZE) == (30, 20) and settings[PAGE_SIZE] == 20
+    with pytest.raises(ValueError, match="page_size"):
+        settings.set(PAGE_SIZE, "many")
+    with pytest.raises(KeyError, match="is not a setting declared here: page_size, limit"):
+        settings.set(Setting("page_size", str, "20"), "x")  # another declaration of that name
+    with pytest.raises(KeyError, match="is not a setting declared here"):
+        settings[RATIO] = 2.0
+    assert settings[PAGE_SIZE] == 20

@@ -192,8 +192,8 @@ class Settings:
         else:
             raise AttributeError(f"no setting {name!r} is declared: declare it with Setting(...) first")
 
-    def __setitem__(self, name: str, value: Any) -> None:
-        self.set(name, value)
+    def __setitem__(self, key: str | Setting[Any], value: Any) -> None:
+        self.set(key, value)
 
     def __delattr__(self, name: str) -> None:
         raise AttributeError(f"settings cannot be removed ({name!r}): reset() puts one back to its default")
@@ -209,13 +209,20 @@ class Settings:
     def __iter__(self) -> Iterator[str]:
         return iter(self._declared)
 
-    def get(self, name: str) -> Any:
-        """The current value of ``name`` (KeyError if it is not declared)."""
-        self._require(name)
-        return self._values[name]
+    @overload
+    def get(self, name: Setting[T]) -> T: ...
+    @overload
+    def get(self, name: str) -> Any: ...
+    def get(self, name: str | Setting[Any]) -> Any:
+        """The current value of a setting, by name or by its ``Setting`` (KeyError if it is not declared)."""
+        return self._values[self._require(name).name]
 
-    def set(self, name: str, value: Any) -> tuple[Any, Any]:
-        """Validate and apply a new value; return ``(old, new)``.
+    @overload
+    def set(self, name: Setting[T], value: Any) -> tuple[T, T]: ...
+    @overload
+    def set(self, name: str, value: Any) -> tuple[Any, Any]: ...
+    def set(self, name: str | Setting[Any], value: Any) -> tuple[Any, Any]:
+        """Validate and apply a new value to a setting, by name or by its ``Setting``; return ``(old, new)``.
 
         KeyError for an undeclared name; for a refused value, the ValueError or TypeError of the
         check that refused it (an app's ``validate`` raising its own ValueError subclass: that one).
@@ -224,19 +231,24 @@ class Settings:
         try:
             new = setting.check(value)
         except (TypeError, ValueError) as exc:
-            note = f"refused as a value of setting {name!r}"
+            note = f"refused as a value of setting {setting.name!r}"
             # 3.11+: the traceback names the setting (once: a validator may raise one object each time)
             if hasattr(exc, "add_note") and note not in getattr(exc, "__notes__", ()):
                 exc.add_note(note)
             raise
         with self._lock:
-            old = self._values[name]
-            self._values[name] = new
+            old = self._values[setting.name]
+            self._values[setting.name] = new
         return old, new
 
-    def reset(self, name: str) -> tuple[Any, Any]:
-        """Put ``name`` back to its declared default; return ``(old, new)``."""
-        return self.set(name, self._require(name).default)
+    @overload
+    def reset(self, name: Setting[T]) -> tuple[T, T]: ...
+    @overload
+    def reset(self, name: str) -> tuple[Any, Any]: ...
+    def reset(self, name: str | Setting[Any]) -> tuple[Any, Any]:
+        """Put a setting, by name or by its ``Setting``, back to its declared default; return ``(old, new)``."""
+        setting = self._require(name)
+        return self.set(setting.name, setting.default)
 
     def describe(self) -> dict[str, dict[str, Any]]:
         """Every setting with its value, default, type and help text."""
@@ -251,11 +263,14 @@ class Settings:
             for name, s in self._declared.items()
         }
 
-    def _require(self, name: str) -> Setting[Any]:
+    def _require(self, key: str | Setting[Any]) -> Setting[Any]:
+        """The declared setting ``key`` names (or is, or equals): KeyError that says which there are."""
+        if not isinstance(key, str):
+            return self._declared[self._declared_by(key)]
         try:
-            return self._declared[name]
+            return self._declared[key]
         except KeyError:
-            raise KeyError(f"unknown setting {name!r}; settings: {self._known()}") from None
+            raise KeyError(f"unknown setting {key!r}; settings: {self._known()}") from None
 
     def _known(self) -> str:
         return ", ".join(self._declared) or "none are declared"
