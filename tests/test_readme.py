@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import grp
 import io
+import json
 import os
 import re
 import sys
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from unixsock_asgi import Client
+from unixsock_asgi import ArgumentError, Client
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -84,6 +85,14 @@ def test_add_it_to_your_app_does_what_readme_says(short_dir: Path) -> None:
         reply = control.send("restock", {"item_id": "one", "quantity": 4})
         assert reply is not None and reply.status == "failure" and "item_id" in reply.error
     assert not os.path.exists(socket_path)
+    # "To test a command": the same check without a socket, and its message as README quotes it.
+    recipe = re.search(r'To test a command: `commands\["(\w+)"\]\.bind\((\{.*?\})\)`', README.read_text())
+    assert recipe is not None
+    with pytest.raises(ArgumentError) as info:
+        namespace["commands"][recipe.group(1)].bind(json.loads(recipe.group(2)))
+    assert "argument 'item_id' of 'restock': expected an integer, got string 'one'" in str(info.value)
+    with pytest.raises(KeyError, match=r"no command 'restok'; commands: .*restock"):
+        namespace["commands"]["restok"]
 
 
 def test_the_server_and_client_example_prints_what_readme_says(short_dir: Path) -> None:

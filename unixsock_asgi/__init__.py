@@ -1,9 +1,10 @@
 """unixsock-asgi: a UNIX-domain-socket control plane for running ASGI web servers."""
 
 from ._client import AsyncClient, Client
-from ._commands import ArgumentError, Command, Commands
+from ._commands import Command, Commands
 from ._control import CommandContext
 from ._exceptions import (
+    ArgumentError,
     BindError,
     CommandFailed,
     ConnectError,

@@ -264,24 +264,24 @@ class Client(_BaseClient):
     def send(
         self,
         cmd: str,
-        args: dict[str, Any] | None = None,
+        args: Mapping[str, Any] | None = None,
         *,
         respond: Literal[True],
         close: bool | None = None,
     ) -> Response: ...
     @overload
     def send(
-        self, cmd: str, args: dict[str, Any] | None, respond: Literal[True], close: bool | None = None
+        self, cmd: str, args: Mapping[str, Any] | None, respond: Literal[True], close: bool | None = None
     ) -> Response: ...
     @overload
     def send(
-        self, cmd: str, args: dict[str, Any] | None, respond: Literal[False], close: bool | None = None
+        self, cmd: str, args: Mapping[str, Any] | None, respond: Literal[False], close: bool | None = None
     ) -> None: ...
     @overload
     def send(
         self,
         cmd: str,
-        args: dict[str, Any] | None = None,
+        args: Mapping[str, Any] | None = None,
         *,
         respond: Literal[False],
         close: bool | None = None,
@@ -290,14 +290,14 @@ class Client(_BaseClient):
     def send(
         self,
         cmd: str,
-        args: dict[str, Any] | None = None,
+        args: Mapping[str, Any] | None = None,
         respond: bool | None = None,
         close: bool | None = None,
     ) -> Response | None: ...
     def send(
         self,
         cmd: str,
-        args: dict[str, Any] | None = None,
+        args: Mapping[str, Any] | None = None,
         respond: bool | None = None,
         close: bool | None = None,
     ) -> Response | None:
@@ -458,24 +458,24 @@ class AsyncClient(_BaseClient):
     async def send(
         self,
         cmd: str,
-        args: dict[str, Any] | None = None,
+        args: Mapping[str, Any] | None = None,
         *,
         respond: Literal[True],
         close: bool | None = None,
     ) -> Response: ...
     @overload
     async def send(
-        self, cmd: str, args: dict[str, Any] | None, respond: Literal[True], close: bool | None = None
+        self, cmd: str, args: Mapping[str, Any] | None, respond: Literal[True], close: bool | None = None
     ) -> Response: ...
     @overload
     async def send(
-        self, cmd: str, args: dict[str, Any] | None, respond: Literal[False], close: bool | None = None
+        self, cmd: str, args: Mapping[str, Any] | None, respond: Literal[False], close: bool | None = None
     ) -> None: ...
     @overload
     async def send(
         self,
         cmd: str,
-        args: dict[str, Any] | None = None,
+        args: Mapping[str, Any] | None = None,
         *,
         respond: Literal[False],
         close: bool | None = None,
@@ -484,14 +484,14 @@ class AsyncClient(_BaseClient):
     async def send(
         self,
         cmd: str,
-        args: dict[str, Any] | None = None,
+        args: Mapping[str, Any] | None = None,
         respond: bool | None = None,
         close: bool | None = None,
     ) -> Response | None: ...
     async def send(
         self,
         cmd: str,
-        args: dict[str, Any] | None = None,
+        args: Mapping[str, Any] | None = None,
         respond: bool | None = None,
         close: bool | None = None,
     ) -> Response | None:

@@ -20,19 +20,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union, overload
 
-from ._exceptions import UnixSockError
+from ._exceptions import ArgumentError
 from ._protocol import short_repr
 
-__all__ = ["ArgumentError", "Command", "Commands", "Parameter"]
+__all__ = ["Command", "Commands", "Parameter"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 _MISSING: Any = inspect.Parameter.empty
-
-
-class ArgumentError(UnixSockError, ValueError):
-    """A command's arguments do not fit its signature (from :meth:`Command.bind`; the
-    server answers it as a failure naming the argument)."""
 
 
 @dataclass(frozen=True)
@@ -238,6 +233,14 @@ class Commands:
     def get(self, name: str) -> Command | None:
         """The command called ``name``, or None."""
         return self._commands.get(name)
+
+    def __getitem__(self, name: str) -> Command:
+        """The command called ``name``; KeyError naming the registered ones."""
+        try:
+            return self._commands[name]
+        except KeyError:
+            known = ", ".join(sorted(self._commands)) or "none are registered"
+            raise KeyError(f"no command {name!r}; commands: {known}") from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._commands

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _compat
-from ._commands import ArgumentError, Command, Commands
+from ._commands import Command, Commands
+from ._exceptions import ArgumentError
 from ._protocol import STATUS_FAIL, STATUS_OK, Response, short_repr
 from ._server import RequestContext, ServerConfig, UnixSockServer, _takes_context, audit, raised_failure
 from ._settings import Settings

@@ -6,7 +6,7 @@
     ├── TransportError
     │   ├── ConnectError        cannot reach the socket
     │   ├── TimeoutException    no reply within the timeout
-    │   └── ProtocolError       the peer broke the wire protocol
+    │   └── ProtocolError       the reply broke the wire protocol or this client's limit
     ├── CommandFailed           the server answered "failure" (raise_for_status)
     ├── ArgumentError           arguments that do not fit a command (also a ValueError)
     └── BindError               a server cannot take its socket path
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from ._protocol import Request, Response
 
 __all__ = [
+    "ArgumentError",
     "BindError",
     "CommandFailed",
     "ConnectError",
@@ -31,7 +32,11 @@ __all__ = [
 
 
 class UnixSockError(Exception):
-    """Base class of every error this library raises."""
+    """Base class of the errors of talking to a socket, of commands and of binding.
+
+    Mistakes in a call itself (an empty command name, an option that cannot
+    work) are plain ``TypeError``/``ValueError``, as in httpx.
+    """
 
 
 class TransportError(UnixSockError):
@@ -47,7 +52,9 @@ class TimeoutException(TransportError):
 
 
 class ProtocolError(TransportError):
-    """The peer sent something that is not the unixsock wire protocol."""
+    """The reply could not be read: not the unixsock wire protocol, larger than this
+    client's ``max_message_size``, or the connection closed before it; also a request
+    sent with ``respond=False`` that the server refused as it arrived (too large)."""
 
 
 class CommandFailed(UnixSockError):
@@ -77,6 +84,11 @@ def _rebuilt(cls: type[BaseException], args: tuple[Any, ...]) -> BaseException:
     exc = cls.__new__(cls)
     exc.args = args
     return exc
+
+
+class ArgumentError(UnixSockError, ValueError):
+    """A command's arguments do not fit its signature (from :meth:`Command.bind`; the
+    server answers it as a failure naming the argument)."""
 
 
 class BindError(UnixSockError):

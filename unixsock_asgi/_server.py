@@ -85,7 +85,8 @@ class ServerConfig:
     allowed_uids: frozenset[int] = frozenset()
     """Uids that may talk besides the server's own and root."""
     allowed_gids: frozenset[int] = frozenset()
-    """Gids whose members (by primary gid of the peer) may talk too."""
+    """Gids whose members may talk too: by the peer's primary group, or a supplementary
+    group it had when it connected."""
     socket_mode: int = 0o600
     """File mode of the socket; widen it (0o660) together with ``allowed_gids``."""
     handler_threads: int = 4
