@@ -44,6 +44,9 @@ def spawn(tmp_path: Path) -> Iterator[Spawn]:
             env=env,
             dimensions=(24, 80),
             timeout=10,
+            # As an operator's terminal has it: a pytest started in the background by a shell
+            # without job control ignores SIGINT, and its children would inherit that.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         children.append(child)
         return child
