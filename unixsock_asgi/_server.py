@@ -385,6 +385,10 @@ class UnixSockServer:
             loop.remove_reader(self._bound.sock.fileno())
         except (OSError, ValueError, NotImplementedError):  # pragma: no cover - not a selector loop
             pass
+        # Connections asyncio accepted in its last batch (up to 100) wait as tasks whose first
+        # step makes their protocol, and so counts them in _opening: let those steps run first,
+        # or they find the server closed and asyncio leaves their sockets open, unanswered.
+        await asyncio.sleep(0)
         deadline = loop.time() + 1.0
         while self._opening and loop.time() < deadline:
             await asyncio.sleep(0.001)  # each aborts itself in connection_made: the server is stopping
