@@ -214,7 +214,8 @@ class Client(_BaseClient):
 
     ``send(cmd, args=None, respond=True, close=True)`` as in the Go library;
     with ``close=False`` the connection is kept for the next call and opened
-    again transparently when the server has closed it meanwhile.
+    again transparently when the server has closed it meanwhile. One thread's
+    at a time, as a socket is: give each thread its own.
     """
 
     def __init__(
