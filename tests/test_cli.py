@@ -1877,9 +1877,9 @@ def _bytes_sent_to_nobody(
 def test_the_cli_sends_nothing_to_another_users_socket_it_could_have_squatted(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    shared = Path(tempfile.mkdtemp(prefix="usa-squat-"))  # in /tmp: anyone could have made it
-    base = Path(tempfile.mkdtemp(prefix="usa-run-"))  # root's, like /run
-    link = Path(tempfile.mkdtemp(prefix="usa-link-")) / "app"
+    shared = Path(tempfile.mkdtemp(prefix="usa-squat-", dir="/tmp"))  # in /tmp: anyone could have made it
+    base = Path(tempfile.mkdtemp(prefix="usa-run-", dir="/tmp"))  # root's, like /run
+    link = Path(tempfile.mkdtemp(prefix="usa-link-", dir="/tmp")) / "app"
     private, home = base / "app", base / "home"
     try:
         os.chmod(base, 0o755)

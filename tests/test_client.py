@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import math
 import os
 import pickle
 import re
@@ -196,6 +197,8 @@ def test_options_that_cannot_work_are_refused_by_both_twins(
     with pytest.raises(ValueError, match=message.replace("max_message_size", "max_length")):
         client.options(**given)
     assert (client.timeout, client.max_message_size) == (10.0, 1 << 20)  # left as they were
+    client.options(timeout=math.inf)  # as before these checks: no limit, which None also says
+    assert client.timeout is None and twin(sock_path, timeout=math.inf).timeout is None
 
 
 def test_reply_above_the_clients_limit_is_a_protocol_error(

@@ -423,6 +423,15 @@ def test_fan_out_runs_concurrently(fleet: Fleet) -> None:
     assert time.monotonic() - started < 1.2  # one after another would take 1.8 s
 
 
+def test_fan_out_refuses_a_timeout_that_cannot_work_before_asking_anyone(fleet: Fleet) -> None:
+    (worker,) = fleet.start(1)
+    for timeout in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+            asyncio.run(fan_out([str(worker.path)], "ping", timeout=timeout))
+    assert worker.commands_seen == []
+    assert asyncio.run(fan_out([str(worker.path)], "ping", timeout=float("inf"))).all_ok  # no limit
+
+
 def test_failure_answers_keep_their_message(fleet: Fleet) -> None:
     workers = fleet.start(2)
     outcome = asyncio.run(fan_out([str(w.path) for w in workers], "set_log_level", {"level": "LOUD"}))

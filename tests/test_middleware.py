@@ -292,10 +292,21 @@ def test_paths_may_be_path_objects(short_dir: Path) -> None:
         ControlSocketMiddleware(_hello, path=b"/tmp/x.sock")  # type: ignore[arg-type]
 
 
+def test_options_read_from_a_configuration_still_start_the_socket(short_dir: Path) -> None:
+    # As before options were checked: whole floats, no app_timeout limit, a size above the protocol's.
+    options: dict[str, Any] = {"retry_after": 30.0, "app_timeout": float("inf"), "max_message_size": 64 << 20}
+    with TestClient(_starlette(short_dir / "c.sock", **options)) as http:
+        control = Client(short_dir / "c.sock")
+        assert _payload(control, "ping") == "pong"
+        assert _payload(control, "maintenance_on")["maintenance"] is True
+        response = http.get("/hello/x")
+        assert response.status_code == 503 and response.headers["retry-after"] == "30"
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"app_timeout": -1}, "app_timeout must be a positive number of seconds, not -1"),
+        ({"app_timeout": -1}, r"app_timeout must be a positive number of seconds \(inf: no limit\), not -1"),
         ({"app_timeout": float("nan")}, "app_timeout must be a positive number"),
         ({"retry_after": "soon"}, "retry_after must be a whole number of seconds of at least 0, not 'soon'"),
         (
@@ -304,7 +315,7 @@ def test_paths_may_be_path_objects(short_dir: Path) -> None:
         ),
         ({"maintenance_exempt": ["/ok", "metrics"]}, "maintenance_exempt holds paths .* not 'metrics'"),
         ({"name": "a/b"}, r"name must be a file name \(no '/'\), not 'a/b'"),
-        ({"max_message_size": 0}, "max_message_size must be a whole number of bytes from 1 to"),
+        ({"max_message_size": 0}, "max_message_size must be a whole number of bytes of at least 1, not 0"),
         ({"allowed_gids": [-3]}, "allowed_gids must hold whole numbers of at least 0"),
     ],
 )

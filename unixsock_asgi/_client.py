@@ -103,12 +103,12 @@ _UNCHANGED = _Unchanged.UNCHANGED
 
 
 def _checked_timeout(timeout: float | None) -> float | None:
-    """A timeout as given: None (wait for ever) or a positive number of seconds."""
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf
-    ):
+    """A timeout as given: a positive number of seconds, or None (wait for ever; so is inf)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds or None (no limit), not {timeout!r}")
-    return timeout
+    return None if timeout == math.inf else timeout
 
 
 def _checked_size(size: int, name: str) -> int:

@@ -18,7 +18,6 @@ import dataclasses
 import difflib
 import inspect
 import logging
-import math
 import os
 import threading
 import time
@@ -292,9 +291,13 @@ class ControlPlane:
     def _check_options(self) -> None:
         """The middleware's own options that cannot work: a ValueError naming the first."""
         timeout = self.app_timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
-            raise ValueError(f"app_timeout must be a positive number of seconds, not {timeout!r}")
-        retry_after = self.default_retry_after
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(
+                f"app_timeout must be a positive number of seconds (inf: no limit), not {timeout!r}"
+            )
+        retry_after: Any = self.default_retry_after
+        if isinstance(retry_after, float) and retry_after.is_integer():  # 30.0, from a configuration
+            retry_after = self.retry_after = self.default_retry_after = int(retry_after)
         if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
             raise ValueError(
                 f"retry_after must be a whole number of seconds of at least 0, not {retry_after!r}"

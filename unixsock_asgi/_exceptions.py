@@ -54,7 +54,8 @@ class TimeoutException(TransportError):
 class ProtocolError(TransportError):
     """The reply could not be read: not the unixsock wire protocol, larger than this
     client's ``max_message_size``, or the connection closed before it; also a request
-    sent with ``respond=False`` that the server refused as it arrived (too large)."""
+    sent with ``respond=False`` that the server refused as it arrived (too large) when the
+    refusal cut the write short (a smaller one is refused unseen: nothing is read)."""
 
 
 class CommandFailed(UnixSockError):

@@ -778,7 +778,8 @@ _PROC_FDS = os.path.isdir("/proc/self/fd")
 async def ask_worker(
     path: str, cmd: str, args: Mapping[str, Any], timeout: float, *, polling: bool = False
 ) -> WorkerResult:
-    """Send one command to one socket; never raises, never takes much longer than ``timeout``.
+    """Send one command to one socket; never raises for what the worker does (a ``timeout``
+    that is not a positive number is a ValueError), never takes much longer than ``timeout``.
 
     ``polling``: the views' own ``stats`` (``ls``, ``top``, ``metrics``), which changes
     nothing and which the control thread answers even while the app's loop is blocked.
@@ -879,6 +880,8 @@ async def fan_out(
     any more are reported in ``stale`` rather than as failures, and workers
     that exited while asked in ``gone``.
     """
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
     limit = asyncio.Semaphore(MAX_CONCURRENT_WORKERS)
 
     async def bounded(path: str) -> WorkerResult:

@@ -109,12 +109,12 @@ class ServerConfig:
             if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
                 raise ValueError(f"{name} must hold whole numbers of at least 0, not {given!r}")
             setattr(self, name, ids)
-        size = self.max_message_size
-        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= HARD_MAX_MESSAGE_SIZE:
-            raise ValueError(
-                f"max_message_size must be a whole number of bytes from 1 to {HARD_MAX_MESSAGE_SIZE}"
-                f" (the protocol's limit), not {size!r}"
-            )
+        size: Any = self.max_message_size
+        if isinstance(size, float) and size.is_integer():
+            size = int(size)  # 1048576.0, read from a configuration
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"max_message_size must be a whole number of bytes of at least 1, not {size!r}")
+        self.max_message_size = min(size, HARD_MAX_MESSAGE_SIZE)  # more is the protocol's limit, as ever
         mode = self.socket_mode
         if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
             hint = ""
