@@ -1079,6 +1079,36 @@ def test_top_routes_view_shows_each_routes_rates_over_the_fleet_busiest_first(
     assert rows["/fail"][5] == "1"
 
 
+def test_top_percentiles_stay_within_what_the_workers_saw(fleet: Fleet, socket_dir: Path) -> None:
+    # A route that never answers in under 200 ms read p50 194 ms (its bucket's value); kept
+    # within the workers' smallest and largest latency, it reads 200 ms wherever top shows it.
+    import asyncio
+
+    from unixsock_asgi._fleet import Target
+    from unixsock_asgi._top import TopView, _sample
+
+    one, two = fleet.start(2)
+    target = Target(str(socket_dir), is_directory=True)
+    view = TopView(str(socket_dir))
+
+    def refresh(now: float, *, routes: bool) -> list[dict[str, str]]:
+        view.show_routes = routes
+        outcome = asyncio.run(_sample(target, timeout=2.0, routes=routes))
+        lines = view.frame(outcome, view.update(outcome, now=now), width=120, height=24, interval=2.0)
+        header = lines[3].split()
+        return [dict(zip(header, line.split(), strict=False)) for line in lines[4:]]
+
+    for at, routes in ((100.0, False), (110.0, True)):
+        refresh(at, routes=routes)
+        one.record(*[("/slow", 200, 0.2001), ("/slow", 200, 0.2004)] * 3)
+        two.record(*[("/slow", 200, 0.2003)] * 4)
+        rows = refresh(at + 2.0, routes=routes)
+        shown = [row for row in rows if row.get("ROUTE", row.get("PID")) in ("/slow", "TOTAL", str(one.pid))]
+        assert len(shown) == (1 if routes else 2)
+        for row in shown:
+            assert (row["P50"], row["P99"]) == ("200ms", "200ms"), rows
+
+
 def test_top_routes_view_keeps_its_columns_whatever_the_routes_are_called(
     fleet: Fleet, socket_dir: Path, start_server: Any
 ) -> None:

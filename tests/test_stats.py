@@ -95,6 +95,30 @@ def _hist(samples: list[float]) -> LatencyHistogram:
     return hist
 
 
+def test_quantiles_stay_within_the_smallest_and_largest_latency() -> None:
+    # A route that always sleeps 200 ms: its bucket's value, 193.7 ms, lies below every one.
+    slow = [0.2001, 0.2003, 0.2004] * 7
+    for hist in (_hist(slow), LatencyHistogram()):
+        if not hist.count:
+            hist.record_many(list(slow))  # as the app's thread counts them: in batches
+        assert [hist.quantile(q) for q in (0.5, 0.99)] == [0.2001, 0.2001]  # one bucket: its floor
+        payload = hist.to_payload()
+        assert (payload["min_s"], payload["p50_s"], payload["max_s"]) == (0.2001, 0.2001, 0.2004)
+    # Over workers: the fleet's smallest; from a worker of a version without min_s, none is known.
+    fast = _hist([0.2002] * 5).to_payload()
+    merged = merge_histograms([_hist(slow).to_payload(), fast])
+    assert (merged["min_s"], merged["p50_s"]) == (0.2001, 0.2001)
+    older = {k: v for k, v in fast.items() if k != "min_s"}
+    unknown = merge_histograms([_hist(slow).to_payload(), older])
+    assert unknown["min_s"] == 0.0 and unknown["p50_s"] < 0.2  # the bucket's value, as before
+    assert LatencyHistogram().to_payload()["min_s"] == 0.0  # empty: nothing below it
+    empty_first = merge_histograms([LatencyHistogram().to_payload(), fast])
+    assert empty_first["min_s"] == 0.2002  # an empty worker knows no smaller latency
+    bad = dict(fast, min_s="soon")
+    with pytest.raises(ValueError, match="min_s"):
+        LatencyHistogram.from_payload(bad)
+
+
 def test_from_payload_refuses_another_bucket_scheme() -> None:
     payload = _hist([0.1]).to_payload()
     payload["gamma"] = 1.5

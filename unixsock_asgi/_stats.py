@@ -88,16 +88,29 @@ def _bucket_value(index: int) -> float:
     return 2 * GAMMA**index / (GAMMA + 1)
 
 
+def within(value: float, smallest: float, largest: float) -> float:
+    """A bucket's ``value`` kept within the observations' range, where it is known
+    (``smallest`` inf or 0.0, ``largest`` 0.0: not known)."""
+    if largest and value > largest:
+        value = largest
+    if smallest < math.inf and value < smallest:
+        value = smallest
+    return value
+
+
 class LatencyHistogram:
     """A sparse histogram over fixed logarithmic buckets (seconds)."""
 
-    __slots__ = ("buckets", "count", "max", "sum")
+    __slots__ = ("buckets", "count", "max", "min", "sum")
 
     def __init__(self) -> None:
         self.buckets: dict[int, int] = {}
         self.count = 0
         self.sum = 0.0
         self.max = 0.0
+        self.min = math.inf
+        """The smallest observation; inf while there is none, 0.0 when unknown (merged with
+        a payload of a version that did not send it)."""
 
     def record(self, seconds: float) -> None:
         """Add one observation."""
@@ -108,6 +121,8 @@ class LatencyHistogram:
         self.sum += seconds
         if seconds > self.max:
             self.max = seconds
+        if seconds < self.min:
+            self.min = seconds
 
     def record_many(self, values: list[float], also: LatencyHistogram | None = None) -> None:
         """Add many observations (to ``also`` too, when given); sorts ``values`` in place.
@@ -138,11 +153,15 @@ class LatencyHistogram:
         self.sum += total
         if values[-1] > self.max:
             self.max = values[-1]
+        if values[0] < self.min:
+            self.min = values[0]
         if also is not None:
             also.count += n
             also.sum += total
             if values[-1] > also.max:
                 also.max = values[-1]
+            if values[0] < also.min:
+                also.min = values[0]
 
     def merge(self, other: LatencyHistogram) -> None:
         """Add another histogram's counts to this one."""
@@ -151,6 +170,7 @@ class LatencyHistogram:
         self.count += other.count
         self.sum += other.sum
         self.max = max(self.max, other.max)
+        self.min = min(self.min, other.min)
 
     def quantile(self, q: float) -> float | None:
         """The ``q``-quantile (0..1), within RELATIVE_ERROR; None when empty.
@@ -158,7 +178,9 @@ class LatencyHistogram:
         Nearest rank: the bucket of the ``ceil(q * n)``-th smallest value. With
         it, the quantile of merged histograms lies between the workers' own, give
         or take a bucket (a worker's is capped at its own max; an interpolated
-        rank could put the fleet's p99 far above every worker's).
+        rank could put the fleet's p99 far above every worker's). Kept within the
+        smallest and the largest observation: a bucket's value may lie beyond both
+        (a route that always sleeps 200 ms would read p50 194 ms).
         """
         return self._quantiles((q,))[0]
 
@@ -176,8 +198,7 @@ class LatencyHistogram:
         for q in qs:
             # The first bucket whose running count reaches the rank.
             at = min(bisect_left(cumulative, max(1, math.ceil(q * total))), len(items) - 1)
-            value = _bucket_value(items[at][0])
-            found.append(min(value, self.max) if self.max else value)
+            found.append(within(_bucket_value(items[at][0]), self.min, self.max))
         return found
 
     def to_payload(self) -> dict[str, Any]:
@@ -187,10 +208,11 @@ class LatencyHistogram:
         hist = LatencyHistogram()
         hist.buckets = buckets
         hist.count = sum(buckets.values())
-        hist.max = self.max
+        hist.max, hist.min = self.max, self.min
         payload: dict[str, Any] = {
             "count": hist.count,
             "sum_s": self.sum,
+            "min_s": self.min if self.min < math.inf else 0.0,
             "max_s": self.max,
             "gamma": GAMMA,
             "buckets": list(map(list, items)),
@@ -212,12 +234,16 @@ class LatencyHistogram:
         if not checked and (problem := histogram_problem(payload)):
             raise ValueError(problem)
         buckets = self.buckets
+        added = False
         for i, c in payload.get("buckets", ()):
             if c > 0:  # a count below one (a malformed payload) adds nothing
                 buckets[i] = buckets.get(i, 0) + c
+                added = True
         self.count = sum(buckets.values())
         self.sum += float(payload.get("sum_s", 0.0))
         self.max = max(self.max, float(payload.get("max_s", 0.0)))
+        if added:  # from a version without min_s: no floor is known any more
+            self.min = min(self.min, float(payload.get("min_s", 0.0)))
 
 
 _MAX_COUNT = 2**53
@@ -256,7 +282,7 @@ def histogram_problem(payload: Any) -> str:
             return f"bucket {pair[0]} counts {pair[1]}, more than {_MAX_COUNT}"
         if not _MIN_BUCKET <= pair[0] <= _MAX_BUCKET:
             return f"bucket index {pair[0]} is out of range ({_MIN_BUCKET} to {_MAX_BUCKET})"
-    for key in ("sum_s", "max_s"):
+    for key in ("sum_s", "min_s", "max_s"):
         if not _is_number(payload.get(key, 0.0)):
             return f"its {key} is {payload.get(key)!r}, not a number"
     return ""

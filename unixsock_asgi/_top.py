@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import select
 import shutil
@@ -23,7 +24,7 @@ import termios
 import time
 import tty
 import unicodedata
-from collections.abc import Container, Coroutine, Iterator, Mapping
+from collections.abc import Container, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -78,6 +79,8 @@ class _Sample:
     """Its 5xx responses so far."""
     client_errors: int = 0
     """Its 4xx responses so far."""
+    bounds: tuple[float, float] = (0.0, 0.0)
+    """Its smallest and largest latency so far (0.0: not known); see :func:`_bounds`."""
 
 
 @dataclass
@@ -102,6 +105,7 @@ class WorkerRow:
     rss_bytes: Any = None
     uptime_s: Any = None
     interval_buckets: dict[int, int] | None = None
+    latency_bounds: tuple[float, float] = (0.0, 0.0)
     last_answered: float | None = None
     """For a gone worker: when it last answered (``time.time()``)."""
 
@@ -114,6 +118,7 @@ class _RouteSample:
     errors: int
     buckets: dict[int, int]
     client_errors: int = 0
+    bounds: tuple[float, float] = (0.0, 0.0)
 
 
 @dataclass
@@ -128,6 +133,8 @@ class RouteRow:
     client_errors_per_s: float | None = None
     """4xx responses per second: a link broken by a deploy, a client retrying a bad token."""
     interval_buckets: dict[int, int] = field(default_factory=dict)
+    latency_bounds: list[tuple[float, float]] = field(default_factory=list)
+    """Each worker's smallest and largest latency of this route, where it served it this interval."""
 
 
 @dataclass
@@ -143,6 +150,26 @@ def _buckets(snapshot: Mapping[str, Any]) -> dict[int, int]:
     if not isinstance(latency, Mapping):
         return {}
     return {int(i): int(c) for i, c in latency.get("buckets", [])}
+
+
+def _bounds(snapshot: Mapping[str, Any]) -> tuple[float, float]:
+    """The smallest and the largest latency a snapshot (or a route's figures) counted since its
+    counters started: an interval's latencies lie within them. 0.0 where not known."""
+    latency = snapshot.get("latency")
+    if not isinstance(latency, Mapping):
+        return (0.0, 0.0)
+    low, high = latency.get("min_s"), latency.get("max_s")
+    return (
+        float(low) if isinstance(low, (int, float)) and not isinstance(low, bool) and low > 0 else 0.0,
+        float(high) if isinstance(high, (int, float)) and not isinstance(high, bool) and high > 0 else 0.0,
+    )
+
+
+def _merged_bounds(bounds: Iterable[tuple[float, float]]) -> tuple[float, float]:
+    """The range of several workers' latencies: none known where one worker's is not."""
+    pairs = list(bounds)
+    lows, highs = [low for low, _ in pairs], [high for _, high in pairs]
+    return (min(lows, default=0.0), 0.0 if 0.0 in highs else max(highs, default=0.0))
 
 
 def _route_samples(snapshot: Mapping[str, Any]) -> dict[str, _RouteSample] | None:
@@ -167,7 +194,9 @@ def _route_samples(snapshot: Mapping[str, Any]) -> dict[str, _RouteSample] | Non
             buckets = _buckets(figures)
         except (TypeError, ValueError):
             buckets = {}
-        samples[str(name)] = _RouteSample(int(requests), int(errors), buckets, int(client_errors))
+        samples[str(name)] = _RouteSample(
+            int(requests), int(errors), buckets, int(client_errors), _bounds(figures)
+        )
     return samples
 
 
@@ -192,9 +221,13 @@ def _add_routes(
         row.client_errors_per_s = (row.client_errors_per_s or 0.0) + max(
             0, sample.client_errors - then.client_errors
         ) / seconds
+        served = False
         for i, c in sample.buckets.items():
             if c > then.buckets.get(i, 0):
                 row.interval_buckets[i] = row.interval_buckets.get(i, 0) + c - then.buckets.get(i, 0)
+                served = True
+        if served:
+            row.latency_bounds.append(sample.bounds)
 
 
 def _reset(before: _Sample, after: _Sample) -> bool:
@@ -203,10 +236,13 @@ def _reset(before: _Sample, after: _Sample) -> bool:
     return bool(before.epoch != after.epoch)
 
 
-def _quantile(buckets: Mapping[int, int], q: float) -> float | None:
+def _quantile(buckets: Mapping[int, int], q: float, bounds: tuple[float, float] = (0.0, 0.0)) -> float | None:
+    """The ``q``-quantile of an interval's buckets, kept within ``bounds`` (see :func:`_bounds`)."""
     hist = LatencyHistogram()
     hist.buckets = dict(buckets)
     hist.count = sum(buckets.values())
+    hist.min = bounds[0] or math.inf
+    hist.max = bounds[1]
     return hist.quantile(q)
 
 
@@ -294,7 +330,7 @@ class TopView:
                 client_errors = 0
             at = r.answered_at if given is None and r.answered_at is not None else now
             epoch = (snap.get("started_at"), snap.get("resets"))
-            sample = _Sample(at, requests, _buckets(snap), epoch, errors, client_errors)
+            sample = _Sample(at, requests, _buckets(snap), epoch, errors, client_errors, _bounds(snap))
             key = (r.socket, r.pid)
             seen[key] = sample
             routes_now = _route_samples(snap)
@@ -322,8 +358,9 @@ class TopView:
                 if c > before.buckets.get(i, 0)
             }
             row.interval_buckets = delta
-            row.p50_s = _quantile(delta, 0.5)
-            row.p99_s = _quantile(delta, 0.99)
+            row.latency_bounds = sample.bounds
+            row.p50_s = _quantile(delta, 0.5, sample.bounds)
+            row.p99_s = _quantile(delta, 0.99, sample.bounds)
         self._previous = seen
         self._routes_previous = seen_routes
         self.routes = sorted(
@@ -432,8 +469,9 @@ class TopView:
         total.errors_per_s = _sum("errors_per_s")
         total.client_errors_per_s = _sum("client_errors_per_s")
         total.exceptions = _sum("exceptions")
-        total.p50_s = _quantile(merged, 0.5)
-        total.p99_s = _quantile(merged, 0.99)
+        bounds = _merged_bounds(r.latency_bounds for r in live if r.interval_buckets)
+        total.p50_s = _quantile(merged, 0.5, bounds)
+        total.p99_s = _quantile(merged, 0.99, bounds)
         total.loop_lag_s = max(lags) if lags else None
         total.rss_bytes = _sum("rss_bytes")
         body.append(self._row_text(total, label="TOTAL", wide=wide))
@@ -458,8 +496,9 @@ class TopView:
         for r, shown_name in zip(shown, names[: len(shown)], strict=True):
             name = _fit_cells(shown_name, name_width)
             rate = "-" if r.requests_per_s is None else _fitted(r.requests_per_s, 7, ".1f")
-            p50 = _quantile(r.interval_buckets, 0.5) if r.interval_buckets else None
-            p99 = _quantile(r.interval_buckets, 0.99) if r.interval_buckets else None
+            bounds = _merged_bounds(r.latency_bounds)
+            p50 = _quantile(r.interval_buckets, 0.5, bounds) if r.interval_buckets else None
+            p99 = _quantile(r.interval_buckets, 0.99, bounds) if r.interval_buckets else None
             lines.append(
                 f"{name} {rate:>7} {_per_second(r.client_errors_per_s):>5}"
                 f" {_per_second(r.errors_per_s):>5}"
