@@ -14,6 +14,7 @@ Where commands run:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import difflib
 import inspect
@@ -255,38 +256,44 @@ class ControlPlane:
         # maintenance_on must not be left on in a worker that then has no socket to turn it off.
         self._check_options()
         config = ServerConfig(path=path, **options)
-        if socket_dir is not None:
-            from ._fleet import remove_stale_sockets
-            from ._sockets import ensure_private_directory
-
-            # Before anything is read from it (stale sockets, overrides): only this user may
-            # write it. Used by its real path from then on, the one that was checked.
-            socket_dir = await self.app_loop.run_in_executor(None, ensure_private_directory, socket_dir)
-            path = os.path.join(socket_dir, os.path.basename(path))
-            await self.app_loop.run_in_executor(None, remove_stale_sockets, socket_dir)
-        self.socket_dir = socket_dir
-        replaced = self.commands.replaced()
-        if replaced:
-            logger.warning(
-                "the app's command(s) %s replace the built-in one(s) of the same name",
-                ", ".join(map(repr, replaced)),
-            )
-        if socket_dir is not None:
-            # Before the socket takes commands: an operator's change sent as soon as it
-            # appears must not be undone by an override applied a moment later.
-            await self._apply_overrides(socket_dir)
-        server = UnixSockServer(handler=self.dispatch, config=dataclasses.replace(config, path=path))
+        # Its blocking steps in a thread that ends with them: the app loop's default executor
+        # would keep its threads, idle, in every worker's thread count.
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="unixsock-start")
         try:
-            await self.app_loop.run_in_executor(None, server.start)
-        except Exception as exc:
-            self._drop_persisted_gates(exc)
-            raise
-        self.server = server
-        self.socket_path = server.path
-        # From now: made before a fork (gunicorn --preload) or long before startup, the
-        # monitor would read that wait as the loop's lag until its task first runs.
-        self.monitor.last_tick = time.monotonic()
-        self.monitor.task = self.app_loop.create_task(self.monitor.run(self.stats))
+            if socket_dir is not None:
+                from ._fleet import remove_stale_sockets
+                from ._sockets import ensure_private_directory
+
+                # Before anything is read from it (stale sockets, overrides): only this user may
+                # write it. Used by its real path from then on, the one that was checked.
+                socket_dir = await self.app_loop.run_in_executor(pool, ensure_private_directory, socket_dir)
+                path = os.path.join(socket_dir, os.path.basename(path))
+                await self.app_loop.run_in_executor(pool, remove_stale_sockets, socket_dir)
+            self.socket_dir = socket_dir
+            replaced = self.commands.replaced()
+            if replaced:
+                logger.warning(
+                    "the app's command(s) %s replace the built-in one(s) of the same name",
+                    ", ".join(map(repr, replaced)),
+                )
+            if socket_dir is not None:
+                # Before the socket takes commands: an operator's change sent as soon as it
+                # appears must not be undone by an override applied a moment later.
+                await self._apply_overrides(socket_dir)
+            server = UnixSockServer(handler=self.dispatch, config=dataclasses.replace(config, path=path))
+            try:
+                await self.app_loop.run_in_executor(pool, server.start)
+            except Exception as exc:
+                self._drop_persisted_gates(exc)
+                raise
+            self.server = server
+            self.socket_path = server.path
+            # From now: made before a fork (gunicorn --preload) or long before startup, the
+            # monitor would read that wait as the loop's lag until its task first runs.
+            self.monitor.last_tick = time.monotonic()
+            self.monitor.task = self.app_loop.create_task(self.monitor.run(self.stats))
+        finally:
+            pool.shutdown(wait=False)
 
     def _check_options(self) -> None:
         """The middleware's own options that cannot work: a ValueError naming the first."""
