@@ -295,6 +295,43 @@ def test_startup_leaves_no_idle_thread_in_the_app(short_dir: Path) -> None:
         assert any(t.name == "unixsock-server" for t in threading.enumerate())
 
 
+def test_a_startup_cancelled_while_the_socket_is_bound_leaves_no_server_running(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The bind runs in a thread, which goes on when the lifespan is cancelled meanwhile; the
+    # server it starts was held by nothing, answering on its socket until the process exited.
+    real_start = UnixSockServer.start
+    binding = threading.Event()
+
+    def slow_start(server: UnixSockServer) -> UnixSockServer:
+        binding.set()
+        time.sleep(0.5)
+        return real_start(server)
+
+    monkeypatch.setattr(UnixSockServer, "start", slow_start)
+    middleware = ControlSocketMiddleware(Starlette(), path=str(short_dir / "c.sock"))
+
+    async def cancel_startup() -> None:
+        task = asyncio.create_task(middleware._start_control({"type": "lifespan", "state": {}}))
+        while not binding.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_startup())
+    deadline = time.monotonic() + 10
+
+    def busy() -> bool:  # the bind's thread still at it, or a server it started still there
+        names = [t.name for t in threading.enumerate()]
+        return any(name.startswith(("unixsock-start", "unixsock-server")) for name in names)
+
+    while busy() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not (short_dir / "c.sock").exists()
+    assert not any(t.name == "unixsock-server" for t in threading.enumerate())
+
+
 def test_paths_may_be_path_objects(short_dir: Path) -> None:
     # pytest's tmp_path and pathlib are what an app's tests and settings hand over.
     for options in ({"path": short_dir / "p-{pid}.sock"}, {"socket_dir": short_dir / "run", "name": "shop"}):

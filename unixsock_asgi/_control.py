@@ -281,8 +281,18 @@ class ControlPlane:
                 # appears must not be undone by an override applied a moment later.
                 await self._apply_overrides(socket_dir)
             server = UnixSockServer(handler=self.dispatch, config=dataclasses.replace(config, path=path))
+            started = pool.submit(server.start)
             try:
-                await self.app_loop.run_in_executor(pool, server.start)
+                await asyncio.wrap_future(started)
+            except asyncio.CancelledError:
+                # Startup cancelled while the thread binds: the bind goes on, and nothing here
+                # would hold the server to stop it. Stopped once it has started.
+                def stop_once_started(bind: concurrent.futures.Future[Any]) -> None:
+                    if not bind.cancelled() and bind.exception() is None:
+                        server.stop()
+
+                started.add_done_callback(stop_once_started)
+                raise
             except Exception as exc:
                 self._drop_persisted_gates(exc)
                 raise
