@@ -114,9 +114,12 @@ def test_quantiles_stay_within_the_smallest_and_largest_latency() -> None:
     assert LatencyHistogram().to_payload()["min_s"] == 0.0  # empty: nothing below it
     empty_first = merge_histograms([LatencyHistogram().to_payload(), fast])
     assert empty_first["min_s"] == 0.2002  # an empty worker knows no smaller latency
-    bad = dict(fast, min_s="soon")
-    with pytest.raises(ValueError, match="min_s"):
-        LatencyHistogram.from_payload(bad)
+    for bad in (dict(fast, min_s="soon"), dict(fast, min_s=5.0), dict(fast, min_s=-1.0)):
+        with pytest.raises(ValueError, match="min_s"):  # one worker's would move the fleet's
+            LatencyHistogram.from_payload(bad)
+    odd = _hist(slow)
+    odd.min = 5.0  # however it came about, the largest observation wins
+    assert odd.quantile(0.5) == 0.2004
 
 
 def test_from_payload_refuses_another_bucket_scheme() -> None:

@@ -111,8 +111,10 @@ def _checked_timeout(timeout: float | None) -> float | None:
     return None if timeout == math.inf else timeout
 
 
-def _checked_size(size: int, name: str) -> int:
+def _checked_size(size: Any, name: str) -> int:
     """The largest reply accepted; more than the protocol allows is the protocol's limit."""
+    if isinstance(size, float) and size.is_integer():
+        size = int(size)  # 1048576.0, read from a configuration
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"{name} must be a whole number of bytes of at least 1, not {size!r}")
     return min(size, HARD_MAX_MESSAGE_SIZE)

@@ -90,11 +90,11 @@ def _bucket_value(index: int) -> float:
 
 def within(value: float, smallest: float, largest: float) -> float:
     """A bucket's ``value`` kept within the observations' range, where it is known
-    (``smallest`` inf or 0.0, ``largest`` 0.0: not known)."""
-    if largest and value > largest:
-        value = largest
+    (``smallest`` inf or 0.0, ``largest`` 0.0: not known); the largest wins."""
     if smallest < math.inf and value < smallest:
         value = smallest
+    if largest and value > largest:
+        value = largest
     return value
 
 
@@ -114,15 +114,17 @@ class LatencyHistogram:
 
     def record(self, seconds: float) -> None:
         """Add one observation."""
+        # The range first: a snapshot a signal handler takes midway sees it wider, never
+        # narrower than the buckets (a stale min would lift a quantile far above its bucket).
+        if seconds > self.max:
+            self.max = seconds
+        if seconds < self.min:
+            self.min = seconds
         i = _bucket(seconds)
         b = self.buckets
         b[i] = b.get(i, 0) + 1
         self.count += 1
         self.sum += seconds
-        if seconds > self.max:
-            self.max = seconds
-        if seconds < self.min:
-            self.min = seconds
 
     def record_many(self, values: list[float], also: LatencyHistogram | None = None) -> None:
         """Add many observations (to ``also`` too, when given); sorts ``values`` in place.
@@ -133,6 +135,11 @@ class LatencyHistogram:
         if not values:
             return
         values.sort()
+        for hist in (self, also) if also is not None else (self,):  # the range first (see record)
+            if values[-1] > hist.max:
+                hist.max = values[-1]
+            if values[0] < hist.min:
+                hist.min = values[0]
         n = len(values)
         buckets = self.buckets
         other = also.buckets if also is not None else None
@@ -151,17 +158,9 @@ class LatencyHistogram:
         total = sum(values)
         self.count += n
         self.sum += total
-        if values[-1] > self.max:
-            self.max = values[-1]
-        if values[0] < self.min:
-            self.min = values[0]
         if also is not None:
             also.count += n
             also.sum += total
-            if values[-1] > also.max:
-                also.max = values[-1]
-            if values[0] < also.min:
-                also.min = values[0]
 
     def merge(self, other: LatencyHistogram) -> None:
         """Add another histogram's counts to this one."""
@@ -282,6 +281,9 @@ def histogram_problem(payload: Any) -> str:
             return f"bucket {pair[0]} counts {pair[1]}, more than {_MAX_COUNT}"
         if not _MIN_BUCKET <= pair[0] <= _MAX_BUCKET:
             return f"bucket index {pair[0]} is out of range ({_MIN_BUCKET} to {_MAX_BUCKET})"
+    low, high = payload.get("min_s", 0.0), payload.get("max_s", 0.0)
+    if _is_number(low) and _is_number(high) and (low < 0 or (high > 0 and low > high)):
+        return f"its min_s {low!r} does not fit its max_s {high!r}"
     for key in ("sum_s", "min_s", "max_s"):
         if not _is_number(payload.get(key, 0.0)):
             return f"its {key} is {payload.get(key)!r}, not a number"
