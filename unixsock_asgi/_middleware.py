@@ -135,7 +135,7 @@ class ControlSocketMiddleware:
             name = self.name
             if not isinstance(name, str) or not name or "/" in name or "\0" in name:
                 raise ValueError(f"name must be a file name (no '/'), not {name!r}")
-            return os.path.join(self.socket_dir, f"{self.name}-{pid}.sock")
+            return os.path.join(self.socket_dir, f"{name}-{pid}.sock")
         assert self.path is not None
         return self.path.replace("{pid}", pid)
 

@@ -38,7 +38,7 @@ from ._fleet import (
     mark_unusable_stats,
     pid_from_socket_name,
 )
-from ._stats import LatencyHistogram
+from ._stats import LatencyHistogram, _is_number
 from .cli import (
     EXIT_FAILED,
     EXIT_OK,
@@ -158,10 +158,11 @@ def _bounds(snapshot: Mapping[str, Any]) -> tuple[float, float]:
     latency = snapshot.get("latency")
     if not isinstance(latency, Mapping):
         return (0.0, 0.0)
-    low, high = latency.get("min_s"), latency.get("max_s")
+    low: Any = latency.get("min_s")
+    high: Any = latency.get("max_s")
     return (
-        float(low) if isinstance(low, (int, float)) and not isinstance(low, bool) and low > 0 else 0.0,
-        float(high) if isinstance(high, (int, float)) and not isinstance(high, bool) and high > 0 else 0.0,
+        float(low) if _is_number(low) and low > 0 else 0.0,
+        float(high) if _is_number(high) and high > 0 else 0.0,
     )
 
 
