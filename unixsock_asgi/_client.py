@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any, Literal, overload
 
 from . import _compat
+from ._checks import is_seconds, whole_number
 from ._exceptions import ConnectError, ProtocolError, TimeoutException, TransportError
 from ._protocol import (
     HARD_MAX_MESSAGE_SIZE,
@@ -106,18 +107,17 @@ def _checked_timeout(timeout: float | None) -> float | None:
     """A timeout as given: a positive number of seconds, or None (wait for ever; so is inf)."""
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+    if not is_seconds(timeout):
         raise ValueError(f"timeout must be a positive number of seconds or None (no limit), not {timeout!r}")
     return None if timeout == math.inf else timeout
 
 
 def _checked_size(size: Any, name: str) -> int:
     """The largest reply accepted; more than the protocol allows is the protocol's limit."""
-    if isinstance(size, float) and size.is_integer():
-        size = int(size)  # 1048576.0, read from a configuration
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    checked = whole_number(size, 1)
+    if checked is None:
         raise ValueError(f"{name} must be a whole number of bytes of at least 1, not {size!r}")
-    return min(size, HARD_MAX_MESSAGE_SIZE)
+    return min(checked, HARD_MAX_MESSAGE_SIZE)
 
 
 class _BaseClient:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import _compat
+from ._checks import is_seconds, whole_number
 from ._commands import Command, Commands
 from ._exceptions import ArgumentError
 from ._protocol import STATUS_FAIL, STATUS_OK, Response, short_repr
@@ -308,17 +309,18 @@ class ControlPlane:
     def _check_options(self) -> None:
         """The middleware's own options that cannot work: a ValueError naming the first."""
         timeout = self.app_timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        if not is_seconds(timeout):
             raise ValueError(
                 f"app_timeout must be a positive number of seconds (inf: no limit), not {timeout!r}"
             )
-        retry_after: Any = self.default_retry_after
-        if isinstance(retry_after, float) and retry_after.is_integer():  # 30.0, from a configuration
-            retry_after = self.retry_after = self.default_retry_after = int(retry_after)
-        if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
+        retry_after = whole_number(self.default_retry_after, 0)
+        if retry_after is None:
             raise ValueError(
-                f"retry_after must be a whole number of seconds of at least 0, not {retry_after!r}"
+                f"retry_after must be a whole number of seconds of at least 0, not {self.default_retry_after!r}"
             )
+        if self.retry_after is self.default_retry_after:  # not one maintenance_on gave meanwhile
+            self.retry_after = retry_after
+        self.default_retry_after = retry_after  # 30 for 30.0, from a configuration
         for name, paths in (
             ("health_path", [self.health_path]),
             ("maintenance_exempt", self.maintenance_exempt),

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TextIO
 
 from . import _compat
+from ._checks import is_seconds
 from ._client import BACKLOG_FULL, AsyncClient
 from ._exceptions import BindError, ConnectError, TimeoutException, TransportError
 from ._protocol import HARD_MAX_MESSAGE_SIZE, STATUS_OK, STOPPING_PAYLOAD, check_unicode
@@ -880,7 +881,7 @@ async def fan_out(
     any more are reported in ``stale`` rather than as failures, and workers
     that exited while asked in ``gone``.
     """
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+    if not is_seconds(timeout):
         raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
     limit = asyncio.Semaphore(MAX_CONCURRENT_WORKERS)
 

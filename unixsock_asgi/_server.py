@@ -42,6 +42,7 @@ from types import TracebackType
 from typing import Any
 
 from . import _compat
+from ._checks import is_seconds, whole_number
 from ._protocol import (
     HARD_MAX_MESSAGE_SIZE,
     STATUS_OK,
@@ -109,11 +110,11 @@ class ServerConfig:
             if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
                 raise ValueError(f"{name} must hold whole numbers of at least 0, not {given!r}")
             setattr(self, name, ids)
-        size: Any = self.max_message_size
-        if isinstance(size, float) and size.is_integer():
-            size = int(size)  # 1048576.0, read from a configuration
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"max_message_size must be a whole number of bytes of at least 1, not {size!r}")
+        size = whole_number(self.max_message_size, 1)
+        if size is None:
+            raise ValueError(
+                f"max_message_size must be a whole number of bytes of at least 1, not {self.max_message_size!r}"
+            )
         self.max_message_size = min(size, HARD_MAX_MESSAGE_SIZE)  # more is the protocol's limit, as ever
         mode = self.socket_mode
         if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
@@ -122,17 +123,15 @@ class ServerConfig:
                 hint = f" (did you mean 0o{mode}? {mode} is decimal)"
             raise ValueError(f"socket_mode {mode!r} is not a permission mode from 0o000 to 0o777{hint}")
         for name in ("max_connections", "handler_threads"):
-            value = getattr(self, name)
-            if isinstance(value, float) and value.is_integer():
-                value = int(value)  # 8.0, read from a configuration
-                setattr(self, name, value)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a whole number of at least 1, not {value!r}")
+            value = whole_number(getattr(self, name), 1)
+            if value is None:
+                raise ValueError(f"{name} must be a whole number of at least 1, not {getattr(self, name)!r}")
+            setattr(self, name, value)
         for name in ("timeout", "idle_timeout", "handler_timeout"):
             value = getattr(self, name)
             if name == "handler_timeout" and value is None:
                 continue  # no limit
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            if not is_seconds(value):
                 raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
 
 
