@@ -245,6 +245,32 @@ def test_a_second_function_under_a_taken_name_is_refused() -> None:
     assert command is not None and command.func is reloaded
 
 
+def test_include_refuses_a_clash_as_add_does_and_adds_nothing_then() -> None:
+    registry = Commands()
+
+    @registry.command
+    def restock() -> str:
+        return "ours"
+
+    other = Commands()
+
+    @other.command
+    def audit() -> str:
+        return "audit"
+
+    other.add(lambda: "theirs", name="restock")
+    with pytest.raises(ValueError, match=r"'restock' is registered already \(by .*restock\); rename one"):
+        registry.include(other)
+    assert [c.name for c in registry] == ["restock"]  # not half of other's
+    assert registry["restock"].func is restock
+
+    same = Commands()
+    same.add(restock)  # the same function in both: harmless
+    same.add(audit)
+    registry.include(same)
+    assert [c.name for c in registry] == ["audit", "restock"]
+
+
 def test_context_goes_to_a_parameter_annotated_with_it_whatever_its_name() -> None:
     registry = Commands()
 

@@ -171,13 +171,7 @@ class Commands:
             raise TypeError(f"a command is a function, not {type(func).__name__} {func!r}")
         if not isinstance(cmd_name, str) or not cmd_name:
             raise TypeError(f"{func!r} has no __name__ to name a command by: pass name=")
-        existing = self._commands.get(cmd_name)
-        # The same function registered again (a module reloaded, say) replaces itself.
-        if existing is not None and _func_name(existing.func) != _func_name(func):
-            raise ValueError(
-                f"command {cmd_name!r} is registered already (by {_func_name(existing.func)});"
-                " pass name= to register another under a different name"
-            )
+        self._check_free(cmd_name, func, "pass name= to register another under a different name")
         sig = inspect.signature(func)
         try:
             hints = typing.get_type_hints(func)
@@ -227,8 +221,22 @@ class Commands:
         return command
 
     def include(self, other: Commands) -> None:
-        """Add every command of ``other``; later registrations win on a name clash."""
+        """Add every command of ``other``.
+
+        A name both registries give to different functions is refused, as
+        :meth:`add` refuses it, and then none of ``other``'s commands is added.
+        """
+        for name, command in other._commands.items():
+            self._check_free(name, command.func, "rename one of the two")
         self._commands.update(other._commands)
+
+    def _check_free(self, name: str, func: Callable[..., Any], hint: str) -> None:
+        existing = self._commands.get(name)
+        # The same function registered again (a module reloaded, say) replaces itself.
+        if existing is not None and _func_name(existing.func) != _func_name(func):
+            raise ValueError(
+                f"command {name!r} is registered already (by {_func_name(existing.func)}); {hint}"
+            )
 
     def get(self, name: str) -> Command | None:
         """The command called ``name``, or None."""
