@@ -98,6 +98,13 @@ def test_requests_without_a_lifespan_say_once_why_there_is_no_socket(
     said = [r for r in caplog.records if r.getMessage().startswith("no control socket")]
     assert len(said) == 1 and "uvicorn --lifespan off" in said[0].getMessage() and not sock.exists()
     caplog.clear()
+    websockets_only = TestClient(_starlette(sock))  # Channels under daphne: no HTTP request at all
+    for _ in range(2):
+        with websockets_only.websocket_connect("/ws") as ws:
+            assert ws.receive_text() == "hello"
+    said = [r for r in caplog.records if r.getMessage().startswith("no control socket")]
+    assert len(said) == 1 and "got a websocket connection but no lifespan startup" in said[0].getMessage()
+    caplog.clear()
     with TestClient(_starlette(sock)) as http:  # with its lifespan: nothing to say
         assert http.get("/hello/x").status_code == 200
         _payload(Client(sock), "health_fail")

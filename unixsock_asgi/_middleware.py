@@ -222,14 +222,8 @@ class ControlSocketMiddleware:
     async def _gated(self, scope: Scope, send: Send) -> bool:
         """Answer 503 when maintenance is on or the health check is made to fail."""
         control = self.control
-        if control.awaiting_lifespan:  # the first request, and no lifespan began
-            control.lifespan_began()  # (to say so once)
-            logger.warning(
-                "no control socket: %s got an HTTP request but no lifespan startup, so it never"
-                " started one; the server runs without the lifespan protocol (uvicorn --lifespan off, daphne),"
-                " or the middleware is not on the top-level app (a mounted app gets no lifespan)",
-                type(self).__name__,
-            )
+        if control.awaiting_lifespan:
+            self._no_lifespan("an HTTP request")
             if not control.gate:
                 return False
         path = self._app_path(scope)
@@ -248,8 +242,21 @@ class ControlSocketMiddleware:
         self.stats.record(route, scope["method"], 503, time.perf_counter() - start, False)
         return True
 
+    def _no_lifespan(self, what: str) -> None:
+        """The first request, and no lifespan began: say once why there is no socket."""
+        self.control.lifespan_began()
+        logger.warning(
+            "no control socket: %s got %s but no lifespan startup, so it never"
+            " started one; the server runs without the lifespan protocol (uvicorn --lifespan off, daphne),"
+            " or the middleware is not on the top-level app (a mounted app gets no lifespan)",
+            type(self).__name__,
+            what,
+        )
+
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         control = self.control
+        if control.awaiting_lifespan:  # a websocket-only app (Channels under daphne, say)
+            self._no_lifespan("a websocket connection")
         if control.maintenance and self._app_path(scope) not in control.maintenance_exempt:
             # No new sessions during maintenance (open ones go on): refused at the
             # handshake. Where the server lets the app answer the handshake itself
