@@ -229,6 +229,48 @@ def test_an_app_whose_startup_fails_still_fails_and_leaves_no_socket(short_dir: 
     assert not sock.exists()
 
 
+def _run_lifespan_without_asyncio(app: Any) -> list[dict[str, Any]]:
+    """Startup then shutdown, with no asyncio loop running: as hypercorn -k trio runs them."""
+    incoming = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(incoming)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    coro = app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
+    try:
+        coro.send(None)
+    except StopIteration:  # never suspended: nothing in it waits on a loop
+        return sent
+    except RuntimeError as exc:  # startup.failed goes out, then the app raises (strict)
+        sent.append({"type": "raised", "message": str(exc)})
+        return sent
+    coro.close()
+    raise AssertionError("the lifespan waited on something no loop will ever wake")
+
+
+def test_a_server_without_asyncio_serves_on_and_is_told_why(
+    short_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while (await receive())["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+
+    sock = short_dir / "c.sock"
+    with caplog.at_level(logging.WARNING, "unixsock_asgi"):
+        sent = _run_lifespan_without_asyncio(ControlSocketMiddleware(app, path=sock))
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert "runs the app on no asyncio event loop (trio, say)" in caplog.text
+    assert "serves on without it" in caplog.text and not sock.exists()
+    sent = _run_lifespan_without_asyncio(ControlSocketMiddleware(app, path=sock, strict=True))
+    assert [m["type"] for m in sent] == ["lifespan.startup.failed", "raised"]
+    assert "no asyncio event loop" in sent[0]["message"] and not sock.exists()
+
+
 def test_socket_trouble_never_breaks_the_app_unless_strict(
     short_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -237,7 +237,13 @@ class ControlPlane:
 
     async def start(self, path: str, socket_dir: str | None, scope: dict[str, Any]) -> None:
         """Bind the control socket and begin serving; runs on the app loop at startup."""
-        self.app_loop = asyncio.get_running_loop()
+        try:
+            self.app_loop = asyncio.get_running_loop()
+        except RuntimeError:  # hypercorn -k trio: the lifespan runs, on no asyncio loop
+            raise RuntimeError(
+                "the server runs the app on no asyncio event loop (trio, say), and the control socket"
+                " needs one: run it on asyncio or uvloop (uvicorn, hypercorn's default worker, granian)"
+            ) from None
         if self._pid != os.getpid():  # made before a fork (gunicorn --preload): this process's uptime
             self._pid = os.getpid()
             self.started_at = time.time()
