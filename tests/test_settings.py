@@ -226,3 +226,14 @@ def test_a_setting_object_is_written_and_reset_as_its_name_is() -> None:
     with pytest.raises(KeyError, match="is not a setting declared here"):
         settings[RATIO] = 2.0
     assert settings[PAGE_SIZE] == 20
+
+
+def test_a_setting_of_a_narrower_type_stands_where_a_wider_one_is_wanted() -> None:
+    # mypy --strict checks this file in CI: a Setting is read-only, so a Setting[int] is a
+    # Setting[float] and a Setting[object] to a type checker (it was refused before).
+    discount = Setting("discount", int, 0)
+    wider: Setting[float] = discount
+    declared: list[Setting[object]] = [discount, Setting("greeting", str, "hi")]
+    settings = Settings(*declared)
+    ratio: float = settings[wider]
+    assert ratio == 0 and settings.set(wider, 5) == (0, 5) and settings[discount] == 5

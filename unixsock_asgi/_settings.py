@@ -23,10 +23,11 @@ __all__ = ["Setting", "Settings"]
 
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 
 @dataclass(frozen=True)
-class Setting(Generic[T]):
+class Setting(Generic[T_co]):
     """The declaration of one runtime setting.
 
     Generic in its value's type, taken from ``type`` when it is a class:
@@ -44,8 +45,8 @@ class Setting(Generic[T]):
         def __init__(
             self,
             name: str,
-            type: builtins.type[T],
-            default: T,
+            type: builtins.type[T_co],
+            default: T_co,
             doc: str = "",
             *,
             minimum: float | None = None,
@@ -57,7 +58,7 @@ class Setting(Generic[T]):
             self,
             name: str,
             type: Any,
-            default: T,
+            default: T_co,
             doc: str = "",
             *,
             minimum: float | None = None,
@@ -68,7 +69,7 @@ class Setting(Generic[T]):
 
     name: str
     type: Any
-    default: T
+    default: T_co
     doc: str = ""
     _: KW_ONLY  # the checks go by name: in Setting("port", int, 80, "", 1, 65535) which is which?
     minimum: float | None = None
