@@ -1354,7 +1354,7 @@ def test_a_handler_that_cannot_take_cmd_and_args_is_refused_when_given(tmp_path:
         with pytest.raises(TypeError, match=r"cannot be called as \(cmd, args\) nor as \(cmd, args, ctx\)"):
             UnixSockServer(str(tmp_path / "s.sock"), handler)  # type: ignore[arg-type]
         with pytest.raises(TypeError, match=r"the handler .*(one_arg|four_args)\(cmd"):
-            ControlSocketMiddleware(Starlette(), path=str(tmp_path / "m.sock"), handler=handler)
+            ControlSocketMiddleware(Starlette(), path=str(tmp_path / "m.sock"), handler=handler)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="must be a function of"):
         UnixSockServer(str(tmp_path / "s.sock"), "ping")  # type: ignore[arg-type]
     assert not list(tmp_path.iterdir())  # nothing was bound

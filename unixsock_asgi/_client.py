@@ -132,11 +132,11 @@ class _BaseClient:
         respond: bool = True,
         close: bool = True,
     ) -> None:
-        self.path = os.fspath(path)
-        self.timeout = _checked_timeout(timeout)
-        self.max_message_size = _checked_size(max_message_size, "max_message_size")
-        self.respond = respond
-        self.close_after = close
+        self.path: str = os.fspath(path)
+        self.timeout: float | None = _checked_timeout(timeout)
+        self.max_message_size: int = _checked_size(max_message_size, "max_message_size")
+        self.respond: bool = respond
+        self.close_after: bool = close
 
     def options(
         self,

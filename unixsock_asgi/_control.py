@@ -41,6 +41,10 @@ __all__ = ["CommandContext", "ControlPlane"]
 logger = logging.getLogger("unixsock_asgi")
 
 
+AppHandler = Callable[[str, dict[str, Any]], Any] | Callable[[str, dict[str, Any], "CommandContext"], Any]
+"""The Go-style monolithic handler: ``handler(cmd, args)`` or ``handler(cmd, args, ctx)``, sync or async."""
+
+
 @dataclass
 class CommandContext:
     """What a command handler gets as ``ctx``: live access to the running app."""
@@ -175,7 +179,7 @@ class ControlPlane:
         commands: AllCommands,
         settings: Settings,
         stats: Stats,
-        handler: Callable[..., Any] | None,
+        handler: AppHandler | None,
         server_options: dict[str, Any],
         app_timeout: float,
         health_path: str,
@@ -191,13 +195,14 @@ class ControlPlane:
         self.server_options = server_options
         self.app_timeout = app_timeout
         self.health_path = health_path
-        self.maintenance_exempt = frozenset(maintenance_exempt)
-        self.retry_after = self.default_retry_after = retry_after
-        self.health_failing = False
-        self.maintenance = False
+        self.maintenance_exempt: frozenset[str] = frozenset(maintenance_exempt)
+        self.default_retry_after: int = retry_after
+        self.retry_after: int = retry_after  # the same object: see _check_options
+        self.health_failing: bool = False
+        self.maintenance: bool = False
         # Until a lifespan starts, the first request checks whether one ever will.
-        self.awaiting_lifespan = True
-        self.gate = True  # health_failing, maintenance or awaiting_lifespan: one check on the hot path
+        self.awaiting_lifespan: bool = True
+        self.gate: bool = True  # health_failing, maintenance or awaiting_lifespan: one check on the hot path
         self.lifespan_state: dict[str, Any] = {}
         self.app_state: Any = None
         self.host_app: Any = None  # the lifespan's scope["app"]: see CommandContext.app
@@ -208,9 +213,9 @@ class ControlPlane:
         self.server: UnixSockServer | None = None
         self.socket_path: str | None = None
         self.socket_dir: str | None = None
-        self.started_at = time.time()
+        self.started_at: float = time.time()
         self._pid = os.getpid()
-        self.monitor = _LoopMonitor()
+        self.monitor: _LoopMonitor = _LoopMonitor()
         self.log_restores: dict[str, LogRestore] = {}
 
     # -- health and maintenance -------------------------------------------

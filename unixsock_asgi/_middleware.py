@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 from ._builtins import builtin_commands, caller_modules, server_software
 from ._commands import Commands
-from ._control import AllCommands, ControlPlane
+from ._control import AllCommands, AppHandler, ControlPlane
 from ._settings import Settings
 from ._stats import LIVE_LIMIT, UNMATCHED, Stats, routes_behind
 
@@ -72,7 +72,7 @@ class ControlSocketMiddleware:
         *,
         socket_dir: str | os.PathLike[str] | None = None,
         name: str = "app",
-        handler: Callable[..., Any] | None = None,
+        handler: AppHandler | None = None,
         commands: Commands | None = None,
         settings: Settings | None = None,
         stats: Stats | None = None,
@@ -93,15 +93,15 @@ class ControlSocketMiddleware:
         if path is not None and socket_dir is not None:
             raise TypeError("pass path= or socket_dir=, not both")
         self.app = app
-        self.path = None if path is None else _fspath(path, "path")
-        self.socket_dir = None if socket_dir is None else _fspath(socket_dir, "socket_dir")
+        self.path: str | None = None if path is None else _fspath(path, "path")
+        self.socket_dir: str | None = None if socket_dir is None else _fspath(socket_dir, "socket_dir")
         self.name = name
         self.strict = strict
         # Looked up live (commands registered after this count); replaced built-ins are warned of at startup.
         registry = AllCommands(commands, builtin_commands)
-        self.stats = stats if stats is not None else Stats()
+        self.stats: Stats = stats if stats is not None else Stats()
         self._route_trees: dict[int, _RouteTree] = {}  # see _route_key
-        self.control = ControlPlane(
+        self.control: ControlPlane = ControlPlane(
             app,
             commands=registry,
             settings=settings if settings is not None else Settings(),

@@ -105,10 +105,10 @@ class LatencyHistogram:
 
     def __init__(self) -> None:
         self.buckets: dict[int, int] = {}
-        self.count = 0
-        self.sum = 0.0
-        self.max = 0.0
-        self.min = math.inf
+        self.count: int = 0
+        self.sum: float = 0.0
+        self.max: float = 0.0
+        self.min: float = math.inf
         """The smallest observation; inf while there is none, 0.0 when unknown (merged with
         a payload of a version that did not send it)."""
 
@@ -385,11 +385,12 @@ class Stats:
     """
 
     def __init__(self) -> None:
-        self.started_at = time.time()
+        self.started_at: float = time.time()
+        self.reset_at: float = self.started_at  # reset() below sets it again
         self._started_mono = time.monotonic()
-        self.loop_lag_s = 0.0
-        self.loop_lag_max_s = 0.0
-        self.loop_lag_total_s = 0.0
+        self.loop_lag_s: float = 0.0
+        self.loop_lag_max_s: float = 0.0
+        self.loop_lag_total_s: float = 0.0
         """Every measured lag added up (a counter): its rate is the share of time the loop ran late."""
         self.started = 0
         """HTTP requests the middleware has started (never reset)."""
@@ -408,7 +409,7 @@ class Stats:
         self._counting = False  # counting is under way on this thread (re-entry would split it)
         self._route_names: dict[int, str] = {}
         self._route_objects: list[Any] = []  # keeps the ids in _route_names from being reused
-        self.resets = -1
+        self.resets: int = -1
         """How many times :meth:`reset` has run (``stats_reset``): the one below is not counted."""
         self.reset()
 
