@@ -244,6 +244,15 @@ def test_a_second_function_under_a_taken_name_is_refused() -> None:
     command = registry.get("flush")
     assert command is not None and command.func is reloaded
 
+    def scale(factor: int, amount: int) -> int:
+        return factor * amount
+
+    registry.add(functools.partial(scale, 2), name="double")
+    with pytest.raises(
+        ValueError, match=r"'double' is registered already \(by functools\.partial\(<function"
+    ):
+        registry.add(functools.partial(scale, 3), name="double")
+
 
 def test_include_refuses_a_clash_as_add_does_and_adds_nothing_then() -> None:
     registry = Commands()

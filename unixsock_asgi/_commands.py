@@ -500,7 +500,10 @@ def _unsupported(annotation: Any) -> str:
 
 
 def _func_name(func: Callable[..., Any]) -> str:
-    return f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', repr(func))}"
+    qualname = getattr(func, "__qualname__", None)
+    if not isinstance(qualname, str):  # a functools.partial, a callable object: its repr says it all
+        return repr(func)
+    return f"{getattr(func, '__module__', '?')}.{qualname}"
 
 
 def _annotation_text(annotation: Any) -> str:
