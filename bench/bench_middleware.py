@@ -555,9 +555,11 @@ def start_server(
     *,
     wrapper: Sequence[str] = (),
     extra_env: dict[str, str] | None = None,
+    factory: str = f"{Path(__file__).stem}:uvicorn_app",
 ) -> UvicornServer:
     """Start uvicorn with one worker, no access log, on a free port (under ``wrapper``, e.g.
-    valgrind, when given); do not wait for it."""
+    valgrind, when given); do not wait for it. ``factory`` is the app factory of a module
+    in this directory that reads the variant from the environment, as :func:`uvicorn_app` does."""
     port = free_port()
     socket_dir = tempfile.mkdtemp(prefix="usab-")  # short: socket paths must fit in 107 bytes
     env = {
@@ -569,7 +571,7 @@ def start_server(
         _ENV_PREFIX + "SOCKET_DIR": socket_dir,
     }
     argv = [
-        *wrapper, sys.executable, "-m", "uvicorn", "--factory", f"{Path(__file__).stem}:uvicorn_app",
+        *wrapper, sys.executable, "-m", "uvicorn", "--factory", factory,
         "--app-dir", str(Path(__file__).parent), "--host", "127.0.0.1", "--port", str(port),
         "--no-access-log", "--log-level", "warning", "--lifespan", "on",
     ]  # fmt: skip
