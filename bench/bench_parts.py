@@ -27,9 +27,11 @@ This file is also the app module of its uvicorn processes (``uvicorn_app``).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -147,7 +149,8 @@ def build_app(variant: str, socket_dir: str) -> ASGIApp:
 
 def uvicorn_app() -> ASGIApp:
     """The uvicorn factory (``--factory bench_parts:uvicorn_app``): the variant comes from env."""
-    return build_app(os.environ["UNIXSOCK_BENCH_VARIANT"], os.environ["UNIXSOCK_BENCH_SOCKET_DIR"])
+    env = os.environ
+    return build_app(env[bm._ENV_PREFIX + "VARIANT"], env[bm._ENV_PREFIX + "SOCKET_DIR"])
 
 
 def pair_ratio(
@@ -202,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds of load per pair and round")
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write every round's ratio there")
     args = parser.parse_args(argv)
     pairs = parse_pairs(args.pairs)
     if not bm.can_pin():
@@ -230,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         table.rows.append(
             [
                 f"{a}/{b}",
-                f"{sorted(values)[len(values) // 2]:.4f}",
+                f"{statistics.median(values):.4f}",
                 f"{low:.4f}-{high:.4f}" + ("" if coverage >= 0.95 else f" (covers {coverage:.0%})"),
                 f"{min(values):.3f}-{max(values):.3f}",
                 reading(low, high) if coverage >= 0.95 else "too few rounds",
@@ -239,6 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     table.notes.append(
         f"{args.rounds} rounds x {args.duration:g} s per pair, pairs shuffled each round; load generator: {described}"
     )
+    if args.json is not None:
+        args.json.write_text(json.dumps({f"{a}/{b}": values for (a, b), values in results.items()}, indent=1))
     print()
     print(table.text())
     print()
