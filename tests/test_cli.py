@@ -1368,6 +1368,21 @@ def test_shell_from_a_pipe_exits_1_when_a_command_failed(fleet: Fleet, socket_di
     assert "pong" in result.stdout and "unknown level" in result.stdout
 
 
+def test_shell_from_a_pipe_with_only_stale_sockets_has_nothing_to_talk_to(socket_dir: Path) -> None:
+    # As send says of the same target: exit 2 before the first line, not 1 at it.
+    stale = socket_dir / "app-8.sock"
+    make_stale_socket(stale)
+    result = _cli("shell", str(socket_dir), stdin="ping\n")
+    assert result.returncode == EXIT_USAGE
+    assert result.stderr.splitlines() == [
+        f"unixsock-asgi: error: nothing to talk to: 1 socket(s) in {socket_dir}, no live worker"
+    ]
+    assert result.stdout == ""
+    result = _cli("shell", str(stale), stdin="ping\n")
+    assert result.returncode == EXIT_USAGE
+    assert "nothing listens on" in result.stderr and result.stdout == ""
+
+
 def test_shell_on_one_socket_says_a_failure_once_on_stderr(fleet: Fleet) -> None:
     (worker,) = fleet.start(1)
     result = _cli("shell", str(worker.path), stdin="set_log_level level=LOUD\nping\n")

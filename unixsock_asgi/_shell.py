@@ -16,7 +16,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeGuard
 
-from ._fleet import Target, fan_out
+from ._fleet import FanOutResult, Target, fan_out, nothing_listens
 from ._protocol import Close, ProtocolViolation, parse_line
 from .cli import (
     EXIT_FAILED,
@@ -26,6 +26,7 @@ from .cli import (
     gone_text,
     help_topic,
     no_sockets,
+    nobody_answered,
     one_line,
     render_answers,
     reply_timeout,
@@ -151,6 +152,11 @@ def run_shell(target: Target, *, timeout: float, history_file: str) -> int:
             raise UsageError(f"nothing to talk to: no live worker at {target.path}")
         catalog = CommandCatalog.from_help([r.payload for r in answers.successes])
     else:  # piped commands complete nothing: none waits for a stopped worker's help first
+        if all(map(nothing_listens, sockets)):
+            # Only stale sockets: nothing to talk to (2, as send says), before the first line.
+            error = nobody_answered(target, FanOutResult(stale=list(sockets)))
+            if error is not None:
+                raise error
         catalog = CommandCatalog.from_help([])
     readline = _setup_readline(catalog, history_file) if interactive else None
     prompt = f"{os.path.basename(target.path.rstrip('/')) or target.path}> " if interactive else ""
