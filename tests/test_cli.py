@@ -488,6 +488,26 @@ def test_a_rejected_command_is_not_persisted(
     assert "not persisted: 2 worker(s) refused it; workers started later will not apply it" in err
 
 
+def test_a_command_no_worker_confirmed_in_time_is_not_persisted_and_says_it_may_have_run(
+    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (slow,) = fleet.start(1, reply_delay_s=1.0)
+    status, _, err = run(
+        capsys, "send", str(socket_dir), "set", "name=motd", "value=later", "--persist", "--timeout", "0.3"
+    )
+    assert status == EXIT_FAILED
+    assert not Path(overrides_path(str(socket_dir))).exists()
+    assert err.splitlines()[0] == (
+        "not persisted: no worker confirmed it: 1 timed out and may have applied it"
+        " (send it again with --persist once they answer)"
+    )
+    assert "timeout: no reply within 0.3s" in err.splitlines()[1]
+    deadline = time.monotonic() + 5
+    while slow.settings.get("motd") != "later" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert slow.settings["motd"] == "later"  # it did: hence "may have", not "no worker applied it"
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

@@ -680,6 +680,13 @@ def _persist(directory: str, cmd: str, args: Mapping[str, Any], outcome: FanOutR
         # A worker that refuses the command means bad arguments: do not make them durable.
         return "", f"{len(rejected)} worker(s) refused it; workers started later will not apply it"
     if not outcome.successes:
+        late = sum(r.status == "timeout" for r in outcome.results)
+        if late:
+            # None confirmed it, yet those may have applied it: say so, not "none applied it".
+            return "", (
+                f"no worker confirmed it: {late} timed out and may have applied it"
+                " (send it again with --persist once they answer)"
+            )
         return "", "no worker applied it"
     try:
         persist_override(directory, cmd, args, AskedWorkers.of(outcome.successes))
