@@ -881,6 +881,31 @@ def test_top_names_a_socket_without_a_pid_in_full(
     assert f"{os.getpid():>7} TIMEOUT  nginx-http.sock" in out
 
 
+def test_top_says_on_the_row_why_a_worker_did_not_answer(
+    start_server: Any, fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # In the live view stderr is the screen's: the row is where an operator reads why.
+    from unixsock_asgi import Response
+
+    (quick,) = fleet.start(1)
+    (hung,) = fleet.start(1, reply_delay_s=10.0)
+
+    def refusing(cmd: str, args: dict[str, Any]) -> Any:
+        return Response.failure("uid 65534 may not use this socket\x1b[2J")
+
+    start_server(refusing, path=str(socket_dir / "app-7.sock"))
+    status, out, _ = run(capsys, "top", str(socket_dir), "--once", "--interval", "0.1", "--timeout", "0.5")
+    assert status == EXIT_FAILED
+    rows = {
+        line.split()[0]: line.split(None, 2)[1:] for line in out.splitlines() if line.strip()[:1].isdigit()
+    }
+    # (named by its socket's pid)
+    assert rows["7"] == ["FAILURE", "uid 65534 may not use this socket\\x1b[2J"]  # as text, never a control
+    assert rows[str(hung.pid)][0] == "TIMEOUT"
+    assert rows[str(hung.pid)][1].startswith("no reply within 0.5s ('stats' is answered even while")
+    assert rows[str(quick.pid)][0] == "0.0"
+
+
 def test_top_keeps_a_worker_that_went_away_on_view_for_a_minute(fleet: Fleet, socket_dir: Path) -> None:
     import asyncio
 

@@ -108,6 +108,8 @@ class WorkerRow:
     latency_bounds: tuple[float, float] = (0.0, 0.0)
     last_answered: float | None = None
     """For a gone worker: when it last answered (``time.time()``)."""
+    error: str = ""
+    """Why a worker that did not answer success did not (shown after its status)."""
 
 
 @dataclass
@@ -303,7 +305,7 @@ class TopView:
         seen_routes: dict[tuple[str, int | None], dict[str, _RouteSample]] = {}
         self.routes_answered = 0
         for r in sorted(outcome.results, key=lambda r: (r.pid or 0, r.socket)):
-            row = WorkerRow(r.pid, r.socket, r.status)
+            row = WorkerRow(r.pid, r.socket, r.status, error=r.error)
             rows.append(row)
             if not (r.ok and isinstance(r.payload, Mapping)):
                 known = self._answered.get(r.socket)
@@ -519,7 +521,9 @@ class TopView:
             # A pid its socket's name does not say (or none): the socket's whole name too.
             named = label is None and (r.pid is None or pid_from_socket_name(r.socket) is None)
             whole = f"  {os.path.basename(r.socket)}" if named else ""
-            return f"{name:>7} {r.status.upper():>7}{whole}"
+            # Why, as far as the line goes: stderr is the screen's in a live view.
+            why = f"  {r.error}" if r.error else ""
+            return f"{name:>7} {r.status.upper():>7}{whole}{why}"
         rate = "-" if r.requests_per_s is None else _fitted(r.requests_per_s, 7, ".1f")
         errors = _per_second(r.errors_per_s)
         client_errors = f" {_per_second(r.client_errors_per_s):>5}" if wide else ""
