@@ -174,6 +174,21 @@ def test_shell_keeps_history_and_leaves_on_eof(
     assert _wait_exit(child) == 0
 
 
+def test_shell_says_when_it_cannot_save_its_history(
+    spawn: Spawn, fleet: Fleet, socket_dir: Path, tmp_path: Path
+) -> None:
+    fleet.start(1)
+    nowhere = tmp_path / "no-such-dir" / "history"
+    child = spawn("shell", str(socket_dir), "--history-file", str(nowhere))
+    child.expect(r"> ")
+    child.send("ping\r")
+    child.expect("pong")
+    child.expect(r"> ")
+    child.sendeof()
+    child.expect(f"note: history not saved to {nowhere}: No such file or directory")
+    assert _wait_exit(child) == 0  # every command succeeded
+
+
 def test_top_gives_the_terminal_back_when_it_is_terminated(
     spawn: Spawn, fleet: Fleet, socket_dir: Path
 ) -> None:

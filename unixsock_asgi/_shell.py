@@ -130,8 +130,10 @@ def _save_history(readline: Any, history_file: str) -> None:
     try:
         readline.write_history_file(history_file)
         os.chmod(history_file, 0o600)  # commands may carry settings values
-    except OSError:
-        pass
+    except OSError as exc:
+        # Said, not swallowed: the next session would find nothing and nobody would know why.
+        why = exc.strerror or exc
+        print(terminal_safe(one_line(f"note: history not saved to {history_file}: {why}")), file=sys.stderr)
 
 
 _CATALOG_TIMEOUT = 3.0
