@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -187,6 +188,50 @@ def test_shell_says_when_it_cannot_save_its_history(
     child.sendeof()
     child.expect(f"note: history not saved to {nowhere}: No such file or directory")
     assert _wait_exit(child) == 0  # every command succeeded
+
+
+def test_shell_history_in_a_device_leaves_the_device_as_it_was(
+    spawn: Spawn, fleet: Fleet, socket_dir: Path, tmp_path: Path
+) -> None:
+    # --history-file /dev/null, to keep none: as root, the shell made /dev/null 0600 on leaving.
+    fleet.start(1)
+    device = tmp_path / "null"
+    try:
+        os.mknod(device, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # a /dev/null of the test's own
+        os.chmod(device, 0o666)  # whatever the umask
+    except PermissionError:  # not root: /dev/null itself, which the shell cannot chmod then
+        device = Path("/dev/null")
+    before = os.stat(device).st_mode
+    child = spawn("shell", str(socket_dir), "--history-file", str(device))
+    child.expect(r"> ")
+    child.send("ping\r")
+    child.expect("pong")
+    child.expect(r"> ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    assert b"note:" not in child.before  # written, and nothing to say
+    assert _wait_exit(child) == 0
+    assert os.stat(device).st_mode == before
+
+
+def test_shell_history_file_is_private_from_the_start(
+    spawn: Spawn, fleet: Fleet, socket_dir: Path, tmp_path: Path
+) -> None:
+    fleet.start(1)
+    history = tmp_path / "history"
+    child = spawn("shell", str(socket_dir), "--history-file", str(history))
+    child.expect(r"> ")
+    child.send("ping\r")
+    child.expect(r"> ")
+    child.sendeof()
+    assert _wait_exit(child) == 0
+    assert stat.S_IMODE(history.stat().st_mode) == 0o600 and "ping" in history.read_text()
+    history.chmod(0o644)  # an older file, or one another tool made
+    child = spawn("shell", str(socket_dir), "--history-file", str(history))
+    child.expect(r"> ")
+    child.sendeof()
+    assert _wait_exit(child) == 0
+    assert stat.S_IMODE(history.stat().st_mode) == 0o600
 
 
 def test_top_gives_the_terminal_back_when_it_is_terminated(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeGuard
@@ -128,12 +129,24 @@ def _save_history(readline: Any, history_file: str) -> None:
     if readline is None or not history_file:
         return
     try:
+        # Made 0600 before anything is written to it: commands may carry settings values.
+        os.close(os.open(history_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
         readline.write_history_file(history_file)
-        os.chmod(history_file, 0o600)  # commands may carry settings values
     except OSError as exc:
         # Said, not swallowed: the next session would find nothing and nobody would know why.
-        why = exc.strerror or exc
-        print(terminal_safe(one_line(f"note: history not saved to {history_file}: {why}")), file=sys.stderr)
+        _note(f"history not saved to {history_file}: {exc.strerror or exc}")
+        return
+    try:
+        st = os.stat(history_file)
+        # Only a file of its own: --history-file /dev/null must not make /dev/null 0600 (as root).
+        if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) & 0o077:
+            os.chmod(history_file, 0o600)
+    except OSError as exc:
+        _note(f"history saved to {history_file}, but not made private (0600): {exc.strerror or exc}")
+
+
+def _note(text: str) -> None:
+    print(terminal_safe(one_line(f"note: {text}")), file=sys.stderr)
 
 
 _CATALOG_TIMEOUT = 3.0
