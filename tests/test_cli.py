@@ -1414,7 +1414,7 @@ def test_shell_from_a_pipe_exits_1_when_a_command_failed(fleet: Fleet, socket_di
 
 
 def test_shell_from_a_pipe_with_only_stale_sockets_has_nothing_to_talk_to(socket_dir: Path) -> None:
-    # As send says of the same target: exit 2 before the first line, not 1 at it.
+    # As send says of the same target: exit 2 at the first command, not a failure among others.
     stale = socket_dir / "app-8.sock"
     make_stale_socket(stale)
     result = _cli("shell", str(socket_dir), stdin="ping\n")

@@ -813,13 +813,13 @@ async def ask_worker(
         if BACKLOG_FULL in str(exc):  # the client's own timeout came first (Python 3.10's shim)
             result.status = STATUS_TIMEOUT
             result.error = f"no connection within {timeout:g}s: {BACKLOG_FULL}"
-        elif nothing_listens(path):
+        elif _nothing_listens(path):
             result.status = STATUS_STALE
             result.error = "nothing listens on this socket (its process is gone)"
         else:
             result.error = str(exc)
     except TransportError as exc:
-        if nothing_listens(path):
+        if _nothing_listens(path):
             # Reset or closed as its process shut down (a deploy, a recycled
             # worker): gone, not an error; but the command may have run.
             result.status = STATUS_GONE
@@ -828,7 +828,7 @@ async def ask_worker(
             result.error = str(exc)
     else:
         assert response is not None  # respond=True
-        if not response.ok and _says_stopping(response.payload) and nothing_listens(path):
+        if not response.ok and _says_stopping(response.payload) and _nothing_listens(path):
             # Cut short as its worker shut down (a deploy, a recycled worker): gone, as when the
             # connection ends with no reply (an older version, a killed process). Only if nothing
             # listens any more: a live worker's handler may relay another server's such reply.
@@ -859,9 +859,7 @@ def _says_stopping(payload: Any) -> bool:
     )
 
 
-def nothing_listens(path: str) -> bool:
-    """True when connecting to ``path`` is refused or it is gone: a stale socket
-    (a stopped worker's kernel still accepts the connection)."""
+def _nothing_listens(path: str) -> bool:
     try:
         return probe(path, timeout=0.2) is None
     except OSError:

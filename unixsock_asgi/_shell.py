@@ -17,7 +17,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeGuard
 
-from ._fleet import FanOutResult, Target, fan_out, nothing_listens
+from ._fleet import Target, fan_out
 from ._protocol import Close, ProtocolViolation, parse_line
 from .cli import (
     EXIT_FAILED,
@@ -167,11 +167,6 @@ def run_shell(target: Target, *, timeout: float, history_file: str) -> int:
             raise UsageError(f"nothing to talk to: no live worker at {target.path}")
         catalog = CommandCatalog.from_help([r.payload for r in answers.successes])
     else:  # piped commands complete nothing: none waits for a stopped worker's help first
-        if all(map(nothing_listens, sockets)):
-            # Only stale sockets: nothing to talk to (2, as send says), before the first line.
-            error = nobody_answered(target, FanOutResult(stale=list(sockets)))
-            if error is not None:
-                raise error
         catalog = CommandCatalog.from_help([])
     readline = _setup_readline(catalog, history_file) if interactive else None
     prompt = f"{os.path.basename(target.path.rstrip('/')) or target.path}> " if interactive else ""
@@ -182,6 +177,7 @@ def run_shell(target: Target, *, timeout: float, history_file: str) -> int:
         )
         print(f"{workers} at {target.path}. Tab completes; 'help' lists commands; 'quit' leaves.")
     any_failed = False
+    reached = interactive  # some worker was asked a command (or, on a terminal, for its help)
     try:
         while True:
             try:
@@ -220,6 +216,14 @@ def run_shell(target: Target, *, timeout: float, history_file: str) -> int:
                 print("^C (stopped waiting; the workers may still run the command)", file=sys.stderr)
                 any_failed = True
                 continue
+            if not outcome.results and not reached:
+                # Nothing to talk to at the first command (only stale sockets): 2, as send
+                # says, rather than a failure among others. No probe went first: a peer the
+                # workers refuse would be logged as refused twice.
+                error = nobody_answered(target, outcome)
+                if isinstance(error, UsageError):
+                    raise error
+            reached = reached or bool(outcome.results or outcome.gone)
             if not outcome.results:
                 nobody = gone_text(outcome) if outcome.gone else f"no live worker at {target.path}"
                 print(terminal_safe(one_line(f"error: {nobody}")), file=sys.stderr)
