@@ -498,14 +498,27 @@ def test_a_command_no_worker_confirmed_in_time_is_not_persisted_and_says_it_may_
     assert status == EXIT_FAILED
     assert not Path(overrides_path(str(socket_dir))).exists()
     assert err.splitlines()[0] == (
-        "not persisted: no worker confirmed it: 1 timed out and may have applied it"
-        " (send it again with --persist once they answer)"
+        "not persisted: no worker confirmed it: 1 got it without answering and may have applied it"
+        " (check, then send it again with --persist)"
     )
     assert "timeout: no reply within 0.3s" in err.splitlines()[1]
     deadline = time.monotonic() + 5
     while slow.settings.get("motd") != "later" and time.monotonic() < deadline:
         time.sleep(0.05)
     assert slow.settings["motd"] == "later"  # it did: hence "may have", not "no worker applied it"
+
+
+def test_a_command_that_reached_no_worker_is_not_said_to_have_maybe_run(
+    socket_dir: Path, full_backlog: Callable[[str], socket.socket], capsys: pytest.CaptureFixture[str]
+) -> None:
+    full_backlog(str(socket_dir / "app-7.sock"))  # a timeout too, but nothing was sent
+    status, _, err = run(
+        capsys, "send", str(socket_dir), "set", "name=motd", "value=later", "--persist", "--timeout", "0.5"
+    )
+    assert status == EXIT_FAILED
+    assert err.splitlines()[0] == "not persisted: no worker applied it"
+    assert "no connection within 0.5s" in err.splitlines()[1]
+    assert not Path(overrides_path(str(socket_dir))).exists()
 
 
 @pytest.mark.parametrize(

@@ -453,6 +453,9 @@ class WorkerResult:
     answered_at: float | None = None
     """``time.monotonic()`` when its answer arrived (rates between two answers: a fan-out
     lasts as long as its slowest worker)."""
+    sent: bool = False
+    """The command reached a connection the worker's server accepted (and trusted): without
+    an answer, it may have run there all the same."""
 
     @property
     def ok(self) -> bool:
@@ -789,6 +792,7 @@ async def ask_worker(
     # Our own workers: a stats reply with many routes may pass the client's 1 MiB default.
     client = _OperatorClient(path, timeout=timeout, max_message_size=HARD_MAX_MESSAGE_SIZE)
     result = WorkerResult(path, pid_from_socket_name(path), STATUS_ERROR)
+    untrusted = False
     try:
         # One deadline for connect + write + read: the client bounds each step on its own.
         async with _compat.timeout(timeout):
@@ -808,6 +812,7 @@ async def ask_worker(
                 f"no reply within {timeout:g}s (it may still run there: check before sending it again)"
             )
     except _UntrustedPeer as exc:
+        untrusted = True  # refused before anything was sent
         result.error = str(exc)
     except ConnectError as exc:
         if BACKLOG_FULL in str(exc):  # the client's own timeout came first (Python 3.10's shim)
@@ -847,6 +852,7 @@ async def ask_worker(
         await client.aclose()
         result.elapsed_s = time.monotonic() - started
         result.peer_uid, result.home = client.peer_uid, client.home
+        result.sent = client.peer_uid is not None and not untrusted
     return result
 
 

@@ -680,12 +680,12 @@ def _persist(directory: str, cmd: str, args: Mapping[str, Any], outcome: FanOutR
         # A worker that refuses the command means bad arguments: do not make them durable.
         return "", f"{len(rejected)} worker(s) refused it; workers started later will not apply it"
     if not outcome.successes:
-        late = sum(r.status == "timeout" for r in outcome.results)
-        if late:
-            # None confirmed it, yet those may have applied it: say so, not "none applied it".
+        # None confirmed it, yet those it reached may have applied it: not "none applied it".
+        unsure = sum(r.sent for r in outcome.results)
+        if unsure:
             return "", (
-                f"no worker confirmed it: {late} timed out and may have applied it"
-                " (send it again with --persist once they answer)"
+                f"no worker confirmed it: {unsure} got it without answering and may have applied it"
+                " (check, then send it again with --persist)"
             )
         return "", "no worker applied it"
     try:
