@@ -869,7 +869,9 @@ def test_ls_waits_3s_for_a_hung_worker_and_says_what_its_silence_means(
     assert status == EXIT_FAILED
     row = next(line for line in out.splitlines() if line.startswith("shop.sock"))
     assert row.split()[1] == str(os.getpid())  # silent, and still named by pid
-    assert "TIMEOUT: no reply within 3s ('stats' is answered even while the app's loop is blocked" in row
+    assert (
+        "TIMEOUT: no reply within 3s: stopped, hung or starved of CPU ('stats' is answered even while" in row
+    )
     assert "may still run" not in row and "may still run" not in err
     assert "live" in next(line for line in out.splitlines() if str(quick.pid) in line)
     # A command sent by name may be the app's own, of a built-in's name, on its app loop:
@@ -915,7 +917,7 @@ def test_top_says_on_the_row_why_a_worker_did_not_answer(
     # (named by its socket's pid)
     assert rows["7"] == ["FAILURE", "uid 65534 may not use this socket\\x1b[2J"]  # as text, never a control
     assert rows[str(hung.pid)][0] == "TIMEOUT"
-    assert rows[str(hung.pid)][1].startswith("no reply within 0.5s ('stats' is answered even while")
+    assert rows[str(hung.pid)][1].startswith("no reply within 0.5s: stopped, hung or starved of CPU ('stats'")
     assert rows[str(quick.pid)][0] == "0.0"
 
 

@@ -802,9 +802,9 @@ async def ask_worker(
         if client.peer_uid is None:  # never connected: the client was trying again all along
             result.error = f"no connection within {timeout:g}s: {BACKLOG_FULL}"
         elif polling:  # nothing to run twice; and its silence says something
-            result.error = (
-                f"no reply within {timeout:g}s ({cmd!r} is answered even while the app's loop is"
-                " blocked: this process is stopped, hung or starved of CPU)"
+            result.error = (  # what it means first: a row of top's shows little more
+                f"no reply within {timeout:g}s: stopped, hung or starved of CPU ({cmd!r} is"
+                " answered even while the app's loop is blocked)"
             )
         else:
             # It was sent: a stopped worker takes it when continued, a blocked loop may yet run it.
