@@ -1527,7 +1527,7 @@ def test_sync_handler_timeout(start_server: ServerFactory) -> None:
 
 
 def test_unserialisable_replies_become_failures(
-    start_server: ServerFactory, server_errors: list[logging.LogRecord]
+    start_server: ServerFactory, server_errors: list[logging.LogRecord], caplog: pytest.LogCaptureFixture
 ) -> None:
     async def handler(cmd: str, args: dict[str, Any]) -> Any:
         if cmd == "tuple-keys":
@@ -1548,6 +1548,18 @@ def test_unserialisable_replies_become_failures(
         assert response is not None
         assert response.status == "failure"
         assert response.error.startswith("reply could not be encoded")
+    # The handler's bug is said where its developer looks too, not to the peer alone (at most
+    # once a second: a poller of a broken command would flood the log).
+    said = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "unixsock_asgi.server" and r.levelno == logging.WARNING
+    ]
+    assert said[0] == (
+        "the reply to tuple-keys could not be encoded (TypeError: keys must be str, int, float, bool"
+        " or None, not tuple): its peer got a failure instead"
+    )
+    assert len(said) <= 2  # the second within the second is held back, unless the machine stalled
     response = client.send("object")
     assert response is not None
     assert response.payload == {"when": "/x"}  # anything else is sent as its str()

@@ -237,6 +237,7 @@ class UnixSockServer:
         self._opening = 0  # connections accepted whose transport is not made yet
         self._refusing = 0  # refused connections waiting to be told why
         self._refusals_logged = _Throttle(1.0)
+        self._unencodable_logged = _Throttle(1.0)
         self._lock = threading.Lock()
         self.started_at: float | None = None
 
@@ -490,6 +491,15 @@ class UnixSockServer:
             return proto.encode_reply(request, response)
         except Exception as exc:  # TypeError, ValueError, RecursionError, or a payload's __str__ failing
             failure = Response.failure(f"reply could not be encoded: {_describe(exc)}")
+            if isinstance(request, Request) and (held := self._unencodable_logged.allow()) is not None:
+                # A handler's bug, which only its peer would hear of: the audit line, written
+                # when the handler returned, says how the command itself ended.
+                logger.warning(
+                    "the reply to %s could not be encoded (%s): its peer got a failure instead%s",
+                    shown_name(request.cmd),
+                    _describe(exc),
+                    f" ({held} more since the last such line)" if held else "",
+                )
         try:
             return proto.encode_reply(request, failure)
         except Exception:  # the request's own id cannot be sent back (nested too deeply to encode)
