@@ -705,7 +705,11 @@ def test_a_command_past_app_timeout_says_whether_it_may_still_finish(
     app = Starlette(
         middleware=[Middleware(ControlSocketMiddleware, path=str(sock), commands=commands, app_timeout=0.3)]
     )
-    with TestClient(app), caplog.at_level(logging.WARNING, logger="unixsock_asgi"):
+    with (
+        TestClient(app),
+        caplog.at_level(logging.WARNING, logger="unixsock_asgi"),
+        caplog.at_level(logging.INFO, logger="unixsock_asgi.audit"),
+    ):
         control = Client(sock)
         reply = control.send("plain_slow")
         assert reply is not None and not reply.ok
@@ -717,6 +721,13 @@ def test_a_command_past_app_timeout_says_whether_it_may_still_finish(
         )
         time.sleep(0.8)
         assert done == ["plain"]  # as each reply said
+        # The audit log, where an operator checks, says how each ended after its reply.
+        audited = [r.getMessage() for r in caplog.records if r.name == "unixsock_asgi.audit"]
+        overdue = " (ended on the app's loop after app_timeout: its reply had said it was still running)"
+        for cmd, status in (("plain_slow", "success"), ("async_slow", "cancelled")):
+            lines = [m for m in audited if f"cmd={cmd} " in m]
+            assert [m.split(" status=")[1].split()[0] for m in lines] == ["failure", status], lines
+            assert lines[1].endswith(overdue)
         reply = control.send("broken")
         assert reply is not None and reply.error == "KeyError: 'missing'"
     raised = [

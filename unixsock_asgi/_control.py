@@ -454,6 +454,7 @@ class ControlPlane:
         # The connection ended while the call was on the app's loop, and how the call ended:
         # whichever of the two threads comes second writes the audit line no reply gives.
         unanswered: list[bool] = []
+        overdue: list[bool] = []  # its reply went at app_timeout, saying it still ran
         ended: list[str] = []
 
         async def run() -> Any:
@@ -485,8 +486,11 @@ class ControlPlane:
                 with handshake:
                     ended.append(status)
                     late = bool(unanswered)
+                    after_reply = bool(overdue)
                 if late:
                     audit(peer, cmd, status, begun, note=_UNANSWERED)
+                elif after_reply:
+                    audit(peer, cmd, status, begun, note=_OVERDUE)
 
         def give_up() -> None:
             # Cancelling the future alone lets a call that has not started yet run once,
@@ -505,6 +509,13 @@ class ControlPlane:
                 return await asyncio.shield(asyncio.wrap_future(future))
         except TimeoutError:
             give_up()
+            if started:
+                # Its reply says it may yet finish: when it does, the audit log says how.
+                with handshake:
+                    overdue.append(True)
+                    status = ended[0] if ended else None
+                if status is not None:  # it ended as the timeout fired
+                    audit(peer, cmd, status, begun, note=_OVERDUE)
             if not started:
                 blocked = self.monitor.blocked_for()
                 return Response.failure(
@@ -547,6 +558,7 @@ class ControlPlane:
 _UNANSWERED = (
     " (ended on the app's loop after its connection ended or its server stopped: its client was not told how)"
 )
+_OVERDUE = " (ended on the app's loop after app_timeout: its reply had said it was still running)"
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
