@@ -874,6 +874,7 @@ def test_out_of_range_values_are_refused_by_name(short_dir: Path) -> None:
         assert gated.status_code == 503 and gated.headers["retry-after"] == "60"
         # The next maintenance without retry_after tells clients the configured 30 s, not the last 60.
         _payload(control, "maintenance_off")
+        assert _payload(control, "health")["retry_after"] == 30  # what the next one sends, not the last
         assert _payload(control, "maintenance_on")["retry_after"] == 30
         assert http.get("/hello/other").headers["retry-after"] == "30"
 

@@ -233,8 +233,8 @@ class ControlPlane:
 
     def set_maintenance(self, on: bool, retry_after: int | None = None) -> None:
         """Maintenance on (with ``retry_after``, else the configured one) or off."""
-        if on:
-            self.retry_after = self.default_retry_after if retry_after is None else retry_after
+        # Off, back to the configured one: ``health`` shows what the next maintenance_on sends.
+        self.retry_after = self.default_retry_after if retry_after is None or not on else retry_after
         self.maintenance = on
         self._regate()
 
