@@ -1367,6 +1367,19 @@ def test_help_lists_each_command_with_the_first_sentence_of_its_doc() -> None:
         {"name": "ok", "args": [{"name": "x\x1b[2J"}, {"name": "\u202eevil"}, {"name": "fine"}]},
     ]
     assert CommandCatalog.from_help([{"commands": nasty}]).commands == {"ok": ["fine"]}
+    # Where each runs, as a worker says (a version that does not say: nothing shown, as above).
+    where = [{**listed[0], "diagnostic": True}, {"name": "restock", "doc": "More.", "diagnostic": False}]
+    assert render_help({"commands": where})[-2:] == [
+        "",
+        "On the app's event loop, waiting while it is blocked: restock (the others answer even then).",
+    ]
+    assert render_help({"commands": where[1:]})[-2:] == [
+        "",
+        "  Runs on the app's event loop: waits while it is blocked.",
+    ]
+    assert render_help({"commands": where[:1]})[-1] == (
+        "  Diagnostic: answers even while the app's event loop is blocked."
+    )
     # help command=set_log_level: the one command, with its whole doc.
     assert render_help({"commands": listed[:1]}) == [
         "set_log_level level=<str>",
@@ -1462,12 +1475,18 @@ def test_shell_and_send_help_take_a_command_name(
     path = start_server(handler, path=str(tmp_path / "app-1.sock")).path
     result = _cli("shell", path, stdin="help stats\n")  # was: argument 'stats' is not key=value
     assert result.returncode == EXIT_OK, result.stderr
-    assert result.stdout.splitlines() == ["stats [routes=<boolean, default true>]", "  Request counts."]
+    stats_help = [
+        "stats [routes=<boolean, default true>]",
+        "  Request counts.",
+        "",
+        "  Diagnostic: answers even while the app's event loop is blocked.",
+    ]
+    assert result.stdout.splitlines() == stats_help
     # ... and so does send's: help NAME is help command=NAME.
     for argv in (("help", "stats"), ("help", "command=stats")):
         result = _cli("send", path, *argv)
         assert result.returncode == EXIT_OK, result.stderr
-        assert result.stdout.splitlines() == ["stats [routes=<boolean, default true>]", "  Request counts."]
+        assert result.stdout.splitlines() == stats_help
     result = _cli("send", path, "ping", "stats")  # only help takes a bare word
     assert result.returncode == EXIT_USAGE and "argument 'stats' is not key=value" in result.stderr
 

@@ -312,6 +312,12 @@ def _plain(doc: Any) -> str:
     return str(doc or "").replace("``", "`")
 
 
+_WHERE_IT_RUNS = {
+    True: "Diagnostic: answers even while the app's event loop is blocked.",
+    False: "Runs on the app's event loop: waits while it is blocked.",
+}
+
+
 def render_help(payload: Any) -> list[str]:
     """A worker's ``help`` payload as a command list: signature, then the first sentence of its doc.
 
@@ -323,7 +329,12 @@ def render_help(payload: Any) -> list[str]:
     commands = [c for c in commands if isinstance(c, Mapping)]
     if len(commands) == 1 and not payload.get("handler"):
         doc = _plain(commands[0].get("doc")).strip()  # cleaned by the worker (inspect.getdoc)
-        return [_help_signature(commands[0]), *(f"  {line}".rstrip() for line in doc.splitlines())]
+        where = _WHERE_IT_RUNS.get(commands[0].get("diagnostic"))
+        return [
+            _help_signature(commands[0]),
+            *(f"  {line}".rstrip() for line in doc.splitlines()),
+            *(["", f"  {where}"] if where else []),
+        ]
     rows = [
         (
             _help_signature(c),
@@ -338,6 +349,14 @@ def render_help(payload: Any) -> list[str]:
             lines += [sig, f"{'':{width}}  {doc}".rstrip()]  # long signature: doc on its own line
         else:
             lines.append(f"{sig.ljust(width)}  {doc}".rstrip())
+    # What waits while the app's loop is blocked, said where an operator looks when it is.
+    on_app_loop = [one_line(str(c.get("name"))) for c in commands if c.get("diagnostic") is False]
+    if on_app_loop:
+        lines += [
+            "",
+            f"On the app's event loop, waiting while it is blocked: {', '.join(on_app_loop)}"
+            " (the others answer even then).",
+        ]
     handler = payload.get("handler")
     if isinstance(handler, Mapping):
         doc = _doc_summary(handler.get("doc"))
