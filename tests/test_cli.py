@@ -1368,7 +1368,10 @@ def test_help_lists_each_command_with_the_first_sentence_of_its_doc() -> None:
     ]
     assert CommandCatalog.from_help([{"commands": nasty}]).commands == {"ok": ["fine"]}
     # Where each runs, as a worker says (a version that does not say: nothing shown, as above).
-    where = [{**listed[0], "diagnostic": True}, {"name": "restock", "doc": "More.", "diagnostic": False}]
+    where: list[dict[str, Any]] = [
+        {"name": "set_log_level", "doc": doc, "args": [level], "diagnostic": True},
+        {"name": "restock", "doc": "More.", "diagnostic": False},
+    ]
     assert render_help({"commands": where})[-2:] == [
         "",
         "On the app's event loop, waiting while it is blocked: restock (the others answer even then).",
