@@ -441,3 +441,42 @@ def test_argument_error_is_caught_as_the_librarys_and_as_a_value_error() -> None
         assert command is not None
         command.bind({"workers": "many"})
     assert isinstance(info.value, UnixSockError) and isinstance(info.value, ValueError)
+
+
+def test_a_default_is_checked_where_it_is_written_and_given_as_an_argument_would_be() -> None:
+    registry = Commands()
+    with pytest.raises(TypeError) as caught:
+
+        @registry.command
+        def scale(n: int = "five") -> None:  # type: ignore[assignment]
+            return None
+
+    assert str(caught.value) == (
+        "command 'scale': argument 'n' defaults to 'five', which its annotation int refuses:"
+        " expected an integer, got string 'five'"
+    )
+    with pytest.raises(TypeError, match="argument 'n' defaults to None, which its annotation int refuses"):
+
+        @registry.command
+        def limit(n: int = None) -> None:  # type: ignore[assignment]  # noqa: RUF013  # meant: int | None
+            return None
+
+    assert "scale" not in registry and "limit" not in registry
+
+    @registry.command
+    def tune(
+        speed: Speed = "FULL",  # type: ignore[assignment]  # by its name, as an operator may send it
+        loud: bool = "no",  # type: ignore[assignment]
+        ratio: float = 1,
+        cap: float = float("inf"),  # no limit: Python's to give, though JSON cannot carry it
+        tags: list[str] = ["a"],  # noqa: B006
+        color: Color = Color.RED,
+    ) -> None:
+        return None
+
+    command = registry["tune"]
+    given = command.bind({})
+    assert given == {"speed": Speed.FULL, "loud": False, "ratio": 1.0}  # as if sent
+    assert type(given["ratio"]) is float
+    assert command.bind({"speed": "HALF"})["speed"] is Speed.HALF
+    assert [a.get("default") for a in command.to_help()["args"]] == [1.0, False, 1.0, "inf", ["a"], "red"]

@@ -14,6 +14,7 @@ import functools
 import inspect
 import json
 import math
+import reprlib
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -37,6 +38,9 @@ class Parameter:
     name: str
     annotation: Any
     default: Any = _MISSING
+    pass_default: bool = False
+    """The default, converted as an argument would be ('PRO' to ``Tier.PRO``), is not the
+    function's own: it is passed when the argument is left out."""
 
     @property
     def required(self) -> bool:
@@ -87,6 +91,8 @@ class Command:
                     raise ArgumentError(
                         f"missing required argument {p.name!r} ({p.type_name}) for {self.name!r}"
                     )
+                if p.pass_default:
+                    kwargs[p.name] = p.default
                 continue
             try:
                 kwargs[p.name] = coerce(args[p.name], p.annotation)
@@ -205,7 +211,11 @@ class Commands:
                     f"command {cmd_name!r}: argument {p.name!r} is annotated {_annotation_text(annotation)},"
                     f" {problem}; arguments are JSON values: use {_SUPPORTED}"
                 )
-            params.append(Parameter(p.name, annotation, p.default))
+            default = _checked_default(cmd_name, p, annotation)
+            converted = default is not p.default and not (
+                type(default) is type(p.default) and default == p.default
+            )
+            params.append(Parameter(p.name, annotation, default, pass_default=converted))
         command = Command(
             name=cmd_name,
             func=func,
@@ -262,6 +272,32 @@ class Commands:
 
 _TRUE = frozenset({"true", "yes", "on", "1"})
 _FALSE = frozenset({"false", "no", "off", "0"})
+
+
+def _checked_default(cmd_name: str, p: inspect.Parameter, annotation: Any) -> Any:
+    """A parameter's default as its annotation takes it, as if an operator had sent it
+    (an Enum member for its name, say).
+
+    Checked where it is written, as a Setting's default is: else the handler would
+    get it, unchecked, whenever the argument is left out. A float default that JSON
+    cannot carry (``math.inf``: no limit) is Python's to give, and stays.
+    """
+    if p.default is p.empty:
+        return p.default
+    try:
+        return coerce(p.default, annotation)
+    except (TypeError, ValueError) as exc:
+        if isinstance(p.default, float) and not math.isfinite(p.default):
+            try:
+                coerce(0.0, annotation)
+            except (TypeError, ValueError):
+                pass
+            else:
+                return p.default
+        raise TypeError(
+            f"command {cmd_name!r}: argument {p.name!r} defaults to {reprlib.repr(p.default)},"
+            f" which its annotation {_annotation_text(annotation)} refuses: {exc}"
+        ) from None
 
 
 def coerce(value: Any, annotation: Any, *, strict: bool = False) -> Any:
