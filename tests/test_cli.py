@@ -502,10 +502,10 @@ def test_a_command_no_worker_confirmed_in_time_is_not_persisted_and_says_it_may_
         " (check, then send it again with --persist)"
     )
     assert "timeout: no reply within 0.3s" in err.splitlines()[1]
-    deadline = time.monotonic() + 5
-    while slow.settings.get("motd") != "later" and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert slow.settings["motd"] == "later"  # it did: hence "may have", not "no worker applied it"
+    # It reached the worker, which was running it when the reply was given up on: hence "may
+    # have", not "no worker applied it". (Whether it then finishes is the worker's affair: this
+    # stand-in's sleep is cancelled by the hang-up on 3.10, and runs on from 3.11.)
+    assert slow.commands_seen == [("set", {"name": "motd", "value": "later"})]
 
 
 def test_a_command_that_reached_no_worker_is_not_said_to_have_maybe_run(
