@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import sys
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -457,18 +456,23 @@ def test_a_default_is_checked_where_it_is_written_and_given_as_an_argument_would
         " expected an integer, got string 'five'"
     )
 
-    def limit(n: int = None) -> None:  # type: ignore[assignment]  # noqa: RUF013  # meant: int | None
-        return None
-
-    if sys.version_info >= (3, 11):
-        with pytest.raises(
-            TypeError, match="argument 'n' defaults to None, which its annotation int refuses"
-        ):
-            registry.add(limit)
-        assert "limit" not in registry
-    else:  # 3.10's get_type_hints reads a None default as Optional (PEP 484's old implicit Optional)
-        assert registry.add(limit).params[0].type_name == "integer | null"
     assert "scale" not in registry
+
+    @registry.command
+    def limit(n: int = None) -> int | None:  # type: ignore[assignment]  # noqa: RUF013
+        return n
+
+    # int | None, as PEP 484 first had it and 3.10's get_type_hints reads it: alike on every version.
+    assert registry["limit"].params[0].type_name == "integer | null"
+    assert registry["limit"].bind({"n": None}) == {"n": None}
+
+    _unset: Any = object()
+
+    @registry.command
+    def page(after: int = _unset, ids: list[int] = ()) -> None:  # type: ignore[assignment]
+        return None  # a sentinel tells "left out" from null; a tuple is Python's: neither is checked
+
+    assert registry["page"].bind({}) == {}
 
     @registry.command
     def tune(
@@ -483,7 +487,16 @@ def test_a_default_is_checked_where_it_is_written_and_given_as_an_argument_would
 
     command = registry["tune"]
     given = command.bind({})
-    assert given == {"speed": Speed.FULL, "loud": False, "ratio": 1.0}  # as if sent
+    assert given == {"speed": Speed.FULL, "loud": False, "ratio": 1.0, "tags": ["a"]}  # as if sent
     assert type(given["ratio"]) is float
     assert command.bind({"speed": "HALF"})["speed"] is Speed.HALF
     assert [a.get("default") for a in command.to_help()["args"]] == [1.0, False, 1.0, "inf", ["a"], "red"]
+
+    @registry.command
+    def mix(ratios: list[float] = [1, 2], speeds: list[Speed] = ["HALF"]) -> None:  # type: ignore[list-item]  # noqa: B006
+        return None
+
+    # Inside a list too: what help shows is what the handler gets, and what an operator sending it would.
+    assert registry["mix"].bind({}) == {"ratios": [1.0, 2.0], "speeds": [Speed.HALF]}
+    assert registry["mix"].bind({}) == registry["mix"].bind({"ratios": [1, 2], "speeds": ["HALF"]})
+    assert [a["default"] for a in registry["mix"].to_help()["args"]] == [[1.0, 2.0], [0.5]]

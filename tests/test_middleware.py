@@ -723,7 +723,7 @@ def test_a_command_past_app_timeout_says_whether_it_may_still_finish(
         assert done == ["plain"]  # as each reply said
         # The audit log, where an operator checks, says how each ended after its reply.
         audited = [r.getMessage() for r in caplog.records if r.name == "unixsock_asgi.audit"]
-        overdue = " (ended on the app's loop after app_timeout: its reply had said it was still running)"
+        overdue = " (ended on the app's loop after its reply at app_timeout)"
         for cmd, status in (("plain_slow", "success"), ("async_slow", "cancelled")):
             lines = [m for m in audited if f"cmd={cmd} " in m]
             assert [m.split(" status=")[1].split()[0] for m in lines] == ["failure", status], lines

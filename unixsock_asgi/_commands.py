@@ -211,11 +211,15 @@ class Commands:
                     f"command {cmd_name!r}: argument {p.name!r} is annotated {_annotation_text(annotation)},"
                     f" {problem}; arguments are JSON values: use {_SUPPORTED}"
                 )
+            if p.default is None and annotation is not Any:
+                try:
+                    coerce(None, annotation)
+                except (TypeError, ValueError):
+                    # ``n: int = None``: ``int | None``, as PEP 484 first had it and Python 3.10's
+                    # get_type_hints still reads it, on every version alike.
+                    annotation = typing.Optional[annotation]  # noqa: UP045 (a runtime object)
             default = _checked_default(cmd_name, p, annotation)
-            converted = default is not p.default and not (
-                type(default) is type(p.default) and default == p.default
-            )
-            params.append(Parameter(p.name, annotation, default, pass_default=converted))
+            params.append(Parameter(p.name, annotation, default, pass_default=default is not p.default))
         command = Command(
             name=cmd_name,
             func=func,
@@ -274,16 +278,21 @@ _TRUE = frozenset({"true", "yes", "on", "1"})
 _FALSE = frozenset({"false", "no", "off", "0"})
 
 
+_JSON_LIKE = (type(None), bool, int, float, str, list, dict, enum.Enum)
+"""Defaults checked against their annotation: what an operator could send, or a member."""
+
+
 def _checked_default(cmd_name: str, p: inspect.Parameter, annotation: Any) -> Any:
     """A parameter's default as its annotation takes it, as if an operator had sent it
     (an Enum member for its name, say).
 
     Checked where it is written, as a Setting's default is: else the handler would
     get it, unchecked, whenever the argument is left out. A float default that JSON
-    cannot carry (``math.inf``: no limit) is Python's to give, and stays.
+    cannot carry (``math.inf``: no limit) is Python's to give, and stays; so does a
+    default that is no JSON-like value at all (a sentinel that tells "left out" apart).
     """
-    if p.default is p.empty:
-        return p.default
+    if p.default is p.empty or not isinstance(p.default, _JSON_LIKE):
+        return p.default  # a sentinel (``_UNSET = object()``), a tuple: Python's own, unchecked
     try:
         return coerce(p.default, annotation)
     except (TypeError, ValueError) as exc:
@@ -574,10 +583,20 @@ def _resolve(func: Callable[..., Any], name: str, annotation: str, cmd_name: str
         ) from None
 
 
+def _member_values(value: Any) -> Any:
+    """``value`` with every Enum member in it as its value, lists and dicts looked into."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, list):
+        return [_member_values(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _member_values(item) for key, item in value.items()}
+    return value
+
+
 def _help_value(value: Any) -> Any:
     """A default as ``help`` shows it: itself when it is plain JSON, else its text."""
-    if isinstance(value, enum.Enum):
-        value = value.value
+    value = _member_values(value)
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):

@@ -558,7 +558,7 @@ class ControlPlane:
 _UNANSWERED = (
     " (ended on the app's loop after its connection ended or its server stopped: its client was not told how)"
 )
-_OVERDUE = " (ended on the app's loop after app_timeout: its reply had said it was still running)"
+_OVERDUE = " (ended on the app's loop after its reply at app_timeout)"
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:

@@ -329,7 +329,8 @@ def render_help(payload: Any) -> list[str]:
     commands = [c for c in commands if isinstance(c, Mapping)]
     if len(commands) == 1 and not payload.get("handler"):
         doc = _plain(commands[0].get("doc")).strip()  # cleaned by the worker (inspect.getdoc)
-        where = _WHERE_IT_RUNS.get(commands[0].get("diagnostic"))
+        diagnostic = commands[0].get("diagnostic")  # another program's help may say anything
+        where = _WHERE_IT_RUNS[diagnostic] if isinstance(diagnostic, bool) else None
         return [
             _help_signature(commands[0]),
             *(f"  {line}".rstrip() for line in doc.splitlines()),
