@@ -1383,7 +1383,8 @@ def test_help_lists_each_command_with_the_first_sentence_of_its_doc() -> None:
     assert render_help({"commands": where[:1]})[-1] == (
         "  Diagnostic: answers even while the app's event loop is blocked."
     )
-    for odd_flag in ([], {}, 1, "yes"):  # another program's help: not ours to read as a flag
+    odd_flags: list[Any] = [[], {}, 1, "yes"]
+    for odd_flag in odd_flags:  # another program's help: not ours to read as a flag
         assert render_help({"commands": [{"name": "x", "diagnostic": odd_flag}]}) == ["x"]
     # help command=set_log_level: the one command, with its whole doc.
     assert render_help({"commands": listed[:1]}) == [

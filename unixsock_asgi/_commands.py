@@ -219,7 +219,8 @@ class Commands:
                     # get_type_hints still reads it, on every version alike.
                     annotation = typing.Optional[annotation]  # noqa: UP045 (a runtime object)
             default = _checked_default(cmd_name, p, annotation)
-            params.append(Parameter(p.name, annotation, default, pass_default=default is not p.default))
+            converted = default is not p.default and not _alike(default, p.default)
+            params.append(Parameter(p.name, annotation, default, pass_default=converted))
         command = Command(
             name=cmd_name,
             func=func,
@@ -276,6 +277,17 @@ class Commands:
 
 _TRUE = frozenset({"true", "yes", "on", "1"})
 _FALSE = frozenset({"false", "no", "off", "0"})
+
+
+def _alike(a: Any, b: Any) -> bool:
+    """Equal, and of the same types all the way down (``[1.0]`` is not ``[1]``)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, list):
+        return len(a) == len(b) and all(map(_alike, a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_alike(a[key], b[key]) for key in a)
+    return bool(a == b)
 
 
 _JSON_LIKE = (type(None), bool, int, float, str, list, dict, enum.Enum)
