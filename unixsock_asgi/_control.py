@@ -509,13 +509,6 @@ class ControlPlane:
                 return await asyncio.shield(asyncio.wrap_future(future))
         except TimeoutError:
             give_up()
-            if started:
-                # Its reply says it may yet finish: when it does, the audit log says how.
-                with handshake:
-                    overdue.append(True)
-                    status = ended[0] if ended else None
-                if status is not None:  # it ended as the timeout fired
-                    audit(peer, cmd, status, begun, note=_OVERDUE)
             if not started:
                 blocked = self.monitor.blocked_for()
                 return Response.failure(
@@ -523,6 +516,12 @@ class ControlPlane:
                     f" {cmd!r} did not start within {self.app_timeout:g}s;"
                     " 'stacks' and 'tasks' still answer and show where it is stuck"
                 )
+            # Answered now, while it may yet finish: when it does, the audit log says how.
+            with handshake:
+                overdue.append(True)
+                status = ended[0] if ended else None
+            if status is not None:  # it ended as the timeout fired
+                audit(peer, cmd, status, begun, note=_OVERDUE)
             if not awaiting:  # a plain function is running the app's loop: nothing can stop it
                 return Response.failure(
                     f"{cmd!r} did not finish within {self.app_timeout:g}s on the app's loop and is still"
