@@ -205,7 +205,10 @@ def run_shell(target: Target, *, timeout: float, history_file: str) -> int:
                     continue
                 outcome = asyncio.run(
                     fan_out(
-                        target.sockets(), event.cmd, event.args, timeout=reply_timeout(event.args, timeout)
+                        target.sockets(),
+                        event.cmd,
+                        event.args,
+                        timeout=reply_timeout(event.args, timeout, event.cmd),
                     )
                 )
             except KeyboardInterrupt:
