@@ -100,3 +100,29 @@ def test_the_server_and_client_example_prints_what_readme_says(short_dir: Path) 
     _, out = run_block(block, short_dir)
     promised = re.search(r"print\(.*\)\s+# (.*)$", block, flags=re.M)
     assert promised is not None and out == promised.group(1) + "\n"
+
+
+def test_every_link_to_a_section_of_readme_finds_its_heading() -> None:
+    # As GitHub makes a heading's anchor: lower case, punctuation dropped, spaces to hyphens.
+    anchors, fenced = set(), False
+    for line in README.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (heading := re.match(r"#+ (.*)", line)):
+            anchors.add(re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-"))
+    links = set(re.findall(r"\]\(#([^)]+)\)", README.read_text()))
+    assert links and not links - anchors, sorted(links - anchors)
+
+
+def test_readme_lists_every_built_in_command_and_every_command_line_command() -> None:
+    from unixsock_asgi._builtins import builtin_commands
+    from unixsock_asgi.cli import build_parser
+
+    text = README.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    for command in builtin_commands:
+        assert any(re.search(rf"`{command.name}[ `]", row.split(" | ")[0]) for row in rows), command.name
+    (subcommands,) = [a for a in build_parser()._actions if a.dest == "command"]
+    assert subcommands.choices
+    for name in subcommands.choices:
+        assert any(row.startswith(f"| `{name} ") for row in rows), name
