@@ -139,6 +139,12 @@ def test_cumulative_leaves_out_the_loops_frames_and_lists_inner_functions_first_
     ]
 
 
+def test_the_loops_frames_are_known_without_qualified_names_too() -> None:
+    on_3_10 = "<module> (m.py:1);_run_once (asyncio/base_events.py:1896);_run (asyncio/events.py:80)"
+    result = summarize(_profile({f"{on_3_10};run_asgi (h11_impl.py:400)": 3}), limit=10)
+    assert result["cumulative"] == [{"function": "run_asgi (h11_impl.py)", "samples": 3}]
+
+
 def test_a_recursive_function_counts_once_per_sample() -> None:
     result = summarize(_profile({"walk (t.py:3);walk (t.py:5);walk (t.py:5)": 7}), limit=5)
     assert result["cumulative"] == [{"function": "walk (t.py)", "samples": 7}]

@@ -162,7 +162,7 @@ class Profiler:
         )
 
 
-_LOOP_CALLBACK = "Handle._run (asyncio/events.py:"
+_LOOP_CALLBACK = ("Handle._run (asyncio/events.py:", "_run (asyncio/events.py:")  # 3.10 has no co_qualname
 """The frame in which asyncio's loop runs a callback (a task's step): the frames outside it are the loop's."""
 
 
