@@ -271,7 +271,7 @@ def test_profile_finds_the_line_that_blocks_the_loop_for_one_worker_and_from_the
         reply = control.send("profile", bad)
         assert reply is not None and not reply.ok and why in reply.error, (bad, reply)
 
-    blocker = threading.Thread(target=lambda: httpx.get(server.url + "/block?seconds=3", timeout=20))
+    blocker = threading.Thread(target=lambda: httpx.get(server.url + "/block?seconds=5", timeout=20))
     blocker.start()
     try:
         wait_for(
