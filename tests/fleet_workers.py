@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 
 from unixsock_asgi import Response, UnixSockServer
-from unixsock_asgi._profile import summarize
 from unixsock_asgi._stats import Stats
 
 __all__ = ["Fleet", "ScriptedWorker", "make_stale_socket"]
@@ -97,9 +96,6 @@ class ScriptedWorker:
         self.commands_seen: list[tuple[str, dict[str, Any]]] = []
         # Figures a broken or hostile worker reports: put over its snapshot's, one level deep.
         self.stats_overrides: dict[str, Any] = {}
-        # What ``profile`` finds: folded stacks and idle samples, as the middleware's answers them.
-        self.profile_folded: dict[str, int] = {}
-        self.profile_idle = 0
         self.server = UnixSockServer(str(self.path), self.handle)
 
     def record(self, *samples: tuple[str, int, float], method: str = "GET", exception: bool = False) -> None:
@@ -144,12 +140,6 @@ class ScriptedWorker:
         if cmd == "drain":  # takes its own timeout to answer, like a drain that waits for long requests
             await asyncio.sleep(float(args.get("timeout", 0)))
             return {"drained": True}
-        if cmd == "profile":  # takes its own seconds to answer, as it samples that long
-            await asyncio.sleep(float(args.get("seconds", 5)))
-            busy = sum(self.profile_folded.values())
-            samples = busy + self.profile_idle
-            found = {"threads": "app", "ticks": samples, "samples": samples, "idle": self.profile_idle}
-            return summarize({**found, "folded": self.profile_folded}, int(args.get("limit", 20)))
         if cmd in ("health_fail", "health_ok"):
             self.health_failing = cmd == "health_fail"
             return {"failing": self.health_failing}

@@ -34,7 +34,6 @@ from unixsock_asgi.cli import (
     main,
     parse_command_args,
     reply_timeout,
-    socket_name,
 )
 
 from .fleet_workers import HELP, Fleet, ScriptedWorker, fleet, make_stale_socket, socket_dir
@@ -753,99 +752,6 @@ def test_metrics_of_a_fleet_that_is_down_still_says_so(
     assert status == EXIT_USAGE
     assert "no such socket or directory" in one_line(err)
     assert "asgi_workers 0" in target.read_text()
-
-
-# --------------------------------------------------------------------------- profile
-
-HANDLER = (
-    "<module> (m.py:1);Handle._run (asyncio/events.py:80);run_asgi (h11_impl.py:400);handler (app.py:10)"
-)
-
-
-def _profiling_workers(fleet: Fleet) -> list[ScriptedWorker]:
-    workers = fleet.start(2)
-    workers[0].profile_folded = {f"{HANDLER};slow (app.py:20)": 30, f"{HANDLER};fast (app.py:30)": 5}
-    workers[0].profile_idle = 65
-    workers[1].profile_folded = {f"{HANDLER};slow (app.py:20)": 10}
-    workers[1].profile_idle = 90
-    return workers
-
-
-def test_profile_adds_up_every_workers_samples_and_writes_the_folded_stacks(
-    fleet: Fleet, socket_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    workers = _profiling_workers(fleet)
-    folded = tmp_path / "fleet.folded"
-    status, out, err = run(capsys, "profile", str(socket_dir), "--seconds", "0.2", "--folded", str(folded))
-    assert status == EXIT_OK, err
-    lines = out.splitlines()
-    assert (
-        lines[0]
-        == "profile of the app loop's thread, 2 worker(s): 200 samples, 22.5% busy, 77.5% idle (the loop waiting for I/O)"
-    )
-    busy = lines[lines.index("") + 1 :]
-    assert busy[0].split() == ["BUSY", "IN", "(innermost", "frame)", "SAMPLES", "SHARE"]
-    assert busy[1].split() == ["slow", "(app.py:20)", "40", "20.0%"]
-    assert busy[2].split() == ["fast", "(app.py:30)", "5", "2.5%"]
-    assert any(line.split() == ["handler", "(app.py)", "45", "22.5%"] for line in lines)
-    assert not any("asyncio/events.py" in line for line in lines)  # the loop's frames are not listed
-    assert folded.read_text() == f"{HANDLER};slow (app.py:20) 40\n{HANDLER};fast (app.py:30) 5\n"
-    assert all(
-        w.commands_seen[-1] == ("profile", {"seconds": 0.2, "interval": 0.01, "limit": 20}) for w in workers
-    )
-
-    status, out, err = run(
-        capsys, "profile", str(socket_dir), "--seconds", "0.1", "--folded", "-", "--threads", "all"
-    )
-    assert (status, err) == (EXIT_OK, "")
-    assert out == f"{HANDLER};slow (app.py:20) 40\n{HANDLER};fast (app.py:30) 5\n"  # for a pipe: nothing else
-    assert workers[0].commands_seen[-1][1]["threads"] == "all"
-
-    status, out, err = run(capsys, "send", str(socket_dir), "profile", "seconds=0.1", "--json")
-    total = json.loads(out)["total"]
-    assert (total["workers"], total["samples"], total["idle"]) == (2, 200, 155)
-    assert total["top"][0] == {"frame": "slow (app.py:20)", "samples": 40}
-    status, out, err = run(capsys, "send", str(socket_dir), "profile", "seconds=0.1")
-    assert status == EXIT_OK and out.startswith("profile of the app loop's thread, 2 worker(s): 200 samples")
-
-
-def test_profile_waits_for_its_seconds_and_says_which_workers_did_not_answer(
-    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    _profiling_workers(fleet)
-    # Sampling 1.5 s with --timeout 1: the reply is awaited 2.5 s.
-    status, out, err = run(capsys, "profile", str(socket_dir), "--seconds", "1.5", "--timeout", "1")
-    assert status == EXIT_OK, err
-    assert "2 worker(s): 200 samples" in out
-    stuck = fleet.start(1, reply_delay_s=3)[0]
-    status, out, err = run(capsys, "profile", str(socket_dir), "--seconds", "0.1", "--timeout", "1")
-    assert status == EXIT_FAILED
-    assert "2 worker(s)" in out.splitlines()[0]
-    assert one_line(err).startswith(
-        "unixsock-asgi: 1 of 3 workers did not succeed: " + socket_name(str(stuck.path)) + ": timeout"
-    )
-
-
-def test_profile_refuses_more_than_a_minute_before_it_asks(
-    fleet: Fleet, socket_dir: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    (worker,) = fleet.start(1)
-    status, out, err = run(capsys, "profile", str(socket_dir), "--seconds", "61")
-    assert (status, out) == (EXIT_USAGE, "")
-    assert "argument --seconds: at most 60 seconds, got '61'" in err
-    assert worker.commands_seen == []
-
-
-def test_a_profile_answer_that_is_not_ours_is_shown_as_it_came(
-    fleet: Fleet, foreign_worker: Path, socket_dir: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    status, out, err = run(capsys, "send", str(foreign_worker), "profile", "seconds=0.1")
-    assert (status, out, err) == (EXIT_OK, "pong\n", "")  # its own answer, not an empty profile
-    _profiling_workers(fleet)
-    status, out, err = run(capsys, "profile", str(socket_dir), "--seconds", "0.1")
-    assert (status, err) == (EXIT_OK, "")
-    assert out.startswith("profile of the app loop's thread, 2 worker(s): 200 samples")
-    assert out.endswith("svc-51000.sock: not a unixsock-asgi profile; it answered:\npong\n")
 
 
 # --------------------------------------------------------------------------- top --once
@@ -1809,6 +1715,11 @@ def test_the_wait_for_a_reply_adds_the_commands_own_timeout_or_quiet() -> None:
     assert reply_timeout({"quiet": 12}, 10.0) == 22.0  # drain quiet=12 answers after 12 s at least
     assert reply_timeout({"timeout": 5, "quiet": 12.5}, 10.0) == 22.5
     assert reply_timeout({"timeout": True, "quiet": "x"}, 10.0) == 10.0
+    # drain waits up to 30 s when not told otherwise: so does the command line, beyond --timeout.
+    assert reply_timeout({}, 10.0, "drain") == 40.0
+    assert reply_timeout({"timeout": 2}, 10.0, "drain") == 12.0
+    assert reply_timeout({"quiet": 5}, 10.0, "drain") == 40.0
+    assert reply_timeout({}, 10.0, "an_apps_own") == 10.0
 
 
 # --------------------------------------------------------------------------- other servers of the protocol

@@ -18,11 +18,10 @@ import time
 import traceback
 import types
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any
 
 from ._commands import Commands
 from ._control import CommandContext, LogRestore, unknown_command
-from ._profile import Profiler
 from ._protocol import Response
 from ._server import audit_logger
 
@@ -738,70 +737,6 @@ def tasks(ctx: CommandContext, limit: int = 100) -> Any:
         "coroutines": len(ordered),
         "omitted": len(everything) - len(out),
         "running": running.get_name() if running is not None else None,
-    }
-
-
-_PROFILE_MAX_S = 60.0
-_PROFILE_INTERVALS = (0.001, 1.0)
-_PROFILE_LIMIT_MAX = 1000
-
-
-@command(readonly=True, diagnostic=True)
-async def profile(
-    ctx: CommandContext,
-    seconds: float = 5.0,
-    interval: float = 0.01,
-    limit: int = 20,
-    threads: Literal["app", "all"] = "app",
-) -> Any:
-    """Sample where the app's thread is, every ``interval`` seconds (0.001 to 1) for
-    ``seconds`` (at most 60): ``top`` lists the lines it was busy in most often,
-    ``cumulative`` the functions on its stack, at most ``limit`` of each, and
-    ``folded`` every stack for flame-graph tools. Samples in which the app loop
-    waits for I/O count as ``idle``; ``sampling_s`` is the time spent reading stacks,
-    which the app waited for. ``threads=all`` samples every thread (FastAPI's and
-    Starlette's thread pool too), not only the app loop's."""
-    if not 0 < seconds <= _PROFILE_MAX_S:
-        return Response.failure(
-            f"seconds must be more than 0 and at most {_PROFILE_MAX_S:g}, got {_exactly(seconds)}"
-        )
-    low, high = _PROFILE_INTERVALS
-    if not low <= interval <= high:
-        return Response.failure(
-            f"interval must be between {low:g} and {high:g} seconds, got {_exactly(interval)}"
-        )
-    if not 0 <= limit <= _PROFILE_LIMIT_MAX:
-        return Response.failure(f"limit must be between 0 and {_PROFILE_LIMIT_MAX}, got {limit}")
-    control = ctx.control
-    if control.profiling:
-        # Two at once would each slow the app down as much, for the same answer.
-        return Response.failure("a profile of this worker is under way: try again when it has ended")
-    profiler = Profiler(control.app_thread_id, all_threads=threads == "all")
-    control.profiling = True
-    try:
-        start = time.monotonic()
-        deadline = start + seconds
-        tick = start
-        sampling = 0.0  # the GIL is held meanwhile: the app's thread waits
-        while True:
-            before = time.perf_counter()
-            profiler.sample()
-            sampling += time.perf_counter() - before
-            tick += interval
-            now = time.monotonic()
-            if tick < now:  # fell behind (the GIL, a busy control loop): on from now, not in a burst
-                tick = now + interval
-            if tick > deadline:
-                break
-            await asyncio.sleep(tick - now)
-        elapsed = time.monotonic() - start
-    finally:
-        control.profiling = False
-    return {
-        "seconds": round(elapsed, 3),
-        "interval": interval,
-        "sampling_s": round(sampling, 6),
-        **profiler.result(limit),
     }
 
 

@@ -217,7 +217,6 @@ class ControlPlane:
         self._pid = os.getpid()
         self.monitor: _LoopMonitor = _LoopMonitor()
         self.log_restores: dict[str, LogRestore] = {}
-        self.profiling: bool = False  # a ``profile`` is sampling (one at a time)
 
     # -- health and maintenance -------------------------------------------
 

@@ -29,7 +29,6 @@ from . import _compat
 from ._checks import is_seconds
 from ._client import BACKLOG_FULL, AsyncClient
 from ._exceptions import BindError, ConnectError, TimeoutException, TransportError
-from ._profile import is_profile, merge_profiles
 from ._protocol import HARD_MAX_MESSAGE_SIZE, STATUS_OK, STOPPING_PAYLOAD, check_unicode
 from ._sockets import check_private_directory, directory_lock, peer_credentials, probe
 from ._stats import GAMMA, histogram_problem, merge_histograms
@@ -1116,20 +1115,12 @@ def group_identical(results: Iterable[WorkerResult]) -> list[dict[str, Any]]:
 def aggregate(cmd: str, outcome: FanOutResult) -> Any:
     """The fleet-wide ``total`` of a command's answers, or None when it has none.
 
-    ``stats`` is summed and merged (see :func:`aggregate_stats`), ``profile``'s
-    samples added up (see :func:`merge_profiles`); commands that
+    ``stats`` is summed and merged (see :func:`aggregate_stats`); commands that
     read a value (``get``, ``get_log_level``, ``settings``) report the distinct
     answers with the pids that gave each, so that drift between workers shows.
     """
     if cmd == "stats":
         return aggregate_stats([r.payload for r in outcome.successes])
-    if cmd == "profile":
-        profiles = [r.payload for r in outcome.successes if is_profile(r.payload)]
-        if not profiles:
-            return None
-        # As many lines as the workers were asked for (the longest list any of them gave).
-        lists = [p.get(key) for p in profiles for key in ("top", "cumulative")]
-        return merge_profiles(profiles, max(len(v) if isinstance(v, list) else 0 for v in lists))
     if cmd in _AGREEMENT_COMMANDS:
         return {"distinct": group_identical(outcome.successes)}
     return None

@@ -69,7 +69,6 @@ from ._fleet import (
     worker_flag,
     workers_owner,
 )
-from ._profile import is_profile
 from ._protocol import _parse_value, check_unicode
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "UsageError", "main"]
@@ -301,50 +300,6 @@ def render_stats(outcome: FanOutResult, total: Mapping[str, Any]) -> list[str]:
     return lines + foreign
 
 
-def _share(samples: int, of: int) -> str:
-    return f"{100 * samples / of:.1f}%" if of else "-"
-
-
-def render_profile(outcome: FanOutResult, total: Mapping[str, Any]) -> list[str]:
-    """``profile``'s answers added up: the busiest lines, then the functions on the stack."""
-    samples = int(total.get("samples", 0))
-    idle = int(total.get("idle", 0))
-    workers = int(total.get("workers", 0))
-    threads = "every thread's" if total.get("threads") == "all" else "the app loop's thread"
-    lines = [
-        f"profile of {threads}, {format_count(workers)} worker(s): {format_count(samples)} samples,"
-        f" {_share(samples - idle, samples)} busy, {_share(idle, samples)} idle"
-        + ("" if total.get("threads") == "all" else " (the loop waiting for I/O)")
-    ]
-    omitted = int(total.get("omitted", 0))
-    if omitted:
-        lines.append(f"({format_count(omitted)} samples of rare stacks left out of the figures below)")
-    for title, key, name in (
-        ("BUSY IN (innermost frame)", "top", "frame"),
-        ("ON THE STACK (below the event loop)", "cumulative", "function"),
-    ):
-        entries = total.get(key) or []
-        rows = [[title, "SAMPLES", "SHARE"]]
-        rows += [
-            [str(e[name]), format_count(e["samples"]), _share(int(e["samples"]), samples)] for e in entries
-        ]
-        lines += ["", *(table(rows) if entries else [f"{title}: nothing (no busy sample)"])]
-    rest = [r for r in outcome.successes if not is_profile(r.payload)]
-    for r in sorted(rest, key=lambda r: (r.pid or 0, r.socket)):
-        lines += [
-            "",
-            f"{socket_name(r.socket)}: not a unixsock-asgi profile; it answered:",
-            *_payload_lines(r.payload),
-        ]
-    return lines
-
-
-def folded_lines(total: Mapping[str, Any]) -> list[str]:
-    """The folded stacks as flame-graph tools read them: ``frame;frame;frame samples``, most first."""
-    folded = total.get("folded") or {}
-    return [f"{stack} {count}" for stack, count in sorted(folded.items(), key=lambda kv: (-kv[1], kv[0]))]
-
-
 def _doc_summary(doc: Any) -> str:
     """The first sentence of a docstring, however its lines were wrapped."""
     paragraph = " ".join(_plain(doc).strip().split("\n\n", 1)[0].split())
@@ -450,8 +405,6 @@ def render_answers(cmd: str, outcome: FanOutResult, *, single_target: bool) -> l
     if cmd == "stats" and any(is_stats_snapshot(r.payload) for r in outcome.successes):
         total = aggregate(cmd, outcome)
         return render_stats(outcome, total)
-    if cmd == "profile" and any(is_profile(r.payload) for r in outcome.successes):
-        return render_profile(outcome, aggregate(cmd, outcome))
     groups: dict[str, list[WorkerResult]] = {}
     for r in sorted(outcome.results, key=lambda r: (r.pid or 0, r.socket)):
         key = json.dumps([r.status, r.error, r.payload], sort_keys=True, default=str)
@@ -550,19 +503,19 @@ def help_topic(cmd: str, words: Sequence[str]) -> str | None:
     return None
 
 
-_OWN_DURATIONS = {"drain": {"timeout": 30.0}, "profile": {"seconds": 5.0}}
+_OWN_DURATIONS = {"drain": {"timeout": 30.0}}
 """The built-ins' arguments that say how long they take, when not given: their defaults."""
 
 
 def reply_timeout(args: Mapping[str, Any], timeout: float, cmd: str = "") -> float:
     """How long to wait for a reply: ``timeout``, plus the longest of the command's own
-    ``timeout``, ``quiet`` and ``seconds`` arguments (``drain timeout=30`` may take 30 s
-    before it answers, ``drain quiet=12`` at least 12 s, ``profile seconds=20`` 20 s),
-    those of built-in ``cmd`` that are not given counted at their defaults."""
+    ``timeout`` and ``quiet`` arguments (``drain timeout=30`` may take 30 s before it
+    answers, ``drain quiet=12`` at least 12 s), those of a built-in ``cmd`` that are
+    not given counted at their defaults (``drain`` alone waits up to 30 s)."""
     given = {**_OWN_DURATIONS.get(cmd, {}), **args}
     own = [
         value
-        for value in (given.get("timeout"), given.get("quiet"), given.get("seconds"))
+        for value in (given.get("timeout"), given.get("quiet"))
         if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
     ]
     return timeout + max(own, default=0)
@@ -873,43 +826,6 @@ def cmd_metrics(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_profile(ns: argparse.Namespace) -> int:
-    """``profile TARGET``: sample every worker at once, add the samples up, show where they were."""
-    args: dict[str, Any] = {"seconds": ns.seconds, "interval": ns.interval, "limit": ns.limit}
-    if ns.threads != "app":
-        args["threads"] = ns.threads
-    target = _resolve(ns.target)
-    outcome = _run_fan_out(target, "profile", args, reply_timeout(args, ns.timeout, "profile"))
-    total = aggregate("profile", outcome)
-    if ns.folded and total is not None:
-        text = "".join(f"{line}\n" for line in folded_lines(total))
-        if ns.folded == "-":
-            sys.stdout.write(text)
-        else:
-            try:
-                _write_atomically(ns.folded, text)
-            except OSError as exc:
-                raise UsageError(f"--folded {ns.folded}: {exc.strerror or exc}") from None
-    if ns.json:
-        document: dict[str, Any] = {"results": [r.to_dict() for r in outcome.results]}
-        if total is not None:
-            document["total"] = total
-        print(json.dumps(document, indent=2, sort_keys=True, default=str))
-    elif ns.folded != "-":
-        _write(render_answers("profile", outcome, single_target=not target.is_directory), sys.stdout)
-    stale_note(outcome)
-    if not outcome.all_ok:
-        raise _Failed(failure_summary(outcome, single_target=not target.is_directory))
-    return EXIT_OK
-
-
-def _profile_seconds(text: str) -> float:
-    value = _positive_seconds(text)
-    if value > 60:
-        raise argparse.ArgumentTypeError(f"at most 60 seconds, got {text!r}")
-    return value
-
-
 def _write_atomically(path: str, text: str) -> None:
     """Write a file the way node_exporter's textfile collector needs: never half-written.
 
@@ -1016,10 +932,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     def with_timeout(
-        p: argparse.ArgumentParser, default: float = DEFAULT_TIMEOUT, *, runs: bool = False, added: str = ""
+        p: argparse.ArgumentParser, default: float = DEFAULT_TIMEOUT, *, runs: bool = False
     ) -> None:
-        if runs:
-            added = "; a command's own timeout=..., quiet=... or seconds=... argument is added"
+        added = (
+            "; a command's own timeout=... or quiet=... argument is added (drain's 30 if not given)"
+            if runs
+            else ""
+        )
         p.add_argument(
             "--timeout",
             type=_positive_seconds,
@@ -1083,40 +1002,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     with_timeout(p, 2.0)
     p.set_defaults(func=cmd_top)
-
-    p = sub.add_parser("profile", help="sample where every worker spends its time, and add the samples up")
-    p.add_argument("target", metavar="TARGET", help="socket file or socket directory")
-    p.add_argument(
-        "--seconds",
-        type=_profile_seconds,
-        default=5.0,
-        metavar="S",
-        help="how long to sample (default 5, at most 60)",
-    )
-    p.add_argument(
-        "--interval",
-        type=_positive_seconds,
-        default=0.01,
-        metavar="S",
-        help="seconds between samples (default 0.01, from 0.001 to 1)",
-    )
-    p.add_argument(
-        "--threads",
-        choices=["app", "all"],
-        default="app",
-        help="the app loop's thread (default), or every thread (a thread pool's sync endpoints too)",
-    )
-    p.add_argument("--limit", type=int, default=20, metavar="N", help="lines of each table (default 20)")
-    p.add_argument(
-        "--folded",
-        metavar="FILE",
-        help="also write the stacks folded, for flame-graph tools (flamegraph.pl, speedscope, inferno); '-' for stdout",
-    )
-    p.add_argument(
-        "--json", action="store_true", help="print one JSON object with every result and the total"
-    )
-    with_timeout(p, added="; --seconds is added")
-    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("metrics", help="fleet stats in the Prometheus text format")
     p.add_argument("target", metavar="TARGET", help="socket file or socket directory")

@@ -60,16 +60,6 @@ def block_sync_route_is_threaded() -> dict[str, str]:
     return {"ok": "sync routes run in a thread and do not block the loop"}
 
 
-@app.get("/spin")
-def spin_in_a_thread(seconds: float = 1.0) -> dict[str, int]:
-    """Busy in Python for ``seconds`` (at most 10), in the thread pool of sync routes."""
-    deadline = time.monotonic() + min(seconds, 10.0)
-    rounds = 0
-    while time.monotonic() < deadline:
-        rounds += sum(range(100)) > 0
-    return {"rounds": rounds}
-
-
 @app.get("/block-loop")
 async def block_loop(seconds: float = 1.0) -> dict[str, float]:
     time.sleep(min(seconds, 10.0))  # blocks the event loop on purpose

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +14,6 @@ import pytest
 
 from unixsock_asgi import Client
 
-from .fleet_helpers import cli
 from .harness import ServerProcess, StartServer, reset_stats, wait_for
 
 pytestmark = pytest.mark.timeout(90)
@@ -254,53 +252,6 @@ def test_ping_and_stacks_answer_while_a_route_blocks_the_loop(
         blocker.join(20)
     idle = _payload(control, "tasks")
     assert idle["running"] is None and not any(t["running"] for t in idle["tasks"])
-
-
-def test_profile_finds_the_line_that_blocks_the_loop_for_one_worker_and_from_the_cli(
-    start_server: StartServer, short_dir: Path, tmp_path: Path
-) -> None:
-    server, control = _example(start_server, short_dir / "s")
-    quiet = _payload(control, "profile", seconds=0.3, interval=0.01)
-    assert quiet["samples"] >= 10 and quiet["idle"] >= quiet["samples"] - 3  # nothing to do: waiting for I/O
-    for bad, why in (
-        ({"seconds": 0}, "seconds must be more than 0 and at most 60, got 0"),
-        ({"seconds": 61}, "seconds must be more than 0 and at most 60, got 61"),
-        ({"interval": 0.0001}, "interval must be between 0.001 and 1 seconds, got 0.0001"),
-        ({"threads": "some"}, "threads"),
-    ):
-        reply = control.send("profile", bad)
-        assert reply is not None and not reply.ok and why in reply.error, (bad, reply)
-
-    blocker = threading.Thread(target=lambda: httpx.get(server.url + "/block?seconds=5", timeout=20))
-    blocker.start()
-    try:
-        wait_for(
-            lambda: _payload(control, "stats", routes=False)["in_flight"] == 1, 5, "the blocking request"
-        )
-        with ThreadPoolExecutor(1) as pool:
-            first = pool.submit(_payload, Client(control.path, timeout=5.0), "profile", seconds=1)
-            time.sleep(0.3)  # it samples for a second: the next one comes while it does
-            second = control.send("profile", {"seconds": 1})
-            assert second is not None and not second.ok and "under way" in second.error
-            profile = first.result(10)
-        folded = tmp_path / "loop.folded"
-        ran = cli("profile", str(short_dir / "s"), "--seconds", "0.5", "--folded", str(folded), timeout=20)
-    finally:
-        blocker.join(20)
-    # About 100 samples a second, nearly all of them in the line that blocks.
-    assert 60 <= profile["samples"] <= 105 and profile["idle"] <= 5, profile
-    (top, *_) = profile["top"]
-    assert top["frame"].startswith("block (example_app/app.py:") and top["samples"] >= profile["samples"] - 10
-    functions = [c["function"] for c in profile["cumulative"]]
-    ours = "ControlSocketMiddleware.__call__" if sys.version_info >= (3, 11) else "__call__"  # co_qualname
-    assert "block (example_app/app.py)" in functions and f"{ours} (unixsock_asgi/_middleware.py)" in functions
-    assert not any("base_events.py" in f for f in functions)  # the loop's own frames are left out there
-    assert ran.returncode == 0, ran.stderr
-    assert ran.stdout.startswith("profile of the app loop's thread, 1 worker(s): ")
-    assert "BUSY IN (innermost frame)" in ran.stdout and "block (example_app/app.py:" in ran.stdout
-    lines = folded.read_text().splitlines()
-    stack, count = lines[0].rsplit(" ", 1)
-    assert int(count) >= 30 and stack.endswith(top["frame"]) and ";run_asgi" not in stack.split(";")[0]
 
 
 def test_tasks_shows_the_await_a_request_is_suspended_in(start_server: StartServer, short_dir: Path) -> None:

@@ -80,35 +80,6 @@ def test_app_loop_commands_report_a_blocked_loop_while_diagnostics_answer(
     assert _payload(control, "lifespan_state")["keys"] == ["db"]  # and it recovers
 
 
-def test_profile_of_every_thread_finds_a_sync_route_busy_in_the_thread_pool(
-    start_server: StartServer, short_dir: Path
-) -> None:
-    sock = short_dir / "c.sock"
-    server = start_server(*_uvicorn(), env={"UNIXSOCK_TEST_SOCKET": str(sock)})
-    control = Client(sock, timeout=10)
-    spinner = threading.Thread(target=lambda: httpx.get(server.url + "/spin?seconds=3", timeout=20))
-    spinner.start()
-    try:
-        wait_for(
-            lambda: _payload(control, "stats", routes=False)["in_flight"] == 1, 5, "the spinning request"
-        )
-        everything = _payload(control, "profile", seconds=0.5, threads="all")
-        app_loop = _payload(control, "profile", seconds=0.5)
-    finally:
-        spinner.join(20)
-    assert everything["threads"] == "all"
-    (top, *_) = everything["top"]
-    assert top["frame"].startswith("spin_in_a_thread (") and "fastapi_app.py:" in top["frame"], everything[
-        "top"
-    ]
-    (stack, *_) = [s for s, n in everything["folded"].items() if s.endswith(top["frame"])]
-    assert stack.startswith("thread AnyIO worker thread;")
-    assert not any("unixsock-" in s.split(";")[0] for s in everything["folded"])
-    # The app loop's thread alone: waiting for I/O while the pool's thread works.
-    assert app_loop["threads"] == "app" and app_loop["idle"] >= app_loop["samples"] * 0.8, app_loop
-    assert not any("spin_in_a_thread" in s for s in app_loop["folded"])
-
-
 def test_strict_refuses_to_start_when_the_socket_cannot_be_bound(
     start_server: StartServer, short_dir: Path
 ) -> None:
