@@ -1460,6 +1460,34 @@ def test_tasks_shows_where_a_deep_running_task_blocks_the_loop(short_dir: Path) 
     assert "time.sleep(2)" in running["stack"][-1] and " in layer: " in running["stack"][0]
 
 
+def test_stacks_are_read_by_faulthandler_for_every_thread_at_once() -> None:
+    from unixsock_asgi._builtins import _thread_stacks
+
+    entered, release = threading.Event(), threading.Event()
+
+    def waits_here() -> None:
+        entered.set()
+        release.wait(10)
+
+    helper = threading.Thread(target=waits_here, name="helper")
+    helper.start()
+    try:
+        assert entered.wait(5)
+        stacks = _thread_stacks()
+    finally:
+        release.set()
+        helper.join(5)
+    assert helper.ident is not None
+    mine = stacks[threading.get_ident()]
+    assert (
+        mine[0][2] == "_thread_stacks"
+        and mine[1][2] == "test_stacks_are_read_by_faulthandler_for_every_thread_at_once"
+    )
+    assert mine[1][0] == __file__
+    theirs = [name for _, _, name in stacks[helper.ident]]
+    assert theirs[0] == "wait" and "waits_here" in theirs and theirs[-1] == "_bootstrap"  # innermost first
+
+
 def test_loop_lag_shows_a_block_while_it_lasts(short_dir: Path) -> None:
     async def block(request: Request) -> PlainTextResponse:
         time.sleep(1.5)  # blocks the app's loop

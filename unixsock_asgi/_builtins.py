@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import faulthandler
 import gc
 import inspect
+import linecache
 import logging
 import os
 import platform
 import re
 import socket
 import sys
+import tempfile
 import threading
 import time
 import traceback
 import types
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ._commands import Commands
@@ -640,6 +643,47 @@ def _async_generator_behind(awaited: Any) -> Any:
     return None
 
 
+_Located = tuple[str, int, str]  # file, line, function
+_DUMPED_DEPTH = 100  # frames faulthandler shows of a thread, the innermost
+_DUMPED_THREAD = re.compile(r"(?:Current thread|Thread) 0x([0-9a-f]+) \(most recent call first\):")
+_DUMPED_FRAME = re.compile(r'  File "(.*)", line (\d+) in (.*)')
+
+
+def _thread_stacks() -> dict[int, list[_Located]]:
+    """Every thread's stack, innermost frame first, as ``faulthandler`` reads it: in C,
+    with the GIL held throughout, so that no thread moves meanwhile.
+
+    Not by walking other threads' frames from Python (``sys._current_frames()``,
+    then ``f_back`` after ``f_back``): a thread that runs between two steps of such
+    a walk pops frames under it, and CPython 3.11 has crashed doing that under load
+    (it is what makes in-process samplers segfault there). faulthandler shows at
+    most 100 threads and the 100 innermost frames of each.
+    """
+    try:
+        out: Any = os.fdopen(os.memfd_create("unixsock-stacks", os.MFD_CLOEXEC), "w+b")
+    except (AttributeError, OSError):  # not Linux, or no memfd here
+        out = tempfile.TemporaryFile()  # noqa: SIM115 (closed by the with below)
+    with out:
+        faulthandler.dump_traceback(out, all_threads=True)
+        out.seek(0)
+        text = out.read().decode("utf-8", "replace")
+    stacks: dict[int, list[_Located]] = {}
+    current: list[_Located] | None = None
+    for line in text.splitlines():
+        if thread := _DUMPED_THREAD.fullmatch(line):
+            current = stacks.setdefault(int(thread.group(1), 16), [])
+        elif current is not None and (frame := _DUMPED_FRAME.fullmatch(line)):
+            current.append((frame.group(1), int(frame.group(2)), frame.group(3)))
+    return stacks
+
+
+def _located(frames: Iterable[_Located]) -> list[str]:
+    """Frames as :func:`_frames` shows them, each with its line of source (read afterwards)."""
+    return [
+        f"{file}:{line} in {name}: {linecache.getline(file, line).strip()}" for file, line, name in frames
+    ]
+
+
 @command(readonly=True, diagnostic=True)
 def stacks(ctx: CommandContext, limit: int = 100) -> Any:
     """Every thread's current stack, innermost frame last; the app loop's thread is
@@ -648,39 +692,41 @@ def stacks(ctx: CommandContext, limit: int = 100) -> Any:
         return Response.failure(problem)
     names = {t.ident: t.name for t in threading.enumerate()}
     loop_thread = getattr(ctx.control, "app_thread_id", None)
-    frames = sys._current_frames()
-    # Chosen before any stack is walked: the walk (and reading the source lines) is the cost.
-    chosen = sorted(frames, key=lambda ident: (ident != loop_thread, names.get(ident, "?"), ident))[:limit]
+    dumped = _thread_stacks()
+    everyone = set(dumped) | set(names)
+    chosen = sorted(everyone, key=lambda ident: (ident != loop_thread, names.get(ident, "?"), ident))[:limit]
     threads = [
         {
             "thread_id": ident,
             "name": names.get(ident, "?"),
             "app_loop": ident == loop_thread,
-            "stack": _frames(traceback.extract_stack(frames[ident], limit=_STACK_LIMIT)),
+            # The innermost frames, outermost of them first (as a traceback reads).
+            "stack": _located(dumped.get(ident, [])[:_STACK_LIMIT][::-1])
+            if ident in dumped
+            else ["(not read: faulthandler shows 100 threads at most)"],
         }
         for ident in chosen
     ]
-    return {"threads": threads, "count": len(frames), "omitted": len(frames) - len(threads)}
+    return {"threads": threads, "count": len(everyone), "omitted": len(everyone) - len(threads)}
 
 
-def _running_frames(task: asyncio.Task[Any], thread_id: int | None) -> list[traceback.FrameSummary] | None:
+def _running_frames(task: asyncio.Task[Any], thread_id: int | None) -> list[str] | None:
     """Where the task the loop is running now is (blocking it, if it takes long): its
     thread's stack from the task's coroutine inwards, outermost first. A suspended
     coroutine's chain of awaits stops at a running one, so it is read from the thread."""
-    frame = sys._current_frames().get(thread_id) if thread_id is not None else None
-    outermost = getattr(task.get_coro(), "cr_frame", None)
-    chain: list[types.FrameType] = []
-    while frame is not None and len(chain) < _RUNNING_DEPTH_MAX:
-        chain.append(frame)
-        if frame is outermost:
-            # The innermost frames, as stacks shows them: where it is, under a deep middleware stack.
-            shown = chain[:_STACK_LIMIT][::-1]
-            return list(traceback.StackSummary.extract(((f, f.f_lineno) for f in shown), lookup_lines=True))
-        frame = frame.f_back
-    return None  # it finished meanwhile
-
-
-_RUNNING_DEPTH_MAX = 10_000  # frames walked up to the task's own: bounded, as every loop here
+    code = getattr(task.get_coro(), "cr_code", None)
+    if thread_id is None or code is None:
+        return None
+    frames = _thread_stacks().get(thread_id, [])
+    # The task's coroutine: the outermost frame of its code (the thread runs nothing outside
+    # a task's step but the loop).
+    own = [i for i, (file, _, name) in enumerate(frames) if file == code.co_filename and name == code.co_name]
+    if not own:
+        # Deeper than faulthandler's 100 frames, the task's own is not among them: what is,
+        # is still the task's. Else it finished meanwhile.
+        return _located(frames[:_STACK_LIMIT][::-1]) if len(frames) >= _DUMPED_DEPTH else None
+    # The innermost frames, as stacks shows them: where it is, under a deep middleware stack.
+    return _located(frames[: own[-1] + 1][:_STACK_LIMIT][::-1])
 
 
 @command(readonly=True, diagnostic=True)
@@ -719,14 +765,14 @@ def tasks(ctx: CommandContext, limit: int = 100) -> Any:
         chosen.append((getattr(coro, "__qualname__", type(coro).__name__), running))
     out: list[dict[str, Any]] = []
     for qualname, task in chosen:
-        frames = _running_frames(task, ctx.control.app_thread_id) if task is running else None
+        running_at = _running_frames(task, ctx.control.app_thread_id) if task is running else None
         out.append(
             {
                 "name": task.get_name(),
                 "coro": qualname,
                 "done": task.done(),
                 "running": task is running,
-                "stack": _frames(frames if frames is not None else _awaited_frames(task.get_coro())),
+                "stack": running_at if running_at is not None else _frames(_awaited_frames(task.get_coro())),
             }
         )
     out.sort(key=lambda t: (not t["running"], t["name"]))
