@@ -12,6 +12,7 @@ import socket
 import sys
 import threading
 import time
+import types
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -1486,6 +1487,86 @@ def test_stacks_are_read_by_faulthandler_for_every_thread_at_once() -> None:
     assert mine[1][0] == __file__
     theirs = [name for _, _, name in stacks[helper.ident]]
     assert theirs[0] == "wait" and "waits_here" in theirs and theirs[-1] == "_bootstrap"  # innermost first
+
+
+def test_stacks_shows_the_app_loops_thread_among_more_threads_than_faulthandler_shows() -> None:
+    # faulthandler shows the 100 newest threads: the app loop's, the oldest, is read alone.
+    from unixsock_asgi._builtins import _thread_stacks, stacks
+
+    release = threading.Event()
+    crowd = [threading.Thread(target=release.wait, args=(10,)) for _ in range(120)]
+    for thread in crowd:
+        thread.start()
+    try:
+        dumped = _thread_stacks()
+        ctx: Any = types.SimpleNamespace(control=types.SimpleNamespace(app_thread_id=threading.get_ident()))
+        shown = stacks(ctx, limit=1)
+    finally:
+        release.set()
+        for thread in crowd:
+            thread.join(5)
+    assert threading.get_ident() not in dumped and len(dumped) == 100
+    (mine,) = shown["threads"]
+    assert mine["app_loop"] is True and shown["count"] >= 121
+    assert (
+        " in test_stacks_shows_the_app_loops_thread_among_more_threads_than_faulthandler_shows: "
+        in mine["stack"][-3]  # under stacks() and the walk itself
+    )
+
+
+def test_stacks_of_code_under_a_non_ascii_path_read_as_written(tmp_path: Path) -> None:
+    from unixsock_asgi._builtins import _located, _thread_stacks
+
+    source = tmp_path / "caf\u00e9.py"
+    source.write_text("def attend\u00e9(event):\n    event.wait(10)  # ici\n", encoding="utf-8")
+    namespace: dict[str, Any] = {}
+    exec(compile(source.read_text(encoding="utf-8"), str(source), "exec"), namespace)
+    release = threading.Event()
+    helper = threading.Thread(target=namespace["attend\u00e9"], args=(release,))
+    helper.start()
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            theirs = _thread_stacks().get(helper.ident or 0, [])
+            if any(name == "attend\u00e9" for _, _, name in theirs):
+                break
+            time.sleep(0.01)
+    finally:
+        release.set()
+        helper.join(5)
+    (frame,) = [f for f in theirs if f[2] == "attend\u00e9"]
+    assert frame[:2] == (str(source), 2)
+    assert _located([frame]) == [f"{source}:2 in attend\u00e9: event.wait(10)  # ici"]
+
+
+def test_tasks_never_shows_a_finished_task_running_in_another_of_its_coroutine() -> None:
+    from unixsock_asgi._builtins import _running_frames
+
+    async def handler(seconds: float) -> None:
+        time.sleep(seconds)  # blocks the loop
+
+    made: dict[str, Any] = {}
+    blocking = threading.Event()
+
+    async def main() -> None:
+        made["loop"] = asyncio.get_running_loop()
+        made["done"] = asyncio.create_task(handler(0))
+        await made["done"]
+        made["running"] = asyncio.create_task(handler(1.5))
+        blocking.set()
+        await made["running"]
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),))
+    thread.start()
+    try:
+        assert blocking.wait(5)
+        time.sleep(0.2)  # inside the second handler's sleep
+        stale = _running_frames(made["done"], thread.ident, made["loop"])
+        running = _running_frames(made["running"], thread.ident, made["loop"])
+    finally:
+        thread.join(10)
+    assert stale is None  # same coroutine, other task: its frames are not the finished one's
+    assert running is not None and running[-1].endswith("time.sleep(seconds)  # blocks the loop")
 
 
 def test_loop_lag_shows_a_block_while_it_lasts(short_dir: Path) -> None:

@@ -646,7 +646,13 @@ def _async_generator_behind(awaited: Any) -> Any:
 _Located = tuple[str, int, str]  # file, line, function
 _DUMPED_DEPTH = 100  # frames faulthandler shows of a thread, the innermost
 _DUMPED_THREAD = re.compile(r"(?:Current thread|Thread) 0x([0-9a-f]+) \(most recent call first\):")
-_DUMPED_FRAME = re.compile(r'  File "(.*)", line (\d+) in (.*)')
+_DUMPED_FRAME = re.compile(r'  File "(.*)", line (\d+|\?\?\?) in (.*)')
+_DUMPED_ESCAPE = re.compile(r"\\x([0-9a-f]{2})|\\u([0-9a-f]{4})|\\U([0-9a-f]{8})")
+
+
+def _undumped(text: str) -> str:
+    """A name as faulthandler wrote it (``\\xe9`` for ``é``), as it was."""
+    return _DUMPED_ESCAPE.sub(lambda m: chr(int(next(g for g in m.groups() if g), 16)), text)
 
 
 def _thread_stacks() -> dict[int, list[_Located]]:
@@ -656,8 +662,8 @@ def _thread_stacks() -> dict[int, list[_Located]]:
     Not by walking other threads' frames from Python (``sys._current_frames()``,
     then ``f_back`` after ``f_back``): a thread that runs between two steps of such
     a walk pops frames under it, and CPython 3.11 has crashed doing that under load
-    (it is what makes in-process samplers segfault there). faulthandler shows at
-    most 100 threads and the 100 innermost frames of each.
+    (it is what makes in-process samplers segfault there). faulthandler shows the
+    100 newest threads and the 100 innermost frames of each.
     """
     try:
         out: Any = os.fdopen(os.memfd_create("unixsock-stacks", os.MFD_CLOEXEC), "w+b")
@@ -673,12 +679,34 @@ def _thread_stacks() -> dict[int, list[_Located]]:
         if thread := _DUMPED_THREAD.fullmatch(line):
             current = stacks.setdefault(int(thread.group(1), 16), [])
         elif current is not None and (frame := _DUMPED_FRAME.fullmatch(line)):
-            current.append((frame.group(1), int(frame.group(2)), frame.group(3)))
+            number = int(frame.group(2)) if frame.group(2).isdigit() else 0
+            current.append((_undumped(frame.group(1)), number, _undumped(frame.group(3))))
     return stacks
+
+
+def _thread_stack(thread_id: int) -> list[_Located] | None:
+    """One thread's stack, innermost first, for a thread faulthandler left out (more than
+    100 threads, the oldest of them the app loop's): walked from Python, with the switch
+    interval raised meanwhile so that no other thread runs between two steps."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(max(before, 1.0))
+    try:
+        frame = sys._current_frames().get(thread_id)
+        frames: list[_Located] = []
+        while frame is not None and len(frames) < _DUMPED_DEPTH:
+            code = frame.f_code
+            frames.append((code.co_filename, frame.f_lineno or 0, code.co_name))
+            frame = frame.f_back
+    finally:
+        sys.setswitchinterval(before)
+    return frames if frames else None
 
 
 def _located(frames: Iterable[_Located]) -> list[str]:
     """Frames as :func:`_frames` shows them, each with its line of source (read afterwards)."""
+    frames = list(frames)
+    for file in {file for file, _, _ in frames}:
+        linecache.checkcache(file)  # a file edited since it was read is read again
     return [
         f"{file}:{line} in {name}: {linecache.getline(file, line).strip()}" for file, line, name in frames
     ]
@@ -693,6 +721,10 @@ def stacks(ctx: CommandContext, limit: int = 100) -> Any:
     names = {t.ident: t.name for t in threading.enumerate()}
     loop_thread = getattr(ctx.control, "app_thread_id", None)
     dumped = _thread_stacks()
+    if loop_thread is not None and loop_thread not in dumped and loop_thread in names:
+        walked = _thread_stack(loop_thread)  # the one thread this command is for
+        if walked is not None:
+            dumped[loop_thread] = walked
     everyone = set(dumped) | set(names)
     chosen = sorted(everyone, key=lambda ident: (ident != loop_thread, names.get(ident, "?"), ident))[:limit]
     threads = [
@@ -703,27 +735,30 @@ def stacks(ctx: CommandContext, limit: int = 100) -> Any:
             # The innermost frames, outermost of them first (as a traceback reads).
             "stack": _located(dumped.get(ident, [])[:_STACK_LIMIT][::-1])
             if ident in dumped
-            else ["(not read: faulthandler shows 100 threads at most)"],
+            else ["(not read: it ended meanwhile, or faulthandler shows the 100 newest threads alone)"],
         }
         for ident in chosen
     ]
     return {"threads": threads, "count": len(everyone), "omitted": len(everyone) - len(threads)}
 
 
-def _running_frames(task: asyncio.Task[Any], thread_id: int | None) -> list[str] | None:
+def _running_frames(
+    task: asyncio.Task[Any], thread_id: int | None, loop: asyncio.AbstractEventLoop
+) -> list[str] | None:
     """Where the task the loop is running now is (blocking it, if it takes long): its
     thread's stack from the task's coroutine inwards, outermost first. A suspended
     coroutine's chain of awaits stops at a running one, so it is read from the thread."""
     code = getattr(task.get_coro(), "cr_code", None)
     if thread_id is None or code is None:
         return None
-    frames = _thread_stacks().get(thread_id, [])
+    frames = _thread_stacks().get(thread_id) or _thread_stack(thread_id) or []
+    if asyncio.current_task(loop) is not task:
+        return None  # it finished, or gave way, meanwhile: the frames read may be another's
     # The task's coroutine: the outermost frame of its code (the thread runs nothing outside
     # a task's step but the loop).
     own = [i for i, (file, _, name) in enumerate(frames) if file == code.co_filename and name == code.co_name]
     if not own:
-        # Deeper than faulthandler's 100 frames, the task's own is not among them: what is,
-        # is still the task's. Else it finished meanwhile.
+        # Deeper than the 100 frames read, the task's own is not among them: what is, is its.
         return _located(frames[:_STACK_LIMIT][::-1]) if len(frames) >= _DUMPED_DEPTH else None
     # The innermost frames, as stacks shows them: where it is, under a deep middleware stack.
     return _located(frames[: own[-1] + 1][:_STACK_LIMIT][::-1])
@@ -765,7 +800,7 @@ def tasks(ctx: CommandContext, limit: int = 100) -> Any:
         chosen.append((getattr(coro, "__qualname__", type(coro).__name__), running))
     out: list[dict[str, Any]] = []
     for qualname, task in chosen:
-        running_at = _running_frames(task, ctx.control.app_thread_id) if task is running else None
+        running_at = _running_frames(task, ctx.control.app_thread_id, loop) if task is running else None
         out.append(
             {
                 "name": task.get_name(),
